@@ -1,0 +1,5 @@
+"""Entry point for ``python -m wsserver``."""
+
+from wsserver.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""The error hierarchy: what went wrong, and how the edge answers it.
+
+Three families, each knowing its own answer so that the handlers map them in
+one place:
+
+* :class:`Rejection`: refused before the upgrade, answered with an HTTP status.
+* :class:`CloseError`: refused or ended after the upgrade, answered with a
+  WebSocket close code (RFC 6455 section 7.4) and a short reason.
+* :class:`MessageError`: one client message could not be served; answered
+  with an ``error`` message, and the connection stays open.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WsServerError(Exception):
+    """Root of every error wsserver raises on purpose."""
+
+
+class ConfigError(WsServerError):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+# --- before the upgrade: HTTP answers -------------------------------------
+
+
+class Rejection(WsServerError):
+    """A handshake refused with an HTTP status before the upgrade."""
+
+    status = 400
+    #: Label for ``wsserver_rejections_total{reason}``.
+    reason = "bad_request"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class OriginRejected(Rejection):
+    status = 403
+    reason = "origin"
+
+
+class HandshakeRateLimited(Rejection):
+    status = 429
+    reason = "handshake_rate"
+
+
+class ServerFull(Rejection):
+    status = 503
+    reason = "server_full"
+
+
+class TooManyFromAddress(Rejection):
+    status = 429
+    reason = "address_cap"
+
+
+class NoToken(Rejection):
+    status = 403
+    reason = "no_token"
+
+
+class Draining(Rejection):
+    status = 503
+    reason = "draining"
+
+
+# --- after the upgrade: close codes ----------------------------------------
+
+
+class CloseError(WsServerError):
+    """Ends a WebSocket connection with ``code`` and a short ``reason``."""
+
+    code = 1011
+    default_reason = "internal error"
+
+    def __init__(self, reason: str | None = None) -> None:
+        self.reason = reason or self.default_reason
+        super().__init__(self.reason)
+
+
+class TokenInvalid(CloseError):
+    """Token missing, malformed, wrongly signed, wrong claims (4001)."""
+
+    code = 4001
+    default_reason = "invalid token"
+
+
+class TokenExpired(TokenInvalid):
+    """Token past its ``exp`` (4001, its own reason so clients can tell)."""
+
+    default_reason = "token expired"
+
+
+class GoingAway(CloseError):
+    """The server is shutting down (1001): reconnect after a short random delay."""
+
+    code = 1001
+    default_reason = "server shutting down"
+
+
+class TokenForbidden(CloseError):
+    code = 4003
+    default_reason = "token not permitted"
+
+
+class TooManyForUser(CloseError):
+    code = 4008
+    default_reason = "too many connections for this user"
+
+
+class SlowConsumer(CloseError):
+    code = 4009
+    default_reason = "slow consumer"
+
+
+class RateLimitExceeded(CloseError):
+    code = 4029
+    default_reason = "kept sending while rate limited"
+
+
+class PolicyViolation(CloseError):
+    code = 1008
+    default_reason = "policy violation"
+
+
+# --- one message: error replies --------------------------------------------
+
+
+class MessageError(WsServerError):
+    """A client message that cannot be served: ``{"type": "error", ...}``."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def as_reply(self) -> dict[str, Any]:
+        """The ``error`` message for the client (without ``id``)."""
+        reply: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}
+        reply.update(self.extra)
+        return reply
+
+
+class BadRequest(MessageError):
+    code = "bad_request"
+
+
+class UnknownType(MessageError):
+    code = "unknown_type"
+
+
+class UnknownTask(MessageError):
+    code = "unknown_task"
+
+
+class RateLimited(MessageError):
+    code = "rate_limited"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("message rate exceeded", retry_after=round(retry_after, 3))
+        self.retry_after = retry_after
+
+
+class Busy(MessageError):
+    code = "busy"
+
+
+class TaskTimeout(MessageError):
+    code = "timeout"
+
+
+class TaskFailed(MessageError):
+    code = "task_failed"
+
+
+class InternalError(MessageError):
+    """A bug on our side while serving one message; the connection stays open."""
+
+    code = "internal_error"

@@ -1,0 +1,63 @@
+"""Prometheus metrics, held in a registry of their own per server.
+
+A private :class:`~prometheus_client.CollectorRegistry` (not the library's
+global one) lets several servers live in one process, as the tests do.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    """Every metric wsserver exports; one instance per server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "wsserver_connections", "Open authenticated WebSocket connections", registry=r
+        )
+        self.users = Gauge("wsserver_users", "Users with at least one open connection", registry=r)
+        self.rooms = Gauge("wsserver_rooms", "Rooms with at least one member", registry=r)
+        self.connections_accepted = Counter(
+            "wsserver_connections_accepted", "Connections that passed the handshake", registry=r
+        )
+        self.messages = Counter(
+            "wsserver_messages", "Client messages received", ["type"], registry=r
+        )
+        self.deliveries = Counter(
+            "wsserver_deliveries", "Room messages delivered to members", registry=r
+        )
+        self.rejections = Counter(
+            "wsserver_rejections", "Handshakes and messages refused", ["reason"], registry=r
+        )
+        self.closes = Counter(
+            "wsserver_closes", "Connections closed, by close code", ["code"], registry=r
+        )
+        self.slow_consumers = Counter(
+            "wsserver_slow_consumer_disconnects",
+            "Connections closed because the client did not read fast enough",
+            registry=r,
+        )
+        self.tasks = Counter(
+            "wsserver_tasks", "Tasks finished, by name and outcome", ["name", "outcome"], registry=r
+        )
+        self.task_duration = Histogram(
+            "wsserver_task_duration_seconds",
+            "Wall time of tasks from submission to answer",
+            ["name"],
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.task_queue_depth = Gauge(
+            "wsserver_task_queue_depth", "Tasks waiting or running in the pool", registry=r
+        )
+        self.draining = Gauge("wsserver_draining", "1 while the server shuts down", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
