@@ -1,0 +1,104 @@
+"""Message parsing: every malformed input is a BadRequest or UnknownType."""
+
+import pytest
+
+from wsserver.errors import BadRequest, UnknownType
+from wsserver.protocol import encode, parse, salvage_id
+
+DEEP = "[" * 40 + "]" * 40
+VERY_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_type", "expected_id"),
+    [
+        ('{"type": "ping"}', "ping", None),
+        ('{"type": "ping", "id": 7}', "ping", 7),
+        ('{"type": "ping", "id": "abc"}', "ping", "abc"),
+        ('{"type": "ping", "id": 1.5}', "ping", 1.5),
+        ('{"type": "echo", "data": null}', "echo", None),
+        ('{"type": "echo", "data": {"nested": [1, 2, {"x": "y"}]}}', "echo", None),
+        ('{"type": "join", "room": "lobby"}', "join", None),
+        ('{"type": "leave", "room": "lobby"}', "leave", None),
+        ('{"type": "publish", "room": "r", "data": "hi"}', "publish", None),
+        ('{"type": "task", "name": "primes", "args": {"limit": 10}}', "task", None),
+        ('{"type": "task", "name": "primes"}', "task", None),
+        ('{"type": "refresh", "token": "a.b.c"}', "refresh", None),
+        ('{"type": "ping", "extra": "ignored"}', "ping", None),
+    ],
+)
+def test_valid_messages(text: str, expected_type: str, expected_id: object) -> None:
+    msg = parse(text)
+    assert msg.type == expected_type
+    assert msg.id == expected_id
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "{",
+        '{"type": "ping"',
+        "[]",
+        '"ping"',
+        "42",
+        "null",
+        '{"type": 5}',
+        '{"no_type": true}',
+        '{"type": "ping", "id": true}',
+        '{"type": "ping", "id": [1]}',
+        '{"type": "ping", "id": {"a": 1}}',
+        '{"type": "ping", "id": "' + "x" * 200 + '"}',
+        '{"type": "echo"}',
+        '{"type": "echo", "data": NaN}',
+        '{"type": "echo", "data": Infinity}',
+        '{"type": "echo", "data": -Infinity}',
+        '{"type": "echo", "data": ' + "9" * 5000 + "}",
+        '{"type": "echo", "data": ' + DEEP + "}",
+        VERY_DEEP,
+        '{"type": "join"}',
+        '{"type": "join", "room": 5}',
+        '{"type": "join", "room": ""}',
+        '{"type": "join", "room": "' + "r" * 129 + '"}',
+        '{"type": "publish", "room": "r"}',
+        '{"type": "publish", "data": 1}',
+        '{"type": "task"}',
+        '{"type": "task", "name": 5}',
+        '{"type": "task", "name": "primes", "args": [1]}',
+        '{"type": "refresh"}',
+        '{"type": "refresh", "token": ""}',
+        '{"type": "refresh", "token": 5}',
+        "\ud800",
+    ],
+)
+def test_bad_requests(text: str) -> None:
+    with pytest.raises(BadRequest):
+        parse(text)
+
+
+def test_unknown_type() -> None:
+    with pytest.raises(UnknownType):
+        parse('{"type": "subscribe"}')
+
+
+def test_nesting_just_under_the_limit_is_fine() -> None:
+    parse('{"type": "echo", "data": ' + "[" * 30 + "]" * 30 + "}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type": "echo", "id": 3}', 3),
+        ('{"type": "nope", "id": "x"}', "x"),
+        ('{"id": true}', None),
+        ("not json", None),
+        ("[1]", None),
+    ],
+)
+def test_salvage_id(text: str, expected: object) -> None:
+    assert salvage_id(text) == expected
+
+
+def test_encode_is_compact_utf8() -> None:
+    assert encode({"type": "echo", "data": "é"}) == '{"type":"echo","data":"é"}'.encode()

@@ -1,0 +1,174 @@
+"""The message protocol: parse and validate client messages, encode replies.
+
+Pure functions over text and dicts. Every way a client message can be wrong
+ends in :class:`~wsserver.errors.BadRequest` or
+:class:`~wsserver.errors.UnknownType`, never in another exception.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from wsserver.errors import BadRequest, UnknownType
+
+MAX_DEPTH = 32
+MAX_ROOM_LENGTH = 128
+MAX_ID_LENGTH = 128
+MESSAGE_TYPES = frozenset({"ping", "echo", "join", "leave", "publish", "task", "refresh"})
+
+MessageId = str | int | float
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    """One validated client message: its ``type``, ``id`` and whole body."""
+
+    type: str
+    id: MessageId | None
+    body: dict[str, Any]
+
+    def field(self, name: str) -> Any:
+        """A field the validation already made sure is present."""
+        return self.body[name]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def decode(text: str) -> Any:
+    """JSON-decode ``text``, refusing NaN/Infinity, absurd nesting and huge integers.
+
+    Raises:
+        BadRequest: the text is not acceptable JSON.
+    """
+    # Counting brackets is cheap next to parsing; walk the tree only when deep
+    # nesting is possible at all.
+    try:
+        value = _decoder.decode(text)
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply") from None
+    except ValueError as exc:
+        # json.JSONDecodeError, NaN/Infinity, and integers past Python's
+        # int_max_str_digits all arrive here.
+        raise BadRequest(f"not valid JSON: {_short(exc)}") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+    return deepest
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def salvage_id(text: str) -> MessageId | None:
+    """The ``id`` of a message, if it is readable, for replies to a bad message."""
+    try:
+        value = decode(text)
+    except BadRequest:
+        return None
+    if isinstance(value, dict):
+        candidate = value.get("id")
+        if _valid_id(candidate):
+            return candidate
+    return None
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_LENGTH
+    return isinstance(value, int | float)
+
+
+def parse(text: str) -> ClientMessage:
+    """Parse and validate one client text frame.
+
+    Raises:
+        BadRequest: not JSON, not an object, or missing/wrongly typed fields.
+        UnknownType: a well-formed message of a type the server does not know.
+    """
+    value = decode(text)
+    if not isinstance(value, dict):
+        raise BadRequest("a message is a JSON object")
+    msg_id = value.get("id")
+    if msg_id is not None and not _valid_id(msg_id):
+        raise BadRequest(f"id must be a string (at most {MAX_ID_LENGTH} characters) or a number")
+    msg_type = value.get("type")
+    if not isinstance(msg_type, str):
+        raise BadRequest("'type' is required and must be a string")
+    if msg_type not in MESSAGE_TYPES:
+        raise UnknownType(f"unknown message type {msg_type[:64]!r}")
+    _VALIDATORS[msg_type](value)
+    return ClientMessage(msg_type, msg_id, value)
+
+
+def _require_room(body: dict[str, Any]) -> None:
+    room = body.get("room")
+    if not isinstance(room, str) or not 1 <= len(room) <= MAX_ROOM_LENGTH:
+        raise BadRequest(f"'room' must be a string of 1 to {MAX_ROOM_LENGTH} characters")
+
+
+def _require_data(body: dict[str, Any]) -> None:
+    if "data" not in body:
+        raise BadRequest("'data' is required")
+
+
+def _validate_ping(body: dict[str, Any]) -> None:
+    pass
+
+
+def _validate_publish(body: dict[str, Any]) -> None:
+    _require_room(body)
+    _require_data(body)
+
+
+def _validate_task(body: dict[str, Any]) -> None:
+    if not isinstance(body.get("name"), str):
+        raise BadRequest("'name' is required and must be a string")
+    if not isinstance(body.get("args", {}), dict):
+        raise BadRequest("'args' must be an object")
+
+
+def _validate_refresh(body: dict[str, Any]) -> None:
+    token = body.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadRequest("'token' is required and must be a string")
+
+
+_VALIDATORS = {
+    "ping": _validate_ping,
+    "echo": _require_data,
+    "join": _require_room,
+    "leave": _require_room,
+    "publish": _validate_publish,
+    "task": _validate_task,
+    "refresh": _validate_refresh,
+}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """A server message as compact UTF-8 JSON."""
+    return _encoder.encode(message).encode("utf-8")

@@ -1,0 +1,165 @@
+"""Who is connected: counts and caps, and room membership.
+
+Single-threaded by design (the Tornado loop): a check and the registration
+that follows it run in one callback, so counts cannot race.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+from wsserver.errors import ServerFull, TooManyForUser, TooManyFromAddress
+
+C = TypeVar("C", bound=Hashable)
+
+#: What a client should wait before retrying a full server, in seconds.
+SERVER_FULL_RETRY_AFTER = 5.0
+
+
+class ConnectionRegistry(Generic[C]):
+    """Open connections, counted for the whole server, per address, per user.
+
+    A connection is *admitted* (it counts for the server and its address) when
+    it is upgraded, and *authenticated* (it counts for its user) once its
+    token is verified.
+    """
+
+    def __init__(self, max_total: int, max_per_address: int, max_per_user: int) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.max_per_user = max_per_user
+        self._address: dict[C, str] = {}
+        self._user: dict[C, str] = {}
+        self._per_address: Counter[str] = Counter()
+        self._per_user: dict[str, set[C]] = {}
+
+    def check_admission(self, address: str) -> None:
+        """Raise if one more connection from ``address`` is not allowed.
+
+        Raises:
+            ServerFull: the server is at ``max_total``.
+            TooManyFromAddress: ``address`` is at ``max_per_address``.
+        """
+        if len(self._address) >= self.max_total:
+            raise ServerFull("server at its connection limit", SERVER_FULL_RETRY_AFTER)
+        if self._per_address[address] >= self.max_per_address:
+            raise TooManyFromAddress(f"too many connections from {address}")
+
+    def admit(self, conn: C, address: str) -> None:
+        """Count ``conn`` for the server and ``address`` (idempotent)."""
+        if conn in self._address:
+            return
+        self._address[conn] = address
+        self._per_address[address] += 1
+
+    def authenticate(self, conn: C, user: str) -> None:
+        """Count an admitted ``conn`` for ``user``.
+
+        Raises:
+            TooManyForUser: ``user`` is at ``max_per_user``.
+        """
+        conns = self._per_user.get(user)
+        if conns is not None and len(conns) >= self.max_per_user:
+            raise TooManyForUser()
+        self._per_user.setdefault(user, set()).add(conn)
+        self._user[conn] = user
+
+    def remove(self, conn: C) -> str | None:
+        """Forget ``conn`` (idempotent).
+
+        Returns:
+            its user when that was the user's last connection, else None.
+        """
+        address = self._address.pop(conn, None)
+        if address is not None:
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+        user = self._user.pop(conn, None)
+        if user is None:
+            return None
+        conns = self._per_user[user]
+        conns.discard(conn)
+        if conns:
+            return None
+        del self._per_user[user]
+        return user
+
+    @property
+    def total(self) -> int:
+        """Admitted connections (authenticated or not yet)."""
+        return len(self._address)
+
+    @property
+    def authenticated(self) -> int:
+        return len(self._user)
+
+    @property
+    def users(self) -> int:
+        return len(self._per_user)
+
+    def count_for_address(self, address: str) -> int:
+        return self._per_address.get(address, 0)
+
+    def count_for_user(self, user: str) -> int:
+        return len(self._per_user.get(user, ()))
+
+    def __iter__(self) -> Iterator[C]:
+        return iter(list(self._address))
+
+
+class RoomTable(Generic[C]):
+    """Room membership, both ways, so leaving every room on close is cheap."""
+
+    def __init__(self, max_rooms_per_member: int = 100) -> None:
+        self.max_rooms_per_member = max_rooms_per_member
+        self._members: dict[str, dict[C, None]] = {}
+        self._rooms: dict[C, set[str]] = {}
+
+    def join(self, member: C, room: str) -> bool:
+        """Add ``member`` to ``room``; False when it was already there.
+
+        Raises:
+            ValueError: ``member`` is already in ``max_rooms_per_member`` rooms.
+        """
+        rooms = self._rooms.setdefault(member, set())
+        if room in rooms:
+            return False
+        if len(rooms) >= self.max_rooms_per_member:
+            raise ValueError(f"at most {self.max_rooms_per_member} rooms per connection")
+        rooms.add(room)
+        self._members.setdefault(room, {})[member] = None
+        return True
+
+    def leave(self, member: C, room: str) -> bool:
+        """Remove ``member`` from ``room``; False when it was not there."""
+        rooms = self._rooms.get(member)
+        if not rooms or room not in rooms:
+            return False
+        rooms.discard(room)
+        if not rooms:
+            del self._rooms[member]
+        members = self._members[room]
+        del members[member]
+        if not members:
+            del self._members[room]
+        return True
+
+    def leave_all(self, member: C) -> None:
+        for room in list(self._rooms.get(member, ())):
+            self.leave(member, room)
+
+    def is_member(self, member: C, room: str) -> bool:
+        return room in self._rooms.get(member, ())
+
+    def members(self, room: str) -> list[C]:
+        """A snapshot of ``room``'s members, in joining order."""
+        return list(self._members.get(room, ()))
+
+    def rooms_of(self, member: C) -> set[str]:
+        return set(self._rooms.get(member, ()))
+
+    def __len__(self) -> int:
+        return len(self._members)
