@@ -1,0 +1,65 @@
+"""Tasks that misbehave on purpose, for the task pool's tests.
+
+Each is a module-level function so worker processes can import it. ``announce``
+tells the test, over a Unix socket, which worker process runs it: the test then
+knows which pid to kill without guessing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from wsserver.tasks import Int, Str, TaskTable
+
+tasks = TaskTable()
+
+
+@tasks.task("spin", ms=Int(0, 600_000))
+def spin(ms: int) -> int:
+    """Keep a CPU busy for ``ms`` milliseconds (a runaway task when ``ms`` is large)."""
+    deadline = time.monotonic() + ms / 1000
+    while time.monotonic() < deadline:
+        pass
+    return ms
+
+
+@tasks.task("announce", path=Str(), ms=Int(0, 600_000))
+def announce(path: str, ms: int) -> int:
+    """Send this worker's pid to the Unix socket ``path``, spin ``ms`` ms, return the pid."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(path)
+        conn.sendall(f"{os.getpid()}\n".encode())
+    spin(ms)
+    return os.getpid()
+
+
+@tasks.task("exit", code=Int(0, 255))
+def exit_now(code: int) -> None:
+    """End the worker process at once, as a crashing extension would."""
+    os._exit(code)
+
+
+@tasks.task("raise")
+def raise_error() -> None:
+    """Raise an ordinary exception inside the worker."""
+    raise RuntimeError("raised on purpose")
+
+
+@tasks.task("allocate")
+def allocate_too_much() -> int:
+    """Ask for 4 EiB: a real MemoryError in the worker."""
+    return len(bytearray(1 << 62))
+
+
+@tasks.task("niceness")
+def niceness() -> int:
+    """The worker's nice value."""
+    return os.nice(0)
+
+
+@tasks.task("pid")
+def pid() -> int:
+    """The worker's process id."""
+    return os.getpid()
