@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine, then run it:
+# Debian packages (Chromium for the page, nginx, systemd's analyzer, openssl,
+# Node.js for the client's unit tests), a virtual environment in .venv with the
+# package and its test extra, then ruff, mypy, node --test and pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+packages=()
+command -v chromium >/dev/null || packages+=(chromium)
+[ -x /usr/sbin/nginx ] || packages+=(nginx-light)
+command -v systemd-analyze >/dev/null || packages+=(systemd)
+command -v openssl >/dev/null || packages+=(openssl)
+command -v node >/dev/null || packages+=(nodejs)
+command -v ps >/dev/null || packages+=(procps)
+if [ ${#packages[@]} -gt 0 ]; then
+    echo "== apt-get install ${packages[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+        -o DPkg::Lock::Timeout=600 "${packages[@]}" >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+echo "== pip install -e .[test,bench]"
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test,bench]'
+
+echo "== ruff"
+.venv/bin/ruff check wsserver tests bench
+echo "== mypy"
+.venv/bin/mypy wsserver
+echo "== node --test"
+node --test tests/js/
+echo "== pytest"
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,97 @@
+"""The command line as a user runs it: exit codes, messages, tokens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from tests.conftest import ROOT, SECRET
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "wsserver", *args],
+        cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_token_prints_a_verifiable_jwt() -> None:
+    result = run("token", "alice", "--ttl", "120", env={"WSSERVER_JWT_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert 100 < claims["exp"] - time.time() <= 121
+
+
+def test_token_carries_configured_audience_and_issuer(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    result = run("token", "bob", "--jwt-secret-file", str(key), "--jwt-audience", "chat",
+                 "--jwt-issuer", "me")
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"], audience="chat",
+                        issuer="me")
+    assert claims["sub"] == "bob"
+
+
+def test_token_without_a_key_explains_and_exits_2() -> None:
+    result = run("token", "alice")
+    assert result.returncode == 2
+    assert "--jwt-secret-file" in result.stderr
+
+
+def test_check_config_ok() -> None:
+    result = run("check-config", env={"WSSERVER_JWT_SECRET": SECRET})
+    assert result.returncode == 0
+    assert result.stdout.startswith("configuration OK")
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_config_lists_every_problem_one_line_each() -> None:
+    result = run("check-config", "--port", "http", "--max-connections", "-1",
+                 "--certfile", "/nonexistent", env={"WSSERVER_JWT_SECRET": "too-short-secret"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) >= 4, lines
+    assert all(line.startswith("wsserver: ") for line in lines)
+    assert "too-short-secret" not in result.stderr
+
+
+def test_check_config_tries_the_tasks_module() -> None:
+    result = run("check-config", "--tasks-module", "no.such.module")
+    assert result.returncode == 2
+    assert "--tasks-module" in result.stderr
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::"])
+def test_demo_mode_refuses_public_addresses(host: str) -> None:
+    result = run("--host", host)
+    assert result.returncode == 2
+    assert "not a loopback address" in result.stderr
+
+
+def test_help_lists_every_option() -> None:
+    result = run("serve", "--help")
+    assert result.returncode == 0
+    for flag in ("--jwt-secret-file", "--allowed-origins", "--max-connections-per-ip",
+                 "--handshake-burst", "--task-timeout", "--trusted-proxies", "--demo-token-ttl"):
+        assert flag in result.stdout
+    assert run("--help").returncode == 0
+
+
+def test_port_in_use_exits_1() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run("--port", str(taken.getsockname()[1]))
+    assert result.returncode == 1
+    assert "cannot serve" in result.stderr

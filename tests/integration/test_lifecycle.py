@@ -1,0 +1,197 @@
+"""The real process: demo mode, shutdown, logs, endpoints (``python -m wsserver``)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import jwt
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import SECRET, RunningServer
+
+KEYED = {"WSSERVER_JWT_SECRET": SECRET}
+
+
+def make_token(sub: str = "alice", ttl: int = 600) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + ttl}, SECRET, algorithm="HS256")
+
+
+def http_get(srv: RunningServer, path: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(srv.url + path, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), error.read()
+
+
+def test_demo_mode_page_token_and_origin(run_server: Any) -> None:
+    srv = run_server()
+    logs = srv.wait_for_log("DEMO MODE").string
+    assert "ephemeral" in logs
+    assert srv.host == "127.0.0.1"
+    status, headers, body = http_get(srv, "/")
+    assert status == 200 and b"<html" in body.lower()
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    reply = srv.get_json("/auth/demo-token", "POST", {"user": "alice"})
+    assert reply["expires_in"] == 900
+
+    async def scenario() -> None:
+        # The page's own origin is allowed; anything else is refused with 403.
+        async with websockets.connect(
+            srv.ws_url, subprotocols=["bearer", reply["token"]], origin=f"http://localhost:{srv.port}"
+        ) as ws:
+            welcome = json.loads(await ws.recv())
+            assert welcome["type"] == "welcome" and welcome["user"] == "alice"
+            assert ws.subprotocol == "bearer"
+        with pytest.raises(InvalidStatus) as info:
+            await websockets.connect(
+                srv.ws_url, subprotocols=["bearer", reply["token"]], origin="http://evil.example"
+            )
+        assert info.value.response.status_code == 403
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("body", [{}, {"user": ""}, {"user": 5}, {"user": "x" * 65}, {"user": "a\u0000b"}])
+def test_demo_token_rejects_bad_names(run_server: Any, body: dict[str, Any]) -> None:
+    srv = run_server()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        srv.get_json("/auth/demo-token", "POST", body)
+    assert info.value.code == 400
+    info.value.close()
+
+
+def test_demo_token_is_404_with_a_configured_key(run_server: Any) -> None:
+    srv = run_server(env=KEYED)
+    assert "DEMO MODE" not in srv.logs()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        srv.get_json("/auth/demo-token", "POST", {"user": "alice"})
+    assert info.value.code == 404
+    info.value.close()
+
+
+def test_health_ready_metrics_stats(run_server: Any) -> None:
+    srv = run_server(env=KEYED)
+    assert srv.get_json("/healthz") == {"status": "ok"}
+    assert srv.get_json("/readyz") == {"status": "ready"}
+    status, headers, body = http_get(srv, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert b"wsserver_connections 0.0" in body
+    assert SECRET.encode() not in body
+    stats = srv.get_json("/stats")
+    assert set(stats) >= {"connections", "users", "rooms", "messages", "tasks_in_flight", "uptime"}
+    assert http_get(srv, "/nope")[0] == 404
+
+
+def test_gauge_follows_connections(run_server: Any) -> None:
+    srv = run_server(env=KEYED)
+
+    async def scenario() -> None:
+        async with websockets.connect(
+            srv.ws_url, additional_headers={"Authorization": f"Bearer {make_token()}"}
+        ) as ws:
+            await ws.recv()
+            assert "wsserver_connections 1.0" in srv.metrics()
+        srv.wait_for_log(r"close user=alice .*code=1000")
+        assert "wsserver_connections 0.0" in srv.metrics()
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_closes_1001_turns_unready_and_exits_0(run_server: Any) -> None:
+    srv = run_server("--drain-timeout", "5", env=KEYED)
+    keepalive = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    keepalive.request("GET", "/readyz")
+    assert keepalive.getresponse().read() == b'{"status": "ready"}'
+
+    async def scenario() -> tuple[int | None, str]:
+        async with websockets.connect(
+            srv.ws_url, additional_headers={"Authorization": f"Bearer {make_token()}"}
+        ) as ws:
+            await ws.recv()
+            srv.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await ws.recv()
+            assert info.value.rcvd is not None
+            return info.value.rcvd.code, info.value.rcvd.reason
+
+    code, reason = asyncio.run(scenario())
+    keepalive.close()
+    assert (code, reason) == (1001, "server shutting down")
+    assert srv.stop() == 0
+    logs = srv.logs()
+    assert "shutting down: closing 1 connection(s) with 1001" in logs
+    assert "stopped" in logs
+
+
+def test_readyz_is_503_while_draining(run_server: Any) -> None:
+    # A client that never answers the close handshake keeps the drain going.
+    srv = run_server("--drain-timeout", "3", env=KEYED)
+    keepalive = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    keepalive.request("GET", "/readyz")
+    first = keepalive.getresponse()
+    assert (first.status, first.read()) == (200, b'{"status": "ready"}')
+
+    raw = socket.create_connection(("127.0.0.1", srv.port))
+    raw.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {make_token()}\r\n\r\n"
+        ).encode()
+    )
+    assert raw.recv(4096).startswith(b"HTTP/1.1 101")  # then it never reads again
+    srv.wait_for_log("open user=alice")
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.wait_for_log("shutting down")
+    keepalive.request("GET", "/readyz")
+    response = keepalive.getresponse()
+    assert (response.status, response.read()) == (503, b'{"status": "draining"}')
+    keepalive.close()
+    assert srv.stop() == 0
+    raw.close()
+
+
+def test_query_tokens_and_secrets_stay_out_of_logs(run_server: Any) -> None:
+    srv = run_server(env=KEYED)
+    tok = make_token("logged")
+
+    async def scenario() -> None:
+        async with websockets.connect(f"{srv.ws_url}?token={tok}") as ws:
+            await ws.recv()
+
+    asyncio.run(scenario())
+    srv.wait_for_log("close user=logged")
+    logs = srv.logs()
+    assert "token=[redacted]" in logs
+    assert tok not in logs
+    assert tok.split(".")[2] not in logs
+    assert SECRET not in logs
+
+
+def test_one_log_line_per_open_and_close(run_server: Any) -> None:
+    srv = run_server(env=KEYED)
+
+    async def scenario() -> None:
+        async with websockets.connect(
+            srv.ws_url, additional_headers={"Authorization": f"Bearer {make_token('bob')}"}
+        ) as ws:
+            await ws.recv()
+            await ws.close(1000)
+
+    asyncio.run(scenario())
+    line = srv.wait_for_log(r"close user=bob addr=127\.0\.0\.1 code=1000 by=client .*duration=").string
+    assert "duration=" in line
+    assert len([ln for ln in srv.logs().splitlines() if "open user=bob" in ln]) == 1

@@ -1,0 +1,20 @@
+"""The README stays true to the code: its option table is the code's."""
+
+from pathlib import Path
+
+from scripts.options_table import options_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_option_table_matches_the_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert options_table() in readme, "run: python -m scripts.options_table"
+
+
+def test_readme_opens_with_the_two_setup_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = readme.split("```sh\n")
+    assert blocks[1].startswith("python3 -m venv .venv && .venv/bin/pip install . && ")
+    assert blocks[2].startswith("bash scripts/test.sh\n")
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
