@@ -1,0 +1,327 @@
+"""Rate limits and connection caps against the real server over real sockets.
+
+Message rate: one token bucket per user, shared by that user's connections
+(``rate_limited`` with ``retry_after``, 4029 for a flood that goes on).
+Handshake rate per address (429 with ``Retry-After``). Caps: whole server
+(503 with ``Retry-After``), per address (429), per user (close 4008), with
+counts that stay exact whatever way connections end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+from limits_helpers import (
+    JWT_ENV,
+    NO_HANDSHAKE_LIMIT,
+    OP_CLOSE,
+    RawConnection,
+    RunningServer,
+    bearer,
+    metric_reaches,
+    open_client,
+    raw_connect,
+    raw_open,
+    read_metric,
+    recv_json,
+    refused_status,
+    request,
+    run,
+    until_closed,
+)
+from websockets.exceptions import ConnectionClosed
+
+Start = Callable[..., RunningServer]
+
+
+def gone(end: Callable[[RawConnection], None]) -> Callable[[RawConnection], Awaitable[None]]:
+    """``end`` (drop or reset: no close frame) as a coroutine, like ``close_cleanly``."""
+
+    async def leave(conn: RawConnection) -> None:
+        end(conn)
+
+    return leave
+
+
+# --- message rate ---------------------------------------------------------------
+
+
+def test_connections_of_one_user_share_one_bucket(run_server: Start) -> None:
+    """A drains the bucket, so B (same user) is limited; another user is not."""
+    # A slow refill (one token per 2 s) so nothing trickles back mid-test.
+    srv = run_server("--message-rate", "0.5", "--message-burst", "4",
+                     "--rate-limit-strikes", "50", env=JWT_ENV)
+
+    async def scenario() -> None:
+        a = await open_client(srv, "alice")
+        b = await open_client(srv, "alice")
+        carol = await open_client(srv, "carol")
+        for n in range(4):
+            assert await request(a, {"type": "ping", "id": n}) == {"type": "pong", "id": n}
+        limited = await request(b, {"type": "ping", "id": "b-1"})
+        assert limited["type"] == "error" and limited["code"] == "rate_limited", limited
+        assert limited["id"] == "b-1"
+        # One token at 0.5 per second is at most two seconds away.
+        assert 0 < limited["retry_after"] <= 2
+        assert await request(carol, {"type": "ping", "id": 7}) == {"type": "pong", "id": 7}
+        # The drained bucket is the user's, not the first connection's.
+        again = await request(a, {"type": "echo", "data": "x", "id": "a-5"})
+        assert (again["code"], again["id"]) == ("rate_limited", "a-5")
+        for ws in (a, b, carol):
+            await ws.close()
+
+    run(scenario)
+
+
+def test_a_flood_that_goes_on_is_closed_with_4029(run_server: Start) -> None:
+    """Burst answered, then ``--rate-limit-strikes`` errors, then close 4029."""
+    srv = run_server("--message-rate", "0.5", "--message-burst", "3",
+                     "--rate-limit-strikes", "5", env=JWT_ENV)
+
+    async def scenario() -> None:
+        flooder = await open_client(srv, "mallory")
+        bystander = await open_client(srv, "bob")
+        try:
+            for n in range(40):
+                await flooder.send(json.dumps({"type": "ping", "id": n}))
+        except ConnectionClosed:
+            pass  # the server may close before the flood is all sent
+        code, received = await until_closed(flooder)
+        assert code == 4029
+        assert [m["type"] for m in received[:3]] == ["pong"] * 3
+        errors = received[3:]
+        assert [(m["code"], m["id"]) for m in errors] == [("rate_limited", n) for n in range(3, 8)]
+        assert all(m["retry_after"] > 0 for m in errors)
+        # The flood cost the flooder only.
+        assert await request(bystander, {"type": "ping"}) == {"type": "pong"}
+        await bystander.close()
+        assert await read_metric(srv, "wsserver_closes_total", code="4029") == 1
+
+    run(scenario)
+
+
+def test_a_sustained_flood_above_the_rate_is_closed_with_4029(run_server: Start) -> None:
+    """Five times the rate, for seconds: the client keeps sending while limited.
+
+    Four of every five messages are refused, but a token comes back between
+    them; that must not wipe the strikes, or such a flood is never closed.
+    """
+    srv = run_server("--message-rate", "20", "--message-burst", "2",
+                     "--rate-limit-strikes", "10", env=JWT_ENV)
+
+    async def scenario() -> None:
+        flooder = await open_client(srv, "mallory")
+        closing = asyncio.ensure_future(until_closed(flooder))
+        sent = 0
+        try:
+            while not closing.done() and sent < 300:  # 3 s at 100 messages/s
+                await flooder.send(json.dumps({"type": "ping", "id": sent}))
+                sent += 1
+                await asyncio.sleep(0.01)  # the flood's own pace, 5x the rate
+        except ConnectionClosed:
+            pass
+        await asyncio.wait([closing], timeout=1.0)
+        if not closing.done():
+            closing.cancel()
+            raise AssertionError(f"still open after {sent} messages at 5x the rate")
+        code, received = await closing
+        assert code == 4029
+        assert sum(1 for m in received if m.get("code") == "rate_limited") >= 10
+
+    run(scenario)
+
+
+def test_a_user_back_after_refill_starts_with_a_full_bucket(run_server: Start) -> None:
+    """Close every connection of a drained user, wait for the refill: the full burst again."""
+    rate, burst = 4, 5
+    srv = run_server("--message-rate", str(rate), "--message-burst", str(burst),
+                     "--rate-limit-strikes", "50", env=JWT_ENV)
+
+    async def burst_replies() -> list[str]:
+        """Connect, send one more than the burst at once, return the replies' kinds."""
+        ws = await open_client(srv, "dave")
+        for n in range(burst + 1):
+            await ws.send(json.dumps({"type": "ping", "id": n}))
+        replies = [await recv_json(ws) for _ in range(burst + 1)]
+        await ws.close()
+        return [reply.get("code", reply["type"]) for reply in replies]
+
+    async def scenario() -> None:
+        assert await burst_replies() == ["pong"] * burst + ["rate_limited"]
+        await asyncio.sleep(burst / rate + 0.1)  # the bucket's refill time: a real wait
+        assert await burst_replies() == ["pong"] * burst + ["rate_limited"]
+
+    run(scenario)
+
+
+# --- handshake rate ---------------------------------------------------------------
+
+
+def test_handshake_burst_gets_429_with_retry_after_for_that_address_only(
+    run_server: Start,
+) -> None:
+    srv = run_server("--handshake-rate", "2", "--handshake-burst", "3", env=JWT_ENV)
+
+    async def scenario() -> None:
+        opened = [await raw_open(srv, f"u{n}") for n in range(3)]
+        refused = await refused_status(srv, bearer("u3"))
+        assert refused.status == 429
+        retry_after = int(refused.headers["retry-after"])
+        assert retry_after == 1  # one token at 2/s, rounded up to whole seconds
+        # Another address has its own bucket.
+        opened.append(await raw_open(srv, "u4", source="127.0.0.2"))
+        await asyncio.sleep(retry_after)  # the advertised wait: the bucket refills
+        opened.append(await raw_open(srv, "u5"))
+        assert await read_metric(srv, "wsserver_rejections_total", reason="handshake_rate") == 1
+        for conn in opened:
+            await conn.close_cleanly()
+
+    run(scenario)
+
+
+# --- caps ---------------------------------------------------------------------------
+
+
+def test_server_cap_answers_503_with_retry_after_until_a_slot_frees(run_server: Start) -> None:
+    srv = run_server("--max-connections", "3", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+
+    async def scenario() -> None:
+        opened = [await raw_open(srv, f"u{n}") for n in range(3)]
+        for source in ("127.0.0.1", "127.0.0.2"):  # the whole server, every address
+            refused = await refused_status(srv, bearer("late"), source=source)
+            assert refused.status == 503
+            assert int(refused.headers["retry-after"]) >= 1
+        await opened.pop().close_cleanly()
+        await metric_reaches(srv, 2, "wsserver_connections")
+        opened.append(await raw_open(srv, "late"))
+        assert await read_metric(srv, "wsserver_rejections_total", reason="server_full") == 2
+        for conn in opened:
+            await conn.close_cleanly()
+
+    run(scenario)
+
+
+def test_address_cap_answers_429_for_that_address_only(run_server: Start) -> None:
+    """The cap holds per address, and every way of leaving frees the address's slot."""
+    srv = run_server("--max-connections-per-ip", "2", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+
+    async def scenario() -> None:
+        opened = [await raw_open(srv, "a"), await raw_open(srv, "b")]
+        assert (await refused_status(srv, bearer("c"))).status == 429
+        opened.append(await raw_open(srv, "c", source="127.0.0.2"))
+        leaving: list[Callable[[RawConnection], Awaitable[object]]] = [
+            RawConnection.close_cleanly, gone(RawConnection.drop), gone(RawConnection.reset),
+        ]
+        for n, leave in enumerate(leaving):
+            await leave(opened.pop(0))
+            await metric_reaches(srv, 2, "wsserver_connections")
+            opened.insert(1, await raw_open(srv, f"next{n}"))
+            assert (await refused_status(srv, bearer("c"))).status == 429
+        assert await read_metric(srv, "wsserver_rejections_total", reason="address_cap") == 4
+        for conn in opened:
+            await conn.close_cleanly()
+
+    run(scenario)
+
+
+def test_user_cap_upgrades_then_closes_4008(run_server: Start) -> None:
+    srv = run_server("--max-connections-per-user", "2", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+
+    async def scenario() -> None:
+        opened = [await raw_open(srv, "alice"), await raw_open(srv, "alice")]
+        third = await raw_connect(srv, bearer("alice"))
+        assert third.status == 101
+        code, before = await third.read_until_close()
+        assert code == 4008 and before == []
+        await third.close_cleanly_after_server_close()
+        opened.append(await raw_open(srv, "bob"))
+        await opened.pop(0).close_cleanly()
+        await metric_reaches(srv, 2, "wsserver_connections")
+        opened.append(await raw_open(srv, "alice"))
+        for conn in opened:
+            await conn.close_cleanly()
+
+    run(scenario)
+
+
+def test_counts_stay_exact_whichever_way_connections_end(run_server: Start) -> None:
+    """Clean close, FIN without a close frame, RST: each frees its slot, once."""
+    srv = run_server("--max-connections", "2", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+
+    async def scenario() -> None:
+        first, second = await raw_open(srv, "u1"), await raw_open(srv, "u2")
+        assert (await refused_status(srv, bearer("extra"))).status == 503
+        leaving: list[Callable[[RawConnection], Awaitable[object]]] = [
+            RawConnection.close_cleanly, gone(RawConnection.drop), gone(RawConnection.reset),
+        ]
+        for n, leave in enumerate(leaving):
+            await leave(first)
+            await metric_reaches(srv, 1, "wsserver_connections")
+            first = await raw_open(srv, f"v{n}")
+            assert (await refused_status(srv, bearer("extra"))).status == 503
+        assert await read_metric(srv, "wsserver_connections") == 2
+        for conn in (first, second):
+            await conn.close_cleanly()
+        await metric_reaches(srv, 0, "wsserver_connections")
+
+    run(scenario)
+
+
+def test_failed_handshakes_do_not_leak_a_slot(run_server: Start) -> None:
+    """403 (no token) and 4001 (bad token) leave the one slot free."""
+    srv = run_server("--max-connections", "1", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+
+    async def scenario() -> None:
+        for _ in range(5):
+            assert (await refused_status(srv)).status == 403
+        for _ in range(5):
+            bad = await raw_connect(srv, {"Authorization": "Bearer not-a-jwt"})
+            assert bad.status == 101
+            code, _ = await bad.read_until_close()
+            assert code == 4001
+            await bad.close_cleanly_after_server_close()
+        # Each 4001 connection is forgotten in the same step that counts its close.
+        await metric_reaches(srv, 5, "wsserver_closes_total", code="4001")
+        only = await raw_open(srv, "alice")
+        assert (await refused_status(srv, bearer("bob"))).status == 503
+        await only.close_cleanly()
+
+    run(scenario)
+
+
+def test_concurrent_connects_never_exceed_the_caps(run_server: Start) -> None:
+    """30 handshakes at once: exactly the cap gets in, server-wide and per user."""
+    srv = run_server("--max-connections", "10", "--max-connections-per-user", "4",
+                     *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+
+    async def attempt(user: str) -> tuple[RawConnection, str]:
+        conn = await raw_connect(srv, bearer(user))
+        if conn.status != 101:
+            conn.drop()
+            return conn, str(conn.status)
+        first = await conn.read_frame()
+        if first.opcode == OP_CLOSE:
+            return conn, str(first.close_code)
+        assert first.json()["type"] == "welcome"
+        return conn, "welcome"
+
+    async def all_at_once(users: list[str], expected: list[str]) -> None:
+        results = await asyncio.gather(*(attempt(user) for user in users))
+        assert sorted(outcome for _, outcome in results) == expected
+        assert await read_metric(srv, "wsserver_connections") == expected.count("welcome")
+        await asyncio.gather(*(
+            conn.close_cleanly() if outcome == "welcome" else conn.close_cleanly_after_server_close()
+            for conn, outcome in results if outcome in ("welcome", "4008")
+        ))
+        await metric_reaches(srv, 0, "wsserver_connections")
+
+    async def scenario() -> None:
+        many = [f"user{n}" for n in range(30)]
+        await all_at_once(many, ["503"] * 20 + ["welcome"] * 10)
+        await all_at_once(["same"] * 10, ["4008"] * 6 + ["welcome"] * 4)
+        # Nothing leaked from either round: the whole cap is free again.
+        await all_at_once(many, ["503"] * 20 + ["welcome"] * 10)
+
+    run(scenario)
