@@ -1,0 +1,466 @@
+// wsclient.js: a reconnecting browser client for wsserver.
+//
+// One ES module with no dependencies: copy it into your app.
+// The token travels in the subprotocol list ["bearer", token], never in the URL
+// (URLs end up in logs and browser history).
+//
+// The pure decisions (backoff delay, what a close code means, the queue
+// bound) are exported functions so they can be tested without a browser.
+
+/** First reconnect waits up to this long (ms); the window doubles each attempt. */
+export const BACKOFF_BASE_MS = 500;
+/** The backoff window never grows past this (ms). */
+export const BACKOFF_CAP_MS = 20000;
+/** After 1001 (server shutting down) reconnect within this window (ms). */
+export const SOON_MS = 1000;
+/** A connection open at least this long (ms) resets the backoff. */
+export const STABLE_MS = 10000;
+/** A token expiring within this margin (ms) is not used for a new connection. */
+export const TOKEN_MARGIN_MS = 5000;
+/** Default bound on messages queued while disconnected; matches the server's default burst. */
+export const DEFAULT_MAX_QUEUE = 20;
+/** Default time (ms) a request waits for its reply. */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 60000;
+
+// WebSocket.CONNECTING and .OPEN, spelled out so the module loads where WebSocket is undefined.
+const CONNECTING_STATE = 0;
+const OPEN_STATE = 1;
+
+/**
+ * Delay before reconnect attempt number `attempt` (0 for the first):
+ * exponential backoff with full jitter, uniform in [0, min(cap, base * 2^attempt)).
+ * Full jitter spreads a crowd of clients that lost the same server.
+ */
+export function backoffDelay(attempt, random = Math.random, base = BACKOFF_BASE_MS,
+                             cap = BACKOFF_CAP_MS) {
+  const exponent = Math.min(Math.max(0, attempt), 30); // 2^30 already exceeds any cap
+  return random() * Math.min(cap, base * 2 ** exponent);
+}
+
+/**
+ * What to do when the socket closes with `code`, per CONTRACT.md's close-code table.
+ * `previousCode` is the code of the close before, if the connection in between
+ * never got its welcome.
+ *
+ * Returns {action: "stop"} or {action: "reconnect", delay: "soon" | "backoff",
+ * newToken: boolean}.
+ */
+export function closeDecision(code, { userClosed = false, previousCode = null } = {}) {
+  if (userClosed) return { action: 'stop' };
+  switch (code) {
+    case 1000: // normal closure: the server meant it
+    case 1008: // policy violation: fix the client, retrying repeats it
+    case 1009: // message too big: same
+    case 4003: // token valid but not permitted: a new connection would be refused too
+      return { action: 'stop' };
+    case 4001: // token missing, invalid or expired
+      // A fresh token fixes it: try at once; if that one fails too, back off.
+      return { action: 'reconnect', delay: previousCode === 4001 ? 'backoff' : 'soon',
+               newToken: true };
+    case 1001: // server going away: a replacement is usually up soon
+      return { action: 'reconnect', delay: 'soon', newToken: false };
+    default: // 4008, 4009, 4029, 1011, 1006 (no close frame) and anything unknown
+      return { action: 'reconnect', delay: 'backoff', newToken: false };
+  }
+}
+
+/** Delay (ms) for a reconnect of `kind` ("soon" or "backoff") at backoff `attempt`. */
+export function reconnectDelay(kind, attempt, random = Math.random) {
+  return kind === 'soon' ? random() * SOON_MS : backoffDelay(attempt, random);
+}
+
+/**
+ * Whether a message may join a queue of `length` messages bounded by `max`.
+ * When full the new message is refused (not an old one dropped), so the
+ * caller learns at once that it was not sent.
+ */
+export function queueAccepts(length, max) {
+  return length < max;
+}
+
+/**
+ * The backoff attempt number to use after a close: back to 0 when the connection
+ * had been up for a while, so a long-lived client that loses its server retries
+ * fast, while a server that accepts then drops at once (4029, 4009...) still
+ * sees the client back off further each time.
+ */
+export function attemptAfterClose(attempt, openForMs, stableMs = STABLE_MS) {
+  return openForMs !== null && openForMs >= stableMs ? 0 : attempt;
+}
+
+/**
+ * Whether a token expiring at `expiresAt` (unix seconds, null when unknown) is
+ * worth a handshake at `nowMs`: not when it expires within `marginMs`, as the
+ * server would close with 4001 at once.
+ */
+export function tokenUsable(expiresAt, nowMs, marginMs = TOKEN_MARGIN_MS) {
+  return expiresAt === null || expiresAt * 1000 - nowMs > marginMs;
+}
+
+/** The WebSocket URL of `path` on the page's own host: ws: for http:, wss: for https:. */
+export function socketUrl(location, path = '/ws') {
+  const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${scheme}//${location.host}${path}`;
+}
+
+/** An error reply from the server, or a failure of the client itself. */
+export class WsError extends Error {
+  /**
+   * @param {string} code  server code (bad_request, rate_limited, busy...) or a client one:
+   *   queue_full, stopped, disconnected, timeout, cancelled
+   * @param {string} message  human-readable text
+   * @param {object} [reply]  the server's error message, when there is one
+   */
+  constructor(code, message, reply = null) {
+    super(message);
+    this.name = 'WsError';
+    this.code = code;
+    this.reply = reply;
+    /** Seconds to wait, for rate_limited. */
+    this.retryAfter = reply && typeof reply.retry_after === 'number' ? reply.retry_after : null;
+  }
+}
+
+/**
+ * A connection to wsserver that survives network and server failures.
+ *
+ * Events (CustomEvent, payload in `detail`):
+ *   "state"   {state, code?, reason?, delay?, attempt?}; state is one of
+ *             "connecting", "open", "waiting" (reconnect scheduled), "stopped"
+ *   "welcome" the server's welcome message
+ *   "token"   {expiresAt} (unix seconds) after welcome and after each refresh
+ *   "message" every message the server sends
+ */
+export class WsClient extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string} options.url  ws:// or wss:// URL of the endpoint
+   * @param {() => Promise<string>} options.getToken  returns a fresh JWT
+   * @param {number} [options.maxQueue]  bound on messages kept while disconnected
+   * @param {number} [options.requestTimeoutMs]  default wait for a reply
+   * @param {() => number} [options.random]  jitter source (tests pin it)
+   * @param {typeof WebSocket} [options.WebSocket]  constructor to use
+   */
+  constructor({ url, getToken, maxQueue = DEFAULT_MAX_QUEUE,
+                requestTimeoutMs = DEFAULT_REQUEST_TIMEOUT_MS, random = Math.random,
+                WebSocket: Socket = globalThis.WebSocket }) {
+    super();
+    if (!url || typeof getToken !== 'function') {
+      throw new TypeError('WsClient needs a url and an async getToken()');
+    }
+    this.url = url;
+    this.getToken = getToken;
+    this.maxQueue = maxQueue;
+    this.requestTimeoutMs = requestTimeoutMs;
+    this.random = random;
+    this.Socket = Socket;
+
+    this.state = 'stopped';
+    this.user = null;
+    this.expiresAt = null;
+    /** Rooms to be in; re-joined after every reconnect. */
+    this.rooms = new Set();
+    this.token = null;
+    this.attempt = 0;
+    this.ws = null;
+    this.openedAt = null;
+    this.timer = null;
+    this.queue = [];
+    this.pending = new Map();
+    this.nextId = 1;
+    /** Bumped by connect() and close(), so a stale dial() gives up. */
+    this.generation = 0;
+    this.refreshing = false;
+    /** Close code of the last connection that ended without a welcome, else null. */
+    this.failedCode = null;
+  }
+
+  /** Start connecting (and keep reconnecting) until close() or a final close code. */
+  connect() {
+    if (this.state !== 'stopped') return;
+    this.attempt = 0;
+    this.generation += 1;
+    this.dial();
+  }
+
+  /** Close for good with 1000; pending and queued requests fail with "stopped". */
+  close() {
+    this.generation += 1;
+    clearTimeout(this.timer);
+    this.timer = null;
+    const ws = this.ws;
+    this.ws = null;
+    if (ws && ws.readyState === CONNECTING_STATE) {
+      // Closing a socket still connecting makes browsers log an error: close once open.
+      ws.onopen = () => ws.close(1000, 'client closed');
+    } else if (ws) {
+      ws.close(1000, 'client closed');
+    }
+    this.failAll('stopped', 'the client was closed', true);
+    this.setState({ state: 'stopped', code: 1000, reason: 'closed by the user' });
+  }
+
+  /** Forget the token so the next connection asks getToken() for a new one. */
+  dropToken() {
+    this.token = null;
+  }
+
+  /**
+   * Send `message` (an object) now, or queue it while disconnected.
+   * Returns the message's id (one is assigned when absent), so replies and errors
+   * can be matched to it. Throws WsError "queue_full" or "stopped".
+   */
+  send(message) {
+    const msg = message.id === undefined ? { ...message, id: `c${this.nextId++}` } : message;
+    if (this.state === 'stopped') {
+      throw new WsError('stopped', 'not connected: call connect() first');
+    }
+    // A socket can be closing (readyState 2) before its close event: queue, do not lose.
+    if (this.state === 'open' && this.ws && this.ws.readyState === OPEN_STATE) {
+      this.ws.send(JSON.stringify(msg));
+    } else if (queueAccepts(this.queue.length, this.maxQueue)) {
+      this.queue.push(msg);
+    } else {
+      throw new WsError('queue_full', `already ${this.maxQueue} messages waiting to be sent`);
+    }
+    return msg.id;
+  }
+
+  /**
+   * Send `message` and resolve with the reply carrying the same id; reject with
+   * WsError when the reply is an error, on timeout, or when the connection drops
+   * after the message was sent (the server forgets it then).
+   */
+  request(message, { timeoutMs = this.requestTimeoutMs } = {}) {
+    return new Promise((resolve, reject) => {
+      let id;
+      try {
+        id = this.send(message);
+      } catch (err) {
+        reject(err);
+        return;
+      }
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        this.queue = this.queue.filter((m) => m.id !== id); // too late to be worth sending
+        reject(new WsError('timeout', `no reply within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(id, { resolve, reject, timer, sent: this.state === 'open' });
+    });
+  }
+
+  /**
+   * Join `room` (kept across reconnects); resolves with the "joined" reply.
+   * `options.id` sets the message id, `options.timeoutMs` the wait.
+   */
+  join(room, options = {}) {
+    this.rooms.add(room);
+    return this.request(withId({ type: 'join', room }, options.id), options);
+  }
+
+  /**
+   * Leave `room`; resolves with the "left" reply. While disconnected there is
+   * nothing to tell the server (it forgot our rooms): the room is just not re-joined.
+   */
+  leave(room, options = {}) {
+    this.rooms.delete(room);
+    if (this.state !== 'open') {
+      const dropped = this.queue.filter((m) => m.type === 'join' && m.room === room);
+      this.queue = this.queue.filter((m) => !dropped.includes(m));
+      for (const m of dropped) {
+        this.settle({ type: 'error', code: 'cancelled', message: `left ${room} before joining`,
+                      id: m.id });
+      }
+      return Promise.resolve({ type: 'left', room });
+    }
+    return this.request(withId({ type: 'leave', room }, options.id), options);
+  }
+
+  /** Publish `data` to `room`; returns the message id (errors arrive as "message" events). */
+  publish(room, data, options = {}) {
+    return this.send(withId({ type: 'publish', room, data }, options.id));
+  }
+
+  /** Run a server task; resolves with the "result" reply. */
+  task(name, args, options = {}) {
+    return this.request(withId({ type: 'task', name, args }, options.id), options);
+  }
+
+  // --- internals -----------------------------------------------------------
+
+  setState(detail) {
+    this.state = detail.state;
+    this.dispatchEvent(new CustomEvent('state', { detail }));
+  }
+
+  async dial() {
+    const generation = this.generation;
+    this.setState({ state: 'connecting', attempt: this.attempt });
+    if (!tokenUsable(this.expiresAt, Date.now())) this.token = null;
+    if (!this.token) {
+      let token;
+      try {
+        token = await this.getToken();
+      } catch (err) {
+        if (generation !== this.generation) return; // close() was called meanwhile
+        this.scheduleReconnect('backoff', { code: null, reason: `no token: ${err.message}` });
+        return;
+      }
+      if (generation !== this.generation) return;
+      this.token = token;
+    }
+    let ws;
+    try {
+      ws = new this.Socket(this.url, ['bearer', this.token]);
+    } catch (err) {
+      // A malformed URL will not heal by retrying.
+      this.setState({ state: 'stopped', code: null, reason: err.message });
+      return;
+    }
+    this.ws = ws;
+    this.openedAt = null;
+    ws.onmessage = (event) => { if (ws === this.ws) this.onMessage(event.data); };
+    ws.onclose = (event) => { if (ws === this.ws) this.onClose(event.code, event.reason); };
+    // Every failure is followed by a close event, which does the work.
+    ws.onerror = () => {};
+  }
+
+  onMessage(text) {
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      return; // the server only sends JSON; ignore anything else
+    }
+    if (msg.type === 'welcome') {
+      this.onWelcome(msg);
+    } else if (msg.type === 'refreshed') {
+      this.setExpiry(msg.expires_at);
+    } else if (msg.type === 'token_expiring') {
+      this.refreshToken();
+    }
+    this.settle(msg);
+    this.dispatchEvent(new CustomEvent('message', { detail: msg }));
+  }
+
+  onWelcome(msg) {
+    this.openedAt = Date.now();
+    this.failedCode = null;
+    this.user = msg.user;
+    // Rooms first, so queued publishes reach rooms we are back in; a join
+    // still in the queue goes out with it, and is not sent twice.
+    const queuedJoins = new Set(this.queue.filter((m) => m.type === 'join').map((m) => m.room));
+    for (const room of this.rooms) {
+      if (queuedJoins.has(room)) continue;
+      this.ws.send(JSON.stringify({ type: 'join', room, id: `c${this.nextId++}` }));
+    }
+    const queued = this.queue;
+    this.queue = [];
+    for (const msg of queued) {
+      const waiter = this.pending.get(msg.id);
+      if (waiter) waiter.sent = true;
+      this.ws.send(JSON.stringify(msg));
+    }
+    // Only now "open": what listeners send goes after the re-joins and the queue.
+    this.setState({ state: 'open', attempt: this.attempt });
+    this.dispatchEvent(new CustomEvent('welcome', { detail: msg }));
+    this.setExpiry(msg.expires_at);
+  }
+
+  setExpiry(expiresAt) {
+    if (typeof expiresAt !== 'number') return;
+    this.expiresAt = expiresAt;
+    this.dispatchEvent(new CustomEvent('token', { detail: { expiresAt } }));
+  }
+
+  /** Answer token_expiring with an in-band refresh; on failure the server's 4001 follows. */
+  async refreshToken() {
+    if (this.refreshing) return;
+    this.refreshing = true;
+    try {
+      const token = await this.getToken();
+      this.token = token;
+      if (this.state === 'open') await this.request({ type: 'refresh', token });
+    } catch (err) {
+      this.dispatchEvent(new CustomEvent('message', {
+        detail: { type: 'error', code: 'refresh_failed', message: err.message },
+      }));
+    } finally {
+      this.refreshing = false;
+    }
+  }
+
+  /** Resolve or reject the request waiting for this reply's id. */
+  settle(msg) {
+    if (msg.id === undefined || !this.pending.has(msg.id)) return;
+    const waiter = this.pending.get(msg.id);
+    this.pending.delete(msg.id);
+    clearTimeout(waiter.timer);
+    if (msg.type === 'error') {
+      waiter.reject(new WsError(msg.code, msg.message || msg.code, msg));
+    } else {
+      waiter.resolve(msg);
+    }
+  }
+
+  /** Reject waiting requests: those already sent (the server forgot them), or all. */
+  failAll(code, text, includeQueued) {
+    for (const [id, waiter] of this.pending) {
+      if (!includeQueued && !waiter.sent) continue;
+      this.pending.delete(id);
+      clearTimeout(waiter.timer);
+      waiter.reject(new WsError(code, text));
+    }
+    if (includeQueued) this.queue = [];
+  }
+
+  onClose(code, reason) {
+    const openFor = this.openedAt === null ? null : Date.now() - this.openedAt;
+    this.ws = null;
+    this.failAll('disconnected', `connection closed (${code}) before the reply`, false);
+    const decision = closeDecision(code, { previousCode: this.failedCode });
+    this.failedCode = openFor === null ? code : null;
+    if (decision.action === 'stop') {
+      this.failAll('stopped', `connection closed (${code})`, true);
+      this.setState({ state: 'stopped', code, reason: reason || describeClose(code) });
+      return;
+    }
+    if (decision.newToken) this.token = null;
+    this.attempt = attemptAfterClose(this.attempt, openFor);
+    this.scheduleReconnect(decision.delay, { code, reason: reason || describeClose(code) });
+  }
+
+  scheduleReconnect(kind, { code, reason }) {
+    const delay = reconnectDelay(kind, this.attempt, this.random);
+    if (kind === 'backoff') this.attempt += 1;
+    this.setState({ state: 'waiting', code, reason, delay, attempt: this.attempt });
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.dial();
+    }, delay);
+  }
+}
+
+/** `message` with `id` added when one is given. */
+function withId(message, id) {
+  return id === undefined ? message : { ...message, id };
+}
+
+/** A short human text for a close code, for when the server gave no reason. */
+export function describeClose(code) {
+  const text = {
+    1000: 'closed normally',
+    1001: 'server shutting down',
+    1006: 'connection lost',
+    1008: 'policy violation',
+    1009: 'message too big',
+    1011: 'server error',
+    4001: 'token invalid or expired',
+    4003: 'not permitted',
+    4008: 'too many connections for this user',
+    4009: 'too slow reading messages',
+    4029: 'kept sending while rate limited',
+  }[code];
+  return text || `closed (${code})`;
+}

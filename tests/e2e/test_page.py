@@ -1,0 +1,355 @@
+"""The demo page and its client library, in real headless Chromium against the real server."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import time
+from typing import Any
+
+import jwt
+import pytest
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.e2e
+
+#: An HS256 key for the test without demo mode (32+ bytes, as RFC 7518 section 3.2 asks).
+SECRET = "page-tests-secret-0123456789-abcdefghijklmnop"
+
+#: The demo page is served at the root.
+PAGE = "/"
+
+# Network errors Chromium itself logs while a server is down; page code logs none.
+DOWNTIME_ERRORS = (
+    r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws' failed",
+    r"^Failed to load resource: net::ERR_CONNECTION_REFUSED$",
+)
+
+
+def metric(srv: Any, name: str, labels: str = "") -> float:
+    """One sample of the server's Prometheus text at ``/metrics``."""
+    text = srv.metrics()
+    wanted = name + (f"{{{labels}}}" if labels else "")
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == wanted:
+            return float(value)
+    raise AssertionError(f"{wanted} not in /metrics")
+
+
+def connected(page: Page) -> str:
+    """Waits for the page's welcome and returns the user it connected as."""
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    expect(page.locator("#conn-user")).to_have_text(re.compile(r"^guest-\w+$"))
+    return page.locator("#conn-user").inner_text()
+
+
+def say(page: Page, text: str) -> None:
+    """Types a chat message and sends it with the keyboard."""
+    box = page.get_by_label("Message", exact=True)
+    box.fill(text)
+    box.press("Enter")
+
+
+def run_task(page: Page, name: str, **args: str) -> None:
+    """Picks a task, fills its fields by label, and presses Run."""
+    page.get_by_label("Task", exact=True).select_option(name)
+    for label, value in args.items():
+        page.get_by_label(label, exact=True).fill(value)
+    page.get_by_role("button", name="Run", exact=True).click()
+
+
+def test_page_connects_by_itself(run_server: Any, pages: Any) -> None:
+    """With nothing typed: a demo token, a welcome, the token countdown and live stats."""
+    srv = run_server("--port", "0")
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+    expect(page.locator("#conn-count")).to_have_text("1")
+    expect(page.locator("#conn-expiry")).to_have_text(re.compile(r"^1[45]:\d\d$"))  # 900 s TTL
+    expect(page.locator("#stat-connections")).to_have_text("1")
+    expect(page.locator("#stat-users")).to_have_text("1")
+    chart_line = page.locator("#stats-chart polyline.conn")
+    expect(chart_line).to_have_attribute("points", re.compile(r"\d"))
+
+    # A name of one's choosing: a new token and a new connection, watched from the start.
+    socket_urls: list[str] = []
+    page.on("websocket", lambda ws: socket_urls.append(ws.url))
+    page.get_by_label("Name", exact=True).fill("carol")
+    page.get_by_role("button", name="Connect", exact=True).click()
+    expect(page.locator("#conn-user")).to_have_text("carol")
+    expect(page.locator("#conn-count")).to_have_text("2")
+    assert socket_urls == [srv.ws_url], "the token must travel in the subprotocol, not the URL"
+    assert pages.errors == []
+
+
+def test_two_pages_chat(run_server: Any, pages: Any) -> None:
+    """Two users in the lobby see each other's messages with the sender's name."""
+    srv = run_server("--port", "0")
+    alice_page = pages.open(srv.url + PAGE, "a")
+    bob_page = pages.open(srv.url + PAGE, "b")
+    alice = connected(alice_page)
+    bob = connected(bob_page)
+    assert alice != bob
+
+    say(bob_page, "hello from bob")
+    expect(alice_page.locator("#chat-log li").last).to_have_text(f"#lobby {bob}: hello from bob")
+    mine = bob_page.locator("#chat-log li").last
+    expect(mine).to_have_text(f"#lobby {bob}: hello from bob")
+    expect(mine).to_have_class("mine")
+
+    say(alice_page, "hi bob <b>not bold</b>")
+    expect(bob_page.locator("#chat-log li").last).to_have_text(
+        f"#lobby {alice}: hi bob <b>not bold</b>"  # shown as text, never parsed as HTML
+    )
+    assert bob_page.locator("#chat-log b").count() == 0
+
+    # A room only one of them joined.
+    bob_page.get_by_label("Room", exact=True).fill("side")
+    bob_page.get_by_label("Room", exact=True).press("Enter")
+    expect(bob_page.locator("#room-list")).to_contain_text("side")
+    bob_page.get_by_label("To", exact=True).select_option("side")
+    say(bob_page, "only in side")
+    expect(bob_page.locator("#chat-log li").last).to_have_text(f"#side {bob}: only in side")
+    expect(alice_page.locator("#chat-log")).not_to_contain_text("only in side")
+    assert pages.errors == []
+
+
+def test_task_result_while_chat_stays_live(run_server: Any, pages: Any) -> None:
+    """A long task runs in the pool while chat messages keep arriving; results are correct."""
+    srv = run_server("--port", "0")
+    worker = pages.open(srv.url + PAGE, "worker")
+    friend = pages.open(srv.url + PAGE, "friend")
+    connected(worker)
+    friend_name = connected(friend)
+
+    # About 2-3 s of hashing on this machine: long enough to chat meanwhile.
+    run_task(worker, "sha256", Data="slow", Rounds="10000000")
+    long_task = worker.locator("#task-list li").first
+    expect(long_task).to_have_attribute("data-status", "running")
+
+    say(friend, "still there?")
+    expect(worker.locator("#chat-log li").last).to_have_text(f"#lobby {friend_name}: still there?")
+    assert long_task.get_attribute("data-status") == "running", "chat waited for the task"
+
+    expect(long_task).to_have_attribute("data-status", "done", timeout=30_000)
+    expect(long_task).to_contain_text(re.compile(r"= [0-9a-f]{64} in \d+ ms"))
+
+    run_task(worker, "sha256", Data="hello", Rounds="3")
+    digest = b"hello"
+    for _ in range(3):
+        digest = hashlib.sha256(digest).digest()
+    expect(worker.locator("#task-list li").last).to_contain_text(f"= {digest.hex()} in ")
+
+    run_task(worker, "primes", Limit="100")
+    expect(worker.locator("#task-list li").last).to_contain_text(re.compile(r"= 25 in \d+ ms"))
+    assert pages.errors == []
+
+
+def test_errors_are_shown_where_the_user_acted(run_server: Any, pages: Any) -> None:
+    """bad_request and busy under the task runner, rate_limited (with its wait) under the chat."""
+    srv = run_server(
+        "--port", "0", "--message-rate", "1", "--message-burst", "5", "--task-per-connection", "1"
+    )
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+
+    run_task(page, "primes", Limit="-1")
+    expect(page.locator("#task-error")).to_contain_text("primes: bad_request")
+    expect(page.locator("#task-list li").last).to_have_attribute("data-status", "error")
+    expect(page.locator("#chat-error")).to_be_empty()
+
+    run_task(page, "sha256", Data="slow", Rounds="10000000")
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.locator("#task-error")).to_contain_text("sha256: busy")
+    expect(page.locator("#task-list li").nth(1)).to_have_attribute("data-status", "running")
+
+    # The join at start and the tasks used most of the burst; these go over it (and stay
+    # under the strikes that would close the connection with 4029).
+    for n in range(6):
+        say(page, f"flood {n}")
+    expect(page.locator("#chat-error")).to_contain_text(
+        re.compile(r"Rate limited: you can send again in \d+\.\d s")
+    )
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_disabled()
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_enabled(timeout=10_000)
+    expect(page.locator("#chat-error")).to_be_empty()
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    assert pages.errors == []
+
+
+def test_stops_and_says_why_on_a_final_close_code(run_server: Any, pages: Any) -> None:
+    """A message over --max-message-size closes with 1009: the page stops, shows why,
+    and does not reconnect (retrying would only repeat it)."""
+    srv = run_server("--port", "0", "--max-message-size", "1000")
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+    say(page, "x" * 1500)
+    expect(page.locator("#conn-state")).to_have_text("disconnected")
+    expect(page.locator("#conn-detail")).to_have_text("Stopped: message too big.")
+    expect(page.locator("#conn-state")).to_have_attribute("data-state", "stopped")
+    assert metric(srv, "wsserver_connections_accepted_total") == 1.0
+    assert pages.errors == []
+
+
+@pytest.mark.slow
+def test_stays_connected_across_token_expiries(run_server: Any, pages: Any) -> None:
+    """6 s tokens, warned 3 s ahead: in-band refreshes keep one connection, no storm."""
+    srv = run_server(
+        "--port", "0", "--demo-token-ttl", "6", "--token-warning", "3", "--jwt-leeway", "0"
+    )
+    page = pages.open(srv.url + PAGE)
+    user = connected(page)
+    expect(page.locator("#conn-expiry")).to_have_text(re.compile(r"^0:0[0-6]$"))
+
+    # Three refreshes span at least two whole token lifetimes.
+    expect(page.locator("#conn-refreshes")).to_have_text(
+        re.compile(r"^([3-9]|\d\d+)$"), timeout=30_000
+    )
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    expect(page.locator("#conn-count")).to_have_text("1")
+    assert metric(srv, "wsserver_connections_accepted_total") == 1.0
+    assert srv.get_json("/stats")["connections"] == 1
+
+    say(page, "after refreshes")
+    expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: after refreshes")
+    assert pages.errors == []
+
+
+@pytest.mark.slow
+def test_comes_back_after_a_server_restart(run_server: Any, pages: Any) -> None:
+    """Stop the server, start a new one on the same port: the page reconnects by itself,
+    gets a new token (the new server's secret differs: close 4001), re-joins its room and
+    sends what was queued meanwhile."""
+    first = run_server("--port", "0")
+    page = pages.open(srv_url := first.url + PAGE)
+    user = connected(page)
+
+    assert first.stop() == 0
+    expect(page.locator("#conn-state")).not_to_have_text("connected")
+    say(page, "sent while down")
+    expect(page.locator("#chat-log li").last).to_have_text(
+        'Queued for lobby: "sent while down" (sent on reconnect)'
+    )
+
+    second = run_server("--port", str(first.port))
+    assert second.url + PAGE == srv_url
+    expect(page.locator("#conn-state")).to_have_text("connected", timeout=30_000)
+    expect(page.locator("#conn-count")).to_have_text("2")
+    # Publishing needs room membership: the message arriving proves the re-join.
+    expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: sent while down")
+    assert metric(second, "wsserver_closes_total", 'code="4001"') == 1.0
+    assert pages.errors_except(*DOWNTIME_ERRORS) == []
+
+
+def test_narrow_viewport_labels_keyboard_and_contrast(run_server: Any, pages: Any) -> None:
+    """At 375 px: no sideways scrolling, every control labelled, usable by keyboard,
+    text contrast at least 4.5:1."""
+    srv = run_server("--port", "0")
+    page = pages.open(srv.url + PAGE, viewport={"width": 375, "height": 740})
+    user = connected(page)
+
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 375
+    unlabelled = page.evaluate(
+        """[...document.querySelectorAll('input, select, textarea')]
+             .filter((el) => !el.closest('[hidden]') && el.labels.length === 0
+                     && !el.getAttribute('aria-label'))
+             .map((el) => el.id)"""
+    )
+    assert unlabelled == []
+
+    # Keyboard only: focus the message box, type, Enter.
+    page.get_by_label("Message", exact=True).focus()
+    page.keyboard.type("typed on a phone")
+    page.keyboard.press("Enter")
+    expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: typed on a phone")
+    # Tab moves from the message box to the Send button.
+    page.get_by_label("Message", exact=True).focus()
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_focused()
+
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        ratios = page.evaluate(CONTRAST_SCRIPT)
+        low = {selector: ratio for selector, ratio in ratios.items() if ratio < 4.5}
+        assert low == {}, f"{scheme}: contrast below 4.5:1: {low}"
+    assert pages.errors == []
+
+
+def test_client_library_bounds_its_queue(run_server: Any, pages: Any) -> None:
+    """wsclient.js in the browser: messages queue while not connected, up to the bound."""
+    srv = run_server("--port", "0")
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+    outcome = page.evaluate(
+        """async () => {
+             const { WsClient } = await import('/static/wsclient.js');
+             const client = new WsClient({ url: 'ws://127.0.0.1:9/ws', maxQueue: 2,
+                                           getToken: () => new Promise(() => {}) });
+             client.connect();
+             const ids = [client.send({ type: 'ping' }), client.send({ type: 'ping' })];
+             let refused = null;
+             try { client.send({ type: 'ping' }); } catch (err) { refused = err.code; }
+             const queued = client.queue.length;
+             client.close();
+             return { ids, refused, queued, state: client.state };
+           }"""
+    )
+    assert outcome == {
+        "ids": ["c1", "c2"],
+        "refused": "queue_full",
+        "queued": 2,
+        "state": "stopped",
+    }
+    assert pages.errors == []
+
+
+# WCAG relative luminance contrast of a few text elements against their backdrop.
+CONTRAST_SCRIPT = """() => {
+  const rgb = (s) => s.match(/[\\d.]+/g).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const backdrop = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length === 3 || c[3] > 0) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const out = {};
+  for (const sel of ['h1', '.subtitle', '#conn-state', '.facts dt', '.facts dd', '.hint',
+                     '#chat-log li', '.log .room', 'button[type=submit]', 'label', 'footer']) {
+    const el = document.querySelector(sel);
+    if (!el) { out[sel] = 0; continue; }
+    const a = lum(rgb(getComputedStyle(el).color).slice(0, 3)), b = lum(backdrop(el));
+    out[sel] = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  }
+  return out;
+}"""
+
+
+def test_asks_for_a_token_when_not_in_demo_mode(run_server: Any, pages: Any) -> None:
+    """Without the demo endpoint (404) the page asks for a token and connects with it."""
+    with socket.socket() as probe:  # the origin to allow must name the port up front
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    origin = f"http://127.0.0.1:{port}"
+    srv = run_server(
+        "--port", str(port), "--allowed-origins", origin, env={"WSSERVER_JWT_SECRET": SECRET}
+    )
+    page = pages.open(srv.url + PAGE)
+    expect(page.locator("#conn-detail")).to_have_text("Waiting for a token: paste one below.")
+    token = jwt.encode({"sub": "dave", "exp": int(time.time()) + 300}, SECRET, "HS256")
+    page.get_by_label("Token", exact=True).fill(token)
+    page.get_by_label("Token", exact=True).press("Enter")
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    expect(page.locator("#conn-user")).to_have_text("dave")
+    expect(page.locator("#token-form")).to_be_hidden()
+    say(page, "pasted in")
+    expect(page.locator("#chat-log li").last).to_have_text("#lobby dave: pasted in")
+    # The one console error is the browser reporting the endpoint's 404.
+    assert pages.errors == [
+        ("page1", "Failed to load resource: the server responded with a status of 404 (Not Found)")
+    ]
