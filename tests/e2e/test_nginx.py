@@ -1,0 +1,213 @@
+"""Real nginx, configured by the shipped site file, in front of the real server.
+
+Each test starts ``python -m wsserver`` (the ``run_server`` fixture) and an
+nginx of its own on free loopback ports, from a generated main config that
+includes ``deploy/nginx.conf`` with only the ports changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import re
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from deploy_helpers import NGINX_SITE, TEST_SECRET, Nginx, make_token, nginx_available
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from wsserver.config import OPTIONS_BY_NAME
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not nginx_available(), reason="needs nginx (Debian: nginx-light)"),
+]
+
+SERVER_ENV = {"WSSERVER_JWT_SECRET": TEST_SECRET}
+#: The site file's limit_req burst; the burst test sends well above it.
+NGINX_BURST = 30
+
+
+@pytest.fixture
+def start_nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
+    started: list[Nginx] = []
+
+    def start(upstream_port: int) -> Nginx:
+        nginx = Nginx(tmp_path / f"nginx{len(started)}", upstream_port)
+        started.append(nginx)
+        nginx.start()
+        return nginx
+
+    yield start
+    for nginx in started:
+        nginx.stop()
+
+
+async def open_ws(url: str, sub: str, forwarded_for: str | None = None) -> ClientConnection:
+    headers = {"Authorization": f"Bearer {make_token(sub)}"}
+    if forwarded_for:
+        headers["X-Forwarded-For"] = forwarded_for
+    return await connect(url, additional_headers=headers, open_timeout=10)
+
+
+async def welcome(ws: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert message["type"] == "welcome", message
+    return message
+
+
+def get(url: str, source: str | None = None) -> tuple[int, str]:
+    """Status and body of ``GET url``, optionally from a given local address."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(
+        parts.hostname or "", parts.port, timeout=10,
+        source_address=(source, 0) if source else None,
+    )
+    try:
+        conn.request("GET", parts.path)
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def metric(server_url: str, name: str, **labels: str) -> float:
+    """A sample from the server's own /metrics (read directly, not through nginx)."""
+    text = urllib.request.urlopen(server_url + "/metrics", timeout=10).read().decode()
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if wanted else "") + r" (\S+)"
+    match = re.search("^" + pattern + "$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def is_from_nginx(body: bytes | bytearray | str) -> bool:
+    text = body if isinstance(body, str) else bytes(body).decode(errors="replace")
+    return "<center>nginx" in text
+
+
+def test_welcome_and_pages_through_nginx(run_server: Any, start_nginx: Any) -> None:
+    server = run_server("--port", "0", "--trusted-proxies", "127.0.0.1", env=SERVER_ENV)
+    nginx = start_nginx(server.port)
+
+    async def scenario() -> None:
+        async with await open_ws(nginx.ws_url, "alice") as ws:
+            assert (await welcome(ws))["user"] == "alice"
+            await ws.send(json.dumps({"type": "echo", "data": "via nginx", "id": 1}))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert reply == {"type": "echo", "data": "via nginx", "id": 1}
+
+    asyncio.run(scenario())
+    assert get(nginx.url + "/healthz")[0] == 200, nginx.error_log()
+    assert get(nginx.url + "/readyz")[0] == 200, nginx.error_log()
+    status, body = get(nginx.url + "/")
+    assert status == 200 and "<html" in body.lower(), nginx.error_log()
+    assert get(nginx.url + "/static/wsclient.js")[0] == 200, nginx.error_log()
+
+
+def test_metrics_only_from_loopback(run_server: Any, start_nginx: Any) -> None:
+    server = run_server("--port", "0", env=SERVER_ENV)
+    nginx = start_nginx(server.port)
+    status, body = get(nginx.url + "/metrics")
+    assert status == 200 and "wsserver_connections" in body
+    # 127.0.0.2 is loopback to the kernel but not on the site's allow list,
+    # so it stands in for any other client.
+    status, body = get(nginx.url + "/metrics", source="127.0.0.2")
+    assert status == 403 and is_from_nginx(body)
+
+
+def test_server_caps_the_forwarded_client_address(run_server: Any, start_nginx: Any) -> None:
+    server = run_server(
+        "--port", "0", "--trusted-proxies", "127.0.0.1", "--max-connections-per-ip", "1",
+        env=SERVER_ENV,
+    )
+    nginx = start_nginx(server.port)
+
+    async def scenario() -> None:
+        # nginx appends the address it saw (127.0.0.1, trusted) to the
+        # client's X-Forwarded-For, so the server's rightmost untrusted hop
+        # is the address the client claims here, as behind a second proxy.
+        async with await open_ws(nginx.ws_url, "alice", "203.0.113.7") as first:
+            await welcome(first)
+            with pytest.raises(InvalidStatus) as refused:
+                await open_ws(nginx.ws_url, "bob", "203.0.113.7")
+            assert refused.value.response.status_code == 429
+            assert not is_from_nginx(refused.value.response.body or b"")
+            async with await open_ws(nginx.ws_url, "carol", "198.51.100.9") as other:
+                await welcome(other)
+
+    asyncio.run(scenario())
+    # The 429 was the server's per-address cap, counted once.
+    assert metric(server.url, "wsserver_rejections_total", reason="address_cap") == 1
+    # The server logged the forwarded addresses, not nginx's.
+    logs = server.logs()
+    assert "open user=alice addr=203.0.113.7" in logs
+    assert "open user=carol addr=198.51.100.9" in logs
+
+
+def test_handshake_burst_above_the_limit_is_refused_by_nginx(
+    run_server: Any, start_nginx: Any
+) -> None:
+    # The server's own handshake limit is opened wide so that any refusal
+    # below comes from nginx's limit_req.
+    server = run_server(
+        "--port", "0", "--trusted-proxies", "127.0.0.1",
+        "--handshake-rate", "10000", "--handshake-burst", "10000",
+        env=SERVER_ENV,
+    )
+    nginx = start_nginx(server.port)
+    attempts = 3 * NGINX_BURST
+
+    async def attempt(index: int, opened: list[ClientConnection]) -> int:
+        try:
+            ws = await open_ws(nginx.ws_url, f"user{index}")
+        except InvalidStatus as exc:
+            assert is_from_nginx(exc.response.body or b""), exc.response.body
+            return exc.response.status_code
+        opened.append(ws)
+        await welcome(ws)
+        return 101
+
+    async def scenario() -> list[int]:
+        opened: list[ClientConnection] = []
+        try:
+            return await asyncio.gather(*(attempt(i, opened) for i in range(attempts)))
+        finally:
+            await asyncio.gather(*(ws.close() for ws in opened))
+
+    statuses = asyncio.run(scenario())
+    accepted = statuses.count(101)
+    refused = statuses.count(429)
+    assert accepted + refused == attempts, statuses
+    assert refused > 0
+    # The burst itself passes: one request plus the burst of 30, no delay.
+    assert accepted >= NGINX_BURST
+    assert metric(server.url, "wsserver_connections_accepted_total") == accepted
+    assert "limiting requests" in nginx.error_log()
+
+
+def test_site_keeps_idle_websockets_longer_than_the_ping_interval() -> None:
+    # Waiting out a real idle timeout would take minutes: read the directives.
+    site = "\n".join(
+        line for line in NGINX_SITE.read_text().splitlines() if not line.lstrip().startswith("#")
+    )
+    ws_block = site[site.index("location = /ws") :].split("}", 1)[0]
+    timeout = re.search(r"^\s*proxy_read_timeout\s+(\d+)s;", ws_block, re.MULTILINE)
+    assert timeout is not None
+    assert int(timeout.group(1)) > 2 * float(OPTIONS_BY_NAME["ping_interval"].default)
+    for directive in (
+        r"proxy_http_version\s+1\.1;",
+        r"proxy_set_header\s+Upgrade\s+\$http_upgrade;",
+        r"proxy_set_header\s+Connection\s+\$connection_upgrade;",
+        r"limit_req\s+zone=wsserver_handshake\s+burst=30\s+nodelay;",
+    ):
+        assert re.search(r"^\s*" + directive, ws_block, re.MULTILINE), directive
+    assert re.search(
+        r"^\s*limit_req_zone\s+\$binary_remote_addr\s+zone=wsserver_handshake:\S+\s+rate=20r/s;",
+        site, re.MULTILINE,
+    )
