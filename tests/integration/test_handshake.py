@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from tests.integration.conftest import ORIGIN, SECRET, connect, recv, token, welcomed
+from tests.integration.clients import ORIGIN, SECRET, connect, recv, token, welcomed
 from wsserver.app import ServerState
 
 

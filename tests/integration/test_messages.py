@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import ask, recv, token, welcomed
+from tests.integration.clients import ask, recv, token, welcomed
 from wsserver.app import ServerState
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import ask, recv, token, welcomed
+from tests.integration.clients import ask, recv, token, welcomed
 
 SHORT = [{"token_warning": "1", "jwt_leeway": "0"}]
 
