@@ -34,7 +34,10 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while Playwright's sync API is active it keeps an
+# asyncio loop marked as running on the main thread, and every later test
+# that runs a loop of its own (asyncio.run, pytest-tornado) would fail.
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
     """One headless Chromium for the whole session; each test gets fresh contexts."""
     if not CHROMIUM.exists():
