@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 import tornado.websocket
+from prometheus_client import Counter
 from tornado.ioloop import IOLoop
 
 from wsserver import frames, protocol
@@ -133,23 +134,27 @@ class StatsHandler(BaseHandler):
     def get(self) -> None:
         state = self.state
         metrics = state.metrics
-        messages = sum(
-            sample.value
-            for metric in metrics.messages.collect()
-            for sample in metric.samples
-            if sample.name.endswith("_total")
-        )
         self.write_json(
             {
                 "connections": state.registry.authenticated,
                 "users": state.registry.users,
                 "rooms": len(state.rooms),
-                "messages": int(messages),
-                "deliveries": int(metrics.deliveries._value.get()),
+                "messages": int(_total(metrics.messages)),
+                "deliveries": int(_total(metrics.deliveries)),
                 "tasks_in_flight": state.pool.in_flight,
                 "uptime": round(time.time() - state.started_at, 3),
             }
         )
+
+
+def _total(counter: Counter) -> float:
+    """A counter's value summed over all its labels."""
+    return sum(
+        sample.value
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
 
 
 class DemoTokenHandler(BaseHandler):
