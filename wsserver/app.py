@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -56,6 +57,8 @@ class ServerState:
     pool: TaskPool
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    #: Futures of tasks in flight, held so the loop's weak references suffice.
+    background: set[asyncio.Future[None]] = field(default_factory=set)
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> ServerState:
@@ -114,6 +117,13 @@ class ServerState:
             max_connections=self.settings.max_connections,
         )
 
+    def keepalive(self) -> None:
+        """One keepalive sweep over every connection."""
+        interval = self.settings.ping_interval
+        now = time.monotonic()
+        for connection in self.registry:
+            connection.keepalive(now, interval)
+
     def housekeeping(self) -> None:
         """Forget rate-limit buckets that have refilled (bounded memory)."""
         self.message_buckets.sweep()
@@ -166,8 +176,9 @@ def make_app(state: ServerState, **extra_settings: Any) -> tornado.web.Applicati
     return tornado.web.Application(
         routes,
         log_function=log_request,
-        websocket_ping_interval=settings.ping_interval or None,
-        websocket_ping_timeout=settings.ping_interval or None,
+        # Keepalive is the server's own sweep (Server.keepalive), not a Task
+        # per connection: Tornado's pinging stays off.
+        websocket_ping_interval=None,
         websocket_max_message_size=settings.max_message_size,
         default_handler_class=handlers.NotFoundHandler,
         **extra_settings,

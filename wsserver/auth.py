@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,13 +65,16 @@ def bearer_subprotocol_token(subprotocols: Sequence[str]) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a valid token speaks for, and until when."""
+    """Who a valid token speaks for, and until when.
+
+    Only what the server uses is kept: one of these lives as long as its
+    connection, and thousands of connections are the normal case.
+    """
 
     user: str
     expires_at: float
-    claims: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
 
 class TokenVerifier:
@@ -143,7 +146,7 @@ class TokenVerifier:
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise TokenInvalid()
-        return Identity(user=sub, expires_at=float(exp), claims=claims)
+        return Identity(user=sub, expires_at=float(exp))
 
 
 class TokenIssuer:

@@ -107,6 +107,13 @@ class GoingAway(CloseError):
     default_reason = "server shutting down"
 
 
+class KeepaliveTimeout(CloseError):
+    """The peer did not answer a keepalive ping in time (1011, as websockets does)."""
+
+    code = 1011
+    default_reason = "keepalive ping timeout"
+
+
 class TokenForbidden(CloseError):
     code = 4003
     default_reason = "token not permitted"

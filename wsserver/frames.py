@@ -10,7 +10,11 @@ from __future__ import annotations
 import struct
 
 OPCODE_TEXT = 0x1
+OPCODE_PING = 0x9
 _FIN = 0x80
+
+#: An empty ping (RFC 6455 section 5.5.2), the same bytes for every peer.
+PING = bytes([_FIN | OPCODE_PING, 0])
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import tornado.web
 import tornado.websocket
 from prometheus_client import Counter
+from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
 from wsserver import frames, protocol
@@ -34,6 +35,7 @@ from wsserver.errors import (
     GoingAway,
     HandshakeRateLimited,
     InternalError,
+    KeepaliveTimeout,
     MessageError,
     NoToken,
     PolicyViolation,
@@ -60,6 +62,8 @@ CONTENT_SECURITY_POLICY = (
     "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 MAX_DEMO_USER_LENGTH = 64
+#: Shared by every upgraded connection once its handshake headers are dropped.
+_NO_HEADERS = HTTPHeaders()
 
 
 def _client_address(state: ServerState, request: Any) -> str:
@@ -224,16 +228,12 @@ class IndexHandler(StaticHandler):
 Dispatch = Callable[["WebSocketHandler", ClientMessage], None]
 
 
-#: The reason Tornado's keepalive gives when a pong did not come back in time.
-_TORNADO_PING_TIMEOUT = "ping timed out"
-
-
 class _ServerProtocol(tornado.websocket.WebSocketProtocol13):
     """Tornado's protocol, remembering the close code the server itself sent.
 
-    Tornado closes on its own for oversized messages (1009) and ping timeouts;
-    the handler only learns the peer's code, so the logs and the
-    ``closes_total`` metric would otherwise show 1006 for those.
+    Tornado closes on its own for oversized messages (1009), and the handler
+    only learns the peer's code, so the logs and the ``closes_total`` metric
+    would otherwise show 1006 for those.
     """
 
     sent_close: tuple[int, str] | None = None
@@ -243,10 +243,6 @@ class _ServerProtocol(tornado.websocket.WebSocketProtocol13):
         if self.sent_close is None and not self.server_terminated and not self.client_terminated:
             self.sent_close = (code or 1000, reason or "")
         super().close(code, reason)
-        if reason == _TORNADO_PING_TIMEOUT and not self.client_terminated:
-            # The peer stopped answering: waiting 5 s for its close frame only
-            # holds the socket and its buffers.
-            self._abort()
 
 
 class WebSocketHandler(tornado.websocket.WebSocketHandler):
@@ -268,14 +264,17 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self._credentials: Credentials | None = None
         self._opened_at: float | None = None
         self._ended_with: CloseError | None = None
-        self._timers: list[object] = []
+        # One pending timer at a time: token_expiring, then the expiry close.
+        self._timer: object | None = None
+        # Keepalive, driven by the server-wide sweep (see keepalive()).
+        self._next_ping = 0.0
+        self._pong_due: float | None = None
         self._strikes = 0
         # Strikes are forgiven only after a full refill's time without a
         # refusal: a token trickling back between refusals must not wipe them.
         self._strike_memory = state.settings.message_burst / state.settings.message_rate
         self._last_refused = -math.inf
         self._tasks_in_flight = 0
-        self._tasks: set[asyncio.Future[None]] = set()
         self._max_write_buffer = state.settings.max_write_buffer
         self._protocol: _ServerProtocol | None = None
 
@@ -398,7 +397,18 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
                 },
             }
         )
+        self._next_ping = time.monotonic() + settings.ping_interval
         self._schedule_expiry()
+        self._release_handshake()
+
+    def _release_handshake(self) -> None:
+        """Drop what only the handshake needed, instead of keeping it for the
+        connection's lifetime: about 20 objects per connection, and the token
+        that travelled in a header or the query string."""
+        self.request.headers = _NO_HEADERS
+        self.request.arguments = {}
+        self.request.query_arguments = {}
+        self._headers = _NO_HEADERS
 
     # --- messages ----------------------------------------------------------
 
@@ -493,9 +503,11 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             self.state.metrics.tasks.labels(task.name, "busy").inc()
             raise Busy(f"at most {limit} tasks in flight on one connection")
         self._tasks_in_flight += 1
+        # The loop keeps only weak references to tasks: hold this one until done.
+        background = self.state.background
         future = asyncio.ensure_future(self._run_task(msg))
-        self._tasks.add(future)
-        future.add_done_callback(self._tasks.discard)
+        background.add(future)
+        future.add_done_callback(background.discard)
 
     async def _run_task(self, msg: ClientMessage) -> None:
         name = msg.field("name")
@@ -533,27 +545,52 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     # --- live tokens ---------------------------------------------------------
 
     def _schedule_expiry(self) -> None:
-        """``token_expiring`` before ``exp``, close 4001 at ``exp`` (+ leeway)."""
+        """``token_expiring`` before ``exp``, then close 4001 at ``exp`` (+ leeway)."""
         assert self.identity is not None
-        self._cancel_timers()
-        loop = IOLoop.current()
+        self._cancel_timer()
         remaining = self.identity.expires_at - time.time()
         warning = min(self.state.settings.token_warning, max(remaining, 0.0) / 2)
-        self._timers = [
-            loop.call_later(max(0.0, remaining - warning), self._warn_expiring),
-            loop.call_later(max(0.0, remaining + self.state.settings.jwt_leeway),
-                            self._end, TokenExpired()),
-        ]
+        self._timer = IOLoop.current().call_later(max(0.0, remaining - warning),
+                                                  self._warn_expiring)
 
     def _warn_expiring(self) -> None:
-        if self.identity is not None:
-            self.send({"type": "token_expiring", "expires_at": int(self.identity.expires_at)})
+        if self.identity is None:
+            return
+        self.send({"type": "token_expiring", "expires_at": int(self.identity.expires_at)})
+        close_in = self.identity.expires_at + self.state.settings.jwt_leeway - time.time()
+        self._timer = IOLoop.current().call_later(max(0.0, close_in), self._expire)
 
-    def _cancel_timers(self) -> None:
-        loop = IOLoop.current()
-        for timer in self._timers:
-            loop.remove_timeout(timer)
-        self._timers = []
+    def _expire(self) -> None:
+        self._timer = None
+        self._end(TokenExpired())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            IOLoop.current().remove_timeout(self._timer)
+            self._timer = None
+
+    # --- keepalive -------------------------------------------------------------
+
+    def keepalive(self, now: float, interval: float) -> None:
+        """Ping when due; drop the peer when its last ping went unanswered.
+
+        The server calls this for every connection from one periodic sweep,
+        instead of Tornado's ping Task per connection: the same protocol, a
+        fraction of the objects per connection.
+        """
+        if self.identity is None or self._ended_with is not None:
+            return
+        if self._pong_due is not None:
+            if now >= self._pong_due:
+                self._drop(KeepaliveTimeout())
+            return
+        if now >= self._next_ping:
+            self._next_ping = now + interval
+            self._pong_due = now + interval
+            self.send_frame(frames.PING)
+
+    def on_pong(self, data: bytes) -> None:
+        self._pong_due = None
 
     # --- sending ---------------------------------------------------------------
 
@@ -607,6 +644,13 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
                         self._user, self.client_address, self._max_write_buffer)
         self.close(error.code, error.reason)
 
+    def _drop(self, error: CloseError) -> None:
+        """Close with ``error`` and cut the socket now: the peer is not listening."""
+        self._end(error)
+        protocol = self._protocol
+        if protocol is not None and protocol.stream is not None:
+            protocol.stream.close()
+
     def shut_down(self) -> None:
         """Close with 1001 because the server stops."""
         self._end(GoingAway())
@@ -619,7 +663,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         if self._opened_at is None:
             return  # never upgraded: nothing was registered
         state = self.state
-        self._cancel_timers()
+        self._cancel_timer()
         state.rooms.leave_all(self)
         last_of_user = state.registry.remove(self)
         if last_of_user is not None:

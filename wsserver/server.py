@@ -96,6 +96,11 @@ class Server:
         self._jobs.append(
             PeriodicCallback(lambda: _discard(monitor.check()), settings.monitor_interval * 1000)
         )
+        if settings.ping_interval:
+            # Each connection is pinged within a tenth of the interval of its due time.
+            self._jobs.append(
+                PeriodicCallback(self.state.keepalive, settings.ping_interval * 100)
+            )
         interval = self.notifier.watchdog_interval
         if interval:
             notifier = self.notifier
