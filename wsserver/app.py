@@ -140,7 +140,10 @@ def redact(uri: str) -> str:
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log line with query-string tokens redacted."""
     status = handler.get_status()
-    if status < 400 or status == 101:
+    if status == 101:
+        # The connection's own "open user=..." line says more.
+        log_method = access_log.debug
+    elif status < 400:
         log_method = access_log.info
     elif status < 500:
         log_method = access_log.warning

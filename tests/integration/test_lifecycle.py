@@ -165,7 +165,8 @@ def test_readyz_is_503_while_draining(run_server: Any) -> None:
 
 
 def test_query_tokens_and_secrets_stay_out_of_logs(run_server: Any) -> None:
-    srv = run_server(env=KEYED)
+    # At DEBUG the access log also shows upgraded requests (101), with their URI.
+    srv = run_server("--log-level", "DEBUG", env=KEYED)
     tok = make_token("logged")
 
     async def scenario() -> None:
