@@ -1,0 +1,635 @@
+"""The load generator: picows clients in a process of their own.
+
+``python -m bench.loadgen`` reads one JSON job from stdin, pins itself to the
+CPUs the job names, runs the job's scenario against ``job["url"]`` and prints
+one JSON result on stdout. The orchestrator (:mod:`bench.runner`) starts it
+once per scenario and server, so the clients never share a core or an
+interpreter with the server they measure.
+
+picows parses frames in C and calls :meth:`WSListener.on_ws_frame`
+synchronously, with no future or task per frame: one generator process keeps
+up with several times what a Python server on one core can answer.
+
+When the job carries ``jwt_user``, every connection sends
+``Authorization: Bearer <token>`` with an HS256 token signed by the secret in
+the ``BENCH_JWT_SECRET`` environment variable (kept out of argv, so out of
+``ps``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import jwt
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+Job = dict[str, Any]
+C = TypeVar("C", bound="Connection")
+Result = dict[str, Any]
+
+#: Open handshakes at once. The server's listen backlog is 128 (Tornado's
+#: default); more concurrent SYNs than that would measure SYN retries.
+CONNECT_CONCURRENCY = 64
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def percentiles_ms(samples_ns: Sequence[int]) -> dict[str, float | None]:
+    """p50, p99 and max of nanosecond samples, in milliseconds (nearest rank)."""
+    if not samples_ns:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    ordered = sorted(samples_ns)
+
+    def rank(q: float) -> float:
+        index = min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))
+        return ordered[index] / 1e6
+
+    return {"p50_ms": rank(0.50), "p99_ms": rank(0.99), "max_ms": ordered[-1] / 1e6}
+
+
+def read_rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` (VmRSS in /proc/PID/status), in KiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (/proc/PID/stat), in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        # Fields after the ")" that ends the command name; utime and stime are 14 and 15.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuMeter:
+    """CPU time spent by the server and by this generator over one measured interval.
+
+    Throughput on a shared machine moves with the neighbours' load; CPU time
+    per message moves much less, and the generator's share shows whether it,
+    rather than the server, was the limit.
+    """
+
+    server_pid: int | None
+    _server: float = 0.0
+    _own: float = 0.0
+    _wall: float = 0.0
+
+    def start(self) -> None:
+        self._server = cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        self._own = time.process_time()
+        self._wall = time.perf_counter()
+
+    def stop(self, units: int) -> Result:
+        """Figures since :meth:`start`; ``units`` is what the CPU time is divided by."""
+        wall = time.perf_counter() - self._wall
+        own = time.process_time() - self._own
+        out: Result = {"generator_cpu_share": own / wall if wall else None}
+        if self.server_pid:
+            server = cpu_seconds(self.server_pid) - self._server
+            out["server_cpu_share"] = server / wall if wall else None
+            out["server_cpu_us_per_unit"] = 1e6 * server / units if units else None
+        return out
+
+
+class Connection(WSListener):
+    """One client connection: waits for ``welcome``, then hands messages on.
+
+    Subclasses override :meth:`on_message` (or :meth:`on_payload`, to skip
+    decoding). A close frame from the server is recorded (benchmarks must not
+    hide a 4009 or 4029) and answered.
+    """
+
+    def __init__(self) -> None:
+        self.transport: WSTransport | None = None
+        self.welcome: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.close_code: int | None = None
+        self.closing = False
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.TEXT:
+            if self.welcome.done():
+                self.on_payload(frame.get_payload_as_bytes())
+                return
+            msg = json.loads(frame.get_payload_as_bytes())
+            if msg.get("type") == "welcome":
+                self.welcome.set_result(msg)
+            else:
+                self.welcome.set_exception(RuntimeError(f"first message was not welcome: {msg}"))
+        elif frame.msg_type == WSMsgType.CLOSE:
+            if self.closing:
+                transport.disconnect()
+                return
+            self.close_code = frame.get_close_code().value
+            if not self.welcome.done():
+                self.welcome.set_exception(RuntimeError(f"closed {self.close_code} before welcome"))
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("disconnected before welcome"))
+
+    def on_payload(self, payload: bytes) -> None:
+        """A text frame after the welcome; decoded and handed to :meth:`on_message`."""
+        self.on_message(json.loads(payload))
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        """A server message after the welcome."""
+
+    def send(self, msg: dict[str, Any] | bytes) -> None:
+        payload = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
+        assert self.transport is not None
+        self.transport.send(WSMsgType.TEXT, payload)
+
+    async def close(self) -> None:
+        """Close politely and wait until the TCP connection is gone."""
+        if self.transport is None or self.transport.is_disconnected:
+            return
+        self.closing = True
+        self.transport.send_close()
+        try:
+            await asyncio.wait_for(self.transport.wait_disconnected(), 5)
+        except TimeoutError:
+            self.transport.disconnect(graceful=False)
+
+
+@dataclass
+class Dialer:
+    """Opens connections to one URL, spread over several loopback source addresses.
+
+    Each source address has its own ~28k ephemeral ports, so 10k connections
+    per server (and their TIME_WAIT leftovers) never run a port range dry.
+    """
+
+    url: str
+    jwt_user: str | None
+    source_addresses: Sequence[str]
+    _secret: str = field(default_factory=lambda: os.environ.get("BENCH_JWT_SECRET", ""))
+    _sources: Iterator[str] = field(init=False)
+    _serial: Iterator[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        self._sources = itertools.cycle(self.source_addresses or ["127.0.0.1"])
+
+    def headers(self) -> dict[str, str]:
+        """The handshake headers: a bearer token for wsserver, none for the others."""
+        if self.jwt_user is None:
+            return {}
+        claims = {"sub": f"{self.jwt_user}-{next(self._serial)}", "exp": int(time.time()) + 3600}
+        return {"Authorization": "Bearer " + jwt.encode(claims, self._secret, algorithm="HS256")}
+
+    async def connect(self, factory: Callable[[], C]) -> C:
+        """One connection, returned once the server's welcome has arrived."""
+        _, listener = await ws_connect(
+            factory,
+            self.url,
+            extra_headers=self.headers(),
+            local_addr=(next(self._sources), 0),
+            websocket_handshake_timeout=30,
+        )
+        assert isinstance(listener, Connection)
+        await listener.welcome
+        return listener  # type: ignore[return-value]
+
+    async def connect_many(
+        self, count: int, factory: Callable[[], C], latencies_ns: list[int] | None = None
+    ) -> list[C]:
+        """``count`` connections, at most :data:`CONNECT_CONCURRENCY` handshakes at once."""
+        gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def one() -> C:
+            async with gate:
+                started = time.perf_counter_ns()
+                conn = await self.connect(factory)
+                if latencies_ns is not None:
+                    latencies_ns.append(time.perf_counter_ns() - started)
+                return conn
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def close_all(conns: Sequence[Connection]) -> None:
+    await asyncio.gather(*(conn.close() for conn in conns))
+
+
+def close_codes(conns: Sequence[Connection]) -> dict[str, int]:
+    """Close codes the server sent, counted (empty when it closed nobody)."""
+    codes: dict[str, int] = {}
+    for conn in conns:
+        if conn.close_code is not None:
+            codes[str(conn.close_code)] = codes.get(str(conn.close_code), 0) + 1
+    return codes
+
+
+# --- echo --------------------------------------------------------------------
+
+
+@dataclass
+class EchoRun:
+    """State shared by the echo connections of one run."""
+
+    data: Any
+    running: bool = True
+    measuring: bool = False
+    replies: int = 0
+    errors: int = 0
+    first_error: Any = None
+    latencies_ns: list[int] = field(default_factory=list)
+
+
+class EchoConnection(Connection):
+    """Closed loop: send an echo, wait for it, send the next."""
+
+    def __init__(self, run: EchoRun, payload: bytes) -> None:
+        super().__init__()
+        self.run = run
+        self.payload = payload
+        self.sent_at = 0
+
+    def fire(self) -> None:
+        self.sent_at = time.perf_counter_ns()
+        self.send(self.payload)
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        now = time.perf_counter_ns()
+        run = self.run
+        if msg.get("type") != "echo" or msg.get("data") != run.data:
+            run.errors += 1
+            run.first_error = run.first_error or msg
+        elif run.measuring:
+            run.replies += 1
+            run.latencies_ns.append(now - self.sent_at)
+        if run.running:
+            self.fire()
+
+
+async def echo(job: Job, dialer: Dialer) -> Result:
+    """``connections`` clients in a closed loop; replies/s and round-trip latency."""
+    data = {"seq": 1, "text": "hello from the benchmark"}
+    payload = json.dumps({"type": "echo", "data": data}).encode()
+    run = EchoRun(data)
+    conns = await dialer.connect_many(job["connections"], lambda: EchoConnection(run, payload))
+    for conn in conns:
+        conn.fire()
+    await asyncio.sleep(job["warmup"])
+    meter = CpuMeter(job.get("server_pid"))
+    meter.start()
+    run.measuring = True
+    started = time.perf_counter()
+    await asyncio.sleep(job["duration"])
+    run.measuring = False
+    elapsed = time.perf_counter() - started
+    cpu = meter.stop(run.replies)
+    run.running = False
+    await close_all(conns)
+    return {
+        "connections": len(conns),
+        "seconds": elapsed,
+        "replies": run.replies,
+        "messages_per_s": run.replies / elapsed,
+        **percentiles_ms(run.latencies_ns),
+        **cpu,
+        "errors": run.errors,
+        "first_error": run.first_error,
+        "close_codes": close_codes(conns),
+    }
+
+
+# --- idle --------------------------------------------------------------------
+
+
+async def idle(job: Job, dialer: Dialer) -> Result:
+    """Open ``connections`` idle connections; connects/s and server RSS per connection.
+
+    The server's RSS is read after a warm-up batch has been opened and closed
+    (so one-off start-up allocations are not charged to connections) and again
+    once every connection has received its welcome.
+    """
+    pid = job["server_pid"]
+    warm = await dialer.connect_many(job["warmup_connections"], Connection)
+    await close_all(warm)
+    rss_before = read_rss_kib(pid)
+    handshake_ns: list[int] = []
+    meter = CpuMeter(pid)
+    meter.start()
+    started = time.perf_counter()
+    conns = await dialer.connect_many(job["connections"], Connection, handshake_ns)
+    elapsed = time.perf_counter() - started
+    cpu = meter.stop(len(conns))
+    rss_after = read_rss_kib(pid)
+    # The connections must still be open when the memory is read.
+    still_open = sum(
+        1 for c in conns if c.transport is not None and not c.transport.is_disconnected
+    )
+    await close_all(conns)
+    count = len(conns)
+    return {
+        "connections": count,
+        "still_open": still_open,
+        "seconds": elapsed,
+        "connects_per_s": count / elapsed,
+        "handshake": percentiles_ms(handshake_ns),
+        **cpu,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "kib_per_connection": (rss_after - rss_before) / count,
+        "close_codes": close_codes(conns),
+    }
+
+
+# --- fan-out -----------------------------------------------------------------
+
+
+@dataclass
+class FanoutRun:
+    """State shared by the members of one fan-out run."""
+
+    members: int
+    publishes: int
+    window: int
+    delivered: int = 0
+    errors: int = 0
+    first_error: Any = None
+    sent: int = 0
+    sent_at_ns: list[int] = field(default_factory=list)
+    arrivals: list[int] = field(default_factory=list)
+    complete_ns: list[int] = field(default_factory=list)
+    last_delivery_ns: int = 0
+    #: Frame payload -> publish number, filled from the first copy of each.
+    seen: dict[bytes, int] = field(default_factory=dict)
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def __post_init__(self) -> None:
+        self.arrivals = [0] * self.publishes
+        self.complete_ns = [0] * self.publishes
+
+
+class Member(Connection):
+    """A room member: checks it gets every publish, once and in order."""
+
+    def __init__(self, run: FanoutRun) -> None:
+        super().__init__()
+        self.run = run
+        self.next_seq = 0
+        self.publisher = False
+        self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_payload(self, payload: bytes) -> None:
+        # Every member gets the same bytes for one publish: parse them once
+        # per publish, not once per delivery, so the generator stays cheap.
+        run = self.run
+        seq = run.seen.get(payload)
+        if seq is None:
+            msg = json.loads(payload)
+            kind = msg.get("type")
+            if kind == "joined":
+                self.joined.set_result(None)
+                return
+            data = msg.get("data")
+            seq = data.get("seq") if kind == "message" and isinstance(data, dict) else None
+            if not isinstance(seq, int) or msg.get("room") != "bench":
+                run.errors += 1
+                run.first_error = run.first_error or msg
+                return
+            run.seen[payload] = seq
+        self.delivered(seq)
+
+    def delivered(self, seq: int) -> None:
+        """Publish ``seq`` reached this member: it must be the next one expected."""
+        run = self.run
+        if seq != self.next_seq:
+            run.errors += 1
+            run.first_error = run.first_error or {"expected": self.next_seq, "got": seq}
+            return
+        self.next_seq += 1
+        now = time.perf_counter_ns()
+        run.delivered += 1
+        run.last_delivery_ns = now
+        run.arrivals[seq] += 1
+        if run.arrivals[seq] == run.members:
+            run.complete_ns[seq] = now - run.sent_at_ns[seq]
+        if self.publisher and run.sent < run.publishes:
+            # The window moves on the publisher's own copy arriving: at most
+            # ``window`` publishes are in flight, so buffers stay bounded.
+            self.publish()
+        if run.delivered == run.members * run.publishes and not run.done.done():
+            run.done.set_result(None)
+
+    def publish(self) -> None:
+        run = self.run
+        run.sent_at_ns.append(time.perf_counter_ns())
+        self.send({"type": "publish", "room": "bench", "data": {"seq": run.sent}})
+        run.sent += 1
+
+
+async def fanout(job: Job, dialer: Dialer) -> Result:
+    """``members`` in one room; one of them publishes ``publishes`` messages."""
+    run = FanoutRun(job["members"], job["publishes"], job["window"])
+    conns = await dialer.connect_many(run.members, lambda: Member(run))
+    for conn in conns:
+        conn.send({"type": "join", "room": "bench"})
+    await asyncio.gather(*(conn.joined for conn in conns))
+    publisher = conns[0]
+    publisher.publisher = True
+    meter = CpuMeter(job.get("server_pid"))
+    meter.start()
+    started = time.perf_counter_ns()
+    for _ in range(min(run.window, run.publishes)):
+        publisher.publish()
+    timed_out = False
+    try:
+        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
+    except TimeoutError:
+        timed_out = True
+    elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
+    cpu = meter.stop(run.delivered)
+    expected = run.members * run.publishes
+    await close_all(conns)
+    return {
+        "members": run.members,
+        "publishes": run.publishes,
+        "window": run.window,
+        "expected": expected,
+        "delivered": run.delivered,
+        "all_delivered": run.delivered == expected and run.errors == 0,
+        "timed_out": timed_out,
+        "seconds": elapsed,
+        "deliveries_per_s": run.delivered / elapsed if run.delivered else 0.0,
+        **cpu,
+        "publish_to_last_member": percentiles_ms([ns for ns in run.complete_ns if ns]),
+        "errors": run.errors,
+        "first_error": run.first_error,
+        "close_codes": close_codes(conns),
+    }
+
+
+# --- loop under load ---------------------------------------------------------
+
+
+class Pinger(Connection):
+    """Sends a ping with an ``id`` on a fixed schedule and times each pong.
+
+    Open loop: the next ping goes out on time whether or not the last one was
+    answered, so a stalled server shows up as many slow pings rather than as
+    one (the "coordinated omission" a wait-then-send loop would commit).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: dict[int, int] = {}
+        self.latencies_ns: list[int] = []
+        self.drained: asyncio.Event = asyncio.Event()
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "pong":
+            started = self.pending.pop(msg.get("id"), None)  # type: ignore[arg-type]
+            if started is not None:
+                self.latencies_ns.append(time.perf_counter_ns() - started)
+            if not self.pending:
+                self.drained.set()
+
+    def ping(self, serial: int) -> None:
+        self.drained.clear()
+        self.pending[serial] = time.perf_counter_ns()
+        self.send(b'{"type":"ping","id":%d}' % serial)
+
+    def give_up(self) -> int:
+        """Count the unanswered pings as answered now (a lower bound); how many there were."""
+        now = time.perf_counter_ns()
+        self.latencies_ns.extend(now - started for started in self.pending.values())
+        count = len(self.pending)
+        self.pending.clear()
+        return count
+
+
+@dataclass
+class TaskLoad:
+    """State shared by the connections that keep the task pool busy."""
+
+    task: dict[str, Any]
+    running: bool = True
+    results: int = 0
+    busy: int = 0
+    errors: int = 0
+    first_error: Any = None
+
+
+class Tasker(Connection):
+    """Keeps ``in_flight`` tasks outstanding, resubmitting as each answer comes."""
+
+    def __init__(self, load: TaskLoad) -> None:
+        super().__init__()
+        self.load = load
+        self.payload = json.dumps({"type": "task", **load.task}).encode()
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        load = self.load
+        if msg.get("type") == "result":
+            load.results += 1
+        elif msg.get("code") == "busy":
+            # The queue is full: the pool is saturated, which is the point.
+            load.busy += 1
+            if load.running:
+                asyncio.get_running_loop().call_later(0.01, self.submit)
+            return
+        else:
+            load.errors += 1
+            load.first_error = load.first_error or msg
+        if load.running:
+            self.submit()
+
+    def submit(self) -> None:
+        if self.load.running and self.transport is not None and not self.transport.is_disconnected:
+            self.send(self.payload)
+
+
+async def loop_latency(job: Job, dialer: Dialer) -> Result:
+    """A ping every ``interval`` seconds while ``taskers`` keep tasks in flight."""
+    load = TaskLoad(job["task"])
+    taskers = await dialer.connect_many(job["taskers"], lambda: Tasker(load))
+    pinger = await dialer.connect(Pinger)
+    for tasker in taskers:
+        for _ in range(job["in_flight"]):
+            tasker.submit()
+    await asyncio.sleep(job["warmup"])
+    results_before = load.results
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    count = int(job["duration"] / job["interval"])
+    for serial in range(count):
+        await asyncio.sleep(max(0.0, started + serial * job["interval"] - loop.time()))
+        pinger.ping(serial)
+    load.running = False
+    tasks_done = load.results - results_before
+    elapsed = loop.time() - started
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(pinger.drained.wait(), job["grace"])
+    unanswered = pinger.give_up()
+    conns: list[Connection] = [*taskers, pinger]
+    await close_all(conns)
+    return {
+        "pings": count,
+        "unanswered_after_grace": unanswered,
+        "seconds": elapsed,
+        **percentiles_ms(pinger.latencies_ns),
+        "task": job["task"],
+        "taskers": len(taskers),
+        "tasks_completed": tasks_done,
+        "tasks_per_s": tasks_done / elapsed,
+        "busy_answers": load.busy,
+        "errors": load.errors,
+        "first_error": load.first_error,
+        "close_codes": close_codes(conns),
+    }
+
+
+SCENARIOS = {"echo": echo, "idle": idle, "fanout": fanout, "loop": loop_latency}
+
+
+async def run(job: Job) -> Result:
+    dialer = Dialer(job["url"], job.get("jwt_user"), job.get("source_addresses", []))
+    return await SCENARIOS[job["scenario"]](job, dialer)
+
+
+def main() -> None:
+    job: Job = json.load(sys.stdin)
+    if job.get("cpus"):
+        os.sched_setaffinity(0, set(job["cpus"]))
+    raise_fd_limit()
+    try:
+        import uvloop
+    except ImportError:
+        result = asyncio.run(run(job))
+    else:
+        result = uvloop.run(run(job))
+    result["generator_cpus"] = sorted(os.sched_getaffinity(0))
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

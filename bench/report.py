@@ -1,0 +1,236 @@
+"""Machine facts, the target checks and the printed table.
+
+The targets are ratios (wsserver ÷ plain Tornado, same run) wherever the
+machine's speed would otherwise decide the answer; the two that are absolute
+(memory per connection, ping p99 with the pool saturated) are what a user of
+the server experiences whatever the baseline does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+Result = dict[str, Any]
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, memory, kernel, versions and the time: what a figure depends on."""
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "cpus_usable": sorted(os.sched_getaffinity(0)),
+        "memory_mib": _mem_total_mib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "git_commit": _git_commit(),
+    }
+    for package in ("tornado", "picows", "pyjwt", "fastapi", "uvicorn", "uvloop"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total_mib() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the table: a metric for wsserver and its comparison, maybe a target."""
+
+    scenario: str
+    metric: str
+    wsserver: float | bool | None
+    baseline: float | bool | None
+    ratio: float | None
+    target: str
+    passed: bool | None  # None: no target on this row, or nothing to judge
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return None
+    if isinstance(a, int | float) and isinstance(b, int | float) and b and not math.isnan(b):
+        return a / b
+    return None
+
+
+def _ratio_at_least(bound: float) -> Callable[[Any, float | None], bool]:
+    return lambda ws, ratio: ratio is not None and ratio >= bound
+
+
+def _row(
+    scenario: str,
+    metric: str,
+    ws: Any,
+    base: Any,
+    target: str = "",
+    judge: Callable[[Any, float | None], bool] | None = None,
+) -> Check:
+    ratio = _ratio(ws, base)
+    passed: bool | None = None
+    if judge is not None and ws is not None:
+        passed = bool(judge(ws, ratio))
+    return Check(scenario, metric, ws, base, ratio, target, passed)
+
+
+def checks(scenarios: dict[str, Result]) -> list[Check]:
+    """The table rows for every scenario that ran."""
+    rows: list[Check] = []
+    echo = scenarios.get("echo", {})
+    if "wsserver" in echo and "baseline" in echo:
+        ws, base = echo["wsserver"]["median"], echo["baseline"]["median"]
+        rows += [
+            _row("echo", "messages/s", ws["messages_per_s"], base["messages_per_s"],
+                 "ratio >= 0.9", _ratio_at_least(0.9)),
+            _row("echo", "server CPU µs per message", ws["server_cpu_us_per_unit"],
+                 base["server_cpu_us_per_unit"]),
+            _row("echo", "p50 latency ms", ws["p50_ms"], base["p50_ms"]),
+            _row("echo", "p99 latency ms", ws["p99_ms"], base["p99_ms"]),
+            _row("echo", "errors + server closes", ws["errors"] + sum(ws["close_codes"].values()),
+                 base["errors"] + sum(base["close_codes"].values()), "0", lambda w, r: w == 0),
+        ]  # fmt: skip
+        uv = echo.get("uvicorn", {})
+        if "median" in uv:
+            rows += [
+                _row("echo", "messages/s vs uvicorn (in baseline column)",
+                     ws["messages_per_s"], uv["median"]["messages_per_s"],
+                     "stretch: ratio >= 1.0", _ratio_at_least(1.0)),
+                _row("echo", "plain Tornado vs uvicorn (both columns)",
+                     base["messages_per_s"], uv["median"]["messages_per_s"]),
+            ]  # fmt: skip
+            base_uv = echo.get("baseline_uvloop", {})
+            if "median" in base_uv:
+                rows.append(_row("echo", "plain Tornado on uvloop vs uvicorn (both columns)",
+                                 base_uv["median"]["messages_per_s"],
+                                 uv["median"]["messages_per_s"]))  # fmt: skip
+        else:
+            rows.append(_row("echo", "uvicorn: " + str(uv.get("skipped", "not run")), None, None))
+    idle = scenarios.get("idle", {})
+    if "wsserver" in idle and "baseline" in idle:
+        ws, base = idle["wsserver"]["median"], idle["baseline"]["median"]
+        rows += [
+            _row("idle", "connects/s", ws["connects_per_s"], base["connects_per_s"],
+                 "ratio >= 0.8", _ratio_at_least(0.8)),
+            _row("idle", "server CPU µs per connect", ws["server_cpu_us_per_unit"],
+                 base["server_cpu_us_per_unit"]),
+            _row("idle", "KiB per connection", ws["kib_per_connection"],
+                 base["kib_per_connection"], "wsserver <= 20", lambda w, r: w <= 20),
+            _row("idle", "connections open at the RSS reading", ws["still_open"],
+                 base["still_open"], f"= {ws['connections']}",
+                 lambda w, r: w == ws["connections"]),
+        ]  # fmt: skip
+    fan = scenarios.get("fanout", {})
+    if "wsserver" in fan and "baseline" in fan:
+        ws, base = fan["wsserver"]["median"], fan["baseline"]["median"]
+        every = [r["all_delivered"] for r in fan["wsserver"]["rounds"]]
+        rows += [
+            _row("fanout", "deliveries/s", ws["deliveries_per_s"], base["deliveries_per_s"],
+                 "ratio >= 2.0", _ratio_at_least(2.0)),
+            _row("fanout", "server CPU µs per delivery", ws["server_cpu_us_per_unit"],
+                 base["server_cpu_us_per_unit"]),
+            _row("fanout", "every message to every member", all(every),
+                 all(r["all_delivered"] for r in fan["baseline"]["rounds"]),
+                 "wsserver: yes", lambda w, r: w is True),
+            _row("fanout", "publish→last member p99 ms", ws["publish_to_last_member"]["p99_ms"],
+                 base["publish_to_last_member"]["p99_ms"]),
+        ]  # fmt: skip
+    loop = scenarios.get("loop", {})
+    if "wsserver" in loop and "baseline" in loop:
+        ws, base = loop["wsserver"], loop["baseline"]
+        rows += [
+            _row("loop", "ping p99 ms, tasks running (baseline: inline)",
+                 ws["median"]["p99_ms"], base["median"]["p99_ms"],
+                 "wsserver < 50", lambda w, r: w < 50),
+            _row("loop", "ping p50 ms, tasks running (baseline: inline)",
+                 ws["median"]["p50_ms"], base["median"]["p50_ms"]),
+            _row("loop", "ping p99 ms, no tasks", ws["pool_idle"]["p99_ms"],
+                 base["pool_idle"]["p99_ms"]),
+            _row("loop", "tasks/s while pinging", ws["median"]["tasks_per_s"],
+                 base["median"]["tasks_per_s"]),
+        ]  # fmt: skip
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    return str(value)
+
+
+def table(rows: list[Check], errors: dict[str, str]) -> str:
+    """The rows as a fixed-width text table (also valid Markdown)."""
+    header = ("scenario", "metric", "wsserver", "baseline", "ratio", "target", "result")
+    lines = [header]
+    for row in rows:
+        verdict = {True: "pass", False: "FAIL", None: ""}[row.passed]
+        lines.append((
+            row.scenario, row.metric, _fmt(row.wsserver), _fmt(row.baseline),
+            _fmt(row.ratio), row.target, verdict,
+        ))  # fmt: skip
+    for scenario, error in errors.items():
+        lines.append((scenario, "did not run: " + error.splitlines()[0], "", "", "", "", "ERROR"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=True)]
+        out.append("| " + " | ".join(cells) + " |")
+        if n == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def checks_json(rows: list[Check]) -> list[dict[str, Any]]:
+    return [asdict(row) for row in rows]

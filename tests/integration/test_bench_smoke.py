@@ -1,0 +1,123 @@
+"""``python -m bench --smoke`` keeps working: every scenario runs and reports sane figures.
+
+Benchmarks are not timed tests: nothing here asserts a performance target
+(the smoke sizes are far too small to mean anything). It proves the scripts
+start wsserver, the baseline and the load generator, that each scenario's
+checks of correctness hold (every echo answered, every publish delivered to
+every member, every idle connection open when memory is read, every ping
+answered), and that the JSON result and the table are written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVERS = ("wsserver", "baseline")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    output = tmp_path_factory.mktemp("bench") / "latest.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    return proc, output
+
+
+@pytest.fixture(scope="module")
+def result(smoke: tuple[subprocess.CompletedProcess[str], Path]) -> dict[str, Any]:
+    proc, output = smoke
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document: dict[str, Any] = json.loads(output.read_text())
+    return document
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_exits_zero_and_prints_the_table(
+    smoke: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, _ = smoke
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    header = proc.stdout.splitlines()[0]
+    for column in ("scenario", "metric", "wsserver", "baseline", "ratio", "target", "result"):
+        assert column in header
+    for scenario in ("echo", "idle", "fanout", "loop"):
+        assert f"| {scenario} " in proc.stdout
+
+
+def test_result_describes_the_run(result: dict[str, Any]) -> None:
+    assert result["mode"] == "smoke"
+    # The smoke sizes, not the full benchmark's 10,000 connections.
+    assert result["params"]["idle_connections"] <= 1000
+    assert result["errors"] == {}
+    assert set(result["scenarios"]) == {"echo", "idle", "fanout", "loop"}
+    machine = result["machine"]
+    assert machine["cpu_model"] and machine["python"] and machine["tornado"]
+    assert machine["date"].startswith("20")
+    checked = {row["scenario"] for row in result["checks"]}
+    assert checked == {"echo", "idle", "fanout", "loop"}
+
+
+def test_echo_every_message_answered(result: dict[str, Any]) -> None:
+    echo = result["scenarios"]["echo"]
+    for server in SERVERS:
+        run = echo[server]["median"]
+        assert run["connections"] == result["params"]["echo_connections"]
+        assert run["replies"] > 0 and positive(run["messages_per_s"])
+        assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
+        assert run["errors"] == 0, run["first_error"]
+        assert run["close_codes"] == {}
+    uvicorn = echo["uvicorn"]
+    # The stretch server is optional: either it ran, or the result says why not.
+    assert positive(uvicorn["median"]["messages_per_s"]) if "median" in uvicorn else (
+        "not installed" in uvicorn["skipped"]
+    )
+
+
+def test_idle_connections_all_open_and_memory_read(result: dict[str, Any]) -> None:
+    for server in SERVERS:
+        run = result["scenarios"]["idle"][server]["median"]
+        assert run["connections"] == run["still_open"] == result["params"]["idle_connections"]
+        assert positive(run["connects_per_s"])
+        assert run["rss_after_kib"] > run["rss_before_kib"] > 0
+        assert positive(run["kib_per_connection"])
+        assert run["close_codes"] == {}
+
+
+def test_fanout_delivers_every_message_to_every_member(result: dict[str, Any]) -> None:
+    params = result["params"]
+    for server in SERVERS:
+        for run in result["scenarios"]["fanout"][server]["rounds"]:
+            assert run["expected"] == params["fanout_members"] * params["fanout_publishes"]
+            assert run["delivered"] == run["expected"]
+            assert run["all_delivered"] is True and run["errors"] == 0, run["first_error"]
+            assert positive(run["deliveries_per_s"])
+
+
+def test_loop_pings_answered_with_and_without_tasks(result: dict[str, Any]) -> None:
+    loop = result["scenarios"]["loop"]
+    for server in SERVERS:
+        quiet, loaded = loop[server]["pool_idle"], loop[server]["median"]
+        for run in (quiet, loaded):
+            assert run["pings"] > 0 and run["unanswered_after_grace"] == 0
+            assert 0 < run["p50_ms"] <= run["p99_ms"]
+            assert run["errors"] == 0, run["first_error"]
+        assert quiet["tasks_completed"] == 0
+        assert loaded["tasks_completed"] > 0
