@@ -7,9 +7,14 @@ knows which pid to kill without guessing.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from wsserver.tasks import Int, Str, TaskTable
 
@@ -63,3 +68,33 @@ def niceness() -> int:
 def pid() -> int:
     """The worker's process id."""
     return os.getpid()
+
+
+# --- the receiving end of ``announce`` (used by the tests, not the workers) ----------
+
+
+class Announcements:
+    """A Unix socket the ``announce`` task reports its worker's pid to."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pids: asyncio.Queue[int] = asyncio.Queue()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+        await self.pids.put(int(line))
+
+
+@asynccontextmanager
+async def announcements() -> AsyncIterator[Announcements]:
+    """A listening :class:`Announcements` in a temporary directory."""
+    with tempfile.TemporaryDirectory() as directory:
+        box = Announcements(str(Path(directory) / "announce.sock"))
+        server = await asyncio.start_unix_server(box._accept, box.path)
+        try:
+            yield box
+        finally:
+            server.close()
+            await server.wait_closed()

@@ -19,14 +19,16 @@ import json
 import os
 import select
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
+
+from tests.support_tasks import announcements
 
 SERVER_OPTIONS = ("--message-rate", "100000", "--message-burst", "100000")
 
@@ -85,30 +87,6 @@ async def client(srv: Any, user: str = "u1") -> AsyncIterator[Client]:
             c.stop_reading()
 
 
-class Announcements:
-    """A Unix socket the ``announce`` task reports its worker's pid to."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.pids: asyncio.Queue[int] = asyncio.Queue()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        line = await reader.readline()
-        writer.close()
-        await writer.wait_closed()
-        await self.pids.put(int(line))
-
-
-@asynccontextmanager
-async def announcements() -> AsyncIterator[Announcements]:
-    with tempfile.TemporaryDirectory() as directory:
-        box = Announcements(str(Path(directory) / "announce.sock"))
-        server = await asyncio.start_unix_server(box._accept, box.path)
-        try:
-            yield box
-        finally:
-            server.close()
-            await server.wait_closed()
 
 
 def descendants(pid: int) -> set[int]:
@@ -401,7 +379,13 @@ def test_pings_are_answered_fast_while_the_pool_is_saturated(run_server: Start) 
 # --- shutdown --------------------------------------------------------------------------
 
 
-def test_sigterm_leaves_no_worker_process_behind(run_server: Start) -> None:
+@pytest.mark.parametrize(
+    ("sig", "exit_code"),
+    [(signal.SIGTERM, 0), (signal.SIGKILL, -signal.SIGKILL)],
+    ids=["sigterm", "sigkill"],
+)
+def test_no_worker_process_outlives_the_server(run_server: Start, sig: int, exit_code: int) -> None:
+    """SIGTERM: the server stops its pool. SIGKILL: the workers notice and exit."""
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "2",
                      "--tasks-module", "tests.support_tasks")
 
@@ -413,25 +397,8 @@ def test_sigterm_leaves_no_worker_process_behind(run_server: Start) -> None:
             assert busy_pid in processes
             assert len(processes) >= 3  # the forkserver and two workers, at least
             # In a thread: this loop must go on to answer the server's 1001 close.
-            assert await asyncio.to_thread(srv.stop, signal.SIGTERM) == 0
+            assert await asyncio.to_thread(srv.stop, sig) == exit_code
             left = [pid for pid in processes if not wait_gone(pid)]
-            assert left == [], f"processes left after SIGTERM: {left}"
-
-    asyncio.run(main())
-
-
-def test_workers_die_with_a_server_killed_outright(run_server: Start) -> None:
-    srv = run_server(*SERVER_OPTIONS, "--task-workers", "2",
-                     "--tasks-module", "tests.support_tasks")
-
-    async def main() -> None:
-        async with announcements() as box, client(srv) as c:
-            await c.task("announce", {"path": box.path, "ms": 600_000})
-            busy_pid = await asyncio.wait_for(box.pids.get(), 10)
-            processes = descendants(srv.pid)
-            assert busy_pid in processes
-            srv.stop(signal.SIGKILL)
-            left = [pid for pid in processes if not wait_gone(pid)]
-            assert left == [], f"processes left after SIGKILL of the server: {left}"
+            assert left == [], f"processes left after signal {sig}: {left}"
 
     asyncio.run(main())

@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import select
 import signal
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests import support_tasks
+from tests.support_tasks import announcements
 from wsserver.errors import BadRequest, Busy, TaskFailed, TaskTimeout, UnknownTask
 from wsserver.metrics import Metrics
 from wsserver.pool import WORKER_NICENESS, TaskPool
@@ -46,30 +46,6 @@ async def started_pool(**options: Any) -> AsyncIterator[TaskPool]:
         pool.shutdown()
 
 
-class Announcements:
-    """A Unix socket the ``announce`` task reports its worker's pid to."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.pids: asyncio.Queue[int] = asyncio.Queue()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        line = await reader.readline()
-        writer.close()
-        await writer.wait_closed()
-        await self.pids.put(int(line))
-
-
-@asynccontextmanager
-async def announcements() -> AsyncIterator[Announcements]:
-    with tempfile.TemporaryDirectory() as directory:
-        box = Announcements(str(Path(directory) / "announce.sock"))
-        server = await asyncio.start_unix_server(box._accept, box.path)
-        try:
-            yield box
-        finally:
-            server.close()
-            await server.wait_closed()
 
 
 def wait_gone(pid: int, timeout: float = 5.0) -> bool:
