@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import tempfile
 import time
@@ -98,3 +99,16 @@ async def announcements() -> AsyncIterator[Announcements]:
         finally:
             server.close()
             await server.wait_closed()
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    """Wait (on a pidfd, not by polling) until process ``pid`` has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)

@@ -17,7 +17,6 @@ import hashlib
 import itertools
 import json
 import os
-import select
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.support_tasks import announcements
+from tests.support_tasks import announcements, wait_gone
 
 SERVER_OPTIONS = ("--message-rate", "100000", "--message-burst", "100000")
 
@@ -104,18 +103,6 @@ def descendants(pid: int) -> set[int]:
             found |= kids
     return found
 
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    """Wait (on a pidfd) until process ``pid`` has exited; False if it has not."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], timeout)
-        return bool(readable)
-    finally:
-        os.close(fd)
 
 
 def iterated_sha256_by_hashlib(data: str, rounds: int) -> str:

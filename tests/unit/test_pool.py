@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import select
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -19,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests import support_tasks
-from tests.support_tasks import announcements
+from tests.support_tasks import announcements, wait_gone
 from wsserver.errors import BadRequest, Busy, TaskFailed, TaskTimeout, UnknownTask
 from wsserver.metrics import Metrics
 from wsserver.pool import WORKER_NICENESS, TaskPool
@@ -47,18 +46,6 @@ async def started_pool(**options: Any) -> AsyncIterator[TaskPool]:
 
 
 
-
-def wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    """Wait (on a pidfd, not by polling) until process ``pid`` has exited."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], timeout)
-        return bool(readable)
-    finally:
-        os.close(fd)
 
 
 def exists(pid: int) -> bool:
