@@ -32,6 +32,8 @@ from wsserver.sdnotify import SystemdNotifier
 log = logging.getLogger("wsserver.server")
 
 MAX_BODY_SIZE = 64 * 1024
+#: Descriptors beyond the connections: listeners, the task pool, logs, HTTP requests.
+FILE_LIMIT_HEADROOM = 256
 LISTEN_BACKLOG = 1024
 
 
@@ -74,7 +76,14 @@ class Server:
     async def start(self) -> None:
         """Bind, start the pool and the monitor, announce READY=1."""
         settings = self.settings
-        _raise_file_limit()
+        file_limit = _raise_file_limit()
+        if file_limit < settings.max_connections + FILE_LIMIT_HEADROOM:
+            # Past the limit, accept() fails with EMFILE over and over.
+            log.warning(
+                "open file limit %d is too low for --max-connections %d; raise LimitNOFILE "
+                "(systemd) or ulimit -n to at least %d", file_limit, settings.max_connections,
+                settings.max_connections + FILE_LIMIT_HEADROOM,
+            )
         ssl_context = make_ssl_context(settings)
         sockets = bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
         self.port = sockets[0].getsockname()[1]
@@ -192,13 +201,14 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def _raise_file_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit: one descriptor per connection."""
+def _raise_file_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (one descriptor per connection);
+    the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    log.debug("open file limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _display_host(host: str) -> str:

@@ -196,3 +196,12 @@ def test_one_log_line_per_open_and_close(run_server: Any) -> None:
     line = srv.wait_for_log(r"close user=bob addr=127\.0\.0\.1 code=1000 by=client .*duration=").string
     assert "duration=" in line
     assert len([ln for ln in srv.logs().splitlines() if "open user=bob" in ln]) == 1
+
+
+def test_warns_when_the_file_limit_cannot_hold_max_connections(run_server: Any) -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    srv = run_server("--max-connections", str(hard + 1), env=KEYED)
+    line = srv.wait_for_log("open file limit").string
+    assert "WARNING" in line and f"--max-connections {hard + 1}" in line
