@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -31,12 +32,14 @@ START_TIMEOUT = 20.0
 class RunningServer:
     """A ``python -m wsserver`` subprocess and what the tests need of it."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], max_files: int | None = None) -> None:
         self.args = args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wsserver", *args],
             cwd=ROOT,
             env=env,
+            # Soft and hard: the server raises its soft limit to the hard one.
+            preexec_fn=None if max_files is None else _limit_files(max_files),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -129,21 +132,30 @@ class RunningServer:
             self.proc.stdout.close()
 
 
+def _limit_files(count: int) -> Callable[[], None]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+    return limit
+
+
 @pytest.fixture
 def run_server() -> Iterator[Callable[..., RunningServer]]:
-    """Factory: ``run_server(*args, env=None)`` → a started :class:`RunningServer`.
+    """Factory: ``run_server(*args, env=None, max_files=None)`` → a started :class:`RunningServer`.
 
     ``env`` is added to a clean copy of the environment without any
     ``WSSERVER_*`` variables of the caller's.
     """
     started: list[RunningServer] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> RunningServer:
+    def start(
+        *args: str, env: dict[str, str] | None = None, max_files: int | None = None
+    ) -> RunningServer:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
         full_env.update(env or {})
         if "--port" not in args:
             args = ("--port", "0", *args)
-        server = RunningServer(list(args), full_env)
+        server = RunningServer(list(args), full_env, max_files)
         started.append(server)
         return server
 

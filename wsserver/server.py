@@ -18,13 +18,13 @@ import signal
 import ssl
 import time
 
-from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from wsserver.app import ServerState, make_app
 from wsserver.config import Settings
 from wsserver.errors import ConfigError
+from wsserver.listener import Listener
 from wsserver.monitor import ConnectionMonitor
 from wsserver.origin import OriginPolicy
 from wsserver.sdnotify import SystemdNotifier
@@ -68,7 +68,7 @@ class Server:
             for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
                 os.environ.pop(name, None)
         self.notifier = notifier
-        self.http_server: HTTPServer | None = None
+        self.http_server: Listener | None = None
         self.port = settings.port
         self._jobs: list[PeriodicCallback] = []
         self._stop_requested: asyncio.Event | None = None
@@ -90,7 +90,7 @@ class Server:
         if settings.default_origins:
             self.state.origins = OriginPolicy(settings.loopback_origins(self.port))
         self.state.pool.start()
-        self.http_server = HTTPServer(
+        self.http_server = Listener(
             self.app,
             ssl_options=ssl_context,
             # Both bound how long a client may take to send its request, which

@@ -1,0 +1,108 @@
+"""Accepting connections without spinning when descriptors run out.
+
+Tornado's accept handler lets ``accept()`` errors other than "nothing to
+accept" escape to the IOLoop, which logs them; the listening socket stays
+readable, so at EMFILE the server logs a traceback on every loop turn, at full
+CPU, until a descriptor frees up. Here a resource error pauses accepting for a
+moment instead (asyncio's own servers do the same) and says so once, in a line
+an operator can act on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+log = logging.getLogger("wsserver.listener")
+
+#: accept() errors that mean "out of resources for now", not "bad socket".
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds accepting stays paused after a resource error.
+ACCEPT_PAUSE = 0.5
+#: At most one warning per this many seconds while the condition lasts.
+WARNING_EVERY = 10.0
+#: Connections accepted per readiness event, as Tornado does (its listen backlog).
+ACCEPT_BATCH = 128
+
+
+class Acceptor:
+    """Accepts connections on one listening socket, pausing on resource errors."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        callback: Callable[[socket.socket, Any], None],
+        pause: float = ACCEPT_PAUSE,
+    ) -> None:
+        self.sock = sock
+        self.callback = callback
+        self.pause = pause
+        self.io_loop = IOLoop.current()
+        self.paused = False
+        self.removed = False
+        self.refused = 0
+        self._warned_at = -math.inf
+        self.io_loop.add_handler(sock, self._on_readable, IOLoop.READ)
+
+    def _on_readable(self, fd: Any, events: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.removed or self.paused:
+                return
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return  # everything waiting has been accepted
+            except ConnectionAbortedError:
+                continue  # closed while still in the accept queue
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                self._pause_for(exc.errno)
+                return
+            self.callback(connection, address)
+
+    def _pause_for(self, error: int) -> None:
+        self.paused = True
+        self.refused += 1
+        self.io_loop.remove_handler(self.sock)
+        self.io_loop.call_later(self.pause, self._resume)
+        now = time.monotonic()
+        if now - self._warned_at >= WARNING_EVERY:
+            self._warned_at = now
+            log.warning(
+                "cannot accept connections: %s; pausing accepts for %.1fs (raise the open "
+                "file limit, or lower --max-connections / --header-timeout)",
+                os.strerror(error), self.pause,
+            )
+
+    def _resume(self) -> None:
+        if self.removed:
+            return
+        self.paused = False
+        self.io_loop.add_handler(self.sock, self._on_readable, IOLoop.READ)
+
+    def remove(self) -> None:
+        """Stop accepting on this socket for good."""
+        if not self.removed and not self.paused:
+            self.io_loop.remove_handler(self.sock)
+        self.removed = True
+
+
+class Listener(HTTPServer):
+    """Tornado's HTTPServer, accepting through :class:`Acceptor`."""
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        # As TCPServer.add_sockets does, with our acceptor; stop() calls the
+        # removal callables kept in _handlers.
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = Acceptor(sock, self._handle_connection).remove
