@@ -124,12 +124,16 @@ class ServerState:
         for connection in self.registry:
             connection.keepalive(now, interval)
 
+    def refresh_gauges(self) -> None:
+        """Set the gauges that are read off the registry and the rooms."""
+        self.metrics.users.set(self.registry.users)
+        self.metrics.rooms.set(len(self.rooms))
+
     def housekeeping(self) -> None:
         """Forget rate-limit buckets that have refilled (bounded memory)."""
         self.message_buckets.sweep()
         self.handshake_buckets.sweep()
-        self.metrics.users.set(self.registry.users)
-        self.metrics.rooms.set(len(self.rooms))
+        self.refresh_gauges()
 
 
 def redact(uri: str) -> str:

@@ -52,6 +52,7 @@ from wsserver.errors import (
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
 from wsserver.protocol import ClientMessage, MessageId
+from wsserver.tasks import Task
 
 if TYPE_CHECKING:
     from wsserver.app import ServerState
@@ -129,7 +130,7 @@ class MetricsHandler(BaseHandler):
     """``GET /metrics``: Prometheus text format."""
 
     def get(self) -> None:
-        self.state.housekeeping()
+        self.state.refresh_gauges()
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(self.state.metrics.render())
 
@@ -501,10 +502,9 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.state.metrics.deliveries.inc(delivered)
 
     def _on_task(self, msg: ClientMessage) -> None:
-        pool = self.state.pool
-        # Unknown names and bad arguments are answered as such even at the limit;
-        # and only known names become metric labels.
-        task, _ = pool.table.prepare(msg.field("name"), msg.body.get("args", {}))
+        # Validated first, so unknown names and bad arguments are answered as
+        # such even at the limit, and only known names become metric labels.
+        task, kwargs = self.state.pool.prepare(msg.field("name"), msg.body.get("args", {}))
         limit = self.state.settings.task_per_connection
         if self._tasks_in_flight >= limit:
             self.state.metrics.tasks.labels(task.name, "busy").inc()
@@ -512,21 +512,20 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self._tasks_in_flight += 1
         # The loop keeps only weak references to tasks: hold this one until done.
         background = self.state.background
-        future = asyncio.ensure_future(self._run_task(msg))
+        future = asyncio.ensure_future(self._run_task(msg, task, kwargs))
         background.add(future)
         future.add_done_callback(background.discard)
 
-    async def _run_task(self, msg: ClientMessage) -> None:
-        name = msg.field("name")
+    async def _run_task(self, msg: ClientMessage, task: Task, kwargs: dict[str, Any]) -> None:
         try:
-            value = await self.state.pool.run(name, msg.body.get("args", {}))
+            value = await self.state.pool.execute(task, kwargs)
         except MessageError as error:
             self._reply_error(error, msg.id)
         except Exception:
-            log.exception("task %s failed for user=%s", name[:64], self._user)
+            log.exception("task %s failed for user=%s", task.name, self._user)
             self._reply_error(TaskFailed("the task failed"), msg.id)
         else:
-            self._reply(msg, {"type": "result", "name": name, "value": value})
+            self._reply(msg, {"type": "result", "name": task.name, "value": value})
         finally:
             self._tasks_in_flight -= 1
 

@@ -194,14 +194,21 @@ class TaskPool:
     async def run(self, name: Any, args: Any) -> Any:
         """Validate, run task ``name`` with ``args`` in a worker, and return its value.
 
+        The same as :meth:`prepare` then :meth:`execute`.
+
+        Raises:
+            UnknownTask, BadRequest: from :meth:`prepare`; nothing was submitted.
+            Busy, TaskTimeout, TaskFailed: from :meth:`execute`.
+        """
+        task, kwargs = self.prepare(name, args)
+        return await self.execute(task, kwargs)
+
+    def prepare(self, name: Any, args: Any) -> tuple[Task, dict[str, Any]]:
+        """Look up and validate a task, counting a bad request in the metrics.
+
         Raises:
             UnknownTask: no task has that name.
-            BadRequest: the arguments do not fit; nothing was submitted.
-            Busy: ``queue`` tasks are already waiting or running, or the pool
-                is not running.
-            TaskTimeout: no answer within ``timeout`` seconds; a worker still
-                running the task has been replaced.
-            TaskFailed: the task raised, or its worker process died.
+            BadRequest: the arguments do not fit the task's parameters.
         """
         task = self._table.get(name)
         try:
@@ -209,6 +216,18 @@ class TaskPool:
         except BadRequest:
             self._count(task.name, "bad_request")
             raise
+        return task, kwargs
+
+    async def execute(self, task: Task, kwargs: dict[str, Any]) -> Any:
+        """Run a task :meth:`prepare` accepted in a worker, and return its value.
+
+        Raises:
+            Busy: ``queue`` tasks are already waiting or running, or the pool
+                is not running.
+            TaskTimeout: no answer within ``timeout`` seconds; a worker still
+                running the task has been replaced.
+            TaskFailed: the task raised, or its worker process died.
+        """
         if not self._started or self._closed:
             raise Busy("the task pool is not running")
         if self._in_flight >= self._queue:

@@ -156,3 +156,14 @@ async def test_too_big_closes_1009_and_is_counted_as_such(port: int, state: Serv
     closes = {s.labels["code"]: s.value for m in state.metrics.closes.collect()
               for s in m.samples if s.name.endswith("_total")}
     assert closes == {"1009": 1.0}
+
+
+@pytest.mark.gen_test
+async def test_bad_task_arguments_are_answered_and_counted(port: int, state: ServerState) -> None:
+    conn = await welcomed(port)
+    reply = await ask(conn, {"type": "task", "name": "primes", "args": {"limit": True}, "id": 5})
+    assert reply["code"] == "bad_request" and reply["id"] == 5
+    counted = {(s.labels["name"], s.labels["outcome"]): s.value
+               for m in state.metrics.tasks.collect() for s in m.samples
+               if s.name.endswith("_total")}
+    assert counted == {("primes", "bad_request"): 1.0}
