@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-
 # What a client should do after a close, as the contract's table says.
 NEVER = "never"
 SOON = "soon"  # after a short random delay

@@ -53,6 +53,7 @@ from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
 from wsserver.protocol import ClientMessage, MessageId
 from wsserver.tasks import Task
+from wsserver.tornado_internals import ServerProtocol13, pending_bytes, websocket_params
 
 if TYPE_CHECKING:
     from wsserver.app import ServerState
@@ -231,23 +232,6 @@ class IndexHandler(StaticHandler):
 Dispatch = Callable[["WebSocketHandler", ClientMessage], None]
 
 
-class _ServerProtocol(tornado.websocket.WebSocketProtocol13):
-    """Tornado's protocol, remembering the close code the server itself sent.
-
-    Tornado closes on its own for oversized messages (1009), and the handler
-    only learns the peer's code, so the logs and the ``closes_total`` metric
-    would otherwise show 1006 for those.
-    """
-
-    sent_close: tuple[int, str] | None = None
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        # An echo of the client's close frame is not the server's decision.
-        if self.sent_close is None and not self.server_terminated and not self.client_terminated:
-            self.sent_close = (code or 1000, reason or "")
-        super().close(code, reason)
-
-
 class WebSocketHandler(tornado.websocket.WebSocketHandler):
     """``GET /ws``: one authenticated connection.
 
@@ -279,7 +263,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self._last_refused = -math.inf
         self._tasks_in_flight = 0
         self._max_write_buffer = state.settings.max_write_buffer
-        self._protocol: _ServerProtocol | None = None
+        self._protocol: ServerProtocol13 | None = None
         #: The socket under a plain-TCP stream, for direct sends (never under TLS).
         self._plain_socket: socket.socket | None = None
 
@@ -356,13 +340,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
-        params = tornado.websocket._WebSocketParams(
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout,
-            max_message_size=self.max_message_size,
-            compression_options=self.get_compression_options(),
-        )
-        self._protocol = _ServerProtocol(self, False, params)
+        self._protocol = ServerProtocol13(self, False, websocket_params(self))
         return self._protocol
 
     def get_compression_options(self) -> dict[str, Any] | None:
@@ -619,8 +597,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         stream = conn.stream
         if stream is None or stream.closed():
             return False
-        # IOStream has no public accessor for its pending bytes.
-        pending = len(stream._write_buffer)
+        pending = pending_bytes(stream)
         if pending + len(frame) > self._max_write_buffer:
             self._end(SlowConsumer())
             return False

@@ -27,8 +27,8 @@ class Transport(Protocol):
         """Queue one complete, unmasked server frame (built once, maybe sent to many).
 
         Returns False when the connection is closing or closed, and nothing is sent.
-        The transport never buffers without bound: past its write-buffer limit it
-        reports the peer as a slow consumer (see :attr:`Receiver.on_slow`).
+        The session checks :meth:`buffered` before each send and closes a peer
+        past ``--max-write-buffer`` as a slow consumer (4009).
         """
         ...
 
