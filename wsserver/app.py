@@ -1,31 +1,16 @@
-"""Wiring: the state every handler shares, and the Tornado application."""
+"""Wiring: the Tornado applications of the public and the internal listener."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import tornado.web
 
-from wsserver import handlers
-from wsserver.auth import TokenIssuer, TokenVerifier
-from wsserver.config import Settings
-from wsserver.metrics import Metrics
-from wsserver.monitor import Snapshot
-from wsserver.netaddr import TrustedProxies
-from wsserver.origin import OriginPolicy
-from wsserver.pool import TaskPool
-from wsserver.ratelimit import BucketTable
-from wsserver.registry import ConnectionRegistry, RoomTable
-from wsserver.tasks import load_task_table
-
-if TYPE_CHECKING:
-    from wsserver.handlers import WebSocketHandler
+from wsserver import api, handlers
+from wsserver.services import Services
 
 access_log = logging.getLogger("wsserver.access")
 
@@ -38,102 +23,6 @@ def static_dir() -> Path:
     if (installed / "index.html").is_file():
         return installed
     return Path(__file__).resolve().parent.parent / "static"
-
-
-@dataclass
-class ServerState:
-    """Everything the handlers share, built once from :class:`Settings`."""
-
-    settings: Settings
-    metrics: Metrics
-    verifier: TokenVerifier
-    issuer: TokenIssuer | None
-    origins: OriginPolicy
-    proxies: TrustedProxies
-    registry: ConnectionRegistry[WebSocketHandler]
-    rooms: RoomTable[WebSocketHandler]
-    message_buckets: BucketTable[str]
-    handshake_buckets: BucketTable[str]
-    pool: TaskPool
-    started_at: float = field(default_factory=time.time)
-    draining: bool = False
-    #: Futures of tasks in flight, held so the loop's weak references suffice.
-    background: set[asyncio.Future[None]] = field(default_factory=set)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> ServerState:
-        """Build every shared part; the task pool is created but not started."""
-        metrics = metrics or Metrics()
-        assert settings.verify_key is not None
-        key = settings.verify_key.reveal()
-        verifier = TokenVerifier(
-            key,
-            settings.jwt_algorithms,
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
-            leeway=settings.jwt_leeway,
-        )
-        issuer = None
-        if settings.can_sign:
-            issuer = TokenIssuer(
-                key,
-                settings.jwt_algorithms[0],
-                audience=settings.jwt_audience,
-                issuer=settings.jwt_issuer,
-            )
-        pool = TaskPool(
-            load_task_table(settings.tasks_module),
-            workers=settings.task_workers,
-            queue=settings.task_queue,
-            timeout=settings.task_timeout,
-            tasks_module=settings.tasks_module,
-            metrics=metrics,
-        )
-        return cls(
-            settings=settings,
-            metrics=metrics,
-            verifier=verifier,
-            issuer=issuer,
-            origins=OriginPolicy(settings.allowed_origins),
-            proxies=TrustedProxies(settings.trusted_proxies),
-            registry=ConnectionRegistry(
-                settings.max_connections,
-                settings.max_connections_per_ip,
-                settings.max_connections_per_user,
-            ),
-            rooms=RoomTable(),
-            message_buckets=BucketTable(settings.message_rate, settings.message_burst),
-            handshake_buckets=BucketTable(settings.handshake_rate, settings.handshake_burst),
-            pool=pool,
-        )
-
-    def snapshot(self) -> Snapshot:
-        """The counts the monitor logs."""
-        return Snapshot(
-            connections=self.registry.total,
-            users=self.registry.users,
-            rooms=len(self.rooms),
-            tasks_in_flight=self.pool.in_flight,
-            max_connections=self.settings.max_connections,
-        )
-
-    def keepalive(self) -> None:
-        """One keepalive sweep over every connection."""
-        interval = self.settings.ping_interval
-        now = time.monotonic()
-        for connection in self.registry:
-            connection.keepalive(now, interval)
-
-    def refresh_gauges(self) -> None:
-        """Set the gauges that are read off the registry and the rooms."""
-        self.metrics.users.set(self.registry.users)
-        self.metrics.rooms.set(len(self.rooms))
-
-    def housekeeping(self) -> None:
-        """Forget rate-limit buckets that have refilled (bounded memory)."""
-        self.message_buckets.sweep()
-        self.handshake_buckets.sweep()
-        self.refresh_gauges()
 
 
 def redact(uri: str) -> str:
@@ -165,25 +54,47 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     )
 
 
-def make_app(state: ServerState, **extra_settings: Any) -> tornado.web.Application:
-    """The Tornado application with every route of the contract."""
+Listener = Literal["public", "internal"]
+
+
+def make_app(
+    services: Services, listener: Listener = "public", **extra_settings: Any
+) -> tornado.web.Application:
+    """The Tornado application for one listener.
+
+    Without ``--internal-port`` the public listener serves every route. With
+    it, ``/metrics``, ``/stats`` and ``/api/`` move to the internal listener;
+    ``/healthz`` and ``/readyz`` are on both.
+    """
     static = str(static_dir())
-    kwargs = {"state": state}
-    routes: list[Any] = [
-        (r"/", handlers.IndexHandler, {"path": static}),
-        (r"/ws", handlers.WebSocketHandler, kwargs),
+    kwargs = {"services": services}
+    split = services.settings.internal_port is not None
+    probes: list[Any] = [
         (r"/healthz", handlers.HealthHandler, kwargs),
         (r"/readyz", handlers.ReadyHandler, kwargs),
+    ]
+    inside: list[Any] = [
         (r"/metrics", handlers.MetricsHandler, kwargs),
         (r"/stats", handlers.StatsHandler, kwargs),
-        (r"/auth/demo-token", handlers.DemoTokenHandler, kwargs),
-        (r"/static/(.*)", handlers.StaticHandler, {"path": static}),
+        *((pattern, handler, kwargs) for pattern, handler in api.ROUTES),
     ]
-    settings = state.settings
+    routes: list[Any]
+    if listener == "internal":
+        routes = [*probes, *inside]
+    else:
+        routes = [
+            (r"/", handlers.IndexHandler, {"path": static}),
+            (r"/ws", handlers.WebSocketHandler, kwargs),
+            *probes,
+            *([] if split else inside),
+            (r"/auth/demo-token", handlers.DemoTokenHandler, kwargs),
+            (r"/static/(.*)", handlers.StaticHandler, {"path": static}),
+        ]
+    settings = services.settings
     return tornado.web.Application(
         routes,
         log_function=log_request,
-        # Keepalive is the server's own sweep (Server.keepalive), not a Task
+        # Keepalive is the server's own sweep (Services.keepalive), not a Task
         # per connection: Tornado's pinging stays off.
         websocket_ping_interval=None,
         websocket_max_message_size=settings.max_message_size,

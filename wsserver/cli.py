@@ -18,7 +18,7 @@ from wsserver.auth import TokenIssuer
 from wsserver.config import Settings, add_arguments, load_settings
 from wsserver.errors import ConfigError
 
-COMMANDS = ("serve", "token", "check-config")
+COMMANDS = ("serve", "token", "check-config", "publish")
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'python -m wsserver serve --help' for every server option.",
     )
     parser.add_argument("--version", action="version", version=f"wsserver {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,token,check-config}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,token,check-config,publish}")
 
     serve = sub.add_parser("serve", help="serve WebSocket connections (the default)")
     add_arguments(serve)
@@ -48,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate the configuration: exit 0 or 2")
     add_arguments(check)
+
+    publish = sub.add_parser(
+        "publish", help="publish JSON to a room through the server API (exit 0 on 200, else 1)"
+    )
+    publish.add_argument("room", metavar="ROOM", help="the room")
+    publish.add_argument("data", metavar="JSON", help="the message's data, as JSON")
+    publish.add_argument(
+        "--url", default=None,
+        help="the server's API base URL (default: http://HOST:PORT, the internal port if set)",
+    )
+    publish.add_argument("--idempotency-key", default=None, dest="idempotency_key",
+                         help="publish once per key within 5 minutes")
+    add_arguments(publish)
     return parser
 
 
@@ -61,9 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:
         return int(exc.code or 0)
-    flags = {
-        key: value for key, value in vars(args).items() if key not in ("command", "sub", "ttl")
-    }
+    local = ("command", "sub", "ttl", "room", "data", "url", "idempotency_key")
+    flags = {key: value for key, value in vars(args).items() if key not in local}
     try:
         settings = load_settings(flags)
         if args.command == "check-config":
@@ -76,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token(settings, args)
     if args.command == "check-config":
         return _check_config(settings)
+    if args.command == "publish":
+        return _publish(settings, args)
     return _serve(settings)
 
 
@@ -131,6 +145,57 @@ def _token(settings: Settings, args: Any) -> int:
     token, _ = issuer.issue(args.sub, args.ttl)
     print(token)
     return 0
+
+
+def _publish(settings: Settings, args: Any) -> int:
+    """``publish ROOM JSON``: one ``POST /api/publish`` with the configured key."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if settings.api_key is None:
+        print("wsserver: publish needs the server's API key: give --api-key-file "
+              "(or WSSERVER_API_KEY)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        print(f"wsserver: JSON is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    url = args.url
+    if url is None:
+        host, port = settings.host, settings.port
+        if settings.internal_port is not None:
+            host, port = settings.internal_host, settings.internal_port
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"{settings.scheme if settings.internal_port is None else 'http'}://" \
+              f"{'[' + host + ']' if ':' in host else host}:{port}"
+    body: dict[str, Any] = {"room": args.room, "data": data}
+    if args.idempotency_key:
+        body["idempotency_key"] = args.idempotency_key
+    request = urllib.request.Request(
+        url.rstrip("/") + "/api/publish",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"apikey {settings.api_key.reveal()}",
+                 "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail).get("message", detail)
+        except (ValueError, AttributeError):
+            pass
+        print(f"wsserver: publish failed: {exc.code}: {detail}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"wsserver: cannot reach {url}: {reason}", file=sys.stderr)
+    return EXIT_RUNTIME
 
 
 def _serve(settings: Settings) -> int:

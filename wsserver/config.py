@@ -211,6 +211,31 @@ OPTIONS: tuple[Option, ...] = (
     Option("demo", _bool, None, "enable POST /auth/demo-token (on in demo mode)"),
     Option("demo_token_ttl", _positive_int, 900, "lifetime in seconds of demo tokens"),
     Option("log_level", _text, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("api_key", _secret, None, "server API key, at least 32 bytes (prefer --api-key-file)"),
+    Option("api_key_file", _text, None, "file holding the server API key", "FILE"),
+    Option(
+        "internal_port",
+        _port,
+        None,
+        "serve /metrics, /stats and /api/ on this port only (off the public one)",
+    ),
+    Option("internal_host", _text, "127.0.0.1", "address of the --internal-port listener"),
+    Option("max_recovery", _positive_int, 300, "messages at most recovered on a join with 'since'"),
+    Option(
+        "broker",
+        _text,
+        "memory",
+        "'memory' (this process) or a Redis URL shared by every node",
+        "URL",
+    ),
+    Option("node_name", _text, None, "this node's name in /api/nodes and logs (default host:pid)"),
+    Option(
+        "broker_probe_interval",
+        _positive_float,
+        2.0,
+        "seconds between broker readiness probes",
+    ),
+    Option("workers", _positive_int, 1, "server processes sharing the port (more needs Redis)"),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
@@ -262,6 +287,15 @@ class Settings:
     demo: bool = False
     demo_token_ttl: int = 900
     log_level: str = "INFO"
+    api_key: Secret | None = field(default=None, repr=False)
+    api_key_file: str | None = None
+    internal_port: int | None = None
+    internal_host: str = "127.0.0.1"
+    max_recovery: int = 300
+    broker: str = "memory"
+    node_name: str | None = None
+    broker_probe_interval: float = 2.0
+    workers: int = 1
     demo_mode: bool = False
     #: True when the allowed origins are demo mode's loopback defaults.
     default_origins: bool = False
@@ -454,10 +488,51 @@ def _build(values: dict[str, Any], problems: list[str], *, check_files: bool) ->
     if merged["log_level"].upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         problems.append(f"--log-level {merged['log_level']!r}: use DEBUG, INFO, WARNING or ERROR")
     merged["log_level"] = merged["log_level"].upper()
+    merged["api_key"] = _load_api_key(merged, problems, check_files=check_files)
+    broker = merged["broker"]
+    if broker != "memory" and not broker.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(f"--broker {broker!r}: use 'memory' or a redis://, rediss:// or "
+                        "unix:// URL")
+    if merged["workers"] > 1 and broker == "memory":
+        problems.append(
+            f"--workers {merged['workers']}: more than one worker needs a Redis --broker; with "
+            "the memory broker, rooms and per-user limits would silently be per process"
+        )
+    if merged["internal_port"] is not None and merged["internal_port"] == merged["port"] != 0:
+        problems.append("--internal-port: must differ from --port")
 
     if problems:
         raise ConfigError(problems)
     return Settings(**merged, demo_mode=demo_mode, verify_key=verify_key)
+
+
+#: An API key must be as hard to guess as an HS256 secret.
+MIN_API_KEY_BYTES = 32
+
+
+def _load_api_key(
+    merged: dict[str, Any], problems: list[str], *, check_files: bool
+) -> Secret | None:
+    key: Secret | None = merged["api_key"]
+    path = merged["api_key_file"]
+    if key is not None and path:
+        problems.append("give only one of --api-key and --api-key-file")
+        return None
+    if path:
+        if not check_files:
+            return Secret("x" * MIN_API_KEY_BYTES)
+        try:
+            key = Secret(Path(path).read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"--api-key-file {path}: cannot read the key: {exc}")
+            return None
+    if key is not None and len(key.reveal().encode()) < MIN_API_KEY_BYTES:
+        problems.append(
+            f"--api-key: the key is {len(key.reveal().encode())} bytes; at least "
+            f"{MIN_API_KEY_BYTES} are needed (openssl rand -base64 48)"
+        )
+        return None
+    return key
 
 
 def _check_algorithms(algorithms: Sequence[str], problems: list[str]) -> None:

@@ -119,6 +119,18 @@ class TokenForbidden(CloseError):
     default_reason = "token not permitted"
 
 
+class DisconnectedByServer(CloseError):
+    """``/api/disconnect``: the application asked for this user to go (4003 by default)."""
+
+    code = 4003
+    default_reason = "disconnected by the server"
+
+    def __init__(self, reason: str | None = None, code: int | None = None) -> None:
+        super().__init__(reason)
+        if code is not None:
+            self.code = code
+
+
 class TooManyForUser(CloseError):
     code = 4008
     default_reason = "too many connections for this user"
@@ -189,6 +201,22 @@ class TaskTimeout(MessageError):
 
 class TaskFailed(MessageError):
     code = "task_failed"
+
+
+class Forbidden(MessageError):
+    """A join, publish or presence request that nothing grants."""
+
+    code = "forbidden"
+
+
+class Unavailable(MessageError):
+    """The broker cannot be reached right now; retry later."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str = "the broker is unavailable; retry later",
+                 retry_after: float = 2.0) -> None:
+        super().__init__(message, retry_after=round(retry_after, 3))
 
 
 class InternalError(MessageError):

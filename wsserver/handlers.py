@@ -1,11 +1,10 @@
 """The Tornado edge: requests and frames in, core calls, answers out.
 
-This is the only module where HTTP statuses, frames and close codes meet the
-core. The handshake runs the contract's checks in the contract's order, and
-two methods turn the core's errors into answers: :meth:`WebSocketHandler._refuse`
-(a :class:`~wsserver.errors.Rejection` → HTTP status) and
-:meth:`WebSocketHandler._end` (a :class:`~wsserver.errors.CloseError` → close
-code).
+With :mod:`wsserver.api`, the only module where HTTP requests meet the core.
+The handshake runs the contract's checks in the contract's order and
+:meth:`WebSocketHandler._refuse` turns a :class:`~wsserver.errors.Rejection`
+into its HTTP status; after the 101 a :class:`~wsserver.session.Session` holds
+the connection's logic, talking to Tornado through :class:`TornadoTransport`.
 """
 
 from __future__ import annotations
@@ -18,45 +17,27 @@ import socket
 import time
 import unicodedata
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tornado.web
 import tornado.websocket
 from prometheus_client import Counter
 from tornado.httputil import HTTPHeaders
-from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamClosedError
 
-from wsserver import frames, protocol
-from wsserver.auth import Credentials, Identity, extract_token
+from wsserver.auth import Credentials, extract_token
 from wsserver.errors import (
-    BadRequest,
-    Busy,
-    CloseError,
     Draining,
-    GoingAway,
     HandshakeRateLimited,
-    InternalError,
-    KeepaliveTimeout,
-    MessageError,
     NoToken,
-    PolicyViolation,
-    RateLimited,
-    RateLimitExceeded,
     Rejection,
-    SlowConsumer,
-    TaskFailed,
-    TokenExpired,
-    TokenInvalid,
 )
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
-from wsserver.protocol import ClientMessage, MessageId
-from wsserver.tasks import Task
+from wsserver.services import Services
+from wsserver.session import Session
 from wsserver.tornado_internals import ServerProtocol13, pending_bytes, websocket_params
-
-if TYPE_CHECKING:
-    from wsserver.app import ServerState
+from wsserver.transport import TimerHandle
 
 log = logging.getLogger("wsserver.connection")
 
@@ -70,9 +51,9 @@ MAX_DEMO_USER_LENGTH = 64
 _NO_HEADERS = HTTPHeaders()
 
 
-def _client_address(state: ServerState, request: Any) -> str:
+def _client_address(services: Services, request: Any) -> str:
     headers = request.headers
-    return state.proxies.client_address(
+    return services.proxies.client_address(
         request.remote_ip or "", headers.get("X-Forwarded-For"), headers.get("X-Real-IP")
     )
 
@@ -80,11 +61,11 @@ def _client_address(state: ServerState, request: Any) -> str:
 class BaseHandler(tornado.web.RequestHandler):
     """JSON answers, security headers, and errors without tracebacks."""
 
-    state: ServerState
+    services: Services
 
-    def initialize(self, state: ServerState) -> None:
-        self.state = state
-        self.client_address = _client_address(state, self.request)
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self.client_address = _client_address(services, self.request)
         self.limit_key = limit_key(self.client_address)
 
     def set_default_headers(self) -> None:
@@ -103,7 +84,7 @@ class BaseHandler(tornado.web.RequestHandler):
 class NotFoundHandler(BaseHandler):
     """Unknown paths: 404 with a JSON body."""
 
-    def initialize(self, state: ServerState | None = None) -> None:
+    def initialize(self, services: Services | None = None) -> None:
         pass
 
     def prepare(self) -> None:
@@ -118,39 +99,41 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """``GET /readyz``: 200 while accepting connections, 503 while draining."""
+    """``GET /readyz``: 200 while accepting connections; 503 while draining or
+    while the broker does not answer its probe."""
 
     def get(self) -> None:
-        if self.state.draining:
-            self.write_json({"status": "draining"}, 503)
-        else:
+        problem = self.services.ready
+        if problem is None:
             self.write_json({"status": "ready"})
+        else:
+            self.write_json({"status": problem}, 503)
 
 
 class MetricsHandler(BaseHandler):
     """``GET /metrics``: Prometheus text format."""
 
     def get(self) -> None:
-        self.state.refresh_gauges()
+        self.services.refresh_gauges()
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.state.metrics.render())
+        self.finish(self.services.metrics.render())
 
 
 class StatsHandler(BaseHandler):
     """``GET /stats``: a few live counts as JSON, for the demo page's chart."""
 
     def get(self) -> None:
-        state = self.state
-        metrics = state.metrics
+        services = self.services
+        metrics = services.metrics
         self.write_json(
             {
-                "connections": state.registry.authenticated,
-                "users": state.registry.users,
-                "rooms": len(state.rooms),
+                "connections": services.registry.authenticated,
+                "users": services.registry.users,
+                "rooms": len(services.hub),
                 "messages": int(_total(metrics.messages)),
                 "deliveries": int(_total(metrics.deliveries)),
-                "tasks_in_flight": state.pool.in_flight,
-                "uptime": round(time.time() - state.started_at, 3),
+                "tasks_in_flight": services.pool.in_flight,
+                "uptime": round(time.time() - services.started_at, 3),
             }
         )
 
@@ -169,16 +152,16 @@ class DemoTokenHandler(BaseHandler):
     """``POST /auth/demo-token``: a short-lived token for any name, demo mode only."""
 
     def post(self) -> None:
-        state = self.state
-        if not state.settings.demo or state.issuer is None:
+        services = self.services
+        if not services.settings.demo or services.issuer is None:
             raise tornado.web.HTTPError(404)
         try:
-            state.origins.check(self.request.headers.get("Origin"))
-            wait = state.handshake_buckets.take(self.limit_key)
+            services.origins.check(self.request.headers.get("Origin"))
+            wait = services.handshake_buckets.take(self.limit_key)
             if wait:
                 raise HandshakeRateLimited("too many token requests", retry_after=wait)
         except Rejection as rejection:
-            state.metrics.rejections.labels(rejection.reason).inc()
+            services.metrics.rejections.labels(rejection.reason).inc()
             if rejection.retry_after is not None:
                 self.set_header("Retry-After", str(math.ceil(rejection.retry_after)))
             self.write_json({"error": rejection.reason, "message": rejection.message},
@@ -193,8 +176,8 @@ class DemoTokenHandler(BaseHandler):
                 400,
             )
             return
-        ttl = state.settings.demo_token_ttl
-        token, _ = state.issuer.issue(user, ttl)
+        ttl = services.settings.demo_token_ttl
+        token, _ = services.issuer.issue(user, ttl)
         self.write_json({"token": token, "expires_in": ttl})
 
     def _requested_user(self) -> str | None:
@@ -229,43 +212,86 @@ class IndexHandler(StaticHandler):
         await super().get("index.html", include_body)
 
 
-Dispatch = Callable[["WebSocketHandler", ClientMessage], None]
+
+
+class TornadoTransport:
+    """:class:`~wsserver.transport.Transport` over Tornado's WebSocket protocol.
+
+    Used for TLS connections (the fast path serves plain TCP only). Frames
+    are written straight to the stream; on plain TCP straight to the socket
+    when nothing is queued (see :meth:`send_frame`).
+    """
+
+    __slots__ = ("_handler", "_protocol", "_socket")
+
+    def __init__(self, handler: WebSocketHandler, protocol: ServerProtocol13) -> None:
+        self._handler = handler
+        self._protocol = protocol
+        stream = protocol.stream
+        # Exactly IOStream: an SSLIOStream must encrypt.
+        self._socket: socket.socket | None = stream.socket if type(stream) is IOStream else None
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Write a pre-built frame, skipping ``write_message``'s JSON encoding and
+        per-call Task (see TORNADO-NOTES.md). When nothing is queued, hand it to
+        the kernel ourselves, as IOStream would, minus its Future and buffer
+        bookkeeping (about 10 us per write); what the kernel does not take, and
+        any error, goes through ``IOStream.write``, which queues it or closes."""
+        protocol = self._protocol
+        if protocol.server_terminated or protocol.client_terminated:
+            return False
+        stream = protocol.stream
+        if stream is None or stream.closed():
+            return False
+        sock = self._socket
+        if sock is not None and not pending_bytes(stream):
+            try:
+                sent = sock.send(frame)
+            except OSError:
+                sent = 0
+            if sent == len(frame):
+                return True
+            frame = frame[sent:]
+        try:
+            stream.write(frame)
+        except StreamClosedError:
+            return False
+        return True
+
+    def buffered(self) -> int:
+        stream = self._protocol.stream
+        return 0 if stream is None else pending_bytes(stream)
+
+    def close(self, code: int, reason: str) -> None:
+        self._handler.close(code, reason)
+
+    def abort(self) -> None:
+        stream = self._protocol.stream
+        if stream is not None:
+            stream.close()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        return asyncio.get_running_loop().call_later(delay, callback)
 
 
 class WebSocketHandler(tornado.websocket.WebSocketHandler):
-    """``GET /ws``: one authenticated connection.
+    """``GET /ws``: the handshake, then a :class:`~wsserver.session.Session`.
 
-    Lifecycle: :meth:`get` runs the pre-upgrade checks; :meth:`open` verifies
-    the token (close 4001) and the per-user cap (close 4008) before anything
-    the client sent is read; :meth:`on_message` handles one text frame;
-    :meth:`on_close` forgets the connection everywhere.
+    :meth:`get` runs the pre-upgrade checks in CONTRACT.md's order; after the
+    101, :meth:`open` hands the connection to a Session, which verifies the
+    token (close 4001) and the per-user cap (close 4008) before anything the
+    client sent is read.
     """
 
-    state: ServerState
+    services: Services
 
-    def initialize(self, state: ServerState) -> None:
-        self.state = state
-        self.client_address = _client_address(state, self.request)
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self.client_address = _client_address(services, self.request)
         self.limit_key = limit_key(self.client_address)
-        self.identity: Identity | None = None
+        self.session: Session | None = None
         self._credentials: Credentials | None = None
-        self._opened_at: float | None = None
-        self._ended_with: CloseError | None = None
-        # One pending timer at a time: token_expiring, then the expiry close.
-        self._timer: object | None = None
-        # Keepalive, driven by the server-wide sweep (see keepalive()).
-        self._next_ping = 0.0
-        self._pong_due: float | None = None
-        self._strikes = 0
-        # Strikes are forgiven only after a full refill's time without a
-        # refusal: a token trickling back between refusals must not wipe them.
-        self._strike_memory = state.settings.message_burst / state.settings.message_rate
-        self._last_refused = -math.inf
-        self._tasks_in_flight = 0
-        self._max_write_buffer = state.settings.max_write_buffer
         self._protocol: ServerProtocol13 | None = None
-        #: The socket under a plain-TCP stream, for direct sends (never under TLS).
-        self._plain_socket: socket.socket | None = None
 
     # --- the handshake, in CONTRACT.md's order ---------------------------
 
@@ -282,15 +308,15 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     def _admit(self) -> Credentials:
         """The checks before the upgrade; each raises its :class:`Rejection`."""
-        state = self.state
+        services = self.services
         address = self.limit_key
-        if state.draining:
+        if services.draining:
             raise Draining("server shutting down", retry_after=5)
-        state.origins.check(self.request.headers.get("Origin"))
-        wait = state.handshake_buckets.take(address)
+        services.origins.check(self.request.headers.get("Origin"))
+        wait = services.handshake_buckets.take(address)
         if wait:
             raise HandshakeRateLimited("too many handshakes from this address", retry_after=wait)
-        state.registry.check_admission(address)
+        services.registry.check_admission(address)
         credentials = extract_token(
             self.request.headers.get("Authorization"),
             self._offered_subprotocols(),
@@ -305,7 +331,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     def _refuse(self, rejection: Rejection) -> None:
         """Answer a refused handshake with its HTTP status."""
-        self.state.metrics.rejections.labels(rejection.reason).inc()
+        self.services.metrics.rejections.labels(rejection.reason).inc()
         log.info(
             "handshake refused: %s (%d) addr=%s", rejection.message, rejection.status,
             self.client_address,
@@ -329,7 +355,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         sites' pages from connecting with a visitor's credentials. It has
         already run in :meth:`_admit`; Tornado asks again in ``get()``.
         """
-        return self.state.origins.allows(origin)
+        return self.services.origins.allows(origin)
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         """Select ``bearer`` when the token came that way; never echo the token."""
@@ -347,45 +373,17 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         # Frames are built once per broadcast; compression would make them per-peer.
         return None
 
-    def open(self, *args: str, **kwargs: str) -> None:
-        state = self.state
-        self._opened_at = time.monotonic()
-        state.registry.admit(self, self.limit_key)
+    async def open(self, *args: str, **kwargs: str) -> None:
         credentials, self._credentials = self._credentials, None
-        assert credentials is not None
-        try:
-            identity = state.verifier.verify(credentials.token)
-            state.registry.authenticate(self, identity.user)
-        except CloseError as error:
-            self._end(error)
-            return
-        self.identity = identity
+        assert credentials is not None and self._protocol is not None
         self.set_nodelay(True)
-        stream = self._protocol.stream if self._protocol is not None else None
-        if type(stream) is IOStream:  # exactly: an SSLIOStream must encrypt
-            self._plain_socket = stream.socket
-        state.metrics.connections.inc()
-        state.metrics.connections_accepted.inc()
-        log.info("open user=%s addr=%s via=%s", identity.user, self.client_address,
-                 credentials.source)
-        settings = state.settings
-        self.send(
-            {
-                "type": "welcome",
-                "user": identity.user,
-                "expires_at": int(identity.expires_at),
-                "limits": {
-                    "message_rate": settings.message_rate,
-                    "message_burst": settings.message_burst,
-                    "max_message_size": settings.max_message_size,
-                    "tasks_in_flight": settings.task_per_connection,
-                    "connections_per_user": settings.max_connections_per_user,
-                },
-            }
+        session = Session(
+            self.services, TornadoTransport(self, self._protocol), self.client_address,
+            self.limit_key,
         )
-        self._next_ping = time.monotonic() + settings.ping_interval
-        self._schedule_expiry()
+        self.session = session
         self._release_handshake()
+        await session.open(credentials)
 
     def _release_handshake(self) -> None:
         """Drop what only the handshake needed, instead of keeping it for the
@@ -396,287 +394,27 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.request.query_arguments = {}
         self._headers = _NO_HEADERS
 
-    # --- messages ----------------------------------------------------------
+    # --- frames in ---------------------------------------------------------
 
     def on_message(self, message: str | bytes) -> None:
-        identity = self.identity
-        if identity is None or self._ended_with is not None:
-            # Not authenticated, or already closing: frames pipelined behind
-            # the handshake of a rejected token are dropped unread.
+        session = self.session
+        if session is None:
             return
         if isinstance(message, bytes):
-            self._end(PolicyViolation("binary frames are not accepted"))
-            return
-        wait = self.state.message_buckets.take(identity.user)
-        if wait:
-            self._on_rate_limited(message, wait)
-            return
-        if self._strikes and time.monotonic() - self._last_refused >= self._strike_memory:
-            self._strikes = 0
-        try:
-            msg = protocol.parse(message)
-        except MessageError as error:
-            self.state.metrics.messages.labels("invalid").inc()
-            self._reply_error(error, protocol.salvage_id(message))
-            return
-        self.state.metrics.messages.labels(msg.type).inc()
-        try:
-            self._DISPATCH[msg.type](self, msg)
-        except MessageError as error:
-            self._reply_error(error, msg.id)
-        except CloseError as error:
-            self._end(error)
-        except Exception:
-            log.exception("error serving %s for user=%s", msg.type, identity.user)
-            self._reply_error(InternalError("internal error; the connection stays open"),
-                              msg.id)
-
-    def _on_rate_limited(self, message: str, wait: float) -> None:
-        self._strikes += 1
-        self._last_refused = time.monotonic()
-        self.state.metrics.rejections.labels("rate_limited").inc()
-        if self._strikes > self.state.settings.rate_limit_strikes:
-            self._end(RateLimitExceeded())
-            return
-        self._reply_error(RateLimited(wait), protocol.salvage_id(message))
-
-    def _on_ping(self, msg: ClientMessage) -> None:
-        self._reply(msg, {"type": "pong"})
-
-    def _on_echo(self, msg: ClientMessage) -> None:
-        self._reply(msg, {"type": "echo", "data": msg.field("data")})
-
-    def _on_join(self, msg: ClientMessage) -> None:
-        room = msg.field("room")
-        try:
-            self.state.rooms.join(self, room)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        self._reply(msg, {"type": "joined", "room": room})
-
-    def _on_leave(self, msg: ClientMessage) -> None:
-        room = msg.field("room")
-        self.state.rooms.leave(self, room)
-        self._reply(msg, {"type": "left", "room": room})
-
-    def _on_publish(self, msg: ClientMessage) -> None:
-        assert self.identity is not None
-        room = msg.field("room")
-        rooms = self.state.rooms
-        if not rooms.is_member(self, room):
-            raise BadRequest(f"join room {room!r} before publishing to it")
-        message = {"type": "message", "room": room, "from": self.identity.user,
-                   "data": msg.field("data")}
-        # One encoding and one frame for every member; only the sender's copy
-        # differs when it carries the message's id.
-        frame = frames.text_frame(protocol.encode(message))
-        delivered = 0
-        for member in rooms.members(room):
-            if member is self and msg.id is not None:
-                continue
-            delivered += member.send_frame(frame)
-        if msg.id is not None:
-            delivered += self._reply(msg, message)
-        self.state.metrics.deliveries.inc(delivered)
-
-    def _on_task(self, msg: ClientMessage) -> None:
-        # Validated first, so unknown names and bad arguments are answered as
-        # such even at the limit, and only known names become metric labels.
-        task, kwargs = self.state.pool.prepare(msg.field("name"), msg.body.get("args", {}))
-        limit = self.state.settings.task_per_connection
-        if self._tasks_in_flight >= limit:
-            self.state.metrics.tasks.labels(task.name, "busy").inc()
-            raise Busy(f"at most {limit} tasks in flight on one connection")
-        self._tasks_in_flight += 1
-        # The loop keeps only weak references to tasks: hold this one until done.
-        background = self.state.background
-        future = asyncio.ensure_future(self._run_task(msg, task, kwargs))
-        background.add(future)
-        future.add_done_callback(background.discard)
-
-    async def _run_task(self, msg: ClientMessage, task: Task, kwargs: dict[str, Any]) -> None:
-        try:
-            value = await self.state.pool.execute(task, kwargs)
-        except MessageError as error:
-            self._reply_error(error, msg.id)
-        except Exception:
-            log.exception("task %s failed for user=%s", task.name, self._user)
-            self._reply_error(TaskFailed("the task failed"), msg.id)
+            session.on_binary(message)
         else:
-            self._reply(msg, {"type": "result", "name": task.name, "value": value})
-        finally:
-            self._tasks_in_flight -= 1
-
-    def _on_refresh(self, msg: ClientMessage) -> None:
-        assert self.identity is not None
-        identity = self.state.verifier.verify(msg.field("token"))  # CloseError → 4001
-        if identity.user != self.identity.user:
-            raise TokenInvalid("invalid token: issued for another user")
-        self.identity = identity
-        self._schedule_expiry()
-        self._reply(msg, {"type": "refreshed", "expires_at": int(identity.expires_at)})
-
-    _DISPATCH: dict[str, Dispatch] = {
-        "ping": _on_ping,
-        "echo": _on_echo,
-        "join": _on_join,
-        "leave": _on_leave,
-        "publish": _on_publish,
-        "task": _on_task,
-        "refresh": _on_refresh,
-    }
-
-    # --- live tokens ---------------------------------------------------------
-
-    def _schedule_expiry(self) -> None:
-        """``token_expiring`` before ``exp``, then close 4001 at ``exp`` (+ leeway)."""
-        assert self.identity is not None
-        self._cancel_timer()
-        remaining = self.identity.expires_at - time.time()
-        warning = min(self.state.settings.token_warning, max(remaining, 0.0) / 2)
-        self._timer = IOLoop.current().call_later(max(0.0, remaining - warning),
-                                                  self._warn_expiring)
-
-    def _warn_expiring(self) -> None:
-        if self.identity is None:
-            return
-        self.send({"type": "token_expiring", "expires_at": int(self.identity.expires_at)})
-        close_in = self.identity.expires_at + self.state.settings.jwt_leeway - time.time()
-        self._timer = IOLoop.current().call_later(max(0.0, close_in), self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        self._end(TokenExpired())
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            IOLoop.current().remove_timeout(self._timer)
-            self._timer = None
-
-    # --- keepalive -------------------------------------------------------------
-
-    def keepalive(self, now: float, interval: float) -> None:
-        """Ping when due; drop the peer when its last ping went unanswered.
-
-        The server calls this for every connection from one periodic sweep,
-        instead of Tornado's ping Task per connection: the same protocol, a
-        fraction of the objects per connection.
-        """
-        if self.identity is None or self._ended_with is not None:
-            return
-        if self._pong_due is not None:
-            if now >= self._pong_due:
-                self._drop(KeepaliveTimeout())
-            return
-        if now >= self._next_ping:
-            self._next_ping = now + interval
-            self._pong_due = now + interval
-            self.send_frame(frames.PING)
+            session.on_text(message)
 
     def on_pong(self, data: bytes) -> None:
-        self._pong_due = None
-
-    # --- sending ---------------------------------------------------------------
-
-    def send(self, message: dict[str, Any]) -> bool:
-        """Send one JSON message; False when the connection cannot take it."""
-        return self.send_frame(frames.text_frame(protocol.encode(message)))
-
-    def send_frame(self, frame: bytes) -> bool:
-        """Write a pre-built frame straight to the stream.
-
-        This skips ``write_message``'s per-call JSON encoding and asyncio Task
-        (see TORNADO-NOTES.md). Write futures from ``IOStream.write`` are
-        already silenced by Tornado when the stream closes. A peer whose unsent
-        data would pass ``--max-write-buffer`` is closed as a slow consumer, so
-        its backlog never grows past that bound and a broadcast never waits.
-        """
-        conn = self.ws_connection
-        if conn is None or conn.server_terminated or conn.client_terminated:
-            return False
-        stream = conn.stream
-        if stream is None or stream.closed():
-            return False
-        pending = pending_bytes(stream)
-        if pending + len(frame) > self._max_write_buffer:
-            self._end(SlowConsumer())
-            return False
-        sock = self._plain_socket
-        if not pending and sock is not None:
-            # Nothing queued: hand the frame to the kernel ourselves, as
-            # IOStream would, minus its Future and buffer bookkeeping (about
-            # 10 us per write). What the kernel does not take, and any error,
-            # goes through IOStream.write, which queues it or closes the stream.
-            try:
-                sent = sock.send(frame)
-            except OSError:
-                sent = 0
-            if sent == len(frame):
-                return True
-            frame = frame[sent:]
-        stream.write(frame)
-        return True
-
-    def _reply(self, msg: ClientMessage, reply: dict[str, Any]) -> bool:
-        if msg.id is not None:
-            reply["id"] = msg.id
-        return self.send(reply)
-
-    def _reply_error(self, error: MessageError, msg_id: MessageId | None) -> None:
-        reply = error.as_reply()
-        if msg_id is not None:
-            reply["id"] = msg_id
-        self.send(reply)
-
-    # --- closing ---------------------------------------------------------------
-
-    def _end(self, error: CloseError) -> None:
-        """Close with ``error``'s code and reason (the one place that does)."""
-        if self._ended_with is not None:
-            return
-        self._ended_with = error
-        if isinstance(error, SlowConsumer):
-            self.state.metrics.slow_consumers.inc()
-            log.warning("slow consumer user=%s addr=%s: over %d bytes unsent; closing 4009",
-                        self._user, self.client_address, self._max_write_buffer)
-        self.close(error.code, error.reason)
-
-    def _drop(self, error: CloseError) -> None:
-        """Close with ``error`` and cut the socket now: the peer is not listening."""
-        self._end(error)
-        protocol = self._protocol
-        if protocol is not None and protocol.stream is not None:
-            protocol.stream.close()
-
-    def shut_down(self) -> None:
-        """Close with 1001 because the server stops."""
-        self._end(GoingAway())
-
-    @property
-    def _user(self) -> str:
-        return self.identity.user if self.identity is not None else "-"
+        if self.session is not None:
+            self.session.on_pong(data)
 
     def on_close(self) -> None:
-        if self._opened_at is None:
+        session = self.session
+        if session is None:
             return  # never upgraded: nothing was registered
-        state = self.state
-        self._cancel_timer()
-        state.rooms.leave_all(self)
-        last_of_user = state.registry.remove(self)
-        if last_of_user is not None:
-            state.message_buckets.discard(last_of_user)
-        if self.identity is not None:
-            state.metrics.connections.dec()
         sent = self._protocol.sent_close if self._protocol is not None else None
-        if self._ended_with is not None:
-            code, reason, by = self._ended_with.code, self._ended_with.reason, "server"
-        elif sent is not None:
-            code, reason, by = sent[0], sent[1], "server"
+        if sent is not None:
+            session.on_closed(sent[0], sent[1], True)
         else:
-            code, reason, by = self.close_code or 1006, self.close_reason or "", "client"
-        state.metrics.closes.labels(str(code)).inc()
-        log.info(
-            "close user=%s addr=%s code=%d by=%s reason=%r duration=%.3fs",
-            self._user, self.client_address, code, by, reason,
-            time.monotonic() - self._opened_at,
-        )
+            session.on_closed(self.close_code or 1006, self.close_reason or "", False)

@@ -8,6 +8,7 @@ ends in :class:`~wsserver.errors.BadRequest` or
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,6 @@ from wsserver.errors import BadRequest, UnknownType
 MAX_DEPTH = 32
 MAX_ROOM_LENGTH = 128
 MAX_ID_LENGTH = 128
-MESSAGE_TYPES = frozenset({"ping", "echo", "join", "leave", "publish", "task", "refresh"})
 
 MessageId = str | int | float
 
@@ -121,7 +121,7 @@ def parse(text: str) -> ClientMessage:
         raise BadRequest("'type' is required and must be a string")
     if msg_type not in MESSAGE_TYPES:
         raise UnknownType(f"unknown message type {msg_type[:64]!r}")
-    _VALIDATORS[msg_type](value)
+    MESSAGES[msg_type](value)
     return ClientMessage(msg_type, msg_id, value)
 
 
@@ -136,8 +136,22 @@ def _require_data(body: dict[str, Any]) -> None:
         raise BadRequest("'data' is required")
 
 
-def _validate_ping(body: dict[str, Any]) -> None:
+def _validate_nothing(body: dict[str, Any]) -> None:
     pass
+
+
+def _validate_join(body: dict[str, Any]) -> None:
+    _require_room(body)
+    since = body.get("since")
+    if since is None:
+        return
+    if not isinstance(since, dict):
+        raise BadRequest("'since' must be an object {\"offset\": O, \"epoch\": E}")
+    offset, epoch = since.get("offset"), since.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise BadRequest("'since.offset' must be an integer, 0 or more")
+    if not isinstance(epoch, str) or not 1 <= len(epoch) <= 64:
+        raise BadRequest("'since.epoch' must be a string of 1 to 64 characters")
 
 
 def _validate_publish(body: dict[str, Any]) -> None:
@@ -158,17 +172,43 @@ def _validate_refresh(body: dict[str, Any]) -> None:
         raise BadRequest("'token' is required and must be a string")
 
 
-_VALIDATORS = {
-    "ping": _validate_ping,
+#: Every client message type and its validator: the one table the parser and
+#: the session's dispatch (``Session._on_<type>``) are built from.
+MESSAGES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "ping": _validate_nothing,
     "echo": _require_data,
-    "join": _require_room,
+    "join": _validate_join,
     "leave": _require_room,
     "publish": _validate_publish,
+    "presence": _require_room,
     "task": _validate_task,
     "refresh": _validate_refresh,
 }
+MESSAGE_TYPES = frozenset(MESSAGES)
 
 
 def encode(message: dict[str, Any]) -> bytes:
     """A server message as compact UTF-8 JSON."""
     return _encoder.encode(message).encode("utf-8")
+
+
+class RawJSONList(list[bytes]):
+    """A list of already-encoded JSON values, spliced in by :func:`encode_with_raw`."""
+
+
+def encode_with_raw(message: dict[str, Any]) -> bytes:
+    """:func:`encode`, with top-level :class:`RawJSONList` values spliced in as they
+    are: recovered messages are not decoded and encoded again.
+
+    Only for server-built replies whose other values are strings and numbers: a
+    key's marker cannot then occur anywhere else in the encoded text (a quote
+    inside a string value is always escaped).
+    """
+    raw = {key: value for key, value in message.items() if isinstance(value, RawJSONList)}
+    if not raw:
+        return encode(message)
+    out = encode({key: ([] if key in raw else value) for key, value in message.items()})
+    for key, items in raw.items():
+        marker = b'"%s":[]' % key.encode()
+        out = out.replace(marker, b'"%s":[%s]' % (key.encode(), b",".join(items)), 1)
+    return out

@@ -72,19 +72,44 @@ class BucketTable(Generic[K]):
         self.burst = burst
         self._clock = clock
         self._buckets: dict[K, TokenBucket] = {}
+        #: Keys whose bucket holds only a share of the rate (other nodes hold the rest).
+        self._shares: dict[K, float] = {}
 
     def take(self, key: K, cost: float = 1.0) -> float:
         """Spend from ``key``'s bucket; 0.0 when allowed, else seconds to wait."""
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self._clock)
+            bucket = self._buckets[key] = self._new_bucket(key)
         return bucket.take(cost)
+
+    def _new_bucket(self, key: K) -> TokenBucket:
+        share = self._shares.get(key, 1.0)
+        return TokenBucket(self.rate * share, max(1.0, self.burst * share), self._clock)
+
+    def set_share(self, key: K, share: float) -> None:
+        """Give ``key``'s bucket ``share`` (0 < share <= 1) of the rate and burst.
+
+        Its tokens are capped to the new burst at once; the refill follows the
+        new rate from now on.
+        """
+        share = min(1.0, max(share, 1e-6))
+        if share >= 1.0:
+            self._shares.pop(key, None)
+        else:
+            self._shares[key] = share
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.take(0.0)  # refill at the old rate up to now
+            bucket.rate = self.rate * share
+            bucket.burst = max(1.0, self.burst * share)
+            bucket._tokens = min(bucket._tokens, bucket.burst)
 
     def discard(self, key: K) -> None:
         """Forget ``key``'s bucket, if it is full (a refilling one is kept)."""
         bucket = self._buckets.get(key)
         if bucket is not None and bucket.full:
             del self._buckets[key]
+            self._shares.pop(key, None)
 
     def sweep(self) -> int:
         """Forget every full bucket; returns how many were dropped."""

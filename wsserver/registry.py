@@ -106,6 +106,14 @@ class ConnectionRegistry(Generic[C]):
     def count_for_user(self, user: str) -> int:
         return len(self._per_user.get(user, ()))
 
+    def connections_of(self, user: str) -> list[C]:
+        """``user``'s authenticated connections on this node."""
+        return list(self._per_user.get(user, ()))
+
+    def user_names(self) -> list[str]:
+        """Every user with an authenticated connection on this node."""
+        return list(self._per_user)
+
     def __iter__(self) -> Iterator[C]:
         return iter(list(self._address))
 

@@ -21,13 +21,13 @@ import time
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from wsserver.app import ServerState, make_app
+from wsserver.app import make_app
 from wsserver.config import Settings
 from wsserver.errors import ConfigError
 from wsserver.listener import Listener
 from wsserver.monitor import ConnectionMonitor
-from wsserver.origin import OriginPolicy
 from wsserver.sdnotify import SystemdNotifier
+from wsserver.services import Services
 
 log = logging.getLogger("wsserver.server")
 
@@ -35,6 +35,8 @@ MAX_BODY_SIZE = 64 * 1024
 #: Descriptors beyond the connections: listeners, the task pool, logs, HTTP requests.
 FILE_LIMIT_HEADROOM = 256
 LISTEN_BACKLOG = 1024
+#: Seconds between refreshes of the per-user bucket shares across nodes.
+BUCKET_REBALANCE = 1.0
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -59,8 +61,7 @@ class Server:
 
     def __init__(self, settings: Settings, notifier: SystemdNotifier | None = None) -> None:
         self.settings = settings
-        self.state = ServerState.from_settings(settings)
-        self.app = make_app(self.state)
+        self.services: Services | None = None
         if notifier is None:
             notifier = SystemdNotifier.from_environ(os.environ)
             # As sd_notify(unset_environment=1): the task workers must not
@@ -69,7 +70,9 @@ class Server:
                 os.environ.pop(name, None)
         self.notifier = notifier
         self.http_server: Listener | None = None
+        self.internal_server: Listener | None = None
         self.port = settings.port
+        self.internal_port: int | None = None
         self._jobs: list[PeriodicCallback] = []
         self._stop_requested: asyncio.Event | None = None
 
@@ -87,11 +90,16 @@ class Server:
         ssl_context = make_ssl_context(settings)
         sockets = bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
         self.port = sockets[0].getsockname()[1]
-        if settings.default_origins:
-            self.state.origins = OriginPolicy(settings.loopback_origins(self.port))
-        self.state.pool.start()
+        internal_sockets = []
+        if settings.internal_port is not None:
+            internal_sockets = bind_sockets(settings.internal_port, settings.internal_host,
+                                            backlog=LISTEN_BACKLOG)
+            self.internal_port = internal_sockets[0].getsockname()[1]
+        # Built after binding, so demo mode's origins carry the real port.
+        services = self.services = Services(settings, port=self.port)
+        await services.start()
         self.http_server = Listener(
-            self.app,
+            make_app(services),
             ssl_options=ssl_context,
             # Both bound how long a client may take to send its request, which
             # cuts off slowloris connections that trickle headers.
@@ -101,16 +109,29 @@ class Server:
             max_body_size=MAX_BODY_SIZE,
         )
         self.http_server.add_sockets(sockets)
+        if internal_sockets:
+            self.internal_server = Listener(
+                make_app(services, "internal"),
+                idle_connection_timeout=settings.header_timeout,
+                body_timeout=settings.header_timeout,
+                max_header_size=settings.max_header_size,
+                max_body_size=MAX_BODY_SIZE,
+            )
+            self.internal_server.add_sockets(internal_sockets)
 
-        monitor = ConnectionMonitor(self.state.snapshot, self.state.housekeeping)
+        monitor = ConnectionMonitor(services.snapshot, services.housekeeping)
         self._jobs.append(
             PeriodicCallback(lambda: _discard(monitor.check()), settings.monitor_interval * 1000)
         )
         if settings.ping_interval:
             # Each connection is pinged within a tenth of the interval of its due time.
             self._jobs.append(
-                PeriodicCallback(self.state.keepalive, settings.ping_interval * 100)
+                PeriodicCallback(services.keepalive, settings.ping_interval * 100)
             )
+        if services.broker.kind != "memory":
+            self._jobs.append(PeriodicCallback(
+                lambda: services.spawn(services.rebalance_buckets()), BUCKET_REBALANCE * 1000
+            ))
         interval = self.notifier.watchdog_interval
         if interval:
             notifier = self.notifier
@@ -127,7 +148,13 @@ class Server:
                 "hands anyone a token for any name. Configure --jwt-secret-file or "
                 "--jwt-public-key-file for real use."
             )
-        log.info("allowed origins: %s", ", ".join(sorted(self.state.origins.allowed)) or "none")
+        log.info("allowed origins: %s", ", ".join(sorted(services.origins.allowed)) or "none")
+        log.info("broker: %s, node %s", services.broker.kind, services.node_name)
+        if self.internal_port is not None:
+            log.info("internal listener (metrics, stats, API) on http://%s:%d/",
+                     _display_host(settings.internal_host), self.internal_port)
+        if settings.api_key is None:
+            log.info("server API off (no --api-key): /api/ answers 404")
         log.info("listening on %s://%s:%d/", settings.scheme, _display_host(settings.host),
                  self.port)
         _tune_gc()
@@ -153,31 +180,35 @@ class Server:
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, drain, stop the pool."""
-        state = self.state
-        if state.draining:
+        services = self.services
+        if services is None or services.draining:
+            self.notifier.close()
             return
-        state.draining = True
-        state.metrics.draining.set(1)
+        services.draining = True
+        services.metrics.draining.set(1)
         self.notifier.stopping()
-        open_now = state.registry.total
+        open_now = services.registry.total
         log.info("shutting down: closing %d connection(s) with 1001", open_now)
         if self.http_server is not None:
             self.http_server.stop()
-        for connection in state.registry:
-            connection.shut_down()
+        for session in services.sessions():
+            session.shut_down()
         deadline = time.monotonic() + self.settings.drain_timeout
-        while state.registry.total and time.monotonic() < deadline:
+        while services.registry.total and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if state.registry.total:
-            log.warning("drain timeout: dropping %d connection(s)", state.registry.total)
-            for connection in state.registry:
-                connection.on_connection_close()
+        if services.registry.total:
+            log.warning("drain timeout: dropping %d connection(s)", services.registry.total)
+            for session in services.sessions():
+                session.transport.abort()
+                session.on_closed(1006, "drain timeout", True)
         for job in self._jobs:
             job.stop()
-        if self.http_server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.http_server.close_all_connections(), 1.0)
-        state.pool.shutdown()
+        for listener in (self.http_server, self.internal_server):
+            if listener is not None:
+                listener.stop()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(listener.close_all_connections(), 1.0)
+        await services.close()
         self.notifier.close()
         log.info("stopped")
 

@@ -1,0 +1,311 @@
+"""The server API: the application's backend publishes, disconnects, looks inside.
+
+On only when an API key is configured; otherwise every ``/api/`` path answers
+404, as if it did not exist. Every request carries the key
+(``Authorization: apikey KEY`` or ``X-API-Key: KEY``), compared in constant
+time. Errors map in one place (:meth:`ApiHandler._answer_error`): malformed
+input 400, a missing or wrong key 401, a body over ``--max-message-size`` 413,
+an epoch mismatch 409, a broker that cannot be reached 503 with
+``Retry-After``. Every request is counted in
+``wsserver_api_requests_total{endpoint, outcome}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+from typing import Any
+
+import tornado.web
+
+from wsserver import protocol
+from wsserver.brokers.base import BrokerUnavailable, PublishResult
+from wsserver.errors import BadRequest, WsServerError
+from wsserver.hub import history_spec
+from wsserver.rooms import validate_room
+from wsserver.services import Services
+
+log = logging.getLogger("wsserver.api")
+
+MAX_BROADCAST_ROOMS = 1000
+MAX_IDEMPOTENCY_KEY = 128
+MAX_HISTORY_LIMIT = 10_000
+MAX_REASON_BYTES = 123  # a close frame's payload is at most 125 bytes (RFC 6455 5.5)
+
+
+class ApiError(WsServerError):
+    """An API request answered with ``status`` and ``{"error": code, "message"}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """Key check, JSON bodies, and the one mapping from errors to statuses."""
+
+    endpoint = "unknown"
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self._outcome = "ok"
+
+    def set_default_headers(self) -> None:
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Content-Type", "application/json")
+
+    def prepare(self) -> None:
+        key = self.services.settings.api_key
+        if key is None:
+            raise tornado.web.HTTPError(404)
+        if not hmac.compare_digest(self._presented_key().encode(), key.reveal().encode()):
+            self._outcome = "unauthorized"
+            raise ApiError(401, "unauthorized", "missing or wrong API key: send "
+                           "'Authorization: apikey <KEY>' or 'X-API-Key: <KEY>'")
+
+    def _presented_key(self) -> str:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() == "apikey" and value.strip():
+            return value.strip()
+        return self.request.headers.get("X-API-Key", "").strip()
+
+    def body(self) -> dict[str, Any]:
+        """The request's JSON object, or :class:`ApiError` 400/413."""
+        raw = self.request.body or b""
+        if len(raw) > self.services.settings.max_message_size:
+            raise ApiError(413, "too_large",
+                           f"body over {self.services.settings.max_message_size} bytes")
+        try:
+            value = protocol.decode(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad_request", "body is not UTF-8") from None
+        except BadRequest as error:
+            raise ApiError(400, "bad_request", error.message) from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "bad_request", "body must be a JSON object")
+        return value
+
+    def room_arg(self, value: Any, name: str = "room") -> str:
+        if not isinstance(value, str):
+            raise ApiError(400, "bad_request", f"'{name}' must be a string")
+        try:
+            return validate_room(value)
+        except BadRequest as error:
+            raise ApiError(400, "bad_request", error.message) from None
+
+    def answer(self, body: dict[str, Any], status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body, separators=(",", ":")))
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if self._finished:
+            return
+        if isinstance(e, ApiError):
+            self._answer_error(e.status, e.code, e.message)
+        elif isinstance(e, BrokerUnavailable):
+            self.set_header("Retry-After", str(max(1, math.ceil(e.retry_after))))
+            self._answer_error(503, "unavailable", e.message)
+        elif isinstance(e, tornado.web.HTTPError) and e.status_code == 404:
+            self._outcome = "not_found"
+            self.set_status(404)
+            self.finish(json.dumps({"error": "not_found"}))
+        else:
+            log.error("API %s failed: %s", self.endpoint, type(e).__name__, exc_info=e)
+            self._answer_error(500, "internal_error", "internal error")
+
+    def _answer_error(self, status: int, code: str, message: str) -> None:
+        if self._outcome == "ok":
+            self._outcome = code
+        self.answer({"error": code, "message": message}, status)
+
+    def on_finish(self) -> None:
+        if self.services.settings.api_key is not None:
+            self.services.metrics.api_requests.labels(self.endpoint, self._outcome).inc()
+
+
+def _idempotency_key(body: dict[str, Any]) -> str | None:
+    key = body.get("idempotency_key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise ApiError(400, "bad_request",
+                       f"'idempotency_key' must be a string of 1 to {MAX_IDEMPOTENCY_KEY} "
+                       "characters")
+    return key
+
+
+class PublishHandler(ApiHandler):
+    """``POST /api/publish {"room", "data"[, "idempotency_key"]}``."""
+
+    endpoint = "publish"
+
+    async def post(self) -> None:
+        body = self.body()
+        room = self.room_arg(body.get("room"))
+        if "data" not in body:
+            raise ApiError(400, "bad_request", "'data' is required")
+        result = await self.services.hub.publish(
+            room, body["data"], idempotency_key=_idempotency_key(body)
+        )
+        self.answer(result.as_dict())
+
+
+class BroadcastHandler(ApiHandler):
+    """``POST /api/broadcast {"rooms": [...], "data"}``: one publish per room."""
+
+    endpoint = "broadcast"
+
+    async def post(self) -> None:
+        body = self.body()
+        rooms = body.get("rooms")
+        if not isinstance(rooms, list) or not 1 <= len(rooms) <= MAX_BROADCAST_ROOMS:
+            raise ApiError(400, "bad_request",
+                           f"'rooms' must be a list of 1 to {MAX_BROADCAST_ROOMS} room names")
+        names = [self.room_arg(room, "rooms[]") for room in rooms]
+        if "data" not in body:
+            raise ApiError(400, "bad_request", "'data' is required")
+        key = _idempotency_key(body)
+        hub = self.services.hub
+        outcomes = await asyncio.gather(
+            *(hub.publish(room, body["data"], idempotency_key=key) for room in names),
+            return_exceptions=True,
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures and len(failures) == len(outcomes):
+            raise failures[0]
+        results: list[dict[str, Any]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, PublishResult):
+                results.append(outcome.as_dict())
+            elif isinstance(outcome, BrokerUnavailable):
+                results.append({"error": "unavailable"})
+            else:
+                log.error("broadcast publish failed: %r", outcome)
+                results.append({"error": "internal_error"})
+        self.answer({"results": results})
+
+
+class DisconnectHandler(ApiHandler):
+    """``POST /api/disconnect {"user"[, "code", "reason"]}`` on every node."""
+
+    endpoint = "disconnect"
+
+    async def post(self) -> None:
+        body = self.body()
+        user = body.get("user")
+        if not isinstance(user, str) or not user:
+            raise ApiError(400, "bad_request", "'user' must be a non-empty string")
+        code = body.get("code", 4003)
+        if isinstance(code, bool) or not isinstance(code, int) or not 4000 <= code <= 4999:
+            raise ApiError(400, "bad_request", "'code' must be an integer from 4000 to 4999")
+        reason = body.get("reason", "disconnected by the server")
+        if not isinstance(reason, str) or len(reason.encode("utf-8")) > MAX_REASON_BYTES:
+            raise ApiError(400, "bad_request",
+                           f"'reason' must be a string of at most {MAX_REASON_BYTES} bytes")
+        await self.services.broker.disconnect_user(user, code, reason)
+        self.answer({})
+
+
+class RoomsHandler(ApiHandler):
+    """``GET /api/rooms``: rooms with members on every node."""
+
+    endpoint = "rooms"
+
+    async def get(self) -> None:
+        rooms = await self.services.broker.rooms()
+        self.answer({"rooms": {
+            room: {"connections": count.connections, "users": count.users}
+            for room, count in sorted(rooms.items())
+        }})
+
+
+class PresenceHandler(ApiHandler):
+    """``GET /api/presence?room=R`` (namespaces with ``presence = true``)."""
+
+    endpoint = "presence"
+
+    async def get(self) -> None:
+        room = self.room_arg(self.get_query_argument("room", None))
+        if not self.services.settings.rooms.policy_for(room).presence:
+            raise ApiError(400, "bad_request", f"presence is not enabled for {room!r}")
+        presence = await self.services.broker.presence(room)
+        self.answer({"room": room, "users": presence.users,
+                     "connections": presence.connections})
+
+
+class HistoryHandler(ApiHandler):
+    """``GET /api/history?room=R[&since=O&epoch=E][&limit=N]`` (rooms with history)."""
+
+    endpoint = "history"
+
+    async def get(self) -> None:
+        room = self.room_arg(self.get_query_argument("room", None))
+        spec = history_spec(self.services.settings.rooms.policy_for(room))
+        if spec is None:
+            raise ApiError(400, "bad_request", f"{room!r} keeps no history")
+        since = self._int_arg("since", 0)
+        limit = self._int_arg("limit", min(spec.size, MAX_HISTORY_LIMIT))
+        if not 1 <= limit <= MAX_HISTORY_LIMIT:
+            raise ApiError(400, "bad_request", f"'limit' must be 1 to {MAX_HISTORY_LIMIT}")
+        epoch = self.get_query_argument("epoch", None)
+        page = await self.services.broker.history(room, spec, since=since, limit=limit)
+        if epoch is not None and epoch != page.epoch:
+            raise ApiError(409, "epoch", f"epoch {epoch!r} is not the room's epoch "
+                           f"{page.epoch!r}: its history was lost; reload")
+        self.answer({
+            "epoch": page.epoch,
+            "offset": page.offset,
+            "complete": page.complete,
+            "messages": [json.loads(p.payload) for p in page.publications],
+        })
+
+    def _int_arg(self, name: str, default: int) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        if not raw.isdigit() or len(raw) > 18:
+            raise ApiError(400, "bad_request", f"'{name}' must be a whole number, 0 or more")
+        return int(raw)
+
+
+class NodesHandler(ApiHandler):
+    """``GET /api/nodes``: the nodes sharing the broker."""
+
+    endpoint = "nodes"
+
+    async def get(self) -> None:
+        nodes = await self.services.broker.nodes()
+        self.answer({"nodes": [
+            {"name": n.name, "connections": n.connections, "users": n.users,
+             "uptime": n.uptime}
+            for n in nodes
+        ]})
+
+
+class UnknownApiHandler(ApiHandler):
+    """Any other ``/api/`` path: 404 (after the key check, so it leaks nothing)."""
+
+    endpoint = "unknown"
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise tornado.web.HTTPError(404)
+
+
+ROUTES: list[tuple[str, type[ApiHandler]]] = [
+    (r"/api/publish", PublishHandler),
+    (r"/api/broadcast", BroadcastHandler),
+    (r"/api/disconnect", DisconnectHandler),
+    (r"/api/rooms", RoomsHandler),
+    (r"/api/presence", PresenceHandler),
+    (r"/api/history", HistoryHandler),
+    (r"/api/nodes", NodesHandler),
+    (r"/api/.*", UnknownApiHandler),
+]

@@ -1,0 +1,229 @@
+"""Services: the composition root, everything one node shares, without Tornado.
+
+Built once from :class:`~wsserver.config.Settings` (after binding, so the
+demo mode's origins are final from the start) and handed to the edge, which
+reaches the core only through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+from wsserver.auth import TokenIssuer, TokenVerifier
+from wsserver.brokers import Broker, make_broker
+from wsserver.brokers.base import NodeStats
+from wsserver.config import Settings
+from wsserver.hub import Hub
+from wsserver.metrics import Metrics
+from wsserver.monitor import Snapshot
+from wsserver.netaddr import TrustedProxies
+from wsserver.origin import OriginPolicy
+from wsserver.pool import TaskPool
+from wsserver.ratelimit import BucketTable
+from wsserver.registry import ConnectionRegistry
+from wsserver.tasks import load_task_table
+
+if TYPE_CHECKING:
+    from wsserver.session import Session
+
+log = logging.getLogger("wsserver.services")
+
+
+def default_node_name() -> str:
+    """``host:pid``: unique per process, readable in logs and ``/api/nodes``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Services:
+    """Everything the sessions, the hub and the edge share on one node."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        port: int | None = None,
+        metrics: Metrics | None = None,
+        broker: Broker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics = metrics or Metrics()
+        self.started_at = time.time()
+        self.draining = False
+        assert settings.verify_key is not None
+        key = settings.verify_key.reveal()
+        self.verifier = TokenVerifier(
+            key,
+            settings.jwt_algorithms,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway,
+        )
+        self.issuer: TokenIssuer | None = None
+        if settings.can_sign:
+            self.issuer = TokenIssuer(
+                key,
+                settings.jwt_algorithms[0],
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+            )
+        origins = settings.allowed_origins
+        if settings.default_origins:
+            origins = settings.loopback_origins(port if port is not None else settings.port)
+        self.origins = OriginPolicy(origins)
+        self.proxies = TrustedProxies(settings.trusted_proxies)
+        self.registry: ConnectionRegistry[Session] = ConnectionRegistry(
+            settings.max_connections,
+            settings.max_connections_per_ip,
+            settings.max_connections_per_user,
+        )
+        self.message_buckets: BucketTable[str] = BucketTable(
+            settings.message_rate, settings.message_burst
+        )
+        self.handshake_buckets: BucketTable[str] = BucketTable(
+            settings.handshake_rate, settings.handshake_burst
+        )
+        self.pool = TaskPool(
+            load_task_table(settings.tasks_module),
+            workers=settings.task_workers,
+            queue=settings.task_queue,
+            timeout=settings.task_timeout,
+            tasks_module=settings.tasks_module,
+            metrics=metrics,
+        )
+        node_name = settings.node_name or default_node_name()
+        self.broker = broker or make_broker(settings.broker, node_name)
+        self.hub = Hub(
+            self.broker,
+            settings.rooms,
+            metrics,
+            node_stats=self.node_stats,
+            sessions_of=self.registry.connections_of,
+            spawn=self.spawn,
+            max_recovery=settings.max_recovery,
+        )
+        #: Futures of background work, held so the loop's weak references suffice.
+        self.background: set[asyncio.Future[Any]] = set()
+
+    @property
+    def node_name(self) -> str:
+        return self.broker.node_name
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the task pool and connect the broker."""
+        self.pool.start()
+        await self.broker.start(self.hub)
+
+    async def close(self) -> None:
+        """Disconnect the broker and stop the task workers."""
+        try:
+            await self.broker.close()
+        finally:
+            self.pool.shutdown()
+
+    @property
+    def ready(self) -> str | None:
+        """None when ready; else why not (``draining``, ``broker_unavailable``)."""
+        if self.draining:
+            return "draining"
+        if not self.broker.up:
+            return "broker_unavailable"
+        return None
+
+    # --- background work -------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coroutine`` in the background, holding it until done."""
+        future = asyncio.ensure_future(coroutine)
+        self.background.add(future)
+        future.add_done_callback(self.background.discard)
+
+    async def quietly(self, awaitable: Awaitable[Any]) -> None:
+        """Await a clean-up whose failure is only worth a log line."""
+        try:
+            await awaitable
+        except Exception as exc:
+            log.warning("broker clean-up failed: %s", exc)
+
+    # --- shared per-user buckets -------------------------------------------------
+
+    def share_bucket(self, user: str, total: int) -> None:
+        """Give this node its share of ``user``'s message bucket.
+
+        With connections on several nodes, each node's local bucket gets the
+        fraction of the rate and burst that its connections are of the user's
+        total; :meth:`rebalance_buckets` refreshes the shares in one batch per
+        interval, so no broker round trip is made per message.
+        """
+        local = self.registry.count_for_user(user)
+        if total <= local or self.broker.kind == "memory":
+            self.message_buckets.set_share(user, 1.0)
+        else:
+            self.message_buckets.set_share(user, local / total)
+
+    async def rebalance_buckets(self) -> None:
+        """Refresh every local user's bucket share from the cluster's counts."""
+        if self.broker.kind == "memory":
+            return
+        users = self.registry.user_names()
+        if not users:
+            return
+        try:
+            totals = await self.broker.user_connections(users)
+        except Exception as exc:
+            log.debug("cannot rebalance message buckets: %s", exc)
+            return
+        for user in users:
+            self.share_bucket(user, totals.get(user, 0))
+
+    # --- what the monitor, the metrics and the API read ------------------------
+
+    def node_stats(self) -> NodeStats:
+        return NodeStats(
+            connections=self.registry.authenticated,
+            users=self.registry.users,
+            uptime=round(time.time() - self.started_at, 3),
+        )
+
+    def sessions(self) -> Sequence[Session]:
+        return list(self.registry)
+
+    def snapshot(self) -> Snapshot:
+        """The counts the monitor logs."""
+        return Snapshot(
+            connections=self.registry.total,
+            users=self.registry.users,
+            rooms=len(self.hub),
+            tasks_in_flight=self.pool.in_flight,
+            max_connections=self.settings.max_connections,
+        )
+
+    def keepalive(self) -> None:
+        """One keepalive sweep over every connection."""
+        interval = self.settings.ping_interval
+        now = time.monotonic()
+        for session in self.registry:
+            session.keepalive(now, interval)
+
+    def refresh_gauges(self) -> None:
+        """Set the gauges that are read off the registry, the hub and the broker."""
+        self.metrics.users.set(self.registry.users)
+        self.metrics.rooms.set(len(self.hub))
+        self.metrics.broker_up.set(1 if self.broker.up else 0)
+
+    def housekeeping(self) -> None:
+        """Forget refilled buckets and stale state (bounded memory)."""
+        self.message_buckets.sweep()
+        self.handshake_buckets.sweep()
+        self.hub.sweep()
+        sweep = getattr(self.broker, "sweep", None)
+        if sweep is not None:
+            sweep()
+        self.refresh_gauges()

@@ -1,0 +1,476 @@
+"""Session: one connection's logic, after the 101, with no I/O of its own.
+
+A Session takes text frames and a clock, and talks to a
+:class:`~wsserver.transport.Transport`: it verifies the token, enforces the
+caps and the message budget, dispatches each message type, keeps the token's
+expiry and the keepalive, and forgets itself everywhere when the connection
+goes. Rooms go through the :class:`~wsserver.hub.Hub`, tasks through the
+:class:`~wsserver.pool.TaskPool`. The Tornado handler and the fast frame path
+only do the handshake and hand frames in; the unit tests drive a Session with
+a recording transport and a fake clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from wsserver import frames, protocol
+from wsserver.auth import Credentials, Identity
+from wsserver.brokers.base import BrokerUnavailable
+from wsserver.closecodes import metric_label
+from wsserver.errors import (
+    Busy,
+    CloseError,
+    Forbidden,
+    GoingAway,
+    InternalError,
+    KeepaliveTimeout,
+    MessageError,
+    PolicyViolation,
+    RateLimited,
+    RateLimitExceeded,
+    SlowConsumer,
+    TaskFailed,
+    TokenExpired,
+    TokenInvalid,
+    TooManyForUser,
+    Unavailable,
+)
+from wsserver.protocol import ClientMessage, MessageId
+from wsserver.tasks import Task
+from wsserver.transport import TimerHandle, Transport
+
+if TYPE_CHECKING:
+    from wsserver.services import Services
+
+log = logging.getLogger("wsserver.connection")
+
+#: Client messages queued behind one that waits on the broker (a join, a
+#: publish); the per-user bucket bounds them long before this does.
+MAX_QUEUED = 64
+
+Handler = Callable[["Session", ClientMessage], None]
+AsyncHandler = Callable[["Session", ClientMessage], Coroutine[Any, Any, None]]
+
+
+class Session:
+    """One connection: authenticated in :meth:`open`, then fed by the transport.
+
+    Implements :class:`~wsserver.transport.Receiver`.
+    """
+
+    _serials = 0
+
+    def __init__(
+        self,
+        services: Services,
+        transport: Transport,
+        address: str,
+        limit_key: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        Session._serials += 1
+        self.serial = Session._serials
+        self.services = services
+        self.transport = transport
+        self.address = address
+        self.limit_key = limit_key
+        self._clock = clock
+        self._wall = wall
+        self.identity: Identity | None = None
+        self.opened_at = clock()
+        self.ended_with: CloseError | None = None
+        self.closed = False
+        self._counted_in_broker = False
+        self._timer: TimerHandle | None = None
+        self._next_ping = 0.0
+        self._pong_due: float | None = None
+        settings = services.settings
+        self._strikes = 0
+        # Strikes are forgiven only after a full refill's time without a
+        # refusal: a token trickling back between refusals must not wipe them.
+        self._strike_memory = settings.message_burst / settings.message_rate
+        self._last_refused = -math.inf
+        self._max_write_buffer = settings.max_write_buffer
+        self.tasks_in_flight = 0
+        #: Messages that arrived while one of this session's broker calls ran.
+        self._queue: deque[str] | None = None
+
+    # --- start ---------------------------------------------------------------
+
+    @property
+    def user(self) -> str:
+        return self.identity.user if self.identity is not None else "-"
+
+    async def open(self, credentials: Credentials) -> bool:
+        """Verify the token and the caps, then welcome the client.
+
+        Returns False when the connection was refused (4001 / 4008); nothing
+        the client sent is processed before this returns.
+        """
+        services = self.services
+        services.registry.admit(self, self.limit_key)
+        try:
+            identity = services.verifier.verify(credentials.token)
+        except CloseError as error:
+            self.end(error)
+            return False
+        self.identity = identity
+        try:
+            services.registry.authenticate(self, identity.user)
+            await self._count_in_broker(identity.user)
+        except CloseError as error:
+            services.registry.remove(self)
+            self.identity = None
+            log.info("refused user=%s addr=%s: %s", identity.user, self.address, error.reason)
+            self.end(error)
+            return False
+        if self.ended_with is not None or self.closed:
+            return False  # the client went while the broker answered
+        services.metrics.connections.inc()
+        services.metrics.connections_accepted.inc()
+        log.info("open user=%s addr=%s via=%s", identity.user, self.address, credentials.source)
+        settings = services.settings
+        self.send(
+            {
+                "type": "welcome",
+                "user": identity.user,
+                "expires_at": int(identity.expires_at),
+                "limits": {
+                    "message_rate": settings.message_rate,
+                    "message_burst": settings.message_burst,
+                    "max_message_size": settings.max_message_size,
+                    "tasks_in_flight": settings.task_per_connection,
+                    "connections_per_user": settings.max_connections_per_user,
+                },
+            }
+        )
+        self._next_ping = self._clock() + settings.ping_interval
+        self._schedule_expiry()
+        return True
+
+    async def _count_in_broker(self, user: str) -> None:
+        """The per-user cap on every node; with the broker down, this node's count."""
+        broker = self.services.broker
+        try:
+            count = await broker.user_connect(user, self.services.settings.max_connections_per_user)
+        except BrokerUnavailable:
+            log.warning("broker unavailable: user=%s counted on this node only", user)
+            return
+        if count is None:
+            raise TooManyForUser()
+        self._counted_in_broker = True
+        self.services.share_bucket(user, count)
+
+    # --- messages (Receiver) ---------------------------------------------------
+
+    def on_text(self, text: str) -> None:
+        """One text message from the client."""
+        if self.identity is None or self.ended_with is not None:
+            # Not authenticated, or already closing: frames pipelined behind
+            # the handshake of a rejected token are dropped unread.
+            return
+        if self._queue is not None:
+            if len(self._queue) >= MAX_QUEUED:
+                self.end(RateLimitExceeded("too many messages waiting for the broker"))
+                return
+            self._queue.append(text)
+            return
+        self._handle(text)
+
+    def on_binary(self, data: bytes) -> None:
+        if self.identity is not None:
+            self.end(PolicyViolation("binary frames are not accepted"))
+
+    def on_pong(self, data: bytes) -> None:
+        self._pong_due = None
+
+    def _handle(self, text: str) -> None:
+        identity = self.identity
+        assert identity is not None
+        services = self.services
+        wait = services.message_buckets.take(identity.user)
+        if wait:
+            self._on_rate_limited(text, wait)
+            return
+        if self._strikes and self._clock() - self._last_refused >= self._strike_memory:
+            self._strikes = 0
+        try:
+            msg = protocol.parse(text)
+        except MessageError as error:
+            services.metrics.messages.labels("invalid").inc()
+            self.reply_error(error, protocol.salvage_id(text))
+            return
+        services.metrics.messages.labels(msg.type).inc()
+        handler = self._SYNC.get(msg.type)
+        try:
+            if handler is not None:
+                handler(self, msg)
+            else:
+                self._run_in_order(msg)
+        except MessageError as error:
+            self.reply_error(error, msg.id)
+        except CloseError as error:
+            self.end(error)
+        except Exception:
+            log.exception("error serving %s for user=%s", msg.type, identity.user)
+            self.reply_error(InternalError("internal error; the connection stays open"), msg.id)
+
+    def _run_in_order(self, msg: ClientMessage) -> None:
+        """Run a message that waits on the broker; later messages wait behind it,
+        so a publish right after a join sees the join done."""
+        self._queue = deque()
+        self.services.spawn(self._serve_async(msg))
+
+    async def _serve_async(self, msg: ClientMessage) -> None:
+        try:
+            await self._ASYNC[msg.type](self, msg)
+        except MessageError as error:
+            self.reply_error(error, msg.id)
+        except BrokerUnavailable as error:
+            self.reply_error(Unavailable(retry_after=error.retry_after), msg.id)
+        except CloseError as error:
+            self.end(error)
+        except Exception:
+            log.exception("error serving %s for user=%s", msg.type, self.user)
+            self.reply_error(InternalError("internal error; the connection stays open"), msg.id)
+        finally:
+            queued, self._queue = self._queue, None
+            while queued and self._queue is None and self.ended_with is None:
+                self._handle(queued.popleft())
+            if queued and self._queue is not None:
+                queued.extend(self._queue)
+                self._queue = queued
+
+    def _on_rate_limited(self, text: str, wait: float) -> None:
+        self._strikes += 1
+        self._last_refused = self._clock()
+        self.services.metrics.rejections.labels("rate_limited").inc()
+        if self._strikes > self.services.settings.rate_limit_strikes:
+            self.end(RateLimitExceeded())
+            return
+        self.reply_error(RateLimited(wait), protocol.salvage_id(text))
+
+    def _on_ping(self, msg: ClientMessage) -> None:
+        self.reply(msg, {"type": "pong"})
+
+    def _on_echo(self, msg: ClientMessage) -> None:
+        self.reply(msg, {"type": "echo", "data": msg.field("data")})
+
+    async def _on_join(self, msg: ClientMessage) -> None:
+        assert self.identity is not None
+        def answer(reply: dict[str, Any]) -> None:
+            if msg.id is not None:
+                reply["id"] = msg.id
+            self.send_frame(frames.text_frame(protocol.encode_with_raw(reply)))
+
+        await self.services.hub.join(self, msg.field("room"), msg.body.get("since"), answer)
+
+    async def _on_leave(self, msg: ClientMessage) -> None:
+        room = msg.field("room")
+        await self.services.hub.leave(self, room)
+        self.reply(msg, {"type": "left", "room": room})
+
+    async def _on_publish(self, msg: ClientMessage) -> None:
+        await self.services.hub.publish_from(self, msg.field("room"), msg.field("data"), msg.id)
+
+    async def _on_presence(self, msg: ClientMessage) -> None:
+        room = msg.field("room")
+        presence = await self.services.hub.presence_for(self, room)
+        self.reply(msg, {"type": "presence", "room": room, "users": presence.users,
+                         "connections": presence.connections})
+
+    def _on_task(self, msg: ClientMessage) -> None:
+        # Validated first, so unknown names and bad arguments are answered as
+        # such even at the limit, and only known names become metric labels.
+        services = self.services
+        task, kwargs = services.pool.prepare(msg.field("name"), msg.body.get("args", {}))
+        limit = services.settings.task_per_connection
+        if self.tasks_in_flight >= limit:
+            services.metrics.tasks.labels(task.name, "busy").inc()
+            raise Busy(f"at most {limit} tasks in flight on one connection")
+        self.tasks_in_flight += 1
+        services.spawn(self._run_task(msg, task, kwargs))
+
+    async def _run_task(self, msg: ClientMessage, task: Task, kwargs: dict[str, Any]) -> None:
+        try:
+            value = await self.services.pool.execute(task, kwargs)
+        except MessageError as error:
+            self.reply_error(error, msg.id)
+        except Exception:
+            log.exception("task %s failed for user=%s", task.name, self.user)
+            self.reply_error(TaskFailed("the task failed"), msg.id)
+        else:
+            self.reply(msg, {"type": "result", "name": task.name, "value": value})
+        finally:
+            self.tasks_in_flight -= 1
+
+    def _on_refresh(self, msg: ClientMessage) -> None:
+        assert self.identity is not None
+        identity = self.services.verifier.verify(msg.field("token"))  # CloseError → 4001
+        if identity.user != self.identity.user:
+            raise TokenInvalid("invalid token: issued for another user")
+        self.identity = identity
+        self._schedule_expiry()
+        self.reply(msg, {"type": "refreshed", "expires_at": int(identity.expires_at)})
+        # Grants may have shrunk: leave every room the new token no longer grants.
+        self.services.spawn(self.services.hub.recheck_grants(self))
+
+    _SYNC: ClassVar[dict[str, Handler]] = {
+        "ping": _on_ping,
+        "echo": _on_echo,
+        "task": _on_task,
+        "refresh": _on_refresh,
+    }
+    _ASYNC: ClassVar[dict[str, AsyncHandler]] = {
+        "join": _on_join,
+        "leave": _on_leave,
+        "publish": _on_publish,
+        "presence": _on_presence,
+    }
+
+    # --- live tokens -----------------------------------------------------------
+
+    def _schedule_expiry(self) -> None:
+        """``token_expiring`` before ``exp``, then close 4001 at ``exp`` (+ leeway)."""
+        assert self.identity is not None
+        self._cancel_timer()
+        remaining = self.identity.expires_at - self._wall()
+        warning = min(self.services.settings.token_warning, max(remaining, 0.0) / 2)
+        self._timer = self.transport.call_later(max(0.0, remaining - warning),
+                                                self._warn_expiring)
+
+    def _warn_expiring(self) -> None:
+        if self.identity is None or self.ended_with is not None:
+            return
+        self.send({"type": "token_expiring", "expires_at": int(self.identity.expires_at)})
+        close_in = self.identity.expires_at + self.services.settings.jwt_leeway - self._wall()
+        self._timer = self.transport.call_later(max(0.0, close_in), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.end(TokenExpired())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- keepalive -------------------------------------------------------------
+
+    def keepalive(self, now: float, interval: float) -> None:
+        """Ping when due; drop the peer when its last ping went unanswered.
+
+        The server calls this for every connection from one periodic sweep,
+        instead of a ping Task per connection.
+        """
+        if self.identity is None or self.ended_with is not None:
+            return
+        if self._pong_due is not None:
+            if now >= self._pong_due:
+                self.end(KeepaliveTimeout())
+                self.transport.abort()  # the peer is not listening
+            return
+        if now >= self._next_ping:
+            self._next_ping = now + interval
+            self._pong_due = now + interval
+            self.send_frame(frames.PING)
+
+    # --- sending ---------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Send one JSON message; False when the connection cannot take it."""
+        try:
+            payload = protocol.encode(message)
+        except (ValueError, TypeError, UnicodeEncodeError):
+            # Client-controlled values that cannot be encoded must never
+            # abort the connection: answer without them.
+            log.warning("cannot encode a %s reply for user=%s", message.get("type"), self.user)
+            payload = protocol.encode(InternalError("reply could not be encoded").as_reply())
+        return self.send_frame(frames.text_frame(payload))
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Hand a pre-built frame to the transport, or close a slow consumer.
+
+        A peer whose unsent data would pass ``--max-write-buffer`` is closed
+        with 4009, so its backlog never grows past that bound and a broadcast
+        never waits for it.
+        """
+        if self.ended_with is not None or self.closed:
+            return False
+        transport = self.transport
+        if transport.buffered() + len(frame) > self._max_write_buffer:
+            self.end(SlowConsumer())
+            return False
+        return transport.send_frame(frame)
+
+    def reply(self, msg: ClientMessage, reply: dict[str, Any]) -> bool:
+        if msg.id is not None:
+            reply["id"] = msg.id
+        return self.send(reply)
+
+    def reply_error(self, error: MessageError, msg_id: MessageId | None) -> None:
+        reply = error.as_reply()
+        if msg_id is not None:
+            reply["id"] = msg_id
+        self.send(reply)
+
+    def forbidden(self, message: str) -> Forbidden:
+        """The ``forbidden`` error, counted."""
+        self.services.metrics.rejections.labels("forbidden").inc()
+        return Forbidden(message)
+
+    # --- closing ---------------------------------------------------------------
+
+    def end(self, error: CloseError) -> None:
+        """Close with ``error``'s code and reason (the one place that does)."""
+        if self.ended_with is not None or self.closed:
+            return
+        self.ended_with = error
+        if isinstance(error, SlowConsumer):
+            self.services.metrics.slow_consumers.inc()
+            log.warning("slow consumer user=%s addr=%s: over %d bytes unsent; closing 4009",
+                        self.user, self.address, self._max_write_buffer)
+        self.transport.close(error.code, error.reason)
+
+    def shut_down(self) -> None:
+        """Close with 1001 because the server stops."""
+        self.end(GoingAway())
+
+    def on_closed(self, code: int, reason: str, by_server: bool) -> None:
+        """The connection is gone: forget it everywhere, log and count it once."""
+        if self.closed:
+            return
+        self.closed = True
+        services = self.services
+        self._cancel_timer()
+        identity = self.identity
+        last_of_user = services.registry.remove(self)
+        if last_of_user is not None:
+            services.message_buckets.discard(last_of_user)
+        services.hub.forget(self)
+        if identity is not None:
+            services.metrics.connections.dec()
+            if self._counted_in_broker:
+                services.spawn(services.quietly(services.broker.user_disconnect(identity.user)))
+        if self.ended_with is not None:
+            code, reason, by = self.ended_with.code, self.ended_with.reason, "server"
+        else:
+            by = "server" if by_server else "client"
+        services.metrics.closes.labels(metric_label(code)).inc()
+        log.info(
+            "close user=%s addr=%s code=%d by=%s reason=%r duration=%.3fs",
+            self.user, self.address, code, by, reason, self._clock() - self.opened_at,
+        )
+
+
+#: Every message type has exactly one handler (a unit test checks it too).
+assert set(Session._SYNC) | set(Session._ASYNC) == protocol.MESSAGE_TYPES
+assert not set(Session._SYNC) & set(Session._ASYNC)
