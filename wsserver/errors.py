@@ -163,6 +163,12 @@ class BadRequest(MessageError):
     code = "bad_request"
 
 
+class Forbidden(MessageError):
+    """A join or publish (presence, history) that nothing grants; the connection stays open."""
+
+    code = "forbidden"
+
+
 class UnknownType(MessageError):
     code = "unknown_type"
 

@@ -110,6 +110,9 @@ def _expired() -> str:
          "invalid token"),
         (lambda: __import__("jwt").encode({"sub": "a", "exp": 2**40}, None, algorithm="none"),
          "invalid token"),
+        (lambda: token(rooms="chat:*"), "invalid token: 'rooms' must be a list of strings"),
+        (lambda: token(publish=["chat:*:x"]),
+         "invalid token: 'publish' entry 0 has a '*' before its end (only a trailing '*' is allowed)"),
     ],
 )
 async def test_bad_token_upgrades_then_closes_4001(
