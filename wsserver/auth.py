@@ -18,6 +18,7 @@ import jwt
 
 from wsserver.config import HMAC_ALGORITHMS
 from wsserver.errors import TokenExpired, TokenInvalid
+from wsserver.rooms import NO_GRANTS, Grants, compile_patterns
 
 log = logging.getLogger("wsserver.auth")
 
@@ -70,11 +71,14 @@ class Identity:
     """Who a valid token speaks for, and until when.
 
     Only what the server uses is kept: one of these lives as long as its
-    connection, and thousands of connections are the normal case.
+    connection, and thousands of connections are the normal case. ``grants``
+    come from the ``rooms`` and ``publish`` claims; tokens without them share
+    :data:`wsserver.rooms.NO_GRANTS`.
     """
 
     user: str
     expires_at: float
+    grants: Grants = NO_GRANTS
 
 
 class TokenVerifier:
@@ -146,7 +150,12 @@ class TokenVerifier:
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise TokenInvalid()
-        return Identity(user=sub, expires_at=float(exp))
+        try:
+            grants = Grants.from_claims(claims)
+        except TokenInvalid as exc:
+            log.info("token rejected: %s", exc.reason)
+            raise
+        return Identity(user=sub, expires_at=float(exp), grants=grants)
 
 
 class TokenIssuer:
@@ -169,11 +178,34 @@ class TokenIssuer:
         self.issuer = issuer
         self._clock = clock
 
-    def issue(self, user: str, ttl: float) -> tuple[str, int]:
-        """A signed token for ``user`` valid ``ttl`` seconds, and its ``exp``."""
+    def issue(
+        self,
+        user: str,
+        ttl: float,
+        *,
+        rooms: Sequence[str] | None = None,
+        publish: Sequence[str] | None = None,
+    ) -> tuple[str, int]:
+        """A signed token for ``user`` valid ``ttl`` seconds, and its ``exp``.
+
+        ``rooms`` and ``publish`` become the claims of the same names (room
+        names or ``prefix*``); None leaves the claim out.
+
+        Raises:
+            ValueError: an entry the verifier would refuse (so no token is
+                minted that could never connect).
+        """
         now = int(self._clock())
         exp = now + max(1, int(ttl))
         claims: dict[str, Any] = {"sub": user, "iat": now, "nbf": now, "exp": exp}
+        for claim, entries in (("rooms", rooms), ("publish", publish)):
+            if entries is None:
+                continue
+            try:
+                compile_patterns(list(entries), claim)
+            except TokenInvalid as exc:
+                raise ValueError(exc.reason.removeprefix("invalid token: ")) from None
+            claims[claim] = list(entries)
         if self.audience:
             claims["aud"] = self.audience
         if self.issuer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print a signed JWT for SUB with the configured key")
     token.add_argument("sub", metavar="SUB", help="the token's subject (user)")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument("--rooms", metavar="LIST", default=None,
+                       help="comma list for the 'rooms' claim (join): room names or prefix*")
+    token.add_argument("--publish", metavar="LIST", default=None,
+                       help="comma list for the 'publish' claim: room names or prefix*")
     add_arguments(token)
 
     check = sub.add_parser("check-config", help="validate the configuration: exit 0 or 2")
@@ -74,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:
         return int(exc.code or 0)
-    local = ("command", "sub", "ttl", "room", "data", "url", "idempotency_key")
-    flags = {key: value for key, value in vars(args).items() if key not in local}
+    own = ("command", "sub", "ttl", "rooms", "publish", "room", "data", "url", "idempotency_key")
+    flags = {key: value for key, value in vars(args).items() if key not in own}
     try:
         settings = load_settings(flags)
         if args.command == "check-config":
@@ -121,6 +126,10 @@ def _check_config(settings: Settings) -> int:
         f"algorithms {','.join(settings.jwt_algorithms)}; "
         f"origins {origins}"
     )
+    source = "from the config file" if settings.rooms_from_file else (
+        "demo mode" if settings.demo_mode else "defaults"
+    )
+    print(f"rooms ({source}): {settings.rooms.describe()}")
     return 0
 
 
@@ -142,7 +151,13 @@ def _token(settings: Settings, args: Any) -> int:
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
     )
-    token, _ = issuer.issue(args.sub, args.ttl)
+    try:
+        token, _ = issuer.issue(
+            args.sub, args.ttl, rooms=_room_list(args.rooms), publish=_room_list(args.publish)
+        )
+    except ValueError as exc:
+        print(f"wsserver: --rooms/--publish: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     print(token)
     return 0
 
@@ -187,15 +202,18 @@ def _publish(settings: Settings, args: Any) -> int:
             return 0
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
-        try:
+        with contextlib.suppress(ValueError, AttributeError):
             detail = json.loads(detail).get("message", detail)
-        except (ValueError, AttributeError):
-            pass
         print(f"wsserver: publish failed: {exc.code}: {detail}", file=sys.stderr)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         print(f"wsserver: cannot reach {url}: {reason}", file=sys.stderr)
     return EXIT_RUNTIME
+def _room_list(text: str | None) -> list[str] | None:
+    """A ``--rooms``/``--publish`` comma list (so a room name with ',' cannot be given)."""
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _serve(settings: Settings) -> int:

@@ -2,7 +2,9 @@
 
 Every option is declared once in :data:`OPTIONS`; the argument parser, the
 ``WSSERVER_*`` environment variables and the TOML config file are all derived
-from that table, so the three sources cannot drift apart. :func:`load_settings`
+from that table, so the three sources cannot drift apart. The room policy is
+the exception: a nested table, it comes only from the file's ``[rooms]``
+(parsed by :meth:`wsserver.rooms.RoomPolicy.from_table`). :func:`load_settings`
 collects every problem it finds and raises one :class:`ConfigError` listing
 them all, before anything is built.
 """
@@ -22,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from wsserver.errors import ConfigError
+from wsserver.rooms import RoomPolicy
 
 ENV_PREFIX = "WSSERVER_"
 
@@ -301,6 +304,12 @@ class Settings:
     default_origins: bool = False
     #: The key that verifies tokens: HMAC secret or PEM public key text.
     verify_key: Secret | None = field(default=None, repr=False)
+    #: Who may join and publish where: the config file's ``[rooms]`` table only
+    #: (no flag or environment variable); demo mode opens the default namespace
+    #: unless the file has a ``[rooms]`` table.
+    rooms: RoomPolicy = field(default_factory=RoomPolicy)
+    #: True when ``rooms`` came from the config file's ``[rooms]`` table.
+    rooms_from_file: bool = False
 
     @property
     def scheme(self) -> str:
@@ -412,6 +421,12 @@ def _read_config_file(path: str, problems: list[str]) -> dict[str, Any]:
         name = key.replace("-", "_")
         option = OPTIONS_BY_NAME.get(name)
         source = f"{path}: {key}"
+        if key == "rooms":
+            try:
+                values["rooms"] = RoomPolicy.from_table(raw)
+            except ConfigError as error:
+                problems.extend(f"{path}: {problem}" for problem in error.problems)
+            continue
         if option is None:
             problems.append(f"{source}: unknown setting")
             continue
@@ -429,6 +444,7 @@ def _read_config_file(path: str, problems: list[str]) -> dict[str, Any]:
 
 def _build(values: dict[str, Any], problems: list[str], *, check_files: bool) -> Settings:
     defaults = {option.name: option.default for option in OPTIONS}
+    rooms: RoomPolicy | None = values.pop("rooms", None)
     merged = {**defaults, **values}
 
     workers = merged["task_workers"] or os.cpu_count() or 1
@@ -500,6 +516,13 @@ def _build(values: dict[str, Any], problems: list[str], *, check_files: bool) ->
         )
     if merged["internal_port"] is not None and merged["internal_port"] == merged["port"] != 0:
         problems.append("--internal-port: must differ from --port")
+
+    # A [rooms] table wins even in demo mode: trying a real policy locally,
+    # without a key, must show that policy, not the demo's open rooms.
+    merged["rooms_from_file"] = rooms is not None
+    if rooms is None:
+        rooms = RoomPolicy.demo() if demo_mode else RoomPolicy()
+    merged["rooms"] = rooms
 
     if problems:
         raise ConfigError(problems)

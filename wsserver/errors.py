@@ -175,6 +175,12 @@ class BadRequest(MessageError):
     code = "bad_request"
 
 
+class Forbidden(MessageError):
+    """A join or publish (presence, history) that nothing grants; the connection stays open."""
+
+    code = "forbidden"
+
+
 class UnknownType(MessageError):
     code = "unknown_type"
 
@@ -201,12 +207,6 @@ class TaskTimeout(MessageError):
 
 class TaskFailed(MessageError):
     code = "task_failed"
-
-
-class Forbidden(MessageError):
-    """A join, publish or presence request that nothing grants."""
-
-    code = "forbidden"
 
 
 class Unavailable(MessageError):

@@ -142,8 +142,8 @@ class Hub:
         if room in rooms:
             reply: dict[str, Any] = {"type": "joined", "room": room}
             if spec is not None:
-                page = await self.broker.history(room, spec)
-                reply.update(epoch=page.epoch, offset=page.offset)
+                position = await self.broker.history(room, spec)
+                reply.update(epoch=position.epoch, offset=position.offset)
             answer(reply)
             return
         if len(rooms) >= MAX_ROOMS_PER_CONNECTION:
@@ -392,11 +392,11 @@ class Hub:
         self.metrics.deliveries.inc(delivered)
 
     def _note_position(self, room: str, epoch: str, offset: int) -> None:
+        if room not in self._members and room not in self._subscriptions:
+            return
         position = self._positions.get(room)
-        if room in self._members or room in self._subscriptions:
-            if position is None or position[0] != epoch or position[1] < offset:
-                if position is None or position[0] == epoch:
-                    self._positions[room] = (epoch, offset)
+        if position is None or (position[0] == epoch and position[1] < offset):
+            self._positions[room] = (epoch, offset)
 
     def _start_repair(
         self, room: str, position: tuple[str, int], trigger: Publication | None
@@ -437,9 +437,10 @@ class Hub:
     def _deliver_in_order(self, publication: Publication) -> None:
         room = publication.room
         position = self._positions.get(room)
-        if position is not None and position[0] == publication.epoch:
-            if publication.offset is None or publication.offset <= position[1]:
-                return
+        if position is not None and position[0] == publication.epoch and (
+            publication.offset is None or publication.offset <= position[1]
+        ):
+            return
         if publication.epoch is not None and publication.offset is not None:
             self._positions[room] = (publication.epoch, publication.offset)
         self._deliver(publication)

@@ -15,9 +15,14 @@ import pytest
 import tornado.web
 
 from tests.integration.clients import ORIGIN, SECRET, close_all
-from wsserver.app import ServerState, make_app
+from wsserver.app import make_app
 from wsserver.config import load_settings
-from wsserver.origin import OriginPolicy
+from wsserver.rooms import RoomPolicy
+from wsserver.services import Services
+
+#: The room policy most integration tests run with: any user joins, members
+#: publish. Tests of permissions parametrize ``rooms_table`` with their own.
+OPEN_ROOMS: dict[str, Any] = {"join": "anyone", "publish": "members"}
 
 
 @pytest.fixture
@@ -27,24 +32,34 @@ def server_flags() -> dict[str, str]:
 
 
 @pytest.fixture
-def state(server_flags: dict[str, str]) -> Iterator[ServerState]:
-    flags = {"jwt_secret": SECRET, "allowed_origins": ORIGIN, "jwt_leeway": "0"}
-    flags.update(server_flags)
-    settings = load_settings(flags, {})
-    server_state = ServerState.from_settings(settings)
-    if settings.default_origins:
-        server_state.origins = OriginPolicy(settings.loopback_origins(settings.port))
-    yield server_state
-    server_state.pool.shutdown()
+def rooms_table() -> dict[str, Any]:
+    """The config file's ``[rooms]`` table; parametrize this name to change it."""
+    return OPEN_ROOMS
 
 
 @pytest.fixture
-def app(state: ServerState) -> tornado.web.Application:
+def state(
+    server_flags: dict[str, str], rooms_table: dict[str, Any], io_loop: Any
+) -> Iterator[Services]:
+    """The in-process server's :class:`Services`, its broker started."""
+    flags = {"jwt_secret": SECRET, "allowed_origins": ORIGIN, "jwt_leeway": "0"}
+    flags.update(server_flags)
+    settings = load_settings(flags, {})
+    settings = settings.replace(rooms=RoomPolicy.from_table(rooms_table))
+    services = Services(settings)
+    io_loop.run_sync(lambda: services.broker.start(services.hub))
+    yield services
+    io_loop.run_sync(services.broker.close)
+    services.pool.shutdown()
+
+
+@pytest.fixture
+def app(state: Services) -> tornado.web.Application:
     return make_app(state)
 
 
 @pytest.fixture
-def port(http_server: Any, http_port: int, state: ServerState) -> Iterator[int]:
+def port(http_server: Any, http_port: int, state: Services) -> Iterator[int]:
     """The port of a running in-process server built from ``server_flags``.
 
     At the end it closes every client the test opened (also those the server

@@ -95,3 +95,42 @@ def test_port_in_use_exits_1() -> None:
         result = run("--port", str(taken.getsockname()[1]))
     assert result.returncode == 1
     assert "cannot serve" in result.stderr
+
+
+def test_check_config_summarises_the_room_policy(tmp_path: Path) -> None:
+    config = tmp_path / "rooms.toml"
+    config.write_text('[rooms.namespaces.user]\njoin = "owner"\npublish = "none"\n')
+    result = run("check-config", "--config", str(config), env={"WSSERVER_JWT_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[1] == (
+        "rooms (from the config file): default namespace join=token publish=token; "
+        "user: join=owner publish=none"
+    )
+    demo = run("check-config")
+    assert "rooms (demo mode): default namespace join=anyone publish=members" in demo.stdout
+
+
+def test_check_config_rejects_a_bad_room_policy_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "rooms.toml"
+    config.write_text('[rooms.namespaces.chat]\njoin = "everyone"\ncolour = "red"\n')
+    result = run("check-config", "--config", str(config), env={"WSSERVER_JWT_SECRET": SECRET})
+    assert result.returncode == 2
+    assert (
+        f"wsserver: {config}: rooms.namespaces.chat.join: unknown value 'everyone' "
+        "(use token, anyone, owner or none)"
+    ) in result.stderr.splitlines()
+    assert f"{config}: rooms.namespaces.chat.colour: unknown setting" in result.stderr
+    assert result.stdout == ""
+
+
+def test_token_mints_room_grants() -> None:
+    result = run("token", "alice", "--rooms", "chat:*, user:alice", "--publish", "chat:news",
+                 env={"WSSERVER_JWT_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["rooms"] == ["chat:*", "user:alice"]
+    assert claims["publish"] == ["chat:news"]
+    bad = run("token", "alice", "--rooms", "chat:*:x", env={"WSSERVER_JWT_SECRET": SECRET})
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "'rooms' entry 0 has a '*' before its end" in bad.stderr

@@ -9,7 +9,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 from tests.integration.clients import ORIGIN, SECRET, connect, recv, token, welcomed
-from wsserver.app import ServerState
+from wsserver.services import Services
 
 
 async def refused(port: int, **kw: Any) -> HTTPClientError:
@@ -50,7 +50,7 @@ async def test_origin_is_checked_before_token(port: int) -> None:
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"handshake_rate": "0.01", "handshake_burst": "2"}])
 async def test_handshake_rate_is_429_with_retry_after(
-    port: int, state: ServerState
+    port: int, state: Services
 ) -> None:
     for _ in range(2):
         (await welcomed(port)).close()
@@ -110,10 +110,13 @@ def _expired() -> str:
          "invalid token"),
         (lambda: __import__("jwt").encode({"sub": "a", "exp": 2**40}, None, algorithm="none"),
          "invalid token"),
+        (lambda: token(rooms="chat:*"), "invalid token: 'rooms' must be a list of strings"),
+        (lambda: token(publish=["chat:*:x"]),
+         "invalid token: 'publish' entry 0 has a '*' before its end (only a trailing '*' is allowed)"),
     ],
 )
 async def test_bad_token_upgrades_then_closes_4001(
-    port: int, make_token: Any, reason: str, state: ServerState
+    port: int, make_token: Any, reason: str, state: Services
 ) -> None:
     conn = await connect(port, make_token())
     assert await recv(conn) is None
@@ -124,7 +127,7 @@ async def test_bad_token_upgrades_then_closes_4001(
 
 @pytest.mark.gen_test
 async def test_frames_pipelined_behind_a_bad_token_are_never_processed(
-    port: int, state: ServerState
+    port: int, state: Services
 ) -> None:
     conn = await connect(port, token(ttl=-60))
     # Sent without waiting for anything: they arrive right behind the upgrade.
@@ -133,7 +136,7 @@ async def test_frames_pipelined_behind_a_bad_token_are_never_processed(
         conn.write_message(json.dumps({"type": "echo", "data": n}))
     assert await recv(conn) is None
     assert conn.close_code == 4001
-    assert len(state.rooms) == 0
+    assert len(state.hub) == 0
     messages = sum(s.value for m in state.metrics.messages.collect() for s in m.samples
                    if s.name.endswith("_total"))
     assert messages == 0

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.integration.clients import ask, recv, token, welcomed
-from wsserver.app import ServerState
+from wsserver.services import Services
 
 
 @pytest.mark.gen_test
@@ -23,7 +23,7 @@ async def test_ping_and_echo_carry_the_id(port: int) -> None:
 
 
 @pytest.mark.gen_test
-async def test_rooms_join_publish_leave(port: int, state: ServerState) -> None:
+async def test_rooms_join_publish_leave(port: int, state: Services) -> None:
     alice = await welcomed(port, token("alice"))
     bob = await welcomed(port, token("bob"))
     carol = await welcomed(port, token("carol"))  # never joins
@@ -39,7 +39,7 @@ async def test_rooms_join_publish_leave(port: int, state: ServerState) -> None:
     # bob left and carol never joined: the next thing each sees is its own reply.
     assert await ask(bob, {"type": "ping"}) == {"type": "pong"}
     assert await ask(carol, {"type": "ping"}) == {"type": "pong"}
-    assert state.rooms.members("lobby") != []
+    assert state.hub.members("lobby") != []
 
 
 @pytest.mark.gen_test
@@ -50,16 +50,16 @@ async def test_publish_without_joining_is_refused(port: int) -> None:
 
 
 @pytest.mark.gen_test
-async def test_disconnect_leaves_rooms(port: int, state: ServerState) -> None:
+async def test_disconnect_leaves_rooms(port: int, state: Services) -> None:
     conn = await welcomed(port)
     await ask(conn, {"type": "join", "room": "r"})
-    assert len(state.rooms) == 1
+    assert len(state.hub) == 1
     conn.close()
     other = await welcomed(port, token("bob"))  # an event after the close was handled
     await ask(other, {"type": "ping"})
     while state.registry.total > 1:
         await ask(other, {"type": "ping"})
-    assert len(state.rooms) == 0
+    assert len(state.hub) == 0
 
 
 BAD_INPUTS: list[tuple[str, str]] = [
@@ -112,7 +112,7 @@ async def test_binary_frame_closes_1008(port: int) -> None:
 
 @pytest.mark.gen_test
 async def test_client_close_1000_is_logged_and_forgotten(
-    port: int, state: ServerState, caplog: pytest.LogCaptureFixture
+    port: int, state: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="wsserver")
     conn = await welcomed(port, token("leaver"))
@@ -128,14 +128,14 @@ async def test_client_close_1000_is_logged_and_forgotten(
 
 @pytest.mark.gen_test
 async def test_a_handler_bug_answers_internal_error_and_keeps_serving(
-    port: int, state: ServerState, monkeypatch: pytest.MonkeyPatch
+    port: int, state: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wsserver.handlers import WebSocketHandler
+    from wsserver.session import Session
 
     def broken(self: Any, msg: Any) -> None:
         raise RuntimeError("boom with secret detail")
 
-    monkeypatch.setitem(WebSocketHandler._DISPATCH, "echo", broken)
+    monkeypatch.setitem(Session._SYNC, "echo", broken)
     conn = await welcomed(port)
     reply = await ask(conn, {"type": "echo", "data": 1, "id": 1})
     assert reply["code"] == "internal_error" and reply["id"] == 1
@@ -145,7 +145,7 @@ async def test_a_handler_bug_answers_internal_error_and_keeps_serving(
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"max_message_size": "1024"}])
-async def test_too_big_closes_1009_and_is_counted_as_such(port: int, state: ServerState) -> None:
+async def test_too_big_closes_1009_and_is_counted_as_such(port: int, state: Services) -> None:
     conn = await welcomed(port)
     await conn.write_message(json.dumps({"type": "echo", "data": "x" * 2048}))
     assert await recv(conn) is None
@@ -159,7 +159,7 @@ async def test_too_big_closes_1009_and_is_counted_as_such(port: int, state: Serv
 
 
 @pytest.mark.gen_test
-async def test_bad_task_arguments_are_answered_and_counted(port: int, state: ServerState) -> None:
+async def test_bad_task_arguments_are_answered_and_counted(port: int, state: Services) -> None:
     conn = await welcomed(port)
     reply = await ask(conn, {"type": "task", "name": "primes", "args": {"limit": True}, "id": 5})
     assert reply["code"] == "bad_request" and reply["id"] == 5

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from wsserver.auth import TokenIssuer, TokenVerifier, extract_token
 from wsserver.errors import TokenExpired, TokenInvalid
+from wsserver.rooms import NO_GRANTS
 
 SECRET = "unit-secret-0123456789-0123456789-abc"
 OTHER = "other-secret-0123456789-0123456789-ab"
@@ -141,3 +142,38 @@ def test_issuer_round_trip() -> None:
     identity = AUD.verify(token)
     assert identity.user == "bob"
     assert identity.expires_at == exp
+
+
+def test_grants_come_from_the_rooms_and_publish_claims() -> None:
+    identity = HS.verify(make(good(rooms=["chat:*", "lobby"], publish=["lobby"])))
+    assert identity.grants.can_join("chat:1") and identity.grants.can_join("lobby")
+    assert not identity.grants.can_join("chatter")
+    assert identity.grants.can_publish("lobby") and not identity.grants.can_publish("chat:1")
+
+
+def test_a_token_without_grant_claims_shares_the_empty_grants() -> None:
+    assert HS.verify(make(good())).grants is NO_GRANTS
+    assert HS.verify(make(good())).grants is HS.verify(make(good(sub="bob"))).grants
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"rooms": "chat:*"}, {"rooms": None}, {"publish": [1]}, {"rooms": ["a*b"]}, {"rooms": ["**"]}],
+)
+def test_malformed_grant_claims_make_the_token_invalid(claims: dict[str, Any]) -> None:
+    with pytest.raises(TokenInvalid) as info:
+        HS.verify(make(good(**claims)))
+    assert info.value.code == 4001
+    assert "invalid token: '" in info.value.reason
+
+
+def test_issuer_mints_grants_and_refuses_malformed_ones() -> None:
+    issuer = TokenIssuer(SECRET)
+    token, _ = issuer.issue("bob", 60, rooms=["chat:*"], publish=[])
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert claims["rooms"] == ["chat:*"] and claims["publish"] == []
+    assert HS.verify(token).grants.can_join("chat:9")
+    plain, _ = issuer.issue("bob", 60)
+    assert "rooms" not in jwt.decode(plain, SECRET, algorithms=["HS256"])
+    with pytest.raises(ValueError, match="'publish' entry 0 has a '\\*' before its end"):
+        issuer.issue("bob", 60, publish=["a*b"])

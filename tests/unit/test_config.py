@@ -6,6 +6,7 @@ import pytest
 
 from wsserver.config import OPTIONS, Secret, Settings, load_settings
 from wsserver.errors import ConfigError
+from wsserver.rooms import NamespacePolicy, RoomPolicy
 
 KEY = "k" * 40
 
@@ -114,3 +115,80 @@ def test_lists_and_booleans_from_file_and_env(tmp_path: Path) -> None:
     assert settings.demo is False
     settings = load_settings({}, {"WSSERVER_JWT_SECRET": KEY, "WSSERVER_DEMO": "yes"})
     assert settings.demo is True
+
+
+CONTRACT_ROOMS = """
+[rooms]
+join = "token"
+publish = "token"
+history_size = 0
+history_ttl = 300
+presence = false
+join_leave = false
+
+[rooms.namespaces.chat]
+join = "anyone"
+publish = "members"
+history_size = 100
+presence = true
+join_leave = true
+
+[rooms.namespaces.user]
+join = "owner"
+publish = "none"
+"""
+
+
+def test_rooms_default_to_the_contract_and_demo_mode_opens_them() -> None:
+    assert load_settings({}, {"WSSERVER_JWT_SECRET": KEY}).rooms == RoomPolicy()
+    demo = load_settings({}, {})
+    assert demo.demo_mode and demo.rooms == RoomPolicy.demo() and not demo.rooms_from_file
+    assert Settings().rooms == RoomPolicy()
+
+
+def test_rooms_table_from_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "rooms.toml"
+    config.write_text(CONTRACT_ROOMS)
+    settings = load_settings({"config": str(config)}, {"WSSERVER_JWT_SECRET": KEY})
+    assert settings.rooms_from_file
+    assert settings.rooms.namespaces["chat"] == NamespacePolicy(
+        "anyone", "members", 100, 300, True, True
+    )
+    assert settings.rooms.policy_for("user:alice").join == "owner"
+    assert settings.rooms.policy_for("news:1") == NamespacePolicy()
+
+
+def test_rooms_table_wins_over_demo_mode(tmp_path: Path) -> None:
+    config = tmp_path / "rooms.toml"
+    config.write_text(CONTRACT_ROOMS)
+    settings = load_settings({"config": str(config)}, {})
+    assert settings.demo_mode and settings.rooms_from_file
+    assert settings.rooms.default.join == "token"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[rooms]\njoin = "everyone"\n',
+         "rooms.join: unknown value 'everyone' (use token, anyone, owner or none)"),
+        ('[rooms.namespaces.chat]\njoin = "everyone"\n',
+         "rooms.namespaces.chat.join: unknown value 'everyone'"),
+        ('[rooms.namespaces.chat]\npublish = "anyone"\n',
+         "rooms.namespaces.chat.publish: unknown value 'anyone' (use token, members or none)"),
+        ("[rooms]\nhistory_size = '100'\n", "rooms.history_size: expected an integer"),
+        ("[rooms]\npresence = 1\n", "rooms.presence: expected true or false"),
+        ("[rooms]\nhistroy_size = 1\n", "rooms.histroy_size: unknown setting"),
+        ("[rooms.namespaces.Chat]\n", "rooms.namespaces.Chat: namespace names are"),
+        ("rooms = 'open'\n", "rooms: expected a table"),
+    ],
+)
+def test_bad_rooms_tables_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    config = tmp_path / "rooms.toml"
+    config.write_text(text)
+    found = problems(flags={"config": str(config)}, environ={"WSSERVER_JWT_SECRET": KEY})
+    assert any(p.startswith(f"{config}: {expected}") for p in found), found
+
+
+def test_rooms_come_only_from_the_file() -> None:
+    found = problems(flags={}, environ={"WSSERVER_ROOMS": "open", "WSSERVER_JWT_SECRET": KEY})
+    assert found == ["WSSERVER_ROOMS: unknown setting"]
