@@ -198,7 +198,9 @@ class Dialer:
         """The handshake headers: a bearer token for wsserver, none for the others."""
         if self.jwt_user is None:
             return {}
-        claims = {"sub": f"{self.jwt_user}-{next(self._serial)}", "exp": int(time.time()) + 3600}
+        # Grants for every room: the fan-out scenario joins and publishes.
+        claims = {"sub": f"{self.jwt_user}-{next(self._serial)}", "exp": int(time.time()) + 3600,
+                  "rooms": ["*"], "publish": ["*"]}
         return {"Authorization": "Bearer " + jwt.encode(claims, self._secret, algorithm="HS256")}
 
     async def connect(self, factory: Callable[[], C]) -> C:

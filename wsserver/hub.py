@@ -300,11 +300,10 @@ class Hub:
         validate_room(room)
         identity = session.identity
         assert identity is not None
-        member = self.is_member(session, room)
-        if not self.policy.can_publish(identity.user, identity.grants, room, member):
-            raise session.forbidden(f"not allowed to publish to {room!r}")
-        if not member:
+        if not self.is_member(session, room):
             raise BadRequest(f"join room {room!r} before publishing to it")
+        if not self.policy.can_publish(identity.user, identity.grants, room, True):
+            raise session.forbidden(f"not allowed to publish to {room!r}")
         message = protocol.encode(
             {"type": "message", "room": room, "from": identity.user, "data": data}
         )

@@ -55,7 +55,9 @@ OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 def make_token(user: str, ttl: int = 600, secret: str = SECRET) -> str:
     """An HS256 token for ``user`` valid for ``ttl`` seconds."""
-    return jwt.encode({"sub": user, "exp": int(time.time()) + ttl}, secret, algorithm="HS256")
+    # Grants for every room: these tests exercise limits, not room permissions.
+    claims = {"sub": user, "exp": int(time.time()) + ttl, "rooms": ["*"], "publish": ["*"]}
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def bearer(user: str) -> dict[str, str]:
