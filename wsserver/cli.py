@@ -216,6 +216,19 @@ def _room_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _supervise(settings: Settings) -> int:
+    import os
+
+    from wsserver.sdnotify import SystemdNotifier
+    from wsserver.supervisor import Supervisor
+
+    notifier = SystemdNotifier.from_environ(os.environ)
+    # The supervisor speaks for the service; workers and task processes must not.
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
+    return Supervisor(settings, notifier).run()
+
+
 def _serve(settings: Settings) -> int:
     from wsserver.server import Server
 
@@ -226,6 +239,8 @@ def _serve(settings: Settings) -> int:
     )
     log = logging.getLogger("wsserver")
     try:
+        if settings.workers > 1:
+            return _supervise(settings)
         server = Server(settings)
         asyncio.run(server.serve())
     except ConfigError as error:

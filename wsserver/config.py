@@ -447,7 +447,9 @@ def _build(values: dict[str, Any], problems: list[str], *, check_files: bool) ->
     rooms: RoomPolicy | None = values.pop("rooms", None)
     merged = {**defaults, **values}
 
-    workers = merged["task_workers"] or os.cpu_count() or 1
+    # With --workers N, each server process gets its share of the CPUs for
+    # tasks, so N processes do not start N x CPUs task workers by default.
+    workers = merged["task_workers"] or max(1, (os.cpu_count() or 1) // merged["workers"])
     merged["task_workers"] = workers
     merged["task_queue"] = merged["task_queue"] or 4 * workers
 

@@ -15,8 +15,11 @@ import logging
 import os
 import resource
 import signal
+import socket
 import ssl
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
@@ -56,12 +59,61 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-class Server:
-    """One wsserver: an HTTP server, its shared state and its background jobs."""
+@dataclass
+class BoundSockets:
+    """The listening sockets, bound once (by the supervisor for every worker)."""
 
-    def __init__(self, settings: Settings, notifier: SystemdNotifier | None = None) -> None:
+    public: list[socket.socket]
+    internal: list[socket.socket]
+
+    @property
+    def port(self) -> int:
+        return int(self.public[0].getsockname()[1])
+
+    @property
+    def internal_port(self) -> int | None:
+        return int(self.internal[0].getsockname()[1]) if self.internal else None
+
+
+def bind(settings: Settings) -> BoundSockets:
+    """Bind the public listener and, with ``--internal-port``, the internal one."""
+    public = bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
+    internal: list[socket.socket] = []
+    if settings.internal_port is not None:
+        try:
+            internal = bind_sockets(settings.internal_port, settings.internal_host,
+                                    backlog=LISTEN_BACKLOG)
+        except OSError:
+            for sock in public:
+                sock.close()
+            raise
+    return BoundSockets(public, internal)
+
+
+class Server:
+    """One wsserver: an HTTP server, its shared state and its background jobs.
+
+    Args:
+        bound: sockets bound already (a worker of ``--workers``); else
+            :meth:`start` binds them.
+        worker: this process's number under the supervisor, or None alone.
+        on_ready: called once serving (the supervisor's readiness pipe).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        notifier: SystemdNotifier | None = None,
+        *,
+        bound: BoundSockets | None = None,
+        worker: int | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.services: Services | None = None
+        self._bound = bound
+        self.worker = worker
+        self._on_ready = on_ready
         if notifier is None:
             notifier = SystemdNotifier.from_environ(os.environ)
             # As sd_notify(unset_environment=1): the task workers must not
@@ -88,13 +140,10 @@ class Server:
                 settings.max_connections + FILE_LIMIT_HEADROOM,
             )
         ssl_context = make_ssl_context(settings)
-        sockets = bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
-        self.port = sockets[0].getsockname()[1]
-        internal_sockets = []
-        if settings.internal_port is not None:
-            internal_sockets = bind_sockets(settings.internal_port, settings.internal_host,
-                                            backlog=LISTEN_BACKLOG)
-            self.internal_port = internal_sockets[0].getsockname()[1]
+        bound = self._bound or bind(settings)
+        sockets, internal_sockets = bound.public, bound.internal
+        self.port = bound.port
+        self.internal_port = bound.internal_port
         # Built after binding, so demo mode's origins carry the real port.
         services = self.services = Services(settings, port=self.port)
         await services.start()
@@ -155,11 +204,16 @@ class Server:
                      _display_host(settings.internal_host), self.internal_port)
         if settings.api_key is None:
             log.info("server API off (no --api-key): /api/ answers 404")
-        log.info("listening on %s://%s:%d/", settings.scheme, _display_host(settings.host),
-                 self.port)
         _tune_gc()
+        if self.worker is None:
+            log.info("listening on %s://%s:%d/", settings.scheme, _display_host(settings.host),
+                     self.port)
+        else:
+            log.info("worker %d serving (pid %d)", self.worker, os.getpid())
         self.notifier.ready()
         self.notifier.status(f"serving on port {self.port}")
+        if self._on_ready is not None:
+            self._on_ready()
 
     def request_stop(self) -> None:
         """Ask :meth:`serve` to shut down (signal handlers call this)."""
