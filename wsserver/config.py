@@ -223,6 +223,14 @@ OPTIONS: tuple[Option, ...] = (
         "serve /metrics, /stats and /api/ on this port only (off the public one)",
     ),
     Option("internal_host", _text, "127.0.0.1", "address of the --internal-port listener"),
+    Option(
+        "room_publish_rate",
+        _positive_float,
+        50.0,
+        "client publishes per second into one room (every member receives each one)",
+    ),
+    Option("room_publish_burst", _positive_int, 100, "per-room publish bucket size"),
+    Option("max_room_members", _positive_int, 10000, "connections in one room on one node"),
     Option("max_recovery", _positive_int, 300, "messages at most recovered on a join with 'since'"),
     Option(
         "broker",
@@ -294,6 +302,9 @@ class Settings:
     api_key_file: str | None = None
     internal_port: int | None = None
     internal_host: str = "127.0.0.1"
+    room_publish_rate: float = 50.0
+    room_publish_burst: int = 100
+    max_room_members: int = 10000
     max_recovery: int = 300
     broker: str = "memory"
     node_name: str | None = None

@@ -192,9 +192,15 @@ class UnknownTask(MessageError):
 class RateLimited(MessageError):
     code = "rate_limited"
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__("message rate exceeded", retry_after=round(retry_after, 3))
+    def __init__(self, retry_after: float, message: str = "message rate exceeded") -> None:
+        super().__init__(message, retry_after=round(retry_after, 3))
         self.retry_after = retry_after
+
+
+class RoomFull(MessageError):
+    """A join into a room at ``--max-room-members`` on this node."""
+
+    code = "room_full"
 
 
 class Busy(MessageError):

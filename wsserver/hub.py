@@ -37,9 +37,10 @@ from wsserver.brokers.base import (
     Publication,
     PublishResult,
 )
-from wsserver.errors import BadRequest, DisconnectedByServer
+from wsserver.errors import BadRequest, DisconnectedByServer, RateLimited, RoomFull
 from wsserver.metrics import Metrics
 from wsserver.protocol import MessageId
+from wsserver.ratelimit import BucketTable
 from wsserver.rooms import NamespacePolicy, RoomPolicy, validate_room
 
 if TYPE_CHECKING:
@@ -77,12 +78,21 @@ class Hub:
         sessions_of: Callable[[str], Sequence[Session]],
         spawn: Callable[[Any], None],
         max_recovery: int = 300,
+        max_room_members: int = 10_000,
+        room_publish_rate: float = 50.0,
+        room_publish_burst: int = 100,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
         self.policy = policy
         self.metrics = metrics
         self.max_recovery = max_recovery
+        self.max_room_members = max_room_members
+        #: Client publishes per room: one publish costs a frame per member, so a
+        #: room's readers are protected from any one (or every) publisher.
+        self.room_buckets: BucketTable[str] = BucketTable(
+            room_publish_rate, room_publish_burst, clock
+        )
         self._node_stats = node_stats
         self._sessions_of = sessions_of
         self._spawn = spawn
@@ -148,6 +158,8 @@ class Hub:
             return
         if len(rooms) >= MAX_ROOMS_PER_CONNECTION:
             raise BadRequest(f"at most {MAX_ROOMS_PER_CONNECTION} rooms per connection")
+        if len(self._members.get(room, ())) >= self.max_room_members:
+            raise RoomFull(f"{room!r} has {self.max_room_members} members on this node")
         await self._subscribe(room)
         if session.closed:
             return
@@ -304,6 +316,10 @@ class Hub:
             raise BadRequest(f"join room {room!r} before publishing to it")
         if not self.policy.can_publish(identity.user, identity.grants, room, True):
             raise session.forbidden(f"not allowed to publish to {room!r}")
+        wait = self.room_buckets.take(room)
+        if wait:
+            self.metrics.rejections.labels("room_rate").inc()
+            raise RateLimited(wait, f"publish rate of room {room!r} exceeded")
         message = protocol.encode(
             {"type": "message", "room": room, "from": identity.user, "data": data}
         )
@@ -489,7 +505,8 @@ class Hub:
         return await self.broker.presence(room)
 
     def sweep(self) -> None:
-        """Forget origin tags whose publication never came back."""
+        """Forget refilled room buckets and origin tags whose publication never came back."""
+        self.room_buckets.sweep()
         cutoff = self._clock() - ORIGIN_TTL
         for tag in [t for t, (_, _, at) in self._origins.items() if at < cutoff]:
             del self._origins[tag]

@@ -106,6 +106,9 @@ class Services:
             sessions_of=self.registry.connections_of,
             spawn=self.spawn,
             max_recovery=settings.max_recovery,
+            max_room_members=settings.max_room_members,
+            room_publish_rate=settings.room_publish_rate,
+            room_publish_burst=settings.room_publish_burst,
         )
         #: Futures of background work, held so the loop's weak references suffice.
         self.background: set[asyncio.Future[Any]] = set()
