@@ -8,10 +8,14 @@ next to the accept loop they replace.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+import tornado.web
 import tornado.websocket
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream
+
+from wsserver.framing import Failure, parse_close
 
 
 class ServerProtocol13(tornado.websocket.WebSocketProtocol13):
@@ -30,6 +34,18 @@ class ServerProtocol13(tornado.websocket.WebSocketProtocol13):
             self.sent_close = (code or 1000, reason or "")
         super().close(code, reason)
 
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        # Tornado echoes any close code, even those RFC 6455 section 7.4 forbids
+        # on the wire (Autobahn 7.9.x), and raises on a non-UTF-8 reason.
+        if opcode == 0x8 and not self.client_terminated:
+            verdict = parse_close(data)
+            if isinstance(verdict, Failure):
+                self.sent_close = (verdict.code, verdict.reason)
+                self.client_terminated = True
+                self.close(verdict.code, verdict.reason)
+                return None
+        return super()._handle_message(opcode, data)
+
 
 def websocket_params(handler: tornado.websocket.WebSocketHandler) -> Any:
     """The ``_WebSocketParams`` Tornado builds in ``get_websocket_protocol``."""
@@ -44,3 +60,33 @@ def websocket_params(handler: tornado.websocket.WebSocketHandler) -> Any:
 def pending_bytes(stream: IOStream) -> int:
     """Bytes written to ``stream`` that the kernel has not taken yet."""
     return len(stream._write_buffer)
+
+
+def is_tls(handler: tornado.web.RequestHandler) -> bool:
+    """True when ``handler``'s request came over TLS on this very socket.
+
+    ``request.protocol`` is not enough: behind a trusted proxy it says "https"
+    for a plain TCP connection from the proxy.
+    """
+    connection = handler.request.connection
+    return isinstance(getattr(connection, "stream", None), SSLIOStream)
+
+
+def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
+    """Take ``stream``'s socket away from Tornado, after the 101 was written.
+
+    Returns the socket (now owned by the caller), the bytes Tornado had read
+    but nobody consumed (frames a client pipelined behind its handshake), and
+    the bytes Tornado had accepted for writing but the kernel had not taken
+    (the tail of the 101, on a congested socket). ``stream`` is left holding
+    a detached socket object, so its eventual ``close()`` closes nothing.
+    """
+    read = bytes(stream._read_buffer[: stream._read_buffer_size])
+    buffer = stream._write_buffer
+    unsent = b"".join(bytes(chunk) for _, chunk in buffer._buffers)[buffer._first_pos :]
+    if stream._state is not None:
+        stream.io_loop.remove_handler(stream.fileno())
+        stream._state = None
+    old = stream.socket
+    fd = old.detach()
+    return socket.socket(old.family, old.type, old.proto, fileno=fd), read, unsent
