@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from wsserver import framing
-from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
+from wsserver.framing import Close, Failure, FrameParser
 from wsserver.ratelimit import TokenBucket
 
 MASK = b"\x37\xfa\x21\x3d"
