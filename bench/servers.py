@@ -35,6 +35,8 @@ WSSERVER_BENCH_FLAGS: tuple[str, ...] = (
     "--handshake-burst", "100000",
     "--message-rate", "1000000000",
     "--message-burst", "1000000000",
+    "--frame-rate", "1000000000",
+    "--frame-burst", "1000000000",
 )  # fmt: skip
 
 

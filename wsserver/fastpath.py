@@ -40,6 +40,7 @@ from tornado.httputil import HTTPHeaders
 
 from wsserver import framing
 from wsserver.closecodes import CloseCode
+from wsserver.config import Settings
 from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
 from wsserver.ratelimit import TokenBucket
 from wsserver.tornado_internals import take_socket
@@ -58,11 +59,22 @@ class FrameLimits:
     max_message_size: int = 65536
     #: Frames per second, every kind counted; None: no budget.
     frame_rate: float | None = 200.0
-    frame_burst: int = 1000
+    frame_burst: int = 400
     #: Seconds a fragmented message may stay unfinished; None: no bound.
     fragment_timeout: float | None = 10.0
     #: Seconds to wait for the peer's close frame after the server's.
     close_timeout: float = 2.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FrameLimits:
+        """The limits ``settings`` asks for."""
+        rate, burst = settings.frame_budget
+        return cls(
+            max_message_size=settings.max_message_size,
+            frame_rate=rate,
+            frame_burst=burst,
+            fragment_timeout=settings.fragment_timeout,
+        )
 
     def parser(self) -> FrameParser:
         """A fresh parser holding these limits."""

@@ -29,6 +29,7 @@ from tornado.iostream import IOStream
 
 from wsserver import frames, protocol
 from wsserver.auth import Credentials, Identity, extract_token
+from wsserver.closecodes import metric_label
 from wsserver.errors import (
     BadRequest,
     Busy,
@@ -674,7 +675,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             code, reason, by = sent[0], sent[1], "server"
         else:
             code, reason, by = self.close_code or 1006, self.close_reason or "", "client"
-        state.metrics.closes.labels(str(code)).inc()
+        state.metrics.closes.labels(metric_label(code)).inc()
         log.info(
             "close user=%s addr=%s code=%d by=%s reason=%r duration=%.3fs",
             self._user, self.client_address, code, by, reason,

@@ -20,6 +20,7 @@ from limits_helpers import (
     RawConnection,
     RunningServer,
     bearer,
+    close_frame,
     metric_reaches,
     open_client,
     raw_connect,
@@ -323,5 +324,24 @@ def test_concurrent_connects_never_exceed_the_caps(run_server: Start) -> None:
         await all_at_once(["same"] * 10, ["4008"] * 6 + ["welcome"] * 4)
         # Nothing leaked from either round: the whole cap is free again.
         await all_at_once(many, ["503"] * 20 + ["welcome"] * 10)
+
+    run(scenario)
+
+
+def test_client_close_codes_become_a_fixed_label_set(run_server: Start) -> None:
+    """Hardening item 7: a client-chosen code is no metric series of its own,
+    and a code RFC 6455 section 7.4 forbids on the wire is failed with 1002."""
+    srv = run_server(env=JWT_ENV)
+
+    async def scenario() -> None:
+        chosen = await raw_open(srv, "alice")
+        await chosen.send(close_frame(4321))
+        assert (await chosen.read_until_close())[0] == 4321
+        forbidden = await raw_open(srv, "bob")
+        await forbidden.send(close_frame(1005))
+        assert (await forbidden.read_until_close())[0] == 1002
+        await metric_reaches(srv, 1, "wsserver_closes_total", code="1002")
+        await metric_reaches(srv, 1, "wsserver_closes_total", code="other")
+        assert await read_metric(srv, "wsserver_closes_total", code="4321") == 0
 
     run(scenario)

@@ -114,3 +114,18 @@ def test_lists_and_booleans_from_file_and_env(tmp_path: Path) -> None:
     assert settings.demo is False
     settings = load_settings({}, {"WSSERVER_JWT_SECRET": KEY, "WSSERVER_DEMO": "yes"})
     assert settings.demo is True
+
+
+@pytest.mark.parametrize(
+    "flags, budget",
+    [
+        ({}, (200.0, 400)),
+        ({"frame_rate": "50", "frame_burst": "60"}, (50.0, 60)),
+        ({"message_rate": "500", "message_burst": "900"}, (1000.0, 1800)),
+    ],
+)
+def test_frame_budget_never_below_twice_the_message_budget(
+    flags: dict[str, str], budget: tuple[float, int]
+) -> None:
+    settings = load_settings({"jwt_secret": "x" * 32, **flags}, {})
+    assert settings.frame_budget == budget
