@@ -1,10 +1,13 @@
 """Raw echo throughput of the frame layer against plain Tornado and uvicorn, in one run.
 
-    python -m bench.raw_echo [--seconds 4] [--connections 32] [--size 64]
+    python -m bench.raw_echo [--seconds 3] [--rounds 3] [--connections 32] [--size 64]
 
 Starts each echo server pinned to CPU 0 (``taskset``), drives it from a picows
 closed-loop generator pinned to CPU 1 (every connection sends a text message,
-waits for it back, sends the next), and prints messages/s and the ratios.
+waits for it back, sends the next), and prints messages/s, messages per
+second of server CPU, and the ratios. The servers take turns, ``--rounds``
+times, and the median of each is reported: on a shared machine the load of
+others moves single runs a lot, and per CPU-second is the steadier figure.
 Servers: ``tests/conformance/echo_server.py`` (wsserver's frame layer, on the
 default asyncio loop and on uvloop), and the reference echo servers in
 ``../shared/tools/autobahn/servers`` (Tornado, uvicorn[standard]).
@@ -18,6 +21,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -104,9 +108,31 @@ def commands(port: int) -> dict[str, list[str]]:
     }
 
 
+def measure(name: str, args: argparse.Namespace) -> dict[str, float]:
+    """One run of the server called ``name``."""
+    port = free_port()
+    cmd = ["taskset", "-c", "0", *commands(port)[name]]
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL) as server:
+        try:
+            wait_listening(port, server)
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.raw_echo", "--generate",
+                 f"ws://127.0.0.1:{port}/", "--pid", str(server.pid),
+                 "--seconds", str(args.seconds),
+                 "--connections", str(args.connections), "--size", str(args.size)],
+                cwd=ROOT, check=True, capture_output=True, text=True,
+            ).stdout
+            result: dict[str, float] = json.loads(out)
+            return result
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--generate", help=argparse.SUPPRESS)  # internal: the client side
@@ -119,26 +145,20 @@ def main() -> None:
         )
         print(json.dumps(result))
         return
-    results: dict[str, dict[str, float]] = {}
-    for name, _ in commands(0).items():
-        port = free_port()
-        cmd = ["taskset", "-c", "0", *commands(port)[name]]
-        with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL) as server:
-            try:
-                wait_listening(port, server)
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.raw_echo", "--generate",
-                     f"ws://127.0.0.1:{port}/", "--pid", str(server.pid),
-                     "--seconds", str(args.seconds),
-                     "--connections", str(args.connections), "--size", str(args.size)],
-                    cwd=ROOT, check=True, capture_output=True, text=True,
-                ).stdout
-                results[name] = json.loads(out)
-            finally:
-                server.terminate()
-                server.wait(10)
-        got = results[name]
-        print(f"{name:32} {got['per_s']:8.0f} msg/s {got['per_cpu_s']:8.0f} msg/CPU-s", flush=True)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in commands(0)}
+    for _ in range(args.rounds):
+        for name in runs:
+            runs[name].append(measure(name, args))
+            got = runs[name][-1]
+            print(f"  {name:32} {got['per_s']:8.0f} msg/s {got['per_cpu_s']:8.0f} msg/CPU-s",
+                  flush=True)
+    results = {
+        name: {key: statistics.median(run[key] for run in got) for key in got[0]}
+        for name, got in runs.items()
+    }
+    print(f"median of {args.rounds} rounds:")
+    for name, got in results.items():
+        print(f"  {name:32} {got['per_s']:8.0f} msg/s {got['per_cpu_s']:8.0f} msg/CPU-s")
     for key in ("per_s", "per_cpu_s"):
         base = results["uvicorn[standard]"][key]
         tornado = results["tornado"][key]

@@ -39,7 +39,7 @@ _MASKED = 0x80
 MAX_CONTROL_PAYLOAD = 125
 
 
-def _mask_python(mask: bytes, data: bytes) -> bytes:
+def _mask_python(data: bytes, mask: bytes) -> bytes:
     """XOR ``data`` with the repeated 4-byte ``mask`` (RFC 6455 section 5.3)."""
     length = len(data)
     key = int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
@@ -52,15 +52,16 @@ def _load_mask() -> Callable[[bytes, bytes], bytes]:
     except ImportError:
         pass
     else:
-        return lambda mask, data: apply_mask(data, mask)
+        return apply_mask
     try:
         from tornado.speedups import websocket_mask
     except ImportError:
         return _mask_python
-    return websocket_mask
+    return lambda data, mask: websocket_mask(mask, data)
 
 
-#: ``unmask(mask, data)``: the fastest implementation available here.
+#: ``unmask(data, mask)``: the fastest implementation available here (called
+#: directly, without a wrapper, when it is websockets' C one).
 unmask: Callable[[bytes, bytes], bytes] = _load_mask()
 
 
@@ -294,7 +295,7 @@ class FrameParser:
             if self.fragment_started is not None and self.fragment_expired(self._clock()):
                 return self._fail(events, CloseCode.POLICY, "fragmented message not finished")
             if length:
-                payload = unmask(data[pos + header - 4 : pos + header], data[pos + header : stop])
+                payload = unmask(data[pos + header : stop], data[pos + header - 4 : pos + header])
             else:
                 payload = b""
             pos = stop
@@ -384,7 +385,7 @@ class FrameParser:
         mask = self._pv_mask[shift:] + self._pv_mask[:shift]
         self._pv_done += len(chunk)
         try:
-            self._pv_decoder.decode(unmask(mask, chunk), False)
+            self._pv_decoder.decode(unmask(chunk, mask), False)
         except UnicodeDecodeError:
             return False
         return True

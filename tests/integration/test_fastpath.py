@@ -111,7 +111,7 @@ def client_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
         header = struct.pack(">BB", first, 0x80 | size)
     else:
         header = struct.pack(">BBH", first, 0x80 | 126, size)
-    return header + mask + framing._mask_python(mask, payload)
+    return header + mask + framing._mask_python(payload, mask)
 
 
 def close_payload(code: int) -> bytes:
@@ -359,5 +359,27 @@ def test_tornado_path_fails_invalid_close_codes_with_1002(code: int, expected: i
         async with serving(TornadoPathHandler) as address, raw(address) as conn:
             conn.send(client_frame(framing.OP_CLOSE, close_payload(code)))
             assert await conn.close_code() == expected
+
+    run(scenario)
+
+
+def test_buffered_counts_what_a_client_that_does_not_read_left_unsent() -> None:
+    seen: list[int] = []
+
+    class Filling(RecordingHandler):
+        def open(self, *args: str, **kwargs: str) -> None:
+            super().open()
+            transport = self.ws_connection.transport  # type: ignore[union-attr]
+            frame = framing.binary_frame(b"x" * 65536)
+            for _ in range(200):  # 12.5 MiB, more than loopback's socket buffers
+                transport.send_frame(frame)
+            seen.append(transport.buffered())
+
+    async def scenario() -> None:
+        RecordingHandler.closed = []
+        async with serving(Filling) as address, raw(address) as conn:
+            await asyncio.sleep(0.1)
+            conn.close()
+        assert seen and seen[0] > 1 << 20
 
     run(scenario)

@@ -34,7 +34,7 @@ def client_frame(
         header = struct.pack("!BBQ", first, mask_bit | 127, size)
     if not masked:
         return header + payload
-    return header + MASK + framing._mask_python(MASK, payload)
+    return header + MASK + framing._mask_python(payload, MASK)
 
 
 def close_payload(code: int, reason: bytes = b"") -> bytes:
@@ -252,4 +252,4 @@ def test_close_reason_is_cut_on_a_character_boundary() -> None:
 
 def test_masks_agree() -> None:
     data = bytes(range(256)) * 5 + b"abc"
-    assert framing.unmask(MASK, data) == framing._mask_python(MASK, data)
+    assert framing.unmask(data, MASK) == framing._mask_python(data, MASK)
