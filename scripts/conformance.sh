@@ -14,6 +14,7 @@ TOOLS="${AUTOBAHN_TOOLS:-$ROOT/../shared/tools/autobahn}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 OUTDIR="${1:-$ROOT/build/conformance}"
 MAX_NON_STRICT="${MAX_NON_STRICT:-4}"
+mkdir -p "$(dirname "$OUTDIR")"
 
 if [ ! -x "$TOOLS/setup.sh" ]; then
     echo "conformance: no Autobahn tools at $TOOLS (set AUTOBAHN_TOOLS)" >&2
