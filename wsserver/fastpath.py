@@ -43,7 +43,12 @@ from wsserver.closecodes import CloseCode
 from wsserver.config import Settings
 from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
 from wsserver.ratelimit import TokenBucket
-from wsserver.tornado_internals import take_socket
+from wsserver.tornado_internals import (
+    ServerProtocol13,
+    is_tls,
+    take_socket,
+    websocket_params,
+)
 from wsserver.transport import Receiver, TimerHandle
 
 log = logging.getLogger("wsserver.fastpath")
@@ -287,7 +292,8 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def _fail(self, code: int, reason: str) -> None:
         """Section 7.1.7: send the close frame, then drop the connection."""
-        log.info("failing the connection with %d: %s", code, reason)
+        # DEBUG: the Session logs the close (one line per connection, throttled).
+        log.debug("failing the connection with %d: %s", code, reason)
         if self._sent_close is None:
             self._send_close(code, reason)
             self._server_first = True
@@ -451,3 +457,18 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
 
     def set_nodelay(self, x: bool) -> None:
         """asyncio sets TCP_NODELAY on every TCP transport already."""
+
+
+def protocol_for(
+    handler: tornado.websocket.WebSocketHandler, limits: FrameLimits
+) -> tornado.websocket.WebSocketProtocol | None:
+    """What ``handler.get_websocket_protocol()`` should return.
+
+    The fast path on plain TCP; Tornado's own (``ServerProtocol13``) on TLS;
+    None (Tornado answers 426) for a WebSocket version other than 13.
+    """
+    if handler.request.headers.get("Sec-WebSocket-Version") != "13":
+        return None
+    if is_tls(handler):
+        return ServerProtocol13(handler, False, websocket_params(handler))
+    return FastProtocol(handler, limits)

@@ -11,9 +11,11 @@ import asyncio
 import base64
 import contextlib
 import os
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import tornado.web
@@ -24,8 +26,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conformance.echo_server import EchoHandler, EchoReceiver
+from tests.e2e.deploy_helpers import write_self_signed_cert
 from wsserver import framing
-from wsserver.fastpath import FastProtocol, FrameConnection, FrameLimits
+from wsserver.fastpath import FastProtocol, FrameConnection, FrameLimits, protocol_for
 from wsserver.tornado_internals import ServerProtocol13, websocket_params
 
 TIMEOUT = 5.0
@@ -81,13 +84,33 @@ class TornadoPathHandler(tornado.websocket.WebSocketHandler):
         self.write_message(message, binary=isinstance(message, bytes))
 
 
+class ChoosingHandler(RecordingHandler):
+    """Chooses its path as wsserver's endpoint does: fast on TCP, Tornado's on TLS."""
+
+    chosen: list[str] = []
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        protocol = protocol_for(self, self.limits)
+        self.chosen.append(type(protocol).__name__)
+        return protocol
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        if isinstance(self.ws_connection, FastProtocol):
+            super().open()
+
+    def on_message(self, message: str | bytes) -> None:
+        self.write_message(message, binary=isinstance(message, bytes))
+
+
 @contextlib.asynccontextmanager
 async def serving(
-    handler: type[tornado.websocket.WebSocketHandler], limits: FrameLimits = SMALL
+    handler: type[tornado.websocket.WebSocketHandler],
+    limits: FrameLimits = SMALL,
+    ssl_options: ssl.SSLContext | None = None,
 ) -> AsyncIterator[str]:
     sockets = bind_sockets(0, "127.0.0.1")
     limited = type("Limited", (handler,), {"limits": limits})
-    server = HTTPServer(tornado.web.Application([(r"/.*", limited)]))
+    server = HTTPServer(tornado.web.Application([(r"/.*", limited)]), ssl_options=ssl_options)
     server.add_sockets(sockets)
     try:
         yield f"127.0.0.1:{sockets[0].getsockname()[1]}"
@@ -351,6 +374,27 @@ def test_a_legitimate_client_never_meets_the_frame_budget() -> None:
 
 
 # --- Tornado's own path (TLS) ------------------------------------------------------
+
+
+def test_tls_keeps_tornados_path_and_plain_tcp_takes_the_fast_one(tmp_path: Path) -> None:
+    cert, key = write_self_signed_cert(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+
+    async def scenario() -> None:
+        ChoosingHandler.chosen = []
+        async with serving(ChoosingHandler, ssl_options=server_tls) as address:
+            async with connect(f"wss://{address}/", ssl=client_tls) as ws:
+                await ws.send("over tls")
+                assert await ws.recv() == "over tls"
+        async with serving(ChoosingHandler) as address, connect(f"ws://{address}/") as ws:
+            await ws.send("over tcp")
+            assert await ws.recv() == "over tcp"
+        assert ChoosingHandler.chosen == ["ServerProtocol13", "FastProtocol"]
+
+    run(scenario)
+
 
 
 @pytest.mark.parametrize("code, expected", [(1005, 1002), (2000, 1002), (1000, 1000), (4000, 4000)])
