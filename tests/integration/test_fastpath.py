@@ -384,10 +384,10 @@ def test_tls_keeps_tornados_path_and_plain_tcp_takes_the_fast_one(tmp_path: Path
 
     async def scenario() -> None:
         ChoosingHandler.chosen = []
-        async with serving(ChoosingHandler, ssl_options=server_tls) as address:
-            async with connect(f"wss://{address}/", ssl=client_tls) as ws:
-                await ws.send("over tls")
-                assert await ws.recv() == "over tls"
+        tls = serving(ChoosingHandler, ssl_options=server_tls)
+        async with tls as address, connect(f"wss://{address}/", ssl=client_tls) as ws:
+            await ws.send("over tls")
+            assert await ws.recv() == "over tls"
         async with serving(ChoosingHandler) as address, connect(f"ws://{address}/") as ws:
             await ws.send("over tcp")
             assert await ws.recv() == "over tcp"
