@@ -53,6 +53,7 @@ from wsserver.errors import (
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
 from wsserver.protocol import ClientMessage, MessageId
+from wsserver.ratelimit import TokenBucket
 from wsserver.tasks import Task
 from wsserver.tornado_internals import ServerProtocol13, pending_bytes, websocket_params
 
@@ -342,6 +343,9 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
         self._protocol = ServerProtocol13(self, False, websocket_params(self))
+        settings = self.state.settings
+        self._protocol.frame_budget = TokenBucket(*settings.frame_budget)
+        self._protocol.fragment_timeout = settings.fragment_timeout
         return self._protocol
 
     def get_compression_options(self) -> dict[str, Any] | None:
