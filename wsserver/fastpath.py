@@ -161,13 +161,16 @@ class FrameConnection(asyncio.BufferedProtocol):
             # A refused connection: nothing it sent is read, and it is cut as
             # soon as the close frame is out.
             self._early = []
-            transport.close()
+            self._cut_after_flush()
             return
         if self.closing:
             # open() closed but kept its receiver: wait for the peer's close.
             self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
-        if pipelined:
-            self.data_received(pipelined)
+        # What a loop delivered despite pause_reading() comes after Tornado's bytes.
+        pending = pipelined + b"".join(self._early)
+        self._early = []
+        if pending:
+            self.data_received(pending)
         if self._transport is not None and not self._transport.is_closing():
             transport.resume_reading()
 
@@ -301,9 +304,13 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def _cut_after_flush(self) -> None:
         transport = self._transport
-        if transport is not None:
+        if transport is not None and not transport.is_closing():
             transport.pause_reading()
             transport.close()  # asyncio writes what is buffered first
+            # ... for as long as the peer reads: one that does not is cut.
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+            self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
 
     def _arm_fragment_timer(self) -> None:
         started = self._parser.fragment_started
