@@ -37,6 +37,8 @@ WSSERVER_BENCH_FLAGS: tuple[str, ...] = (
     "--message-burst", "1000000000",
     "--room-publish-rate", "1000000000",
     "--room-publish-burst", "1000000000",
+    "--frame-rate", "1000000000",
+    "--frame-burst", "1000000000",
 )  # fmt: skip
 
 

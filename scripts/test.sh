@@ -2,7 +2,8 @@
 # Install everything the test suite needs on a fresh Debian machine, then run it:
 # Debian packages (Chromium for the page, nginx, systemd's analyzer, openssl,
 # Node.js for the client's unit tests), a virtual environment in .venv with the
-# package and its test extra, then ruff, mypy, node --test and pytest.
+# package and its test extra, then ruff, mypy, node --test, the RFC 6455
+# conformance job (scripts/conformance.sh; SKIP_CONFORMANCE=1 skips it) and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,10 @@ command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v openssl >/dev/null || packages+=(openssl)
 command -v node >/dev/null || packages+=(nodejs)
 command -v ps >/dev/null || packages+=(procps)
+# Autobahn|TestSuite's private build (scripts/conformance.sh) downloads its
+# Python 2.7 wheels with the system pip, and compiles wsaccel when it can.
+python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
+command -v gcc >/dev/null || packages+=(gcc)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "== apt-get install ${packages[*]}"
     $SUDO apt-get update -qq
@@ -38,5 +43,9 @@ echo "== mypy"
 .venv/bin/mypy wsserver
 echo "== node --test"
 node --test tests/js/
+if [ "${SKIP_CONFORMANCE:-0}" != 1 ]; then
+    echo "== conformance (Autobahn|TestSuite, sections 1-10)"
+    scripts/conformance.sh
+fi
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@"

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import tornado.web
 
 from wsserver import api, handlers
+from wsserver.fastpath import FrameLimits
 from wsserver.services import Services
 
 access_log = logging.getLogger("wsserver.access")
@@ -84,7 +85,8 @@ def make_app(
     else:
         routes = [
             (r"/", handlers.IndexHandler, {"path": static}),
-            (r"/ws", handlers.WebSocketHandler, kwargs),
+            (r"/ws", handlers.WebSocketHandler,
+             {**kwargs, "frame_limits": FrameLimits.from_settings(services.settings)}),
             *probes,
             *([] if split else inside),
             (r"/auth/demo-token", handlers.DemoTokenHandler, kwargs),

@@ -161,6 +161,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("handshake_burst", _positive_int, 30, "per-address handshake bucket size"),
     Option("max_message_size", _positive_int, 65536, "bytes; larger messages close with 1009"),
     Option(
+        "frame_rate",
+        _positive_float,
+        200.0,
+        "frames per second per connection, pings and fragments included; a flood closes "
+        "with 1008 (never below 2 x --message-rate)",
+    ),
+    Option(
+        "frame_burst",
+        _positive_int,
+        400,
+        "per-connection frame bucket size (never below 2 x --message-burst)",
+    ),
+    Option(
+        "fragment_timeout",
+        _positive_float,
+        10.0,
+        "seconds a fragmented message may stay unfinished before closing with 1008",
+    ),
+    Option(
         "max_write_buffer",
         _positive_int,
         1024 * 1024,
@@ -280,6 +299,9 @@ class Settings:
     handshake_rate: float = 20.0
     handshake_burst: int = 30
     max_message_size: int = 65536
+    frame_rate: float = 200.0
+    frame_burst: int = 400
+    fragment_timeout: float = 10.0
     max_write_buffer: int = 1024 * 1024
     task_workers: int = 1
     task_queue: int = 4
@@ -331,6 +353,18 @@ class Settings:
         """True when the configured key can also issue tokens (an HMAC key)."""
         return self.verify_key is not None and all(
             alg in HMAC_ALGORITHMS for alg in self.jwt_algorithms
+        )
+
+    @property
+    def frame_budget(self) -> tuple[float, int]:
+        """(rate, burst) of each connection's frame bucket.
+
+        Never below twice the message budget, so a client within its message
+        rate (plus a pong now and then) never meets the frame limit first.
+        """
+        return (
+            max(self.frame_rate, 2 * self.message_rate),
+            max(self.frame_burst, 2 * self.message_burst),
         )
 
     def loopback_origins(self, port: int) -> tuple[str, ...]:

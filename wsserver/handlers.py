@@ -32,12 +32,14 @@ from wsserver.errors import (
     NoToken,
     Rejection,
 )
+from wsserver.fastpath import FastProtocol, FrameLimits, protocol_for
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
+from wsserver.ratelimit import TokenBucket
 from wsserver.services import Services
 from wsserver.session import Session
-from wsserver.tornado_internals import ServerProtocol13, pending_bytes, websocket_params
-from wsserver.transport import TimerHandle
+from wsserver.tornado_internals import ServerProtocol13, pending_bytes
+from wsserver.transport import TimerHandle, Transport
 
 log = logging.getLogger("wsserver.connection")
 
@@ -285,13 +287,15 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     services: Services
 
-    def initialize(self, services: Services) -> None:
+    def initialize(self, services: Services, frame_limits: FrameLimits) -> None:
         self.services = services
+        self.frame_limits = frame_limits
         self.client_address = _client_address(services, self.request)
         self.limit_key = limit_key(self.client_address)
         self.session: Session | None = None
         self._credentials: Credentials | None = None
         self._protocol: ServerProtocol13 | None = None
+        self._fast: FastProtocol | None = None
 
     # --- the handshake, in CONTRACT.md's order ---------------------------
 
@@ -364,10 +368,16 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         return None
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
-        if self.request.headers.get("Sec-WebSocket-Version") != "13":
-            return None
-        self._protocol = ServerProtocol13(self, False, websocket_params(self))
-        return self._protocol
+        """The fast frame path on plain TCP; Tornado's protocol on TLS."""
+        protocol = protocol_for(self, self.frame_limits)
+        if isinstance(protocol, ServerProtocol13):
+            settings = self.services.settings
+            protocol.frame_budget = TokenBucket(*settings.frame_budget)
+            protocol.fragment_timeout = settings.fragment_timeout
+            self._protocol = protocol
+        elif isinstance(protocol, FastProtocol):
+            self._fast = protocol
+        return protocol
 
     def get_compression_options(self) -> dict[str, Any] | None:
         # Frames are built once per broadcast; compression would make them per-peer.
@@ -375,15 +385,22 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     async def open(self, *args: str, **kwargs: str) -> None:
         credentials, self._credentials = self._credentials, None
-        assert credentials is not None and self._protocol is not None
-        self.set_nodelay(True)
-        session = Session(
-            self.services, TornadoTransport(self, self._protocol), self.client_address,
-            self.limit_key,
-        )
+        assert credentials is not None
+        transport: Transport
+        fast = self._fast.transport if self._fast is not None else None
+        if fast is not None:
+            transport = fast
+        else:
+            assert self._protocol is not None
+            self.set_nodelay(True)
+            transport = TornadoTransport(self, self._protocol)
+        session = Session(self.services, transport, self.client_address, self.limit_key)
         self.session = session
         self._release_handshake()
-        await session.open(credentials)
+        if await session.open(credentials) and fast is not None:
+            # Frames are parsed only once a receiver is set: those pipelined
+            # behind a refused token are dropped unread.
+            fast.receiver = session
 
     def _release_handshake(self) -> None:
         """Drop what only the handshake needed, instead of keeping it for the

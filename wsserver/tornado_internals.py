@@ -8,10 +8,18 @@ next to the accept loop they replace.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import time
 from typing import Any
 
+import tornado.web
 import tornado.websocket
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+
+from wsserver.closecodes import CloseCode
+from wsserver.framing import Failure, parse_close
+from wsserver.ratelimit import TokenBucket
 
 
 class ServerProtocol13(tornado.websocket.WebSocketProtocol13):
@@ -23,12 +31,54 @@ class ServerProtocol13(tornado.websocket.WebSocketProtocol13):
     """
 
     sent_close: tuple[int, str] | None = None
+    #: Hardening item 6 on Tornado's path (set after construction): every frame
+    #: takes a token, control and continuation frames included (1008 when
+    #: empty), and a fragmented message must finish within ``fragment_timeout``
+    #: seconds (checked as frames arrive; a silent peer fails keepalive).
+    frame_budget: TokenBucket | None = None
+    fragment_timeout: float | None = None
+    _fragment_started: float | None = None
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         # An echo of the client's close frame is not the server's decision.
         if self.sent_close is None and not self.server_terminated and not self.client_terminated:
             self.sent_close = (code or 1000, reason or "")
         super().close(code, reason)
+
+    async def _receive_frame(self) -> None:
+        budget = self.frame_budget
+        if budget is not None and budget.take():
+            await self._fail(CloseCode.POLICY, "too many frames")
+            return
+        await super()._receive_frame()
+        if self.fragment_timeout is None:
+            return
+        if self._fragmented_message_buffer is None:
+            self._fragment_started = None
+        elif self._fragment_started is None:
+            self._fragment_started = time.monotonic()
+        elif time.monotonic() - self._fragment_started >= self.fragment_timeout:
+            await self._fail(CloseCode.POLICY, "fragmented message not finished in time")
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """Send the close frame, read nothing more, drop the socket once it is out."""
+        self.close(code, reason)
+        self.client_terminated = True  # ends Tornado's receive loop
+        with contextlib.suppress(StreamClosedError):
+            await self.stream.write(b"")  # resolves once the buffer is flushed
+        self._abort()
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        # Tornado echoes any close code, even those RFC 6455 section 7.4 forbids
+        # on the wire (Autobahn 7.9.x), and raises on a non-UTF-8 reason.
+        if opcode == 0x8 and not self.client_terminated:
+            verdict = parse_close(data)
+            if isinstance(verdict, Failure):
+                self.sent_close = (verdict.code, verdict.reason)
+                self.client_terminated = True
+                self.close(verdict.code, verdict.reason)
+                return None
+        return super()._handle_message(opcode, data)
 
 
 def websocket_params(handler: tornado.websocket.WebSocketHandler) -> Any:
@@ -44,3 +94,33 @@ def websocket_params(handler: tornado.websocket.WebSocketHandler) -> Any:
 def pending_bytes(stream: IOStream) -> int:
     """Bytes written to ``stream`` that the kernel has not taken yet."""
     return len(stream._write_buffer)
+
+
+def is_tls(handler: tornado.web.RequestHandler) -> bool:
+    """True when ``handler``'s request came over TLS on this very socket.
+
+    ``request.protocol`` is not enough: behind a trusted proxy it says "https"
+    for a plain TCP connection from the proxy.
+    """
+    connection = handler.request.connection
+    return isinstance(getattr(connection, "stream", None), SSLIOStream)
+
+
+def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
+    """Take ``stream``'s socket away from Tornado, after the 101 was written.
+
+    Returns the socket (now owned by the caller), the bytes Tornado had read
+    but nobody consumed (frames a client pipelined behind its handshake), and
+    the bytes Tornado had accepted for writing but the kernel had not taken
+    (the tail of the 101, on a congested socket). ``stream`` is left holding
+    a detached socket object, so its eventual ``close()`` closes nothing.
+    """
+    read = bytes(stream._read_buffer[: stream._read_buffer_size])
+    buffer = stream._write_buffer
+    unsent = b"".join(bytes(chunk) for _, chunk in buffer._buffers)[buffer._first_pos :]
+    if stream._state is not None:
+        stream.io_loop.remove_handler(stream.fileno())
+        stream._state = None
+    old = stream.socket
+    fd = old.detach()
+    return socket.socket(old.family, old.type, old.proto, fileno=fd), read, unsent

@@ -241,9 +241,16 @@ class RawConnection:
         self.drop()
 
     async def close_cleanly_after_server_close(self) -> None:
-        """Answer the close frame already read from the server, then wait for EOF."""
-        await self.send(close_frame())
-        await self.wait_eof()
+        """Answer the close frame already read from the server, then wait for EOF.
+
+        A server that refused the connection may already have cut it (it does
+        not wait for this answer), so a reset here is the expected end too.
+        """
+        try:
+            await self.send(close_frame())
+            await self.wait_eof()
+        except (ConnectionResetError, BrokenPipeError):
+            pass
         self.drop()
 
     def drop(self) -> None:

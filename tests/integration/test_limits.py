@@ -17,9 +17,14 @@ from limits_helpers import (
     JWT_ENV,
     NO_HANDSHAKE_LIMIT,
     OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
     RawConnection,
     RunningServer,
     bearer,
+    client_frame,
+    close_frame,
     metric_reaches,
     open_client,
     raw_connect,
@@ -323,5 +328,78 @@ def test_concurrent_connects_never_exceed_the_caps(run_server: Start) -> None:
         await all_at_once(["same"] * 10, ["4008"] * 6 + ["welcome"] * 4)
         # Nothing leaked from either round: the whole cap is free again.
         await all_at_once(many, ["503"] * 20 + ["welcome"] * 10)
+
+    run(scenario)
+
+
+def test_client_close_codes_become_a_fixed_label_set(run_server: Start) -> None:
+    """Hardening item 7: a client-chosen code is no metric series of its own,
+    and a code RFC 6455 section 7.4 forbids on the wire is failed with 1002."""
+    srv = run_server(env=JWT_ENV)
+
+    async def scenario() -> None:
+        chosen = await raw_open(srv, "alice")
+        await chosen.send(close_frame(4321))
+        assert (await chosen.read_until_close())[0] == 4321
+        forbidden = await raw_open(srv, "bob")
+        await forbidden.send(close_frame(1005))
+        assert (await forbidden.read_until_close())[0] == 1002
+        await metric_reaches(srv, 1, "wsserver_closes_total", code="1002")
+        await metric_reaches(srv, 1, "wsserver_closes_total", code="other")
+        assert await read_metric(srv, "wsserver_closes_total", code="4321") == 0
+
+    run(scenario)
+
+
+def without_fin(frame: bytes) -> bytes:
+    """``frame`` as a fragment that more fragments must follow."""
+    return bytes([frame[0] & 0x7F]) + frame[1:]
+
+
+FRAME_FLAGS = ("--message-rate", "1", "--message-burst", "1", "--frame-rate", "10",
+               "--frame-burst", "20", "--fragment-timeout", "0.3")
+
+
+def test_a_ping_flood_is_closed_with_1008(run_server: Start) -> None:
+    """Hardening item 6: pings spend from the connection's frame budget."""
+    srv = run_server(*FRAME_FLAGS, env=JWT_ENV)
+
+    async def scenario() -> None:
+        flooder = await raw_open(srv, "mallory")
+        await flooder.send(client_frame(OP_PING, b"") * 100)
+        code, before = await flooder.read_until_close()
+        assert code == 1008
+        assert 0 < len(before) <= 20 and all(f.opcode == OP_PONG for f in before)
+        bystander = await open_client(srv, "bob")
+        assert await request(bystander, {"type": "ping"}) == {"type": "pong"}
+        await bystander.close()
+
+    run(scenario)
+
+
+def test_a_flood_of_empty_continuation_frames_is_closed_with_1008(run_server: Start) -> None:
+    srv = run_server(*FRAME_FLAGS, env=JWT_ENV)
+
+    async def scenario() -> None:
+        flooder = await raw_open(srv, "mallory")
+        start = without_fin(client_frame(OP_TEXT, b""))
+        empty = without_fin(client_frame(0x0, b""))  # continuation frames
+        await flooder.send(start + empty * 100)
+        assert (await flooder.read_until_close())[0] == 1008
+
+    run(scenario)
+
+
+def test_a_fragmented_message_left_unfinished_is_closed_with_1008(run_server: Start) -> None:
+    srv = run_server(*FRAME_FLAGS, env=JWT_ENV)
+
+    async def scenario() -> None:
+        slow = await raw_open(srv, "mallory")
+        await slow.send(without_fin(client_frame(OP_TEXT, b'{"type": ')))
+        await asyncio.sleep(0.4)
+        # A pong keeps the connection alive but does not finish the message.
+        await slow.send(client_frame(OP_PONG, b""))
+        await slow.send(client_frame(OP_PONG, b""))
+        assert (await slow.read_until_close())[0] == 1008
 
     run(scenario)

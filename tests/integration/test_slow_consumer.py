@@ -60,6 +60,7 @@ def test_a_stalled_reader_is_closed_4009_and_the_room_goes_on(run_server: Start)
     srv = run_server(
         "--max-write-buffer", str(MAX_WRITE_BUFFER),
         "--message-rate", "100000", "--message-burst", "100000",
+        "--room-publish-rate", "100000", "--room-publish-burst", "100000",
         env=JWT_ENV,
     )
 

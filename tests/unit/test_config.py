@@ -192,3 +192,18 @@ def test_bad_rooms_tables_name_the_key(tmp_path: Path, text: str, expected: str)
 def test_rooms_come_only_from_the_file() -> None:
     found = problems(flags={}, environ={"WSSERVER_ROOMS": "open", "WSSERVER_JWT_SECRET": KEY})
     assert found == ["WSSERVER_ROOMS: unknown setting"]
+
+
+@pytest.mark.parametrize(
+    "flags, budget",
+    [
+        ({}, (200.0, 400)),
+        ({"frame_rate": "50", "frame_burst": "60"}, (50.0, 60)),
+        ({"message_rate": "500", "message_burst": "900"}, (1000.0, 1800)),
+    ],
+)
+def test_frame_budget_never_below_twice_the_message_budget(
+    flags: dict[str, str], budget: tuple[float, int]
+) -> None:
+    settings = load_settings({"jwt_secret": "x" * 32, **flags}, {})
+    assert settings.frame_budget == budget

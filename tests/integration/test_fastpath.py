@@ -1,0 +1,429 @@
+"""The fast frame path over real sockets: websockets clients and a raw TCP client.
+
+Each test runs its own event loop with an in-process server on a free port:
+the conformance echo server's handler, or a variant whose receiver records
+what the transport reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import tornado.web
+import tornado.websocket
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conformance.echo_server import EchoHandler, EchoReceiver
+from tests.e2e.deploy_helpers import write_self_signed_cert
+from wsserver import framing
+from wsserver.fastpath import FastProtocol, FrameConnection, FrameLimits, protocol_for
+from wsserver.tornado_internals import ServerProtocol13, websocket_params
+
+TIMEOUT = 5.0
+SMALL = FrameLimits(max_message_size=1000, frame_rate=50, frame_burst=100, fragment_timeout=0.3)
+
+
+class RecordingReceiver(EchoReceiver):
+    """Echoes, closes on "close-me", aborts on "abort-me", and records on_closed."""
+
+    closed: list[tuple[int, str, bool]]
+
+    def __init__(self, transport: FrameConnection, closed: list[tuple[int, str, bool]]) -> None:
+        super().__init__(transport)
+        self.closed = closed
+
+    def on_text(self, text: str) -> None:
+        if text == "close-me":
+            self.transport.close(4000, "asked to")
+        elif text == "abort-me":
+            self.transport.abort()
+        else:
+            super().on_text(text)
+
+    def on_closed(self, code: int, reason: str, by_server: bool) -> None:
+        self.closed.append((code, reason, by_server))
+
+
+class RecordingHandler(EchoHandler):
+    closed: list[tuple[int, str, bool]] = []
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        protocol = self.ws_connection
+        assert isinstance(protocol, FastProtocol) and protocol.transport is not None
+        protocol.transport.receiver = RecordingReceiver(protocol.transport, self.closed)
+
+
+class RefusingHandler(EchoHandler):
+    """Refuses every connection in open(), as a bad token is refused."""
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        protocol = self.ws_connection
+        assert isinstance(protocol, FastProtocol) and protocol.transport is not None
+        protocol.transport.close(4001, "token missing, invalid or expired")
+
+
+class TornadoPathHandler(tornado.websocket.WebSocketHandler):
+    """Tornado's own frame path (as TLS connections use), with the close-code fix."""
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        return ServerProtocol13(self, False, websocket_params(self))
+
+    def on_message(self, message: str | bytes) -> None:
+        self.write_message(message, binary=isinstance(message, bytes))
+
+
+class ChoosingHandler(RecordingHandler):
+    """Chooses its path as wsserver's endpoint does: fast on TCP, Tornado's on TLS."""
+
+    chosen: list[str] = []
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        protocol = protocol_for(self, self.limits)
+        self.chosen.append(type(protocol).__name__)
+        return protocol
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        if isinstance(self.ws_connection, FastProtocol):
+            super().open()
+
+    def on_message(self, message: str | bytes) -> None:
+        self.write_message(message, binary=isinstance(message, bytes))
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: type[tornado.websocket.WebSocketHandler],
+    limits: FrameLimits = SMALL,
+    ssl_options: ssl.SSLContext | None = None,
+) -> AsyncIterator[str]:
+    sockets = bind_sockets(0, "127.0.0.1")
+    limited = type("Limited", (handler,), {"limits": limits})
+    server = HTTPServer(tornado.web.Application([(r"/.*", limited)]), ssl_options=ssl_options)
+    server.add_sockets(sockets)
+    try:
+        yield f"127.0.0.1:{sockets[0].getsockname()[1]}"
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 4 * TIMEOUT))
+
+
+# --- a raw client -------------------------------------------------------------
+
+
+def client_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+    mask = os.urandom(4)
+    size = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if size < 126:
+        header = struct.pack(">BB", first, 0x80 | size)
+    else:
+        header = struct.pack(">BBH", first, 0x80 | 126, size)
+    return header + mask + framing._mask_python(payload, mask)
+
+
+def close_payload(code: int) -> bytes:
+    return struct.pack(">H", code)
+
+
+class Raw:
+    """A TCP client that sent an upgrade request (and maybe frames behind it)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, address: str, pipelined: bytes = b"") -> Raw:
+        host, port = address.split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        writer.write(request + pipelined)
+        raw = cls(reader, writer)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return raw
+
+    async def frame(self) -> tuple[int, bytes]:
+        async def read() -> tuple[int, bytes]:
+            first, second = await self.reader.readexactly(2)
+            size = second & 0x7F
+            if size == 126:
+                (size,) = struct.unpack(">H", await self.reader.readexactly(2))
+            elif size == 127:
+                (size,) = struct.unpack(">Q", await self.reader.readexactly(8))
+            return first & 0x0F, await self.reader.readexactly(size)
+
+        return await asyncio.wait_for(read(), TIMEOUT)
+
+    async def close_code(self) -> int | None:
+        """Skip to the server's close frame; its code."""
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == framing.OP_CLOSE:
+                return struct.unpack(">H", payload[:2])[0] if payload else None
+
+    async def eof(self) -> bytes:
+        return await asyncio.wait_for(self.reader.read(), TIMEOUT)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def raw(address: str, pipelined: bytes = b"") -> AsyncIterator[Raw]:
+    conn = await Raw.open(address, pipelined)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+# --- well-behaved clients ------------------------------------------------------
+
+
+def test_text_binary_and_fragmented_messages_are_echoed() -> None:
+    async def scenario() -> None:
+        async with serving(EchoHandler) as address:
+            async with connect(f"ws://{address}/") as ws:
+                await ws.send("hello")
+                assert await ws.recv() == "hello"
+                await ws.send(b"\x00\xff")
+                assert await ws.recv() == b"\x00\xff"
+                await ws.send(["frag", "men", "ted"])
+                assert await ws.recv() == "fragmented"
+                await ws.send([b"a", b"b"])
+                assert await ws.recv() == b"ab"
+                await ws.send("ü" * 400)
+                assert await ws.recv() == "ü" * 400
+            assert ws.close_code == 1000
+
+    run(scenario)
+
+
+def test_frames_pipelined_behind_the_handshake_are_read() -> None:
+    async def scenario() -> None:
+        async with serving(EchoHandler) as address:
+            frames = b"".join(client_frame(framing.OP_TEXT, f"m{i}".encode()) for i in range(3))
+            async with raw(address, pipelined=frames) as conn:
+                got = [await conn.frame() for _ in range(3)]
+                assert got == [(framing.OP_TEXT, f"m{i}".encode()) for i in range(3)]
+
+    run(scenario)
+
+
+def test_pings_are_answered_with_their_payload() -> None:
+    async def scenario() -> None:
+        async with serving(EchoHandler) as address, raw(address) as conn:
+            conn.send(client_frame(framing.OP_PING, b"are you there"))
+            assert await conn.frame() == (framing.OP_PONG, b"are you there")
+
+    run(scenario)
+
+
+# --- the closing handshake ------------------------------------------------------
+
+
+def test_client_close_is_echoed_and_reported_once() -> None:
+    async def scenario() -> None:
+        RecordingHandler.closed = []
+        async with serving(RecordingHandler) as address, raw(address) as conn:
+            conn.send(client_frame(framing.OP_CLOSE, close_payload(3001) + b"done"))
+            assert await conn.close_code() == 3001
+            assert await conn.eof() == b""  # the server closes TCP first (section 7.1.1)
+            await asyncio.sleep(0.05)
+            assert RecordingHandler.closed == [(3001, "done", False)]
+
+    run(scenario)
+
+
+def test_server_close_waits_for_the_clients_close() -> None:
+    async def scenario() -> None:
+        RecordingHandler.closed = []
+        async with serving(RecordingHandler) as address:
+            async with connect(f"ws://{address}/") as ws:
+                await ws.send("close-me")
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), TIMEOUT)
+            assert ws.close_code == 4000 and ws.close_reason == "asked to"
+            await asyncio.sleep(0.05)
+            assert RecordingHandler.closed == [(4000, "asked to", True)]
+
+    run(scenario)
+
+
+def test_server_close_drops_a_client_that_never_answers() -> None:
+    limits = FrameLimits(max_message_size=1000, close_timeout=0.2)
+
+    async def scenario() -> None:
+        RecordingHandler.closed = []
+        async with serving(RecordingHandler, limits) as address, raw(address) as conn:
+            conn.send(client_frame(framing.OP_TEXT, b"close-me"))
+            assert await conn.close_code() == 4000
+            started = time.monotonic()
+            assert await conn.eof() == b""
+            assert time.monotonic() - started < 2
+            assert RecordingHandler.closed == [(4000, "asked to", True)]
+
+    run(scenario)
+
+
+def test_abort_cuts_without_a_close_frame() -> None:
+    async def scenario() -> None:
+        RecordingHandler.closed = []
+        async with serving(RecordingHandler) as address, raw(address) as conn:
+            conn.send(client_frame(framing.OP_TEXT, b"abort-me"))
+            assert await conn.eof() == b""
+            await asyncio.sleep(0.05)
+            assert RecordingHandler.closed == [(1006, "", True)]
+
+    run(scenario)
+
+
+def test_a_refused_connection_is_cut_at_once_and_its_frames_are_never_read() -> None:
+    async def scenario() -> None:
+        async with serving(RefusingHandler) as address:
+            frames = client_frame(framing.OP_TEXT, b"never echoed") * 50
+            started = time.monotonic()
+            async with raw(address, pipelined=frames) as conn:
+                opcode, payload = await conn.frame()
+                assert (opcode, payload[:2]) == (framing.OP_CLOSE, close_payload(4001))
+                assert await conn.eof() == b""
+            assert time.monotonic() - started < 1.0
+
+    run(scenario)
+
+
+# --- protocol failures -----------------------------------------------------------
+
+FAILURES: list[tuple[str, bytes, int]] = [
+    ("1009 across fragments",
+     client_frame(framing.OP_BINARY, b"x" * 600, fin=False)
+     + client_frame(framing.OP_CONTINUATION, b"x" * 600), 1009),
+    ("invalid utf-8", client_frame(framing.OP_TEXT, b"ok \xff"), 1007),
+    ("invalid utf-8 in a fragment",
+     client_frame(framing.OP_TEXT, b"ok", fin=False)
+     + client_frame(framing.OP_CONTINUATION, b"\xc3\x28"), 1007),
+    ("ping flood", client_frame(framing.OP_PING) * 150, 1008),
+    ("continuation flood",
+     client_frame(framing.OP_TEXT, b"", fin=False)
+     + client_frame(framing.OP_CONTINUATION, b"", fin=False) * 150, 1008),
+    ("unmasked frame", b"\x81\x02hi", 1002),
+    ("reserved opcode", client_frame(0x3), 1002),
+    ("close of one byte", client_frame(framing.OP_CLOSE, b"\x03"), 1002),
+    *[(f"close code {code}", client_frame(framing.OP_CLOSE, close_payload(code)), 1002)
+      for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000)],
+]
+
+
+@pytest.mark.parametrize("wire, code", [f[1:] for f in FAILURES], ids=[f[0] for f in FAILURES])
+def test_protocol_failures_close_with_their_code(wire: bytes, code: int) -> None:
+    async def scenario() -> None:
+        async with serving(EchoHandler) as address, raw(address) as conn:
+            conn.send(wire)
+            assert await conn.close_code() == code
+            assert await conn.eof() == b""
+
+    run(scenario)
+
+
+def test_an_unfinished_fragmented_message_is_closed_with_1008() -> None:
+    async def scenario() -> None:
+        async with serving(EchoHandler) as address, raw(address) as conn:
+            conn.send(client_frame(framing.OP_TEXT, b"part one", fin=False))
+            started = time.monotonic()
+            assert await conn.close_code() == 1008
+            assert 0.25 < time.monotonic() - started < 2
+
+    run(scenario)
+
+
+def test_a_legitimate_client_never_meets_the_frame_budget() -> None:
+    async def scenario() -> None:
+        async with serving(EchoHandler) as address:
+            async with connect(f"ws://{address}/") as ws:
+                for i in range(60):  # within burst: 100 frames
+                    await ws.send(f"m{i}")
+                    assert await ws.recv() == f"m{i}"
+            assert ws.close_code == 1000
+
+    run(scenario)
+
+
+# --- Tornado's own path (TLS) ------------------------------------------------------
+
+
+def test_tls_keeps_tornados_path_and_plain_tcp_takes_the_fast_one(tmp_path: Path) -> None:
+    cert, key = write_self_signed_cert(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+
+    async def scenario() -> None:
+        ChoosingHandler.chosen = []
+        tls = serving(ChoosingHandler, ssl_options=server_tls)
+        async with tls as address, connect(f"wss://{address}/", ssl=client_tls) as ws:
+            await ws.send("over tls")
+            assert await ws.recv() == "over tls"
+        async with serving(ChoosingHandler) as address, connect(f"ws://{address}/") as ws:
+            await ws.send("over tcp")
+            assert await ws.recv() == "over tcp"
+        assert ChoosingHandler.chosen == ["ServerProtocol13", "FastProtocol"]
+
+    run(scenario)
+
+
+
+@pytest.mark.parametrize("code, expected", [(1005, 1002), (2000, 1002), (1000, 1000), (4000, 4000)])
+def test_tornado_path_fails_invalid_close_codes_with_1002(code: int, expected: int) -> None:
+    async def scenario() -> None:
+        async with serving(TornadoPathHandler) as address, raw(address) as conn:
+            conn.send(client_frame(framing.OP_CLOSE, close_payload(code)))
+            assert await conn.close_code() == expected
+
+    run(scenario)
+
+
+def test_buffered_counts_what_a_client_that_does_not_read_left_unsent() -> None:
+    seen: list[int] = []
+
+    class Filling(RecordingHandler):
+        def open(self, *args: str, **kwargs: str) -> None:
+            super().open()
+            transport = self.ws_connection.transport  # type: ignore[union-attr]
+            frame = framing.binary_frame(b"x" * 65536)
+            for _ in range(200):  # 12.5 MiB, more than loopback's socket buffers
+                transport.send_frame(frame)
+            seen.append(transport.buffered())
+
+    async def scenario() -> None:
+        RecordingHandler.closed = []
+        async with serving(Filling) as address, raw(address) as conn:
+            await asyncio.sleep(0.1)
+            conn.close()
+        assert seen and seen[0] > 1 << 20
+
+    run(scenario)

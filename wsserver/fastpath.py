@@ -1,0 +1,481 @@
+"""The fast frame path: after the 101, the socket leaves Tornado for an asyncio.Protocol.
+
+Tornado's ``IOStream`` costs a future per read and buffer bookkeeping per
+write. Here Tornado still parses the HTTP upgrade and runs the handler's checks;
+:class:`FastProtocol` (what ``WebSocketHandler.get_websocket_protocol()``
+returns) answers the 101 as Tornado's ``WebSocketProtocol13`` does, then takes
+the socket away from the ``IOStream`` and drives it from a
+:class:`FrameConnection`: ``data_received`` parses every complete frame of a
+read with :class:`wsserver.framing.FrameParser`, and writes go straight to the
+asyncio transport (those made while a read is processed are joined into one).
+
+Plain TCP only: a TLS connection keeps Tornado's path (``handler`` chooses with
+``tornado_internals.is_tls``), since its socket cannot leave the ``SSLIOStream``
+without its TLS state. Works on any asyncio loop; uvloop's is faster and is used
+when the process installs it (``wsserver``'s CLI does not, yet).
+
+The handler's ``open()`` runs after the 101, with ``ws_connection.transport``
+ready; it sets ``transport.receiver`` to accept the connection. Frames are read
+only after ``open()`` returned and only when a receiver is set: a refused
+connection (``open()`` called ``transport.close(4001, ...)`` and set no
+receiver) has its pipelined frames dropped unread and its TCP connection closed
+as soon as the close frame is flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import tornado.escape
+import tornado.websocket
+from tornado.concurrent import Future
+from tornado.httputil import HTTPHeaders
+
+from wsserver import framing
+from wsserver.closecodes import CloseCode
+from wsserver.config import Settings
+from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
+from wsserver.ratelimit import TokenBucket
+from wsserver.tornado_internals import (
+    ServerProtocol13,
+    is_tls,
+    take_socket,
+    websocket_params,
+)
+from wsserver.transport import Receiver, TimerHandle
+
+log = logging.getLogger("wsserver.fastpath")
+
+#: RFC 6455 section 4.2.2: the GUID appended to the client's key.
+_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """What one connection's frames may do (from ``Settings``)."""
+
+    max_message_size: int = 65536
+    #: Frames per second, every kind counted; None: no budget.
+    frame_rate: float | None = 200.0
+    frame_burst: int = 400
+    #: Seconds a fragmented message may stay unfinished; None: no bound.
+    fragment_timeout: float | None = 10.0
+    #: Seconds to wait for the peer's close frame after the server's.
+    close_timeout: float = 2.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FrameLimits:
+        """The limits ``settings`` asks for."""
+        rate, burst = settings.frame_budget
+        return cls(
+            max_message_size=settings.max_message_size,
+            frame_rate=rate,
+            frame_burst=burst,
+            fragment_timeout=settings.fragment_timeout,
+        )
+
+    def parser(self) -> FrameParser:
+        """A fresh parser holding these limits."""
+        budget = None
+        if self.frame_rate is not None:
+            budget = TokenBucket(self.frame_rate, self.frame_burst)
+        return FrameParser(self.max_message_size, budget, self.fragment_timeout)
+
+
+#: Bytes read per ``recv_into``. asyncio's plain ``Protocol`` reads with
+#: ``recv(256 KiB)``, allocating (and, past malloc's mmap threshold, mapping)
+#: 256 KiB per read; measured here that was 40% of an echo's time.
+READ_BUFFER = 65536
+
+
+class FrameConnection(asyncio.BufferedProtocol):
+    """One WebSocket connection after the 101: a ``wsserver.transport.Transport``.
+
+    ``receiver`` gets the messages; ``on_gone`` (optional) is called once after
+    ``receiver.on_closed``, for whoever must forget the connection too.
+    """
+
+    def __init__(
+        self,
+        limits: FrameLimits,
+        unsent: bytes = b"",
+        on_gone: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.receiver: Receiver | None = None
+        self.limits = limits
+        self._parser = limits.parser()
+        self._unsent = unsent
+        self._on_gone = on_gone
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        #: Done once ``connection_made`` ran (uvloop calls it after
+        #: ``connect_accepted_socket`` has returned; asyncio before).
+        self.made: asyncio.Future[None] = self._loop.create_future()
+        self._started = False
+        self._early: list[bytes] = []
+        # Frames sent while a read is being processed, written as one.
+        self._batch: list[bytes] | None = None
+        self._batch_size = 0
+        # (code, reason) of the first close frame each way.
+        self._sent_close: tuple[int, str] | None = None
+        self._got_close: tuple[int, str] | None = None
+        self._server_first = False
+        self._aborted_by_server = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._fragment_timer: asyncio.TimerHandle | None = None
+        self._read_view = memoryview(bytearray(READ_BUFFER))
+        self._gone = False
+        #: True once either side sent a close frame, or the connection is gone.
+        self.closing = False
+
+    # ------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        # Nothing is read until the handler's open() has returned.
+        transport.pause_reading()
+        if self._unsent:
+            transport.write(self._unsent)
+            self._unsent = b""
+        if not self.made.done():
+            self.made.set_result(None)
+
+    def start(self, pipelined: bytes) -> None:
+        """Called once ``open()`` returned: read frames, starting with ``pipelined``."""
+        self._started = True
+        transport = self._transport
+        assert transport is not None
+        if self.receiver is None:
+            if not self.closing:
+                log.error("open() set no receiver and did not close; closing with 1011")
+                self.close(CloseCode.INTERNAL, "")
+            # A refused connection: nothing it sent is read, and it is cut as
+            # soon as the close frame is out.
+            self._early = []
+            self._cut_after_flush()
+            return
+        if self.closing:
+            # open() closed but kept its receiver: wait for the peer's close.
+            self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        # What a loop delivered despite pause_reading() comes after Tornado's bytes.
+        pending = pipelined + b"".join(self._early)
+        self._early = []
+        if pending:
+            self.data_received(pending)
+        if self._transport is not None and not self._transport.is_closing():
+            transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_view[:nbytes].tobytes())
+
+    def data_received(self, data: bytes) -> None:
+        """Parse ``data`` (the next bytes read) and act on every event in it."""
+        if not self._started:
+            self._early.append(data)
+            return
+        events = self._parser.feed(data)
+        if not events:
+            self._arm_fragment_timer()
+            return
+        receiver = self.receiver
+        self._batch = []
+        try:
+            for event in events:
+                kind = type(event)
+                if kind is str:
+                    if not self.closing and receiver is not None:
+                        receiver.on_text(event)  # type: ignore[arg-type]
+                elif kind is bytes:
+                    if not self.closing and receiver is not None:
+                        receiver.on_binary(event)  # type: ignore[arg-type]
+                elif kind is Ping:
+                    self.send_frame(framing.pong_frame(event.data))  # type: ignore[union-attr]
+                elif kind is Pong:
+                    if not self.closing and receiver is not None:
+                        receiver.on_pong(event.data)  # type: ignore[union-attr]
+                elif kind is Close:
+                    self._peer_closed(event)  # type: ignore[arg-type]
+                else:
+                    assert isinstance(event, Failure)
+                    self._fail(event.code, event.reason)
+        except Exception:
+            log.exception("receiver failed; aborting the connection")
+            self._batch = None
+            self.abort()
+            return
+        finally:
+            self._flush_batch()
+        self._arm_fragment_timer()
+
+    def eof_received(self) -> bool | None:
+        # The peer half-closed: nothing more will come, so close our side too.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport_gone()
+
+    # ---------------------------------------------------- Transport protocol
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Queue one complete server frame; False when closing (nothing sent)."""
+        if self.closing:
+            return False
+        batch = self._batch
+        if batch is not None:
+            batch.append(frame)
+            self._batch_size += len(frame)
+        else:
+            assert self._transport is not None
+            self._transport.write(frame)
+        return True
+
+    def buffered(self) -> int:
+        """Bytes accepted but not yet taken by the kernel."""
+        transport = self._transport
+        size = transport.get_write_buffer_size() if transport is not None else 0
+        return size + self._batch_size
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame; wait ``close_timeout`` for the peer's, then cut."""
+        if self.closing:
+            return
+        self._send_close(code, reason)
+        self._server_first = True
+        if self._started:
+            self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        # Not started: start() decides (a refused connection is cut at once).
+
+    def abort(self) -> None:
+        """Cut the TCP connection now."""
+        if self._transport is not None and not self._gone:
+            if self._sent_close is None and self._got_close is None:
+                self._aborted_by_server = True
+            self._transport.abort()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run ``callback`` after ``delay`` seconds on this connection's loop."""
+        return self._loop.call_later(delay, callback)
+
+    # -------------------------------------------------------------- internals
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        self._batch = None
+        self._batch_size = 0
+        if batch:
+            assert self._transport is not None
+            self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _send_close(self, code: int, reason: str) -> None:
+        self._flush_batch()
+        self.closing = True
+        self._sent_close = (code, reason)
+        if self._transport is not None and not self._transport.is_closing():
+            # 1005 is never sent (RFC 6455 section 7.4.1): an empty close answers it.
+            self._transport.write(framing.close_frame(None if code == 1005 else code, reason))
+
+    def _peer_closed(self, close: Close) -> None:
+        """RFC 6455 section 5.5.1: answer a close with a close, then close TCP."""
+        self._got_close = (close.code, close.reason)
+        if self._sent_close is None:
+            self._send_close(close.code, "")
+        self._cut_after_flush()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Section 7.1.7: send the close frame, then drop the connection."""
+        # DEBUG: the Session logs the close (one line per connection, throttled).
+        log.debug("failing the connection with %d: %s", code, reason)
+        if self._sent_close is None:
+            self._send_close(code, reason)
+            self._server_first = True
+        self._cut_after_flush()
+
+    def _cut_after_flush(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            transport.close()  # asyncio writes what is buffered first
+            # ... for as long as the peer reads: one that does not is cut.
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+            self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+
+    def _arm_fragment_timer(self) -> None:
+        started = self._parser.fragment_started
+        if started is None or self._fragment_timer is not None or self.closing:
+            return
+        timeout = self.limits.fragment_timeout
+        if timeout is None:
+            return
+        delay = max(0.0, started + timeout - self._loop.time())
+        self._fragment_timer = self._loop.call_later(delay, self._fragment_timer_fired)
+
+    def _fragment_timer_fired(self) -> None:
+        self._fragment_timer = None
+        if self.closing:
+            return
+        if self._parser.fragment_expired(self._loop.time()):
+            self._fail(CloseCode.POLICY, "fragmented message not finished in time")
+        else:
+            self._arm_fragment_timer()
+
+    def _transport_gone(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        self.closing = True
+        for timer in (self._close_timer, self._fragment_timer):
+            if timer is not None:
+                timer.cancel()
+        self._close_timer = self._fragment_timer = None
+        if self._server_first and self._sent_close is not None:
+            code, reason, by_server = self._sent_close[0], self._sent_close[1], True
+        elif self._got_close is not None:
+            code, reason, by_server = self._got_close[0], self._got_close[1], False
+        else:
+            code, reason, by_server = 1006, "", self._aborted_by_server
+        receiver = self.receiver
+        self.receiver = None
+        if receiver is not None:
+            try:
+                receiver.on_closed(code, reason, by_server)
+            except Exception:
+                log.exception("receiver.on_closed failed")
+        if self._on_gone is not None:
+            self._on_gone(code, reason)
+            self._on_gone = None
+
+
+def accept_value(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for ``key`` (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode() + _ACCEPT_GUID).digest()).decode()
+
+
+class FastProtocol(tornado.websocket.WebSocketProtocol):
+    """What ``get_websocket_protocol()`` returns to put a connection on the fast path.
+
+    ``transport`` (a :class:`FrameConnection`) exists when ``open()`` runs.
+    Tornado-style ``write_message``/``close`` keep working for code that uses
+    them.
+    """
+
+    def __init__(self, handler: tornado.websocket.WebSocketHandler, limits: FrameLimits) -> None:
+        super().__init__(handler)
+        self.limits = limits
+        self.transport: FrameConnection | None = None
+        self._subprotocol: str | None = None
+
+    async def accept_connection(self, handler: tornado.websocket.WebSocketHandler) -> None:
+        headers = handler.request.headers
+        key = headers.get("Sec-Websocket-Key")
+        if not (headers.get("Host") and key and headers.get("Sec-Websocket-Version")):
+            handler.set_status(400)
+            handler.finish("Missing/Invalid WebSocket headers")
+            return
+        offered = [s.strip() for s in headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        offered = [s for s in offered if s]
+        self._subprotocol = handler.select_subprotocol(offered)
+        if self._subprotocol:
+            assert self._subprotocol in offered
+            handler.set_header("Sec-WebSocket-Protocol", self._subprotocol)
+        # No extension is negotiated: permessage-deflate stays off (RSV1 fails 1002).
+        handler.clear_header("Content-Type")
+        handler.set_status(101)
+        handler.set_header("Upgrade", "websocket")
+        handler.set_header("Connection", "Upgrade")
+        handler.set_header("Sec-WebSocket-Accept", accept_value(key))
+        handler.finish()
+        stream = handler._detach_stream()
+        sock, pipelined, unsent = take_socket(stream)
+
+        def on_gone(code: int, reason: str) -> None:
+            self.client_terminated = self.server_terminated = True
+            handler.on_ws_connection_close(code, reason)
+
+        connection = FrameConnection(self.limits, unsent, on_gone)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: connection, sock)
+            await connection.made
+        except OSError:
+            sock.close()
+            handler.on_ws_connection_close(1006, "")
+            return
+        self.transport = connection
+        try:
+            result = handler.open(*handler.open_args, **handler.open_kwargs)
+            if result is not None:
+                await result
+        except Exception:
+            handler.log_exception(*sys.exc_info())
+            connection.abort()
+            return
+        connection.start(pipelined)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if self.transport is not None:
+            self.transport.close(code or 1000, reason or "")
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.closing
+
+    def write_message(
+        self, message: str | bytes | dict[str, Any], binary: bool = False
+    ) -> Future[None]:
+        if isinstance(message, dict):
+            message = tornado.escape.json_encode(message)
+        payload = message.encode("utf-8") if isinstance(message, str) else message
+        frame = framing.build_frame(framing.OP_BINARY if binary else framing.OP_TEXT, payload)
+        future: Future[None] = Future()
+        if self.transport is None or not self.transport.send_frame(frame):
+            future.set_exception(tornado.websocket.WebSocketClosedError())
+        else:
+            future.set_result(None)
+        return future
+
+    @property
+    def selected_subprotocol(self) -> str | None:
+        return self._subprotocol
+
+    def write_ping(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.send_frame(framing.ping_frame(data))
+
+    def _process_server_headers(self, key: str | bytes, headers: HTTPHeaders) -> None:
+        raise NotImplementedError("server side only")
+
+    def start_pinging(self) -> None:
+        """Keepalive belongs to the Session (its sweep), not to the frame layer."""
+
+    async def _receive_frame_loop(self) -> None:
+        raise NotImplementedError("frames are read by FrameConnection.data_received")
+
+    def set_nodelay(self, x: bool) -> None:
+        """asyncio sets TCP_NODELAY on every TCP transport already."""
+
+
+def protocol_for(
+    handler: tornado.websocket.WebSocketHandler, limits: FrameLimits
+) -> tornado.websocket.WebSocketProtocol | None:
+    """What ``handler.get_websocket_protocol()`` should return.
+
+    The fast path on plain TCP; Tornado's own (``ServerProtocol13``) on TLS;
+    None (Tornado answers 426) for a WebSocket version other than 13.
+    """
+    if handler.request.headers.get("Sec-WebSocket-Version") != "13":
+        return None
+    if is_tls(handler):
+        return ServerProtocol13(handler, False, websocket_params(handler))
+    return FastProtocol(handler, limits)
