@@ -276,6 +276,17 @@ class TornadoTransport:
         return asyncio.get_running_loop().call_later(delay, callback)
 
 
+def _close_when_flushed(protocol: ServerProtocol13) -> None:
+    stream = protocol.stream
+    if stream is None or stream.closed():
+        return
+    try:
+        flushed = stream.write(b"")  # resolves once everything queued is written
+    except StreamClosedError:
+        return
+    flushed.add_done_callback(lambda _: stream.close())
+
+
 class WebSocketHandler(tornado.websocket.WebSocketHandler):
     """``GET /ws``: the handshake, then a :class:`~wsserver.session.Session`.
 
@@ -397,10 +408,15 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         session = Session(self.services, transport, self.client_address, self.limit_key)
         self.session = session
         self._release_handshake()
-        if await session.open(credentials) and fast is not None:
-            # Frames are parsed only once a receiver is set: those pipelined
-            # behind a refused token are dropped unread.
-            fast.receiver = session
+        if await session.open(credentials):
+            if fast is not None:
+                # Frames are parsed only once a receiver is set: those pipelined
+                # behind a refused token are dropped unread.
+                fast.receiver = session
+        elif fast is None and self._protocol is not None:
+            # Refused (4001/4008): cut the TCP connection once the close frame
+            # is out instead of holding the slot for Tornado's 5 s close wait.
+            _close_when_flushed(self._protocol)
 
     def _release_handshake(self) -> None:
         """Drop what only the handshake needed, instead of keeping it for the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
@@ -101,3 +102,36 @@ def test_plain_ws_to_the_tls_port_fails(tls_server: tuple[Any, ssl.SSLContext]) 
         f"https://127.0.0.1:{server.port}/healthz", context=context, timeout=10
     ) as response:
         assert response.status == 200
+
+
+def test_wss_refused_token_is_cut_once_its_close_frame_is_out(
+    tls_server: tuple[Any, ssl.SSLContext],
+) -> None:
+    """A garbage token on the TLS path: 4001, then the server drops TCP itself at
+    once, without waiting for a close answer that this client never sends."""
+    server, context = tls_server
+
+    async def scenario() -> tuple[bytes, float]:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=context, server_hostname="127.0.0.1"
+        )
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer not.a.jwt\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        started = loop.time()
+        rest = await asyncio.wait_for(reader.read(), 10)  # until the server's EOF
+        elapsed = loop.time() - started
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+        return rest, elapsed
+
+    rest, elapsed = asyncio.run(scenario())
+    # One close frame (opcode 8) carrying 4001, then the end of the stream.
+    assert rest[0] == 0x88 and int.from_bytes(rest[2:4], "big") == 4001, rest
+    assert elapsed < 1.0, elapsed
