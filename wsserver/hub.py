@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wsserver import frames, protocol
@@ -58,6 +59,20 @@ def history_spec(policy: NamespacePolicy) -> HistorySpec | None:
     if policy.history_size <= 0:
         return None
     return HistorySpec(policy.history_size, policy.history_ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class _Gap:
+    """A ``gap`` held for a joining session, sent after its ``joined`` answer."""
+
+    epoch: str
+    offset: int
+
+
+def _gap_frame(room: str, epoch: str, offset: int) -> bytes:
+    return frames.text_frame(protocol.encode(
+        {"type": "gap", "room": room, "epoch": epoch, "offset": offset, "recovered": False}
+    ))
 
 
 def _with_id(payload: bytes, msg_id: MessageId) -> bytes:
@@ -102,7 +117,7 @@ class Hub:
         #: Rooms this node subscribed to (or is subscribing to).
         self._subscriptions: dict[str, asyncio.Future[None]] = {}
         #: Per room, the sessions whose join is being answered, and what they missed.
-        self._joining: dict[str, dict[Session, list[Publication]]] = {}
+        self._joining: dict[str, dict[Session, list[Publication | _Gap]]] = {}
         #: Origin tag → (publisher, its message id, when), for the publisher's own copy.
         self._origins: dict[str, tuple[Session, MessageId, float]] = {}
         self._origin_serial = 0
@@ -162,26 +177,64 @@ class Hub:
             raise RoomFull(f"{room!r} has {self.max_room_members} members on this node")
         await self._subscribe(room)
         if session.closed:
+            # Gone while subscribing: a subscription nobody here uses is a leak.
+            if room not in self._members:
+                self._unsubscribe(room)
             return
         # A member from here on: live publications are held until answered.
-        held: list[Publication] = []
+        held: list[Publication | _Gap] = []
         self._joining.setdefault(room, {})[session] = held
         self._add(session, room)
+        counted = False
         try:
             first = await self.broker.presence_add(room, identity.user)
+            counted = True
             page = None if spec is None else await self._history_for_join(room, spec, since)
         except BaseException:
             self._stop_holding(session, room)
-            self._remove(session, room)
+            if self._remove(session, room) and counted:
+                # Counted in the room's presence, but never a member: uncount it.
+                self._spawn(_quietly(self.broker.presence_remove(room, identity.user)))
             raise
-        reply, top = self._joined_answer(room, page, since)
         self._stop_holding(session, room)
+        if session.closed:
+            # Gone during the read: forget() left the room (and counts the
+            # presence down); announcing the user now would follow its user_left.
+            return
+        reply = self._joined_answer(room, page, since)
         answer(reply)
-        for publication in held:
-            if top is None or publication.offset is None or publication.offset > top:
-                session.send_frame(frames.text_frame(publication.payload))
+        self._send_held(session, room, held, page)
         if first and self.policy.policy_for(room).join_leave:
             self._spawn(self._event(room, "user_joined", identity.user))
+
+    def _send_held(
+        self, session: Session, room: str, held: list[Publication | _Gap],
+        page: HistoryPage | None,
+    ) -> None:
+        """After the ``joined`` answer: what arrived during the join, above its position.
+
+        What is at or below the answer's position is in the answer (or covered
+        by its ``recovered: false``). A publication of another epoch than the
+        answer's means the history was lost after the read: the client is told
+        with a ``gap`` first, as live members were.
+        """
+        epoch = page.epoch if page is not None else None
+        top = page.offset if page is not None else 0
+        for item in held:
+            if isinstance(item, _Gap):
+                if item.epoch == epoch and item.offset <= top:
+                    continue  # the answer is already past this gap
+                session.send_frame(_gap_frame(room, item.epoch, item.offset))
+                epoch, top = item.epoch, item.offset
+                continue
+            if epoch is not None and item.offset is not None and item.epoch is not None:
+                if item.epoch == epoch and item.offset <= top:
+                    continue
+                if item.epoch != epoch:
+                    session.send_frame(_gap_frame(room, item.epoch, item.offset - 1))
+                    epoch = item.epoch
+                top = item.offset
+            session.send_frame(frames.text_frame(item.payload))
 
     def _stop_holding(self, session: Session, room: str) -> None:
         joining = self._joining.get(room)
@@ -204,13 +257,13 @@ class Hub:
 
     def _joined_answer(
         self, room: str, page: HistoryPage | None, since: dict[str, Any] | None
-    ) -> tuple[dict[str, Any], int | None]:
+    ) -> dict[str, Any]:
         if page is None:
-            return {"type": "joined", "room": room}, None
+            return {"type": "joined", "room": room}
         answer: dict[str, Any] = {"type": "joined", "room": room, "epoch": page.epoch,
                                   "offset": page.offset}
         if since is None:
-            return answer, page.offset
+            return answer
         recovered = (
             since["epoch"] == page.epoch
             and page.complete
@@ -223,7 +276,7 @@ class Hub:
         else:
             answer["messages"] = []
             self.metrics.recoveries.labels("lost").inc()
-        return answer, page.offset
+        return answer
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove ``session`` from ``room`` (no error when it was not a member)."""
@@ -432,6 +485,10 @@ class Hub:
         held = self._repairing.pop(room, None)
         if held is None:
             return  # the room emptied meanwhile
+        if page is None and not held:
+            # Nothing arrived and nothing could be read: keep the position, so
+            # the next publication beyond it starts a repair again.
+            return
         if page is not None and page.epoch == epoch and page.complete:
             self.metrics.gap_repairs.labels("repaired").inc()
             log.info("room %r: repaired %d missed message(s) after offset %d",
@@ -441,7 +498,7 @@ class Hub:
         else:
             self.metrics.gap_repairs.labels("lost").inc()
             new_epoch = page.epoch if page is not None else epoch
-            top = page.offset if page is not None else max((p.offset or 0) for p in held or [])
+            top = page.offset if page is not None else max((p.offset or 0) for p in held)
             log.warning("room %r: messages after offset %d are gone; members are told to "
                         "reload", room, last)
             self._send_gap(room, new_epoch, top)
@@ -461,11 +518,14 @@ class Hub:
         self._deliver(publication)
 
     def _send_gap(self, room: str, epoch: str, offset: int) -> None:
-        frame = frames.text_frame(protocol.encode(
-            {"type": "gap", "room": room, "epoch": epoch, "offset": offset, "recovered": False}
-        ))
+        frame = _gap_frame(room, epoch, offset)
+        joining = self._joining.get(room, {})
         for member in self.members(room):
-            member.send_frame(frame)
+            held = joining.get(member)
+            if held is not None:
+                held.append(_Gap(epoch, offset))  # after its joined answer, not before
+            else:
+                member.send_frame(frame)
 
     def on_resubscribed(self, rooms: Sequence[str]) -> None:
         """After an interrupted subscription: repair every room with history."""
