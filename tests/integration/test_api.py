@@ -22,7 +22,7 @@ API_ROOMS: dict[str, Any] = {
     "publish": "members",
     "namespaces": {
         "hist": {"join": "anyone", "publish": "members", "history_size": 10},
-        "chat": {"join": "anyone", "publish": "members", "presence": True},
+        "chat": {"join": "anyone", "publish": "members", "presence": True, "join_leave": True},
         "user": {"join": "owner", "publish": "none"},
     },
 }
@@ -325,6 +325,21 @@ async def test_disconnect_closes_every_connection_of_the_user(api: Api, port: in
     await receives_nothing(bob)
     # Nobody by that name: nothing to do, still 200.
     assert await api.call("/api/disconnect", {"user": "nobody"}) == (200, {})
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("server_flags", [WITH_KEY])
+async def test_a_disconnected_user_leaves_their_rooms(api: Api, port: int) -> None:
+    bob = await member(port, "bob", "chat:1")
+    assert await recv(bob) == {"type": "user_joined", "room": "chat:1", "user": "bob"}
+    alice = await member(port, "alice", "chat:1")
+    assert await recv(bob) == {"type": "user_joined", "room": "chat:1", "user": "alice"}
+    assert await recv(alice) == {"type": "user_joined", "room": "chat:1", "user": "alice"}
+    assert await api.call("/api/disconnect", {"user": "alice"}) == (200, {})
+    assert await recv(alice) is None
+    assert await recv(bob) == {"type": "user_left", "room": "chat:1", "user": "alice"}
+    assert await api.call("/api/presence?room=chat:1") == (
+        200, {"room": "chat:1", "users": ["bob"], "connections": 1})
 
 
 @pytest.mark.gen_test
