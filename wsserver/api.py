@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 from wsserver import protocol
 from wsserver.brokers.base import BrokerUnavailable, PublishResult
@@ -46,14 +47,21 @@ class ApiError(WsServerError):
         self.message = message
 
 
+@tornado.web.stream_request_body
 class ApiHandler(tornado.web.RequestHandler):
-    """Key check, JSON bodies, and the one mapping from errors to statuses."""
+    """Key check, JSON bodies, and the one mapping from errors to statuses.
+
+    The body streams in (:meth:`data_received`), so that :meth:`prepare` sees
+    the declared size before the body is read: a body over
+    ``--max-message-size`` is answered 413 whatever the listener's own cap.
+    """
 
     endpoint = "unknown"
 
     def initialize(self, services: Services) -> None:
         self.services = services
         self._outcome = "ok"
+        self._body = bytearray()
 
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -61,6 +69,14 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
 
     def prepare(self) -> None:
+        limit = self.services.settings.max_message_size
+        declared = self.request.headers.get("Content-Length", "")
+        length = int(declared) if declared.isdigit() else 0
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            # After an early answer Tornado reads on until the connection
+            # closes: its cap must not cut in with a second answer (a bare 400).
+            connection.set_max_body_size(max(limit, length))
         key = self.services.settings.api_key
         if key is None:
             raise tornado.web.HTTPError(404)
@@ -68,6 +84,12 @@ class ApiHandler(tornado.web.RequestHandler):
             self._outcome = "unauthorized"
             raise ApiError(401, "unauthorized", "missing or wrong API key: send "
                            "'Authorization: apikey <KEY>' or 'X-API-Key: <KEY>'")
+        if length > limit:
+            raise ApiError(413, "too_large", f"body over {limit} bytes")
+
+    def data_received(self, chunk: bytes) -> None:
+        # At most --max-message-size: prepare() set the connection's cap.
+        self._body += chunk
 
     def _presented_key(self) -> str:
         header = self.request.headers.get("Authorization", "")
@@ -78,7 +100,7 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def body(self) -> dict[str, Any]:
         """The request's JSON object, or :class:`ApiError` 400/413."""
-        raw = self.request.body or b""
+        raw = bytes(self._body)
         if len(raw) > self.services.settings.max_message_size:
             raise ApiError(413, "too_large",
                            f"body over {self.services.settings.max_message_size} bytes")
@@ -116,6 +138,12 @@ class ApiHandler(tornado.web.RequestHandler):
             self._outcome = "not_found"
             self.set_status(404)
             self.finish(json.dumps({"error": "not_found"}))
+        elif isinstance(e, tornado.web.HTTPError) and e.status_code == 405:
+            allowed = [m for m in ("GET", "POST") if m.lower() in type(self).__dict__]
+            self.set_header("Allow", ", ".join(allowed))
+            self._answer_error(405, "method_not_allowed",
+                               f"{self.request.method} is not allowed here; use "
+                               f"{' or '.join(allowed) or 'nothing'}")
         else:
             log.error("API %s failed: %s", self.endpoint, type(e).__name__, exc_info=e)
             self._answer_error(500, "internal_error", "internal error")

@@ -197,6 +197,11 @@ class Server:
                 "hands anyone a token for any name. Configure --jwt-secret-file or "
                 "--jwt-public-key-file for real use."
             )
+        # As check-config prints it: demo mode opens the default namespace.
+        source = "from the config file" if settings.rooms_from_file else (
+            "demo mode" if settings.demo_mode else "defaults"
+        )
+        log.info("rooms (%s): %s", source, settings.rooms.describe())
         log.info("allowed origins: %s", ", ".join(sorted(services.origins.allowed)) or "none")
         log.info("broker: %s, node %s", services.broker.kind, services.node_name)
         if self.internal_port is not None:
