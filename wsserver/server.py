@@ -127,7 +127,16 @@ class Server:
                 "hands anyone a token for any name. Configure --jwt-secret-file or "
                 "--jwt-public-key-file for real use."
             )
-        log.info("allowed origins: %s", ", ".join(sorted(self.state.origins.allowed)) or "none")
+        if self.state.origins.allowed:
+            log.info("allowed origins: %s", ", ".join(sorted(self.state.origins.allowed)))
+        else:
+            # Browsers always send Origin: every page would be refused with 403, which
+            # a page only sees as "1006 connection lost".
+            log.warning(
+                "allowed origins: none. No browser page can connect (403 before the "
+                "upgrade; browsers report 1006); only clients that send no Origin can. "
+                "Give --allowed-origins https://app.example.com (see docs/client.md)"
+            )
         log.info("listening on %s://%s:%d/", settings.scheme, _display_host(settings.host),
                  self.port)
         _tune_gc()
@@ -147,6 +156,15 @@ class Server:
             loop.add_signal_handler(signum, self.request_stop)
         try:
             await self.start()
+        except BaseException:
+            if self.http_server is None:
+                # Failed before listening (the bind, the TLS pair): nothing to drain,
+                # and no "shutting down... stopped" in front of the real error.
+                self.state.pool.shutdown()
+            else:
+                await self.shutdown()
+            raise
+        try:
             await self._stop_requested.wait()
         finally:
             await self.shutdown()
