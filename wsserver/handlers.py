@@ -248,6 +248,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.client_address = _client_address(state, self.request)
         self.limit_key = limit_key(self.client_address)
         self.identity: Identity | None = None
+        #: The verified ``sub`` for log lines, set before the per-user cap is checked.
+        self._log_user = "-"
         self._credentials: Credentials | None = None
         self._opened_at: float | None = None
         self._ended_with: CloseError | None = None
@@ -355,6 +357,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         assert credentials is not None
         try:
             identity = state.verifier.verify(credentials.token)
+            # Known from here on, so a 4008 refusal's close line names the user.
+            self._log_user = identity.user
             state.registry.authenticate(self, identity.user)
         except CloseError as error:
             self._end(error)
@@ -654,7 +658,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     @property
     def _user(self) -> str:
-        return self.identity.user if self.identity is not None else "-"
+        return self.identity.user if self.identity is not None else self._log_user
 
     def on_close(self) -> None:
         if self._opened_at is None:
