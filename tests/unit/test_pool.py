@@ -26,6 +26,9 @@ from wsserver.tasks import TaskTable, iterated_sha256, load_task_table
 
 T = TypeVar("T")
 
+# Real worker processes: correct, but seconds rather than the milliseconds of the pure core.
+pytestmark = pytest.mark.processes
+
 
 def table_with_support_tasks() -> TaskTable:
     table = load_task_table(None)
