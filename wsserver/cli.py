@@ -120,7 +120,7 @@ def _uvicorn_hint(args: Sequence[str]) -> str | None:
         if flag in UVICORN_FLAGS and flag not in own:
             return (
                 f"wsserver: {flag} is a uvicorn flag, not a wsserver one: "
-                f"{UVICORN_FLAGS[flag]}. See docs/deploy.md, \"Coming from uvicorn\""
+                f"{UVICORN_FLAGS[flag]}. See docs/deploy.md, \"Mapping the uvicorn recipe's knobs\""
             )
     return None
 
