@@ -166,7 +166,16 @@ def _total(counter: Counter) -> float:
 
 
 class DemoTokenHandler(BaseHandler):
-    """``POST /auth/demo-token``: a short-lived token for any name, demo mode only."""
+    """``POST /auth/demo-token``: a short-lived token for any name, demo mode only.
+
+    ``GET`` answers whether it is on, so a page can ask without a 404 in the console.
+    """
+
+    def get(self) -> None:
+        state = self.state
+        enabled = state.settings.demo and state.issuer is not None
+        self.write_json({"enabled": enabled, "expires_in": state.settings.demo_token_ttl
+                         if enabled else None})
 
     def post(self) -> None:
         state = self.state
