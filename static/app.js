@@ -1,5 +1,5 @@
 // app.js: the demo page. All server data is written with textContent, never as HTML.
-import { WsClient, WsError, socketUrl } from './wsclient.js';
+import { WsClient, WsError, describeClose, socketUrl } from './wsclient.js';
 import { StatsChart, messageRate } from './chart.js';
 
 const $ = (id) => document.getElementById(id);
@@ -19,10 +19,32 @@ function initialName() {
 let userName = initialName();
 let waitingForPaste = null; // resolve() of the getToken() call waiting for a pasted token
 let pastedToken = null; // pasted while no getToken() call was waiting: used by the next one
+let lastClose = null; // {code, reason} of the last connection that ended
+/** Whether the server hands out demo tokens; asked once with GET (no 404 in the console). */
+let demoTokens = null;
+
+async function demoTokensEnabled() {
+  if (demoTokens === null) {
+    try {
+      const response = await fetch('/auth/demo-token', { cache: 'no-store' });
+      demoTokens = response.ok && (await response.json()).enabled === true;
+    } catch {
+      return true; // the server is unreachable: try again on the next connection
+    }
+    showMode();
+  }
+  return demoTokens;
+}
+
+/** Demo mode: a name to choose. Key mode: a token to paste, and no name form. */
+function showMode() {
+  $('name-form').hidden = demoTokens === false;
+  $('token-form').hidden = demoTokens !== false;
+}
 
 /**
  * getToken() for the client: a demo token for the chosen name, or, when the
- * server has no demo endpoint (404), whatever the user pastes.
+ * server has no demo endpoint, whatever the user pastes.
  */
 async function getToken() {
   if (pastedToken) {
@@ -30,29 +52,46 @@ async function getToken() {
     pastedToken = null;
     return token;
   }
+  if (!(await demoTokensEnabled())) return askForToken();
   const response = await fetch('/auth/demo-token', {
     method: 'POST',
     headers: { 'Content-Type': 'application/json' },
     body: JSON.stringify({ user: userName }),
     cache: 'no-store',
   });
-  if (response.status === 404) return askForToken();
   if (!response.ok) throw new Error(`demo token refused: HTTP ${response.status}`);
   const body = await response.json();
   return body.token;
 }
 
+/** Key mode: wait for a pasted token, saying why one is needed now. */
 function askForToken() {
   $('token-form').hidden = false;
-  $('conn-detail').textContent = 'Waiting for a token: paste one below.';
+  let why = 'Waiting for a token: paste one below.';
+  if (client.state === 'open') {
+    why = 'Your token expires soon: paste a new one to stay connected.';
+  } else if (lastClose && lastClose.code === 4001) {
+    why = `The server refused the token (4001 ${lastClose.reason}): paste another.`;
+  }
+  $('conn-detail').textContent = why;
+  if (client.state !== 'open') {
+    $('conn-state').textContent = 'waiting for a token';
+    $('conn-state').dataset.state = 'waiting';
+  }
   return new Promise((resolve) => { waitingForPaste = resolve; });
 }
 
 // --- the client ------------------------------------------------------------
 
-const client = new WsClient({ url: socketUrl(window.location), getToken });
-/** Ids of publishes, so their error replies are shown under the chat. */
-const publishIds = new Set();
+const client = new WsClient({
+  url: socketUrl(window.location),
+  getToken,
+  onRecoveryFailed: (room) => addNotice(
+    `Messages sent to #${room} while you were away could not be recovered: some may be missing.`,
+  ),
+});
+/** Ids of publishes -> their text, so a refused one can be marked as not sent. */
+const publishIds = new Map();
 /** Ids of requests: their errors are shown by the code awaiting them. */
 const requestIds = new Set();
 let idCounter = 0;
@@ -83,13 +122,22 @@ client.addEventListener('state', ({ detail }) => {
       badge.textContent = 'disconnected';
       $('conn-detail').textContent = `Stopped${reason}.`;
   }
+  if (typeof detail.code === 'number' && detail.state !== 'open') showClose(detail);
 });
+
+/** The Connection panel's "Last close: 4029 kept sending while rate limited". */
+function showClose({ code, reason }) {
+  lastClose = { code, reason: reason || describeClose(code) };
+  $('conn-close-code').textContent = `${code} ${lastClose.reason}`;
+  $('conn-close').hidden = false;
+}
 
 client.addEventListener('welcome', ({ detail }) => {
   connectionsMade += 1;
   $('conn-count').textContent = String(connectionsMade);
   $('conn-user').textContent = detail.user;
-  $('token-form').hidden = true;
+  $('personal-name').textContent = `user:${detail.user}`;
+  if (demoTokens !== false) $('token-form').hidden = true;
   const limits = detail.limits || {};
   if (limits.message_rate !== undefined) {
     $('conn-limits').textContent = `Limits: ${limits.message_rate} messages/s `
@@ -106,11 +154,18 @@ client.addEventListener('token', ({ detail }) => {
 client.addEventListener('message', ({ detail: msg }) => {
   switch (msg.type) {
     case 'message':
-      publishIds.delete(msg.id); // our own publish came back: delivered
+      if (msg.from === client.user) publishIds.delete(msg.id); // our own publish came back
       addChatLine(msg);
+      break;
+    case 'user_joined':
+      addSystemLine(`${msg.user} joined #${msg.room}`);
+      break;
+    case 'user_left':
+      addSystemLine(`${msg.user} left #${msg.room}`);
       break;
     case 'refreshed':
       refreshes += 1;
+      $('conn-detail').textContent = ''; // a pasted token may have answered "expires soon"
       $('conn-refreshes').textContent = String(refreshes);
       break;
     case 'error':
@@ -121,36 +176,57 @@ client.addEventListener('message', ({ detail: msg }) => {
 });
 
 function showServerError(msg) {
-  if (requestIds.has(msg.id)) return;
-  if (publishIds.has(msg.id)) {
-    publishIds.delete(msg.id);
-    if (msg.code === 'rate_limited') {
-      holdSendButton(msg.retry_after);
-    } else {
-      $('chat-error').textContent = `Not sent (${msg.code}): ${msg.message}`;
-    }
-    return;
-  }
+  if (requestIds.has(msg.id) || publishIds.has(msg.id)) return; // shown where they were made
   $('conn-error').textContent = `${msg.code}: ${msg.message}`;
 }
 
+// A refused publish: marked in the chat, and said under it (forbidden, unavailable...).
+client.addEventListener('publish_error', ({ detail }) => {
+  const text = publishIds.get(detail.id);
+  publishIds.delete(detail.id);
+  const { code } = detail.error;
+  addUnsentLine(`Not sent to #${detail.room} (${code})${text === undefined ? '' : `: "${text}"`}`);
+  if (code === 'rate_limited') {
+    holdSendButton(detail.error.retryAfter);
+  } else {
+    $('chat-error').textContent = `Not sent to #${detail.room}: ${userText(detail.error)}`;
+  }
+});
+
+client.addEventListener('left', ({ detail }) => {
+  addNotice(`You are no longer in #${detail.room} (${detail.reason}).`);
+  renderRooms();
+});
+
+/** The rate-limit notice stays at least this long, so it can be read. */
+const NOTICE_MS = 4000;
+
 /** After rate_limited: say how long to wait, and keep Send disabled that long. */
 let sendHeldUntil = 0;
+let noticeUntil = 0;
 function holdSendButton(retryAfter) {
   const button = $('send-button');
   const until = Date.now() + (Number(retryAfter) || 1) * 1000;
-  const ticking = sendHeldUntil > Date.now();
+  const ticking = noticeUntil > Date.now();
   sendHeldUntil = Math.max(sendHeldUntil, until); // several replies: the latest wait wins
+  noticeUntil = Math.max(noticeUntil, sendHeldUntil, Date.now() + NOTICE_MS);
   button.disabled = true;
   if (ticking) return;
+  const notice = $('chat-notice');
   const tick = () => {
-    const left = (sendHeldUntil - Date.now()) / 1000;
-    if (left <= 0) {
+    const now = Date.now();
+    const left = (sendHeldUntil - now) / 1000;
+    if (left > 0) {
+      notice.textContent = `Rate limited: you can send again in ${left.toFixed(1)} s.`;
+    } else {
       button.disabled = false;
-      $('chat-error').textContent = '';
+      notice.textContent = 'Rate limited: messages marked "Not sent" did not go out; '
+        + 'you can send again.';
+    }
+    if (now >= noticeUntil) {
+      notice.textContent = '';
       return;
     }
-    $('chat-error').textContent = `Rate limited: you can send again in ${left.toFixed(1)} s.`;
     setTimeout(tick, 100);
   };
   tick();
@@ -175,7 +251,14 @@ setInterval(showExpiry, 1000);
 $('name-input').value = userName;
 $('name-form').addEventListener('submit', (event) => {
   event.preventDefault();
-  userName = $('name-input').value.trim() || userName;
+  const name = $('name-input').value.trim();
+  if (!name) {
+    $('conn-error').textContent = 'Type a name first: a blank name cannot connect.';
+    $('name-input').focus();
+    return;
+  }
+  $('conn-error').textContent = '';
+  userName = name;
   sessionStorage.setItem('wsserver-demo-name', userName);
   restart();
 });
@@ -183,6 +266,12 @@ $('name-form').addEventListener('submit', (event) => {
 $('token-form').addEventListener('submit', (event) => {
   event.preventDefault();
   const token = $('token-input').value.trim();
+  if (!token) {
+    $('conn-error').textContent = 'Paste a token first.';
+    $('token-input').focus();
+    return;
+  }
+  $('conn-error').textContent = '';
   $('token-input').value = '';
   if (waitingForPaste) {
     waitingForPaste(token);
@@ -194,6 +283,7 @@ $('token-form').addEventListener('submit', (event) => {
 });
 
 $('disconnect-button').addEventListener('click', () => client.close());
+$('token-disconnect').addEventListener('click', () => client.close());
 
 function restart() {
   client.close();
@@ -234,11 +324,11 @@ async function joinRoom(room) {
     await joining;
   } catch (err) {
     // A join lost with its connection is sent again on reconnect, and one dropped by a
-    // restart (new name) is re-joined after it; other failures are final.
-    if (err.code !== 'disconnected' && err.code !== 'stopped') client.rooms.delete(room);
+    // restart (new name) is re-joined after it; the client forgets refused ones itself.
     renderRooms();
     if (err.code === 'cancelled') return; // the user left it before the join went out
-    $('chat-error').textContent = `Could not join ${room}: ${errorText(err)}`;
+    if (err.code === 'disconnected' || err.code === 'stopped') return;
+    $('chat-error').textContent = `Could not join #${room}: ${userText(err)}`;
   } finally {
     requestIds.delete(id);
   }
@@ -248,7 +338,7 @@ async function leaveRoom(room) {
   try {
     await client.leave(room);
   } catch (err) {
-    $('chat-error').textContent = `Could not leave ${room}: ${errorText(err)}`;
+    $('chat-error').textContent = `Could not leave #${room}: ${userText(err)}`;
   }
   renderRooms();
 }
@@ -257,6 +347,15 @@ $('join-form').addEventListener('submit', (event) => {
   event.preventDefault();
   const room = $('room-input').value.trim();
   if (room) joinRoom(room);
+});
+
+// The personal room: the server lets only this user join it; only its API publishes there.
+$('personal-room').addEventListener('click', () => {
+  if (!client.user) {
+    $('chat-error').textContent = 'Connect first: your room is named after your user.';
+    return;
+  }
+  joinRoom(`user:${client.user}`);
 });
 
 $('message-form').addEventListener('submit', (event) => {
@@ -274,10 +373,10 @@ $('message-form').addEventListener('submit', (event) => {
   try {
     client.publish(room, text, { id });
   } catch (err) {
-    $('chat-error').textContent = `Not sent: ${errorText(err)}`;
+    $('chat-error').textContent = `Not sent: ${userText(err)}`;
     return;
   }
-  publishIds.add(id);
+  publishIds.set(id, text);
   if (client.state !== 'open') {
     addSystemLine(`Queued for ${room}: "${text}" (sent on reconnect)`);
   }
@@ -294,7 +393,7 @@ function addChatLine(msg) {
   room.textContent = `#${msg.room} `;
   const from = document.createElement('span');
   from.className = 'from';
-  from.textContent = `${msg.from}: `;
+  from.textContent = `${msg.from === null ? 'server' : msg.from}: `; // null: the server API
   const text = document.createElement('span');
   text.className = 'text';
   text.textContent = typeof msg.data === 'string' ? msg.data : JSON.stringify(msg.data);
@@ -302,12 +401,15 @@ function addChatLine(msg) {
   appendToLog($('chat-log'), item);
 }
 
-function addSystemLine(text) {
+function addSystemLine(text, className = 'system') {
   const item = document.createElement('li');
-  item.className = 'system';
+  item.className = className;
   item.textContent = text;
   appendToLog($('chat-log'), item);
 }
+
+const addUnsentLine = (text) => addSystemLine(text, 'unsent');
+const addNotice = (text) => addSystemLine(text, 'notice');
 
 function appendToLog(log, item) {
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 24;
@@ -316,8 +418,18 @@ function appendToLog(log, item) {
   if (atBottom) log.scrollTop = log.scrollHeight;
 }
 
-function errorText(err) {
+/** Words for the client's own error codes; server errors keep the server's message. */
+const CLIENT_ERRORS = {
+  stopped: 'not connected: press Connect (or paste a token) first',
+  queue_full: 'too many messages are waiting for the connection; try again once connected',
+  disconnected: 'the connection dropped before the answer came',
+  timeout: 'no answer from the server in time',
+  cancelled: 'cancelled',
+};
+
+function userText(err) {
   if (err instanceof WsError) {
+    if (CLIENT_ERRORS[err.code] && !err.reply) return CLIENT_ERRORS[err.code];
     const wait = err.retryAfter !== null ? ` (retry in ${err.retryAfter} s)` : '';
     return `${err.code}: ${err.message}${wait}`;
   }
@@ -335,20 +447,37 @@ function showTaskArgs() {
 taskSelect.addEventListener('change', showTaskArgs);
 showTaskArgs();
 
-/** A number when the field holds an integer, else the raw text (the server judges it). */
-function integerOrText(value) {
-  return /^\s*-?\d+\s*$/.test(value) ? Number(value) : value;
+/** The field's whole number, or throws with the field's name (checked before sending). */
+function wholeNumber(id, label) {
+  const text = $(id).value.trim();
+  if (!/^-?\d+$/.test(text)) throw new Error(`${label} must be a whole number`);
+  return Number(text);
 }
 
 function taskArgs(name) {
-  if (name === 'primes') return { limit: integerOrText($('primes-limit').value) };
-  return { data: $('sha-data').value, rounds: integerOrText($('sha-rounds').value) };
+  if (name === 'primes') return { limit: wholeNumber('primes-limit', 'Limit') };
+  return { data: $('sha-data').value, rounds: wholeNumber('sha-rounds', 'Rounds') };
 }
 
-$('task-form').addEventListener('submit', async (event) => {
+/** Seconds of hashing (2-3 s on one core of a 2020s server): long enough to chat meanwhile. */
+const SLOW_TASK = { name: 'sha256', args: { data: 'slow', rounds: 10000000 } };
+
+$('task-slow').addEventListener('click', () => runTask(SLOW_TASK.name, SLOW_TASK.args));
+
+$('task-form').addEventListener('submit', (event) => {
   event.preventDefault();
   const name = taskSelect.value;
-  const args = taskArgs(name);
+  let args;
+  try {
+    args = taskArgs(name);
+  } catch (err) {
+    $('task-error').textContent = err.message; // nothing was sent: said once, here
+    return;
+  }
+  runTask(name, args);
+});
+
+async function runTask(name, args) {
   const item = document.createElement('li');
   item.dataset.status = 'running';
   const label = document.createElement('span');
@@ -373,12 +502,11 @@ $('task-form').addEventListener('submit', async (event) => {
     item.dataset.status = 'done';
   } catch (err) {
     item.dataset.status = 'error';
-    outcome.textContent = `failed: ${errorText(err)}`;
-    $('task-error').textContent = `${name}: ${errorText(err)}`;
+    outcome.textContent = `failed: ${userText(err)}`; // in its own row, and only there
   } finally {
     requestIds.delete(id);
   }
-});
+}
 
 // --- live server statistics --------------------------------------------------
 
@@ -418,8 +546,10 @@ async function pollStats() {
 
 // --- start -------------------------------------------------------------------
 
-client.connect();
-joinRoom('lobby');
+demoTokensEnabled().then(() => {
+  client.connect();
+  joinRoom('lobby');
+});
 pollStats();
 
 // For debugging from the console; the page itself does not rely on it.

@@ -5,7 +5,8 @@
 // (URLs end up in logs and browser history).
 //
 // The pure decisions (backoff delay, what a close code means, the queue
-// bound) are exported functions so they can be tested without a browser.
+// bound, which room messages to deliver after a reconnect) are exported
+// functions so they can be tested without a browser.
 
 /** First reconnect waits up to this long (ms); the window doubles each attempt. */
 export const BACKOFF_BASE_MS = 500;
@@ -38,7 +39,29 @@ export function backoffDelay(attempt, random = Math.random, base = BACKOFF_BASE_
 }
 
 /**
- * What to do when the socket closes with `code`, per CONTRACT.md's close-code table.
+ * Every close code the server sends, what it means and what the client does:
+ * "never" and "fix_client" stop (retrying would repeat it), "soon" reconnects
+ * within a second, "backoff" with exponential backoff, "new_token" gets a new
+ * token first. The same table as wsserver/closecodes.py (a test compares them).
+ */
+export const CLOSE_CODES = Object.freeze({
+  1000: { reconnect: 'never', text: 'closed normally' },
+  1001: { reconnect: 'soon', text: 'server shutting down' },
+  1002: { reconnect: 'fix_client', text: 'protocol error' },
+  1007: { reconnect: 'fix_client', text: 'invalid UTF-8 in a text message' },
+  1008: { reconnect: 'fix_client', text: 'policy violation' },
+  1009: { reconnect: 'fix_client', text: 'message too big' },
+  1011: { reconnect: 'backoff', text: 'server error' },
+  4001: { reconnect: 'new_token', text: 'token invalid or expired' },
+  4003: { reconnect: 'never', text: 'not permitted' },
+  4008: { reconnect: 'backoff', text: 'too many connections for this user' },
+  4009: { reconnect: 'backoff', text: 'too slow reading messages' },
+  4029: { reconnect: 'backoff', text: 'kept sending while rate limited' },
+});
+
+/**
+ * What to do when the socket closes with `code`, per CLOSE_CODES; 1006 (no
+ * close frame: the network or the server went away) and unknown codes back off.
  * `previousCode` is the code of the close before, if the connection in between
  * never got its welcome.
  *
@@ -47,21 +70,78 @@ export function backoffDelay(attempt, random = Math.random, base = BACKOFF_BASE_
  */
 export function closeDecision(code, { userClosed = false, previousCode = null } = {}) {
   if (userClosed) return { action: 'stop' };
-  switch (code) {
-    case 1000: // normal closure: the server meant it
-    case 1008: // policy violation: fix the client, retrying repeats it
-    case 1009: // message too big: same
-    case 4003: // token valid but not permitted: a new connection would be refused too
+  const entry = CLOSE_CODES[code];
+  switch (entry ? entry.reconnect : 'backoff') {
+    case 'never':
+    case 'fix_client':
       return { action: 'stop' };
-    case 4001: // token missing, invalid or expired
+    case 'new_token':
       // A fresh token fixes it: try at once; if that one fails too, back off.
-      return { action: 'reconnect', delay: previousCode === 4001 ? 'backoff' : 'soon',
+      return { action: 'reconnect', delay: previousCode === code ? 'backoff' : 'soon',
                newToken: true };
-    case 1001: // server going away: a replacement is usually up soon
+    case 'soon': // server going away: a replacement is usually up soon
       return { action: 'reconnect', delay: 'soon', newToken: false };
-    default: // 4008, 4009, 4029, 1011, 1006 (no close frame) and anything unknown
+    default:
       return { action: 'reconnect', delay: 'backoff', newToken: false };
   }
+}
+
+// --- resuming rooms with history -------------------------------------------
+//
+// In a room with history every message carries (epoch, offset). The client
+// remembers the last position it delivered per room, re-joins with
+// "since" after a reconnect, and never delivers a message twice.
+
+/** The `join` message for `room`, asking for what was missed when `position` is known. */
+export function joinMessage(room, position) {
+  if (!position || typeof position.epoch !== 'string' || !Number.isInteger(position.offset)) {
+    return { type: 'join', room };
+  }
+  return { type: 'join', room, since: { offset: position.offset, epoch: position.epoch } };
+}
+
+/**
+ * Whether a `message` is new given the room's last `position` ({epoch, offset}
+ * or null), and the position after it. A message without an offset (room
+ * without history) is always delivered; one at or below the last offset of
+ * the same epoch is a repeat and dropped; a new epoch starts over.
+ * Returns {deliver: boolean, position}.
+ */
+export function acceptMessage(position, msg) {
+  if (!Number.isInteger(msg.offset) || typeof msg.epoch !== 'string') {
+    return { deliver: true, position };
+  }
+  if (position && position.epoch === msg.epoch && msg.offset <= position.offset) {
+    return { deliver: false, position };
+  }
+  return { deliver: true, position: { epoch: msg.epoch, offset: msg.offset } };
+}
+
+/**
+ * What a `joined` reply means, given the `position` held before the join and
+ * whether the join asked to recover (`asked`). Returns
+ * {position, messages, recovered}: `messages` are the recovered ones still to
+ * deliver, in order and without repeats; `recovered` is true or false when the
+ * join asked, null otherwise (also for rooms without history).
+ */
+export function joinedOutcome(position, reply, asked) {
+  if (typeof reply.epoch !== 'string' || !Number.isInteger(reply.offset)) {
+    return { position: null, messages: [], recovered: null }; // no history in this room
+  }
+  const top = { epoch: reply.epoch, offset: reply.offset };
+  if (!asked) return { position: top, messages: [], recovered: null };
+  if (reply.recovered !== true) return { position: top, messages: [], recovered: false };
+  let current = position;
+  const messages = [];
+  const sorted = [...(reply.messages || [])].sort((a, b) => a.offset - b.offset);
+  for (const msg of sorted) {
+    const verdict = acceptMessage(current, msg);
+    current = verdict.position;
+    if (verdict.deliver) messages.push(msg);
+  }
+  // Never move back: a live message may already be past the reply's top.
+  if (!current || current.epoch !== top.epoch || current.offset < top.offset) current = top;
+  return { position: current, messages, recovered: true };
 }
 
 /** Delay (ms) for a reconnect of `kind` ("soon" or "backoff") at backoff `attempt`. */
@@ -106,8 +186,8 @@ export function socketUrl(location, path = '/ws') {
 /** An error reply from the server, or a failure of the client itself. */
 export class WsError extends Error {
   /**
-   * @param {string} code  server code (bad_request, rate_limited, busy...) or a client one:
-   *   queue_full, stopped, disconnected, timeout, cancelled
+   * @param {string} code  server code (bad_request, forbidden, unavailable, rate_limited,
+   *   busy...) or a client one: queue_full, stopped, disconnected, timeout, cancelled
    * @param {string} message  human-readable text
    * @param {object} [reply]  the server's error message, when there is one
    */
@@ -125,11 +205,18 @@ export class WsError extends Error {
  * A connection to wsserver that survives network and server failures.
  *
  * Events (CustomEvent, payload in `detail`):
- *   "state"   {state, code?, reason?, delay?, attempt?}; state is one of
- *             "connecting", "open", "waiting" (reconnect scheduled), "stopped"
- *   "welcome" the server's welcome message
- *   "token"   {expiresAt} (unix seconds) after welcome and after each refresh
- *   "message" every message the server sends
+ *   "state"    {state, code?, reason?, delay?, attempt?}; state is one of
+ *              "connecting", "open", "waiting" (reconnect scheduled), "stopped"
+ *   "welcome"  the server's welcome message
+ *   "token"    {expiresAt} (unix seconds) after welcome and after each refresh
+ *   "message"  every message the server sends, except repeated room messages;
+ *              recovered room messages follow their "joined" reply, in order
+ *   "left"     {room, reason}: the client is no longer in `room` although it did
+ *              not leave (reason "forbidden": its new token no longer grants it)
+ *   "recovery" {room, recovered, missed}: after a re-join that asked for missed
+ *              messages; recovered false means they are lost: reload the room
+ *   "publish_error" {room, id, error}: a publish was refused (a WsError)
+ *   "user_joined", "user_left", "presence": those server messages
  */
 export class WsClient extends EventTarget {
   /**
@@ -138,12 +225,14 @@ export class WsClient extends EventTarget {
    * @param {() => Promise<string>} options.getToken  returns a fresh JWT
    * @param {number} [options.maxQueue]  bound on messages kept while disconnected
    * @param {number} [options.requestTimeoutMs]  default wait for a reply
+   * @param {(room: string, reply: object) => void} [options.onRecoveryFailed]  called when
+   *   a re-join could not recover what was missed in `room`: the app must reload it
    * @param {() => number} [options.random]  jitter source (tests pin it)
    * @param {typeof WebSocket} [options.WebSocket]  constructor to use
    */
   constructor({ url, getToken, maxQueue = DEFAULT_MAX_QUEUE,
                 requestTimeoutMs = DEFAULT_REQUEST_TIMEOUT_MS, random = Math.random,
-                WebSocket: Socket = globalThis.WebSocket }) {
+                onRecoveryFailed = null, WebSocket: Socket = globalThis.WebSocket }) {
     super();
     if (!url || typeof getToken !== 'function') {
       throw new TypeError('WsClient needs a url and an async getToken()');
@@ -154,12 +243,24 @@ export class WsClient extends EventTarget {
     this.requestTimeoutMs = requestTimeoutMs;
     this.random = random;
     this.Socket = Socket;
+    this.onRecoveryFailed = onRecoveryFailed;
 
     this.state = 'stopped';
     this.user = null;
     this.expiresAt = null;
     /** Rooms to be in; re-joined after every reconnect. */
     this.rooms = new Set();
+    /** Room -> {epoch, offset} of the last message delivered (rooms with history). */
+    this.positions = new Map();
+    /**
+     * Id of each join in flight -> {room, asked, rejoin, held}: its reply is matched by
+     * id; `held` keeps live messages that arrive before the reply of a recovering join.
+     */
+    this.joins = new Map();
+    /** Id of each publish not yet echoed or refused -> room (bounded). */
+    this.publishes = new Map();
+    /** Re-joins waiting for the broker to come back (`unavailable`): room -> timer. */
+    this.retries = new Map();
     this.token = null;
     this.attempt = 0;
     this.ws = null;
@@ -197,6 +298,8 @@ export class WsClient extends EventTarget {
       ws.close(1000, 'client closed');
     }
     this.failAll('stopped', 'the client was closed', true);
+    for (const room of [...this.retries.keys()]) this.cancelRetry(room);
+    this.joins.clear();
     this.setState({ state: 'stopped', code: 1000, reason: 'closed by the user' });
   }
 
@@ -213,7 +316,7 @@ export class WsClient extends EventTarget {
   send(message) {
     const msg = message.id === undefined ? { ...message, id: `c${this.nextId++}` } : message;
     if (this.state === 'stopped') {
-      throw new WsError('stopped', 'not connected: call connect() first');
+      throw new WsError('stopped', 'not connected: connect() was not called, or close() was');
     }
     // A socket can be closing (readyState 2) before its close event: queue, do not lose.
     if (this.state === 'open' && this.ws && this.ws.readyState === OPEN_STATE) {
@@ -255,7 +358,15 @@ export class WsClient extends EventTarget {
    */
   join(room, options = {}) {
     this.rooms.add(room);
-    return this.request(withId({ type: 'join', room }, options.id), options);
+    const msg = withId(joinMessage(room, this.positions.get(room)), options.id);
+    if (msg.id === undefined) msg.id = `c${this.nextId++}`;
+    this.joins.set(msg.id, { room, asked: msg.since !== undefined, rejoin: false, held: [] });
+    return this.request(msg, options);
+  }
+
+  /** Ask who is in `room` (namespaces with presence); resolves with the "presence" reply. */
+  presence(room, options = {}) {
+    return this.request(withId({ type: 'presence', room }, options.id), options);
   }
 
   /**
@@ -264,6 +375,8 @@ export class WsClient extends EventTarget {
    */
   leave(room, options = {}) {
     this.rooms.delete(room);
+    this.positions.delete(room);
+    this.cancelRetry(room);
     if (this.state !== 'open') {
       const dropped = this.queue.filter((m) => m.type === 'join' && m.room === room);
       this.queue = this.queue.filter((m) => !dropped.includes(m));
@@ -276,9 +389,16 @@ export class WsClient extends EventTarget {
     return this.request(withId({ type: 'leave', room }, options.id), options);
   }
 
-  /** Publish `data` to `room`; returns the message id (errors arrive as "message" events). */
+  /**
+   * Publish `data` to `room`; returns the message id. A refusal (forbidden,
+   * unavailable, rate_limited...) arrives as a "publish_error" event with that id.
+   */
   publish(room, data, options = {}) {
-    return this.send(withId({ type: 'publish', room, data }, options.id));
+    const id = this.send(withId({ type: 'publish', room, data }, options.id));
+    this.publishes.set(id, room);
+    // Bounded: publishes whose echo never comes (not a member) are forgotten, oldest first.
+    if (this.publishes.size > 1000) this.publishes.delete(this.publishes.keys().next().value);
+    return id;
   }
 
   /** Run a server task; resolves with the "result" reply. */
@@ -332,15 +452,126 @@ export class WsClient extends EventTarget {
     } catch {
       return; // the server only sends JSON; ignore anything else
     }
+    let recovered = [];
     if (msg.type === 'welcome') {
       this.onWelcome(msg);
     } else if (msg.type === 'refreshed') {
       this.setExpiry(msg.expires_at);
     } else if (msg.type === 'token_expiring') {
       this.refreshToken();
+    } else if (msg.type === 'message') {
+      const recovering = this.recoveringJoin(msg.room);
+      if (recovering && Number.isInteger(msg.offset)) {
+        // Held until the joined reply: the recovered messages go first.
+        recovering.held.push(msg);
+        return;
+      }
+      const verdict = acceptMessage(this.positions.get(msg.room) || null, msg);
+      if (!verdict.deliver) return; // already delivered (recovered, then repeated)
+      if (verdict.position) this.positions.set(msg.room, verdict.position);
+      if (msg.from === this.user) this.publishes.delete(msg.id); // our publish came back
+    } else if (msg.type === 'joined') {
+      recovered = this.onJoined(msg);
+    } else if (msg.type === 'left' && msg.reason) {
+      this.dropRoom(msg.room, msg.reason);
+    } else if (msg.type === 'error') {
+      this.onErrorReply(msg);
     }
     this.settle(msg);
     this.dispatchEvent(new CustomEvent('message', { detail: msg }));
+    for (const m of recovered) this.dispatchEvent(new CustomEvent('message', { detail: m }));
+    if (msg.type === 'user_joined' || msg.type === 'user_left' || msg.type === 'presence') {
+      this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
+    }
+  }
+
+  /** A `joined` reply: the room's new position; the recovered messages to deliver. */
+  onJoined(msg) {
+    const join = this.joins.get(msg.id);
+    this.joins.delete(msg.id);
+    if (!this.rooms.has(msg.room)) return []; // left meanwhile
+    const asked = join ? join.asked : false;
+    const outcome = joinedOutcome(this.positions.get(msg.room) || null, msg, asked);
+    const missed = outcome.messages.length;
+    // Live messages that came while the join was answered follow the recovered ones.
+    let position = outcome.position;
+    for (const live of join ? join.held : []) {
+      const verdict = acceptMessage(position, live);
+      position = verdict.position;
+      if (verdict.deliver) outcome.messages.push(live);
+    }
+    if (position) this.positions.set(msg.room, position);
+    else this.positions.delete(msg.room);
+    if (outcome.recovered !== null) {
+      this.dispatchEvent(new CustomEvent('recovery', {
+        detail: { room: msg.room, recovered: outcome.recovered, missed },
+      }));
+      if (outcome.recovered === false && this.onRecoveryFailed) {
+        this.onRecoveryFailed(msg.room, msg);
+      }
+    }
+    return outcome.messages;
+  }
+
+  /** An error reply to one of our joins or publishes. */
+  onErrorReply(msg) {
+    const join = this.joins.get(msg.id);
+    if (join) {
+      this.joins.delete(msg.id);
+      if (join.rejoin && msg.code === 'unavailable') {
+        this.retryJoin(join.room); // the broker is down: try again, keep the position
+      } else if (join.rejoin) {
+        this.dropRoom(join.room, msg.code); // e.g. forbidden: the new token does not grant it
+      } else {
+        // The caller's join() rejects with this error; it decides whether to try again.
+        this.rooms.delete(join.room);
+        this.positions.delete(join.room);
+      }
+      return;
+    }
+    if (this.publishes.has(msg.id)) {
+      const room = this.publishes.get(msg.id);
+      this.publishes.delete(msg.id);
+      this.dispatchEvent(new CustomEvent('publish_error', {
+        detail: { room, id: msg.id, error: new WsError(msg.code, msg.message || msg.code, msg) },
+      }));
+    }
+  }
+
+  /** We are out of `room` without having left it: forget it and tell the app. */
+  dropRoom(room, reason) {
+    if (!this.rooms.has(room)) return;
+    this.rooms.delete(room);
+    this.positions.delete(room);
+    this.cancelRetry(room);
+    this.dispatchEvent(new CustomEvent('left', { detail: { room, reason } }));
+  }
+
+  /** Send the (re-)join of `room` on the open socket, with `since` when we have a position. */
+  sendRejoin(room) {
+    const msg = { ...joinMessage(room, this.positions.get(room)), id: `c${this.nextId++}` };
+    this.joins.set(msg.id, { room, asked: msg.since !== undefined, rejoin: true, held: [] });
+    this.ws.send(JSON.stringify(msg));
+  }
+
+  /** The join of `room` in flight that asked to recover, if any. */
+  recoveringJoin(room) {
+    for (const join of this.joins.values()) if (join.room === room && join.asked) return join;
+    return null;
+  }
+
+  retryJoin(room) {
+    this.cancelRetry(room);
+    const attempt = this.retries.size;
+    this.retries.set(room, setTimeout(() => {
+      this.retries.delete(room);
+      if (this.state === 'open' && this.ws && this.rooms.has(room)) this.sendRejoin(room);
+    }, Math.max(250, backoffDelay(attempt + 2, this.random))));
+  }
+
+  cancelRetry(room) {
+    clearTimeout(this.retries.get(room));
+    this.retries.delete(room);
   }
 
   onWelcome(msg) {
@@ -349,10 +580,13 @@ export class WsClient extends EventTarget {
     this.user = msg.user;
     // Rooms first, so queued publishes reach rooms we are back in; a join
     // still in the queue goes out with it, and is not sent twice.
+    // Each re-join carries "since" for rooms with history, so the server
+    // sends what was published while we were away (or says it cannot).
     const queuedJoins = new Set(this.queue.filter((m) => m.type === 'join').map((m) => m.room));
     for (const room of this.rooms) {
       if (queuedJoins.has(room)) continue;
-      this.ws.send(JSON.stringify({ type: 'join', room, id: `c${this.nextId++}` }));
+      this.cancelRetry(room);
+      this.sendRejoin(room);
     }
     const queued = this.queue;
     this.queue = [];
@@ -417,6 +651,11 @@ export class WsClient extends EventTarget {
   onClose(code, reason) {
     const openFor = this.openedAt === null ? null : Date.now() - this.openedAt;
     this.ws = null;
+    // Joins in flight got no answer (what they held is recovered by the next re-join);
+    // queued ones keep their entries.
+    const queuedIds = new Set(this.queue.map((m) => m.id));
+    for (const id of this.joins.keys()) if (!queuedIds.has(id)) this.joins.delete(id);
+    for (const room of [...this.retries.keys()]) this.cancelRetry(room);
     this.failAll('disconnected', `connection closed (${code}) before the reply`, false);
     const decision = closeDecision(code, { previousCode: this.failedCode });
     this.failedCode = openFor === null ? code : null;
@@ -449,18 +688,7 @@ function withId(message, id) {
 
 /** A short human text for a close code, for when the server gave no reason. */
 export function describeClose(code) {
-  const text = {
-    1000: 'closed normally',
-    1001: 'server shutting down',
-    1006: 'connection lost',
-    1008: 'policy violation',
-    1009: 'message too big',
-    1011: 'server error',
-    4001: 'token invalid or expired',
-    4003: 'not permitted',
-    4008: 'too many connections for this user',
-    4009: 'too slow reading messages',
-    4029: 'kept sending while rate limited',
-  }[code];
-  return text || `closed (${code})`;
+  if (code === 1006) return 'connection lost';
+  const entry = CLOSE_CODES[code];
+  return entry ? entry.text : `closed (${code})`;
 }

@@ -31,14 +31,28 @@ def redact(uri: str) -> str:
     return _TOKEN_IN_QUERY.sub(r"\1[redacted]", uri)
 
 
+#: Paths that probes and pages poll (load balancers, systemd, Prometheus, the demo
+#: page's chart): one INFO line per poll would drown the log.
+POLLED_PATHS = frozenset({"/healthz", "/readyz", "/stats", "/metrics"})
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log line with query-string tokens redacted."""
+    """Access log line with query-string tokens redacted.
+
+    Successful probes and polls, and upgrades, are logged at DEBUG only; with
+    ``--no-access-log`` every request below 500 is.
+    """
     status = handler.get_status()
+    quiet = not handler.application.settings.get("wsserver_access_log", True)
     if status == 101:
         # The connection's own "open user=..." line says more.
         log_method = access_log.debug
+    elif status < 400 and (quiet or handler.request.path in POLLED_PATHS):
+        log_method = access_log.debug
     elif status < 400:
         log_method = access_log.info
+    elif quiet and status < 500:
+        log_method = access_log.debug
     elif status < 500:
         log_method = access_log.warning
     else:
@@ -101,5 +115,6 @@ def make_app(
         websocket_ping_interval=None,
         websocket_max_message_size=settings.max_message_size,
         default_handler_class=handlers.NotFoundHandler,
+        wsserver_access_log=settings.access_log,
         **extra_settings,
     )

@@ -1,7 +1,8 @@
 """Command line: ``serve`` (the default), ``token`` and ``check-config``.
 
-Exit codes: 0 success; 1 the server failed at run time (for example the port
-is taken); 2 the configuration or the command line is wrong.
+Exit codes: 0 success; 1 the server failed at run time; 2 the configuration
+or the command line is wrong, or the server cannot start (for example the
+port is taken).
 """
 
 from __future__ import annotations
@@ -15,13 +16,33 @@ from collections.abc import Sequence
 from typing import Any
 
 from wsserver import __version__
-from wsserver.auth import TokenIssuer
-from wsserver.config import Settings, add_arguments, load_settings
+from wsserver.auth import MAX_SUB_LENGTH, TokenIssuer
+from wsserver.config import OPTIONS, Settings, add_arguments, bool_parser, load_settings
 from wsserver.errors import ConfigError
 
 COMMANDS = ("serve", "token", "check-config", "publish")
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+
+#: The options ``token`` reads: the key, and the claims it puts in the token.
+TOKEN_OPTIONS = (
+    "jwt_secret", "jwt_secret_file", "jwt_algorithms",
+    "jwt_audience", "jwt_issuer",
+)
+
+#: uvicorn flags people try first, and what wsserver has instead (docs/deploy.md,
+#: "Coming from uvicorn"). Flags wsserver itself defines are never answered from here.
+UVICORN_FLAGS = {
+    "--workers": "one wsserver process serves many connections; run several behind nginx",
+    "--reload": "no reload: restart the process (systemctl restart wsserver)",
+    "--proxy-headers": "use --trusted-proxies ADDRESSES (X-Forwarded-For believed from them only)",
+    "--forwarded-allow-ips": "use --trusted-proxies ADDRESSES",
+    "--ssl-certfile": "use --certfile",
+    "--ssl-keyfile": "use --keyfile",
+    "--ws-max-size": "use --max-message-size",
+    "--ws-ping-interval": "use --ping-interval",
+    "--limit-concurrency": "use --max-connections",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,14 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve WebSocket connections (the default)")
     add_arguments(serve)
 
-    token = sub.add_parser("token", help="print a signed JWT for SUB with the configured key")
+    token = sub.add_parser(
+        "token",
+        help="print a signed JWT for SUB with the configured key",
+        description="Print a JWT for SUB signed with the configured HMAC secret.",
+    )
     token.add_argument("sub", metavar="SUB", help="the token's subject (user)")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     token.add_argument("--rooms", metavar="LIST", default=None,
                        help="comma list for the 'rooms' claim (join): room names or prefix*")
     token.add_argument("--publish", metavar="LIST", default=None,
                        help="comma list for the 'publish' claim: room names or prefix*")
-    add_arguments(token)
+    add_arguments(token, only=TOKEN_OPTIONS)
 
     check = sub.add_parser("check-config", help="validate the configuration: exit 0 or 2")
     add_arguments(check)
@@ -75,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help", "--version"):
         args_list.insert(0, "serve")
     parser = build_parser()
+    hint = _uvicorn_hint(args_list)
+    if hint:
+        print(hint, file=sys.stderr)
+        return EXIT_CONFIG
     try:
         args = parser.parse_args(args_list)
     except SystemExit as exc:
@@ -96,6 +125,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "publish":
         return _publish(settings, args)
     return _serve(settings)
+
+
+def _uvicorn_hint(args: Sequence[str]) -> str | None:
+    """A pointer to wsserver's equivalent when ``args`` holds a uvicorn-only flag."""
+    own = {option.flag for option in OPTIONS} | {
+        "--no-" + option.flag[2:] for option in OPTIONS if option.parse is bool_parser
+    }
+    for arg in args:
+        if arg == "--":
+            break
+        flag = arg.split("=", 1)[0]
+        if flag in UVICORN_FLAGS and flag not in own:
+            return (
+                f"wsserver: {flag} is a uvicorn flag, not a wsserver one: "
+                f"{UVICORN_FLAGS[flag]}. See docs/deploy.md, \"Mapping the uvicorn recipe's knobs\""
+            )
+    return None
 
 
 def _check_runtime_parts(settings: Settings) -> None:
@@ -141,6 +187,14 @@ def _token(settings: Settings, args: Any) -> int:
             "tokens come from your identity provider",
             file=sys.stderr,
         )
+        return EXIT_CONFIG
+    if not args.sub.strip():
+        print("wsserver: SUB must not be empty (the server refuses tokens without a sub)",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if len(args.sub) > MAX_SUB_LENGTH:
+        print(f"wsserver: SUB is longer than {MAX_SUB_LENGTH} characters; the server "
+              "would refuse the token", file=sys.stderr)
         return EXIT_CONFIG
     if args.ttl < 1:
         print("wsserver: --ttl must be at least 1 second", file=sys.stderr)
@@ -248,6 +302,8 @@ def _serve(settings: Settings) -> int:
             log.error("%s", problem)
         return EXIT_CONFIG
     except OSError as exc:
+        # Almost always the bind (port taken, address not on this host): a start-up
+        # error like a bad configuration, so the same exit code.
         log.error("cannot serve on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
-        return EXIT_RUNTIME
+        return EXIT_CONFIG
     return 0

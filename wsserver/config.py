@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from wsserver.errors import ConfigError
+from wsserver.origin import origin_problem
 from wsserver.rooms import RoomPolicy
 
 ENV_PREFIX = "WSSERVER_"
@@ -60,36 +60,51 @@ class Secret:
         return hash(type(self))
 
 
+def _int(text: str) -> int:
+    # int()'s own message ("invalid literal for int() with base 10") reads as Python.
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError("not a number") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise ValueError("must be at least 1")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a finite number above 0")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not value >= 0 or value == float("inf"):
         raise ValueError("must be a finite number, 0 or more")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be 0..65535")
     return value
@@ -106,6 +121,10 @@ def _bool(text: str) -> bool:
     if lowered in {"0", "false", "no", "off", ""}:
         return False
     raise ValueError("must be true or false")
+
+
+#: Public name of the boolean parser, so the CLI can tell which flags take --no-.
+bool_parser = _bool
 
 
 def _secret(text: str) -> Secret:
@@ -145,7 +164,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt_audience", _text, None, "when set, tokens must carry this 'aud'"),
     Option("jwt_issuer", _text, None, "when set, tokens must carry this 'iss'"),
     Option("jwt_leeway", _non_negative_float, 10.0, "seconds of clock skew allowed on exp/nbf/iat"),
-    Option("allowed_origins", _csv, None, "comma list of exact origins allowed to connect"),
+    Option("allowed_origins", _csv, None, "comma list of origins allowed to connect (exact, or https://*.example.com)"),
     Option("max_connections", _positive_int, 1000, "open connections, whole server"),
     Option("max_connections_per_user", _positive_int, 10, "open connections per JWT 'sub'"),
     Option("max_connections_per_ip", _positive_int, 100, "open connections per client address"),
@@ -232,6 +251,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("demo", _bool, None, "enable POST /auth/demo-token (on in demo mode)"),
     Option("demo_token_ttl", _positive_int, 900, "lifetime in seconds of demo tokens"),
+    Option(
+        "access_log",
+        _bool,
+        True,
+        "one INFO line per HTTP request; probes, polls and upgrades only at DEBUG",
+    ),
     Option("log_level", _text, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Option("api_key", _secret, None, "server API key, at least 32 bytes (prefer --api-key-file)"),
     Option("api_key_file", _text, None, "file holding the server API key", "FILE"),
@@ -319,6 +344,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     demo: bool = False
     demo_token_ttl: int = 900
+    access_log: bool = True
     log_level: str = "INFO"
     api_key: Secret | None = field(default=None, repr=False)
     api_key_file: str | None = None
@@ -376,11 +402,14 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per option; unset flags stay absent so precedence works."""
+def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """Add one flag per option (or per option named in ``only``); unset flags stay
+    absent so precedence works."""
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="TOML config file (keys as the flags, without '--')")
     for option in OPTIONS:
+        if only is not None and option.name not in only:
+            continue
         kwargs: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS}
         if option.parse is _bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -414,10 +443,15 @@ def load_settings(
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     values: dict[str, Any] = {}
+    # Where each value came from, so a problem names the flag, variable or file key to fix.
+    sources: dict[str, str] = {}
 
-    config_path = flags.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    config_path = flags.pop("config", None)
+    config_source = "--config"
+    if not config_path and environ.get(ENV_PREFIX + "CONFIG"):
+        config_path, config_source = environ[ENV_PREFIX + "CONFIG"], ENV_PREFIX + "CONFIG"
     if config_path:
-        values.update(_read_config_file(config_path, problems))
+        values.update(_read_config_file(config_path, config_source, problems, sources))
 
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
@@ -428,6 +462,7 @@ def load_settings(
             problems.append(f"{key}: unknown setting")
             continue
         _parse_into(values, option, raw, key, problems)
+        sources[name] = key
 
     for name, raw in flags.items():
         option = OPTIONS_BY_NAME.get(name)
@@ -437,8 +472,9 @@ def load_settings(
             values[name] = raw
         else:
             _parse_into(values, option, raw, option.flag, problems)
+        sources[name] = option.flag
 
-    return _build(values, problems, check_files=check_files)
+    return _build(values, problems, sources, check_files=check_files)
 
 
 def _parse_into(
@@ -451,15 +487,18 @@ def _parse_into(
         problems.append(f"{source}: invalid value {shown}: {exc}")
 
 
-def _read_config_file(path: str, problems: list[str]) -> dict[str, Any]:
+def _read_config_file(
+    path: str, given_by: str, problems: list[str], sources: dict[str, str]
+) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
     except OSError as exc:
-        problems.append(f"--config {path}: cannot read: {exc.strerror}")
+        problems.append(f"{given_by} {path}: cannot read: {exc.strerror}")
         return {}
     except tomllib.TOMLDecodeError as exc:
-        problems.append(f"--config {path}: not valid TOML: {exc}")
+        # The file is at fault, not the flag that named it.
+        problems.append(f"{path}: not valid TOML: {exc}")
         return {}
     values: dict[str, Any] = {}
     for key, raw in data.items():
@@ -475,6 +514,10 @@ def _read_config_file(path: str, problems: list[str]) -> dict[str, Any]:
         if option is None:
             problems.append(f"{source}: unknown setting")
             continue
+        sources[name] = source
+        if isinstance(raw, dict):
+            problems.append(f"{source}: expected a value, not a table")
+            continue
         if isinstance(raw, list):
             raw = ",".join(str(item) for item in raw)
         elif isinstance(raw, bool):
@@ -487,10 +530,16 @@ def _read_config_file(path: str, problems: list[str]) -> dict[str, Any]:
     return values
 
 
-def _build(values: dict[str, Any], problems: list[str], *, check_files: bool) -> Settings:
+def _build(
+    values: dict[str, Any], problems: list[str], sources: dict[str, str], *, check_files: bool
+) -> Settings:
     defaults = {option.name: option.default for option in OPTIONS}
     rooms: RoomPolicy | None = values.pop("rooms", None)
     merged = {**defaults, **values}
+
+    def where(name: str) -> str:
+        """The flag, variable or file key that set ``name`` (its flag when defaulted)."""
+        return sources.get(name) or OPTIONS_BY_NAME[name].flag
 
     # With --workers N, each server process gets its share of the CPUs for
     # tasks, so N processes do not start N x CPUs task workers by default.
@@ -500,28 +549,32 @@ def _build(values: dict[str, Any], problems: list[str], *, check_files: bool) ->
 
     algorithms = tuple(merged["jwt_algorithms"])
     merged["jwt_algorithms"] = algorithms
-    _check_algorithms(algorithms, problems)
+    _check_algorithms(algorithms, where("jwt_algorithms"), problems)
+    # Later checks look only at real algorithms: 'none' or a typo is reported once, above.
+    known = tuple(alg for alg in algorithms if alg in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS)
 
-    verify_key = _load_key(merged, algorithms, problems, check_files=check_files)
+    verify_key = _load_key(merged, known, problems, where, check_files=check_files)
     demo_mode = verify_key is None and not any(
         merged[name] for name in ("jwt_secret", "jwt_secret_file", "jwt_public_key_file")
     )
     if demo_mode:
         if not _is_loopback(merged["host"]):
             problems.append(
-                f"--host {merged['host']}: not a loopback address; demo mode (no JWT key) "
+                f"{where('host')} {merged['host']}: not a loopback address; demo mode (no JWT key) "
                 "serves only on 127.0.0.1, ::1 or localhost. Configure --jwt-secret-file "
                 "or --jwt-public-key-file to serve on other addresses"
             )
-        if any(alg not in HMAC_ALGORITHMS for alg in algorithms):
-            problems.append("--jwt-algorithms: demo mode signs with HS256; give a key for others")
+        if any(alg not in HMAC_ALGORITHMS for alg in known):
+            problems.append(
+                f"{where('jwt_algorithms')}: demo mode signs with HS256; give a key for others"
+            )
         verify_key = Secret(secrets.token_urlsafe(48))
         merged["jwt_algorithms"] = ("HS256",)
         if merged["demo"] is None:
             merged["demo"] = True
     merged["demo"] = bool(merged["demo"])
-    if merged["demo"] and not demo_mode and not all(a in HMAC_ALGORITHMS for a in algorithms):
-        problems.append("--demo: demo tokens need an HMAC secret (--jwt-secret-file)")
+    if merged["demo"] and not demo_mode and not all(a in HMAC_ALGORITHMS for a in known):
+        problems.append(f"{where('demo')}: demo tokens need an HMAC secret (--jwt-secret-file)")
 
     origins = merged["allowed_origins"]
     # Demo mode allows the server's own loopback origins; the server fills
@@ -530,26 +583,28 @@ def _build(values: dict[str, Any], problems: list[str], *, check_files: bool) ->
     origins = origins or ()
     merged["allowed_origins"] = tuple(origins)
     for origin in origins:
-        problem = _origin_problem(origin)
+        problem = origin_problem(origin)
         if problem:
-            problems.append(f"--allowed-origins {origin!r}: {problem}")
+            problems.append(f"{where('allowed_origins')} {origin!r}: {problem}")
 
     for proxy in merged["trusted_proxies"]:
         try:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
-            problems.append(f"--trusted-proxies {proxy!r}: not an address or CIDR")
+            problems.append(f"{where('trusted_proxies')} {proxy!r}: not an address or CIDR")
 
     if bool(merged["certfile"]) != bool(merged["keyfile"]):
         problems.append("--certfile and --keyfile go together: give both or neither")
     if check_files:
         for name in ("certfile", "keyfile"):
             if merged[name] and not os.access(merged[name], os.R_OK):
-                problems.append(f"--{name} {merged[name]}: cannot read the file")
+                problems.append(f"{where(name)} {merged[name]}: cannot read the file")
     if merged["task_queue"] < merged["task_workers"]:
-        problems.append("--task-queue: must be at least --task-workers")
+        problems.append(f"{where('task_queue')}: must be at least --task-workers")
     if merged["log_level"].upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        problems.append(f"--log-level {merged['log_level']!r}: use DEBUG, INFO, WARNING or ERROR")
+        problems.append(
+            f"{where('log_level')} {merged['log_level']!r}: use DEBUG, INFO, WARNING or ERROR"
+        )
     merged["log_level"] = merged["log_level"].upper()
     merged["api_key"] = _load_api_key(merged, problems, check_files=check_files)
     broker = merged["broker"]
@@ -605,21 +660,27 @@ def _load_api_key(
     return key
 
 
-def _check_algorithms(algorithms: Sequence[str], problems: list[str]) -> None:
+def _check_algorithms(algorithms: Sequence[str], source: str, problems: list[str]) -> None:
     if not algorithms:
-        problems.append("--jwt-algorithms: give at least one algorithm")
+        problems.append(f"{source}: give at least one algorithm")
     for alg in algorithms:
         if alg.lower() == "none":
-            problems.append("--jwt-algorithms: 'none' is never accepted")
+            problems.append(f"{source}: 'none' is never accepted")
         elif alg not in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS:
-            problems.append(f"--jwt-algorithms: unknown algorithm {alg!r}")
-    families = {alg in HMAC_ALGORITHMS for alg in algorithms if alg.lower() != "none"}
+            problems.append(f"{source}: unknown algorithm {alg!r}")
+    known = HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS
+    families = {alg in HMAC_ALGORITHMS for alg in algorithms if alg in known}
     if len(families) > 1:
-        problems.append("--jwt-algorithms: do not mix HMAC (HS*) and public-key algorithms")
+        problems.append(f"{source}: do not mix HMAC (HS*) and public-key algorithms")
 
 
 def _load_key(
-    merged: dict[str, Any], algorithms: Sequence[str], problems: list[str], *, check_files: bool
+    merged: dict[str, Any],
+    algorithms: Sequence[str],
+    problems: list[str],
+    where: Callable[[str], str],
+    *,
+    check_files: bool,
 ) -> Secret | None:
     given = [n for n in ("jwt_secret", "jwt_secret_file", "jwt_public_key_file") if merged[n]]
     if len(given) > 1:
@@ -628,7 +689,7 @@ def _load_key(
     if not given:
         return None
     source = given[0]
-    flag = "--" + source.replace("_", "-")
+    flag = where(source)
     if source == "jwt_secret":
         key = merged["jwt_secret"].reveal()
     elif not check_files:
@@ -666,15 +727,6 @@ def _public_key_problem(pem: str) -> str | None:
         load_pem_public_key(pem.encode())
     except (ValueError, TypeError) as exc:
         return f"not a PEM public key ({type(exc).__name__})"
-    return None
-
-
-def _origin_problem(origin: str) -> str | None:
-    parts = urlsplit(origin)
-    if parts.scheme not in {"http", "https"}:
-        return "use scheme://host[:port] with http or https"
-    if not parts.hostname or parts.path or parts.query or parts.fragment:
-        return "an origin is scheme://host[:port], with no path"
     return None
 
 

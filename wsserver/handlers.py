@@ -151,7 +151,16 @@ def _total(counter: Counter) -> float:
 
 
 class DemoTokenHandler(BaseHandler):
-    """``POST /auth/demo-token``: a short-lived token for any name, demo mode only."""
+    """``POST /auth/demo-token``: a short-lived token for any name, demo mode only.
+
+    ``GET`` answers whether it is on, so a page can ask without a 404 in the console.
+    """
+
+    def get(self) -> None:
+        services = self.services
+        enabled = services.settings.demo and services.issuer is not None
+        self.write_json({"enabled": enabled, "expires_in": services.settings.demo_token_ttl
+                         if enabled else None})
 
     def post(self) -> None:
         services = self.services

@@ -202,7 +202,16 @@ class Server:
             "demo mode" if settings.demo_mode else "defaults"
         )
         log.info("rooms (%s): %s", source, settings.rooms.describe())
-        log.info("allowed origins: %s", ", ".join(sorted(services.origins.allowed)) or "none")
+        if services.origins.allowed:
+            log.info("allowed origins: %s", ", ".join(sorted(services.origins.allowed)))
+        else:
+            # Browsers always send Origin: every page would be refused with 403, which
+            # a page only sees as "1006 connection lost".
+            log.warning(
+                "allowed origins: none. No browser page can connect (403 before the "
+                "upgrade; browsers report 1006); only clients that send no Origin can. "
+                "Give --allowed-origins https://app.example.com (see docs/client.md)"
+            )
         log.info("broker: %s, node %s", services.broker.kind, services.node_name)
         if self.internal_port is not None:
             log.info("internal listener (metrics, stats, API) on http://%s:%d/",
@@ -233,6 +242,16 @@ class Server:
             loop.add_signal_handler(signum, self.request_stop)
         try:
             await self.start()
+        except BaseException:
+            if self.http_server is None:
+                # Failed before listening (the bind, the TLS pair): nothing to drain,
+                # and no "shutting down... stopped" in front of the real error.
+                if self.services is not None:
+                    await self.services.close()
+            else:
+                await self.shutdown()
+            raise
+        try:
             await self._stop_requested.wait()
         finally:
             await self.shutdown()

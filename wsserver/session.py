@@ -85,6 +85,7 @@ class Session:
         self._clock = clock
         self._wall = wall
         self.identity: Identity | None = None
+        self._log_user = "-"
         self.opened_at = clock()
         self.ended_with: CloseError | None = None
         self.closed = False
@@ -107,7 +108,9 @@ class Session:
 
     @property
     def user(self) -> str:
-        return self.identity.user if self.identity is not None else "-"
+        """The verified ``sub`` for log lines; "-" before a token was verified (a
+        4008 refusal's close line still names its user)."""
+        return self._log_user
 
     async def open(self, credentials: Credentials) -> bool:
         """Verify the token and the caps, then welcome the client.
@@ -123,6 +126,7 @@ class Session:
             self.end(error)
             return False
         self.identity = identity
+        self._log_user = identity.user
         try:
             services.registry.authenticate(self, identity.user)
             await self._count_in_broker(identity.user)

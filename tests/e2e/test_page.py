@@ -123,13 +123,16 @@ def test_task_result_while_chat_stays_live(run_server: Any, pages: Any) -> None:
     connected(worker)
     friend_name = connected(friend)
 
-    # About 2-3 s of hashing on this machine: long enough to chat meanwhile.
-    run_task(worker, "sha256", Data="slow", Rounds="10000000")
+    # The page's preset: about 2-3 s of hashing on this machine, long enough to chat meanwhile.
+    worker.get_by_role("button", name=re.compile("^Run a slow task")).click()
     long_task = worker.locator("#task-list li").first
     expect(long_task).to_have_attribute("data-status", "running")
+    expect(long_task).to_contain_text("sha256(data=slow, rounds=10000000)")
 
     say(friend, "still there?")
     expect(worker.locator("#chat-log li").last).to_have_text(f"#lobby {friend_name}: still there?")
+    # "Tasks running" (from /stats) moves while it runs.
+    expect(friend.locator("#stat-tasks")).to_have_text("1")
     assert long_task.get_attribute("data-status") == "running", "chat waited for the task"
 
     expect(long_task).to_have_attribute("data-status", "done", timeout=30_000)
@@ -154,27 +157,111 @@ def test_errors_are_shown_where_the_user_acted(run_server: Any, pages: Any) -> N
     page = pages.open(srv.url + PAGE)
     connected(page)
 
+    # A server error is shown once, in the task's own row.
     run_task(page, "primes", Limit="-1")
-    expect(page.locator("#task-error")).to_contain_text("primes: bad_request")
     expect(page.locator("#task-list li").last).to_have_attribute("data-status", "error")
+    expect(page.locator("#task-list li").last).to_contain_text("failed: bad_request")
+    expect(page.locator("#task-error")).to_be_empty()
     expect(page.locator("#chat-error")).to_be_empty()
+
+    # Not a whole number: refused by the page before anything is sent.
+    run_task(page, "primes", Limit="1.5")
+    expect(page.locator("#task-error")).to_have_text("Limit must be a whole number")
+    expect(page.locator("#task-list li")).to_have_count(1)
 
     run_task(page, "sha256", Data="slow", Rounds="10000000")
     page.get_by_role("button", name="Run", exact=True).click()
-    expect(page.locator("#task-error")).to_contain_text("sha256: busy")
+    expect(page.locator("#task-list li").nth(2)).to_contain_text("failed: busy")
     expect(page.locator("#task-list li").nth(1)).to_have_attribute("data-status", "running")
+    expect(page.locator("#task-error")).to_be_empty()
 
     # The join at start and the tasks used most of the burst; these go over it (and stay
     # under the strikes that would close the connection with 4029).
     for n in range(6):
         say(page, f"flood {n}")
-    expect(page.locator("#chat-error")).to_contain_text(
-        re.compile(r"Rate limited: you can send again in \d+\.\d s")
-    )
+    notice = page.locator("#chat-notice")
+    expect(notice).to_contain_text(re.compile(r"Rate limited: you can send again in \d+\.\d s"))
     expect(page.get_by_role("button", name="Send", exact=True)).to_be_disabled()
+    # Each refused message is marked in the chat.
+    unsent = page.locator("#chat-log li.unsent")
+    expect(unsent.first).to_have_text(re.compile(r'^Not sent to #lobby \(rate_limited\): "flood \d"$'))
     expect(page.get_by_role("button", name="Send", exact=True)).to_be_enabled(timeout=10_000)
-    expect(page.locator("#chat-error")).to_be_empty()
+    # The notice outlives a short wait, so it can be read, then goes.
+    expect(notice).to_contain_text("Rate limited")
+    expect(notice).to_be_empty(timeout=10_000)
     expect(page.locator("#conn-state")).to_have_text("connected")
+    assert pages.errors == []
+
+
+def test_close_codes_are_shown_in_the_connection_panel(run_server: Any, pages: Any) -> None:
+    """4008 (a second tab as the same user at a cap of 1) and 4029 (flooding) are shown
+    with their code and meaning, as the last close."""
+    srv = run_server("--port", "0", "--max-connections-per-user", "1", "--message-rate", "1",
+                     "--message-burst", "3", "--rate-limit-strikes", "2")
+    first = pages.open(srv.url + PAGE, "first")
+    second = pages.open(srv.url + PAGE, "second")
+    connected(first)
+    connected(second)
+    for page in (first, second):
+        page.get_by_label("Name", exact=True).fill("sam")
+    first.get_by_role("button", name="Connect", exact=True).click()
+    expect(first.locator("#conn-user")).to_have_text("sam")
+    second.get_by_role("button", name="Connect", exact=True).click()
+    expect(second.locator("#conn-close")).to_have_text(
+        "Last close: 4008 too many connections for this user")
+    expect(second.locator("#conn-state")).to_have_text("reconnecting…")
+
+    # The page itself holds Send while rate limited; a script on it does not.
+    first.evaluate("for (let n = 0; n < 12; n += 1) window.wsDemo.client.publish('lobby', 'x')")
+    expect(first.locator("#conn-close")).to_have_text(
+        re.compile(r"^Last close: 4029 "), timeout=10_000)
+    assert pages.errors_except(r"status of 4008", r"WebSocket") == []
+
+
+def test_a_blank_name_is_refused(run_server: Any, pages: Any) -> None:
+    srv = run_server("--port", "0")
+    page = pages.open(srv.url + PAGE)
+    user = connected(page)
+    page.get_by_label("Name", exact=True).fill("   ")
+    page.get_by_role("button", name="Connect", exact=True).click()
+    expect(page.locator("#conn-error")).to_have_text(
+        "Type a name first: a blank name cannot connect.")
+    expect(page.locator("#conn-user")).to_have_text(user)
+    expect(page.locator("#conn-count")).to_have_text("1")
+    # Client failures read as words, not as the library's text.
+    page.get_by_role("button", name="Disconnect", exact=True).click()
+    expect(page.locator("#conn-state")).to_have_text("disconnected")
+    say(page, "anyone?")
+    expect(page.locator("#chat-error")).to_have_text(
+        "Not sent: not connected: press Connect (or paste a token) first")
+    assert "connect()" not in page.locator("body").inner_text()
+    assert pages.errors == []
+
+
+def test_the_personal_room_and_the_intro(run_server: Any, pages: Any) -> None:
+    """The page says what it shows; "My room" joins user:<name>."""
+    srv = run_server("--port", "0")
+    page = pages.open(srv.url + PAGE)
+    user = connected(page)
+    expect(page.locator(".intro")).to_contain_text("second tab")
+    expect(page.locator("#personal-name")).to_have_text(f"user:{user}")
+    page.get_by_role("button", name="My room", exact=True).click()
+    expect(page.locator("#room-list")).to_contain_text(f"user:{user}")
+    expect(page.locator("#chat-error")).to_be_empty()
+    assert pages.errors == []
+
+
+def test_desktop_layout_is_two_balanced_columns(run_server: Any, pages: Any) -> None:
+    srv = run_server("--port", "0")
+    page = pages.open(srv.url + PAGE, viewport={"width": 1280, "height": 900})
+    connected(page)
+    lefts = page.evaluate(
+        "[...document.querySelectorAll('main > .panel')].map((p) => "
+        "Math.round(p.getBoundingClientRect().left))"
+    )
+    assert len(lefts) == 4 and len(set(lefts)) == 2, lefts
+    assert sorted(lefts).count(min(lefts)) == 2, lefts
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 1280
     assert pages.errors == []
 
 
@@ -187,6 +274,7 @@ def test_stops_and_says_why_on_a_final_close_code(run_server: Any, pages: Any) -
     say(page, "x" * 1500)
     expect(page.locator("#conn-state")).to_have_text("disconnected")
     expect(page.locator("#conn-detail")).to_have_text("Stopped: message too big.")
+    expect(page.locator("#conn-close")).to_have_text("Last close: 1009 message too big")
     expect(page.locator("#conn-state")).to_have_attribute("data-state", "stopped")
     assert metric(srv, "wsserver_connections_accepted_total") == 1.0
     assert pages.errors == []
@@ -331,7 +419,8 @@ CONTRAST_SCRIPT = """() => {
 
 
 def test_asks_for_a_token_when_not_in_demo_mode(run_server: Any, pages: Any) -> None:
-    """Without the demo endpoint (404) the page asks for a token and connects with it."""
+    """Without the demo endpoint the page asks for a token (no name form, no 404 in the
+    console), says when a pasted token is refused (4001), and connects with a good one."""
     with socket.socket() as probe:  # the origin to allow must name the port up front
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -341,15 +430,58 @@ def test_asks_for_a_token_when_not_in_demo_mode(run_server: Any, pages: Any) -> 
     )
     page = pages.open(srv.url + PAGE)
     expect(page.locator("#conn-detail")).to_have_text("Waiting for a token: paste one below.")
+    expect(page.locator("#conn-state")).to_have_text("waiting for a token")
+    expect(page.locator("#name-form")).to_be_hidden()
+
+    wrong = jwt.encode({"sub": "dave", "exp": int(time.time()) + 300}, "x" * 40, "HS256")
+    page.get_by_label("Token", exact=True).fill(wrong)
+    page.get_by_label("Token", exact=True).press("Enter")
+    expect(page.locator("#conn-close")).to_have_text("Last close: 4001 invalid token")
+    expect(page.locator("#conn-detail")).to_have_text(
+        "The server refused the token (4001 invalid token): paste another.")
+
     token = jwt.encode({"sub": "dave", "exp": int(time.time()) + 300}, SECRET, "HS256")
     page.get_by_label("Token", exact=True).fill(token)
     page.get_by_label("Token", exact=True).press("Enter")
     expect(page.locator("#conn-state")).to_have_text("connected")
     expect(page.locator("#conn-user")).to_have_text("dave")
-    expect(page.locator("#token-form")).to_be_hidden()
+    expect(page.locator("#name-form")).to_be_hidden()
     say(page, "pasted in")
     expect(page.locator("#chat-log li").last).to_have_text("#lobby dave: pasted in")
-    # The one console error is the browser reporting the endpoint's 404.
-    assert pages.errors == [
-        ("page1", "Failed to load resource: the server responded with a status of 404 (Not Found)")
-    ]
+    assert pages.errors == []
+
+
+@pytest.mark.slow
+def test_key_mode_states_follow_the_token(run_server: Any, pages: Any) -> None:
+    """token_expiring asks for a new token while still connected; a pasted one refreshes
+    in-band; without one the token expires (4001) and the page says so."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    srv = run_server(
+        "--port", str(port), "--allowed-origins", f"http://127.0.0.1:{port}",
+        "--token-warning", "3", "--jwt-leeway", "0", env={"WSSERVER_JWT_SECRET": SECRET},
+    )
+    page = pages.open(srv.url + PAGE)
+
+    def paste(ttl: int) -> None:
+        token = jwt.encode({"sub": "erin", "exp": int(time.time()) + ttl}, SECRET, "HS256")
+        page.get_by_label("Token", exact=True).fill(token)
+        page.get_by_label("Token", exact=True).press("Enter")
+
+    paste(6)
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    expect(page.locator("#conn-detail")).to_have_text(
+        "Your token expires soon: paste a new one to stay connected.", timeout=10_000)
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    paste(6)
+    expect(page.locator("#conn-refreshes")).to_have_text("1")
+    expect(page.locator("#conn-detail")).to_be_empty()
+    # No paste this time: the token runs out.
+    expect(page.locator("#conn-close")).to_have_text(
+        "Last close: 4001 token expired", timeout=15_000)
+    expect(page.locator("#conn-state")).to_have_text("waiting for a token")
+    expect(page.locator("#conn-detail")).to_have_text(
+        "The server refused the token (4001 token expired): paste another.")
+    expect(page.locator("#conn-count")).to_have_text("1")
+    assert pages.errors == []

@@ -86,15 +86,17 @@ def test_help_lists_every_option() -> None:
     assert run("--help").returncode == 0
 
 
-def test_port_in_use_exits_1() -> None:
+def test_port_in_use_reports_the_bind_error_first_and_exits_2() -> None:
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         result = run("--port", str(taken.getsockname()[1]))
-    assert result.returncode == 1
-    assert "cannot serve" in result.stderr
+    assert result.returncode == 2
+    assert "cannot serve" in result.stderr and "in use" in result.stderr
+    # Nothing was serving: no shutdown story in front of the real error.
+    assert "shutting down" not in result.stderr and "stopped" not in result.stderr
 
 
 def test_check_config_summarises_the_room_policy(tmp_path: Path) -> None:
@@ -134,3 +136,42 @@ def test_token_mints_room_grants() -> None:
     bad = run("token", "alice", "--rooms", "chat:*:x", env={"WSSERVER_JWT_SECRET": SECRET})
     assert bad.returncode == 2 and bad.stdout == ""
     assert "'rooms' entry 0 has a '*' before its end" in bad.stderr
+
+
+def test_token_help_lists_only_what_token_reads() -> None:
+    result = run("token", "--help")
+    assert result.returncode == 0
+    for flag in ("--ttl", "--jwt-secret-file", "--jwt-audience", "--jwt-issuer", "--config"):
+        assert flag in result.stdout
+    for flag in ("--max-connections", "--host", "--allowed-origins", "--task-workers"):
+        assert flag not in result.stdout
+
+
+@pytest.mark.parametrize("sub", ["", "   ", "x" * 257])
+def test_token_refuses_a_sub_the_server_would_refuse(sub: str) -> None:
+    result = run("token", sub, env={"WSSERVER_JWT_SECRET": SECRET})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "SUB" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "pointer"),
+    [
+        ("--reload", "restart"),
+        ("--proxy-headers", "--trusted-proxies"),
+        ("--forwarded-allow-ips=127.0.0.1", "--trusted-proxies"),
+        ("--ssl-certfile", "--certfile"),
+    ],
+)
+def test_uvicorn_flags_point_to_the_mapping(flag: str, pointer: str) -> None:
+    result = run(flag)
+    assert result.returncode == 2
+    assert "uvicorn flag" in result.stderr and pointer in result.stderr
+    assert "docs/deploy.md" in result.stderr
+    assert "unrecognized arguments" not in result.stderr
+
+
+def test_no_access_log_is_a_wsserver_flag() -> None:
+    result = run("check-config", "--no-access-log")
+    assert result.returncode == 0, result.stderr

@@ -79,6 +79,13 @@ def test_demo_token_is_404_with_a_configured_key(run_server: Any) -> None:
         srv.get_json("/auth/demo-token", "POST", {"user": "alice"})
     assert info.value.code == 404
     info.value.close()
+    # A page may ask first, without a 404 in its console.
+    assert srv.get_json("/auth/demo-token") == {"enabled": False, "expires_in": None}
+
+
+def test_get_demo_token_says_it_is_on_in_demo_mode(run_server: Any) -> None:
+    srv = run_server()
+    assert srv.get_json("/auth/demo-token") == {"enabled": True, "expires_in": 900}
 
 
 def test_health_ready_metrics_stats(run_server: Any) -> None:

@@ -241,6 +241,8 @@ def test_user_cap_upgrades_then_closes_4008(run_server: Start) -> None:
         code, before = await third.read_until_close()
         assert code == 4008 and before == []
         await third.close_cleanly_after_server_close()
+        # The operator's log names the user who was refused, not "user=-".
+        srv.wait_for_log(r"close user=alice .*code=4008")
         opened.append(await raw_open(srv, "bob"))
         await opened.pop(0).close_cleanly()
         await metric_reaches(srv, 2, "wsserver_connections")

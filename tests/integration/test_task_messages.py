@@ -261,7 +261,9 @@ def test_one_connection_cannot_take_the_whole_pool(run_server: Start) -> None:
 
 
 def test_a_runaway_task_times_out_and_the_next_task_is_served(run_server: Start) -> None:
-    srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-timeout", "0.5",
+    # 2 s, not less: the next task waits for the replacement worker to start, and on a
+    # loaded machine (two shared cores) a Python process can take over 0.5 s to start.
+    srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-timeout", "2",
                      "--tasks-module", "tests.support_tasks")
 
     async def main() -> None:
@@ -278,7 +280,7 @@ def test_a_runaway_task_times_out_and_the_next_task_is_served(run_server: Start)
             reply = await c.ask({"type": "task", "name": "sha256",
                                  "args": {"data": "x", "rounds": 1000}}, timeout=5)
             assert reply["value"] == iterated_sha256_by_hashlib("x", 1000)
-            assert time.monotonic() - started < 0.5
+            assert time.monotonic() - started < 2
 
     asyncio.run(main())
     assert metric(srv, 'wsserver_tasks_total{name="announce",outcome="timeout"}') == 1

@@ -133,3 +133,210 @@ test('the client refuses to send before connect() and needs url and getToken', (
   assert.equal(client.state, 'stopped');
   assert.throws(() => client.send({ type: 'ping' }), (err) => err.code === 'stopped');
 });
+
+// --- resuming rooms with history (CONTRACT.md "History and recovery") ------------------
+
+import { joinMessage, acceptMessage, joinedOutcome, CLOSE_CODES } from '../../static/wsclient.js';
+
+const msgAt = (offset, epoch = 'e1', room = 'chat:1') =>
+  ({ type: 'message', room, from: 'bob', data: `m${offset}`, offset, epoch });
+
+test('a join asks for what was missed only when a position is known', () => {
+  assert.deepEqual(joinMessage('lobby', undefined), { type: 'join', room: 'lobby' });
+  assert.deepEqual(joinMessage('lobby', null), { type: 'join', room: 'lobby' });
+  assert.deepEqual(joinMessage('chat:1', { epoch: 'e1', offset: 7 }),
+    { type: 'join', room: 'chat:1', since: { offset: 7, epoch: 'e1' } });
+  assert.deepEqual(joinMessage('chat:1', { epoch: 'e1', offset: 0 }).since, { offset: 0, epoch: 'e1' });
+  assert.equal(joinMessage('chat:1', { epoch: 1, offset: 7 }).since, undefined); // malformed
+});
+
+test('messages at or below the last offset of the same epoch are dropped', () => {
+  const at5 = { epoch: 'e1', offset: 5 };
+  assert.deepEqual(acceptMessage(at5, msgAt(6)), { deliver: true, position: { epoch: 'e1', offset: 6 } });
+  assert.deepEqual(acceptMessage(at5, msgAt(5)), { deliver: false, position: at5 });
+  assert.deepEqual(acceptMessage(at5, msgAt(2)), { deliver: false, position: at5 });
+  assert.deepEqual(acceptMessage(at5, msgAt(9)).position, { epoch: 'e1', offset: 9 }); // a gap: still new
+  // A new epoch: the room's history was lost, offsets start over.
+  assert.deepEqual(acceptMessage(at5, msgAt(1, 'e2')), { deliver: true, position: { epoch: 'e2', offset: 1 } });
+  assert.deepEqual(acceptMessage(null, msgAt(3)).position, { epoch: 'e1', offset: 3 });
+});
+
+test('messages of rooms without history are always delivered and move nothing', () => {
+  const plain = { type: 'message', room: 'lobby', from: 'bob', data: 'x' };
+  assert.deepEqual(acceptMessage(null, plain), { deliver: true, position: null });
+  assert.deepEqual(acceptMessage({ epoch: 'e', offset: 3 }, plain).position, { epoch: 'e', offset: 3 });
+});
+
+test('a recovered join delivers the missed messages once, in order', () => {
+  const reply = { type: 'joined', room: 'chat:1', epoch: 'e1', offset: 8, recovered: true,
+                  messages: [msgAt(7), msgAt(5), msgAt(6), msgAt(8)] };
+  const outcome = joinedOutcome({ epoch: 'e1', offset: 5 }, reply, true);
+  assert.equal(outcome.recovered, true);
+  assert.deepEqual(outcome.messages.map((m) => m.offset), [6, 7, 8]);
+  assert.deepEqual(outcome.position, { epoch: 'e1', offset: 8 });
+});
+
+test('a position never moves back past a live message already delivered', () => {
+  const reply = { type: 'joined', room: 'chat:1', epoch: 'e1', offset: 6, recovered: true,
+                  messages: [msgAt(6)] };
+  const outcome = joinedOutcome({ epoch: 'e1', offset: 9 }, reply, true);
+  assert.deepEqual(outcome.messages, []);
+  assert.deepEqual(outcome.position, { epoch: 'e1', offset: 9 });
+});
+
+test('recovered false: nothing delivered, the position jumps to the top', () => {
+  const reply = { type: 'joined', room: 'chat:1', epoch: 'e2', offset: 40, recovered: false,
+                  messages: [] };
+  assert.deepEqual(joinedOutcome({ epoch: 'e1', offset: 5 }, reply, true),
+    { position: { epoch: 'e2', offset: 40 }, messages: [], recovered: false });
+});
+
+test('a plain join starts at the top; a room without history has no position', () => {
+  const top = { type: 'joined', room: 'chat:1', epoch: 'e1', offset: 12 };
+  assert.deepEqual(joinedOutcome(null, top, false),
+    { position: { epoch: 'e1', offset: 12 }, messages: [], recovered: null });
+  assert.deepEqual(joinedOutcome(null, { type: 'joined', room: 'lobby' }, false),
+    { position: null, messages: [], recovered: null });
+});
+
+test('the close-code table says what the client does for every code', () => {
+  const actions = { never: 'stop', fix_client: 'stop', soon: 'reconnect', backoff: 'reconnect',
+                    new_token: 'reconnect' };
+  for (const [code, entry] of Object.entries(CLOSE_CODES)) {
+    assert.equal(closeDecision(Number(code)).action, actions[entry.reconnect], `code ${code}`);
+    assert.equal(describeClose(Number(code)), entry.text);
+  }
+  assert.equal(closeDecision(4001).newToken, true);
+  assert.equal(closeDecision(1002).action, 'stop');
+});
+
+// --- the client over a scripted socket ---------------------------------------------------
+
+/** A WebSocket stand-in: records what the client sends; the test plays the server. */
+class ScriptedSocket {
+  static last = null;
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    this.readyState = 1;
+    this.sent = [];
+    ScriptedSocket.last = this;
+  }
+  send(text) { this.sent.push(JSON.parse(text)); }
+  close(code = 1000) { this.readyState = 3; this.onclose?.({ code, reason: '' }); }
+  receive(msg) { this.onmessage({ data: JSON.stringify(msg) }); }
+  drop(code = 1006) { this.readyState = 3; this.onclose({ code, reason: '' }); }
+}
+
+const tick = () => new Promise((resolve) => setImmediate(resolve));
+
+async function connected(client) {
+  client.connect();
+  await tick(); // getToken()
+  const ws = ScriptedSocket.last;
+  ws.receive({ type: 'welcome', user: 'alice', expires_at: Date.now() / 1000 + 3600, limits: {} });
+  return ws;
+}
+
+function newClient(extra = {}) {
+  return new WsClient({ url: 'ws://x/ws', getToken: async () => 'tok', WebSocket: ScriptedSocket,
+                        random: () => 0, ...extra });
+}
+
+test('after a reconnect the client re-joins with since, and drops repeats', async () => {
+  const failed = [];
+  const client = newClient({ onRecoveryFailed: (room) => failed.push(room) });
+  const delivered = [];
+  const recoveries = [];
+  client.addEventListener('message', (e) => { if (e.detail.type === 'message') delivered.push(e.detail.offset); });
+  client.addEventListener('recovery', (e) => recoveries.push(e.detail));
+  let ws = await connected(client);
+  const joining = client.join('chat:1');
+  const join = ws.sent.at(-1);
+  assert.deepEqual({ ...join, id: undefined }, { type: 'join', room: 'chat:1', id: undefined });
+  ws.receive({ type: 'joined', room: 'chat:1', epoch: 'e1', offset: 2, id: join.id });
+  await joining;
+  ws.receive(msgAt(3));
+  ws.receive(msgAt(3)); // a repeat
+  ws.drop(1006);
+  await new Promise((resolve) => setTimeout(resolve, 5)); // backoff with random() = 0
+  ws = await connected(client);
+  const rejoin = ws.sent.find((m) => m.type === 'join');
+  assert.deepEqual(rejoin.since, { offset: 3, epoch: 'e1' });
+  ws.receive(msgAt(6)); // live, before the reply: held, then dropped as a repeat of the recovered 6
+  ws.receive({ type: 'joined', room: 'chat:1', epoch: 'e1', offset: 6, recovered: true,
+               messages: [msgAt(4), msgAt(5), msgAt(6)], id: rejoin.id });
+  ws.receive(msgAt(7));
+  assert.deepEqual(delivered, [3, 4, 5, 6, 7]);
+  assert.deepEqual(recoveries, [{ room: 'chat:1', recovered: true, missed: 3 }]);
+  assert.deepEqual(failed, []);
+  client.close();
+});
+
+test('a re-join that cannot recover tells the application', async () => {
+  const failed = [];
+  const client = newClient({ onRecoveryFailed: (room) => failed.push(room) });
+  let ws = await connected(client);
+  const joining = client.join('chat:1');
+  ws.receive({ type: 'joined', room: 'chat:1', epoch: 'e1', offset: 4, id: ws.sent.at(-1).id });
+  await joining;
+  ws.drop(1001);
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  ws = await connected(client);
+  const rejoin = ws.sent.find((m) => m.type === 'join');
+  ws.receive({ type: 'joined', room: 'chat:1', epoch: 'e2', offset: 1, recovered: false,
+               messages: [], id: rejoin.id });
+  assert.deepEqual(failed, ['chat:1']);
+  assert.deepEqual(client.positions.get('chat:1'), { epoch: 'e2', offset: 1 });
+  client.close();
+});
+
+test('forbidden: join() rejects and the room is not re-joined; left with a reason drops it',
+  async () => {
+    const client = newClient();
+    const left = [];
+    client.addEventListener('left', (e) => left.push(e.detail));
+    const ws = await connected(client);
+    const joining = client.join('dm:bob:carol');
+    ws.receive({ type: 'error', code: 'forbidden', message: 'not granted', id: ws.sent.at(-1).id });
+    await assert.rejects(joining, (err) => err.code === 'forbidden');
+    assert.equal(client.rooms.has('dm:bob:carol'), false);
+    const joiningLobby = client.join('lobby');
+    ws.receive({ type: 'joined', room: 'lobby', id: ws.sent.at(-1).id });
+    await joiningLobby;
+    ws.receive({ type: 'left', room: 'lobby', reason: 'forbidden' });
+    assert.deepEqual(left, [{ room: 'lobby', reason: 'forbidden' }]);
+    assert.equal(client.rooms.size, 0);
+    client.close();
+  });
+
+test('a refused publish is reported with its room; unavailable is retryable', async () => {
+  const client = newClient();
+  const refused = [];
+  client.addEventListener('publish_error', (e) => refused.push(e.detail));
+  const ws = await connected(client);
+  const id = client.publish('user:bob', 'hi');
+  ws.receive({ type: 'error', code: 'forbidden', message: 'only the server publishes here', id });
+  const id2 = client.publish('chat:1', 'hi');
+  ws.receive({ type: 'error', code: 'unavailable', message: 'broker down', id: id2 });
+  assert.deepEqual(refused.map((r) => [r.room, r.error.code]),
+    [['user:bob', 'forbidden'], ['chat:1', 'unavailable']]);
+  client.close();
+});
+
+test('user_joined, user_left and presence are events of their own', async () => {
+  const client = newClient();
+  const seen = [];
+  for (const type of ['user_joined', 'user_left', 'presence']) {
+    client.addEventListener(type, (e) => seen.push([type, e.detail.user || e.detail.users]));
+  }
+  const ws = await connected(client);
+  ws.receive({ type: 'user_joined', room: 'chat:1', user: 'bob' });
+  ws.receive({ type: 'user_left', room: 'chat:1', user: 'bob' });
+  const asking = client.presence('chat:1');
+  ws.receive({ type: 'presence', room: 'chat:1', users: ['alice'], connections: 1,
+               id: ws.sent.at(-1).id });
+  assert.deepEqual((await asking).users, ['alice']);
+  assert.deepEqual(seen, [['user_joined', 'bob'], ['user_left', 'bob'], ['presence', ['alice']]]);
+  client.close();
+});

@@ -207,3 +207,55 @@ def test_frame_budget_never_below_twice_the_message_budget(
 ) -> None:
     settings = load_settings({"jwt_secret": "x" * 32, **flags}, {})
     assert settings.frame_budget == budget
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"port": "x"}, "--port: invalid value 'x': not a whole number"),
+        ({"max_connections": "1.5"}, "--max-connections: invalid value '1.5': not a whole number"),
+        ({"message_rate": "fast"}, "--message-rate: invalid value 'fast': not a number"),
+    ],
+)
+def test_value_errors_read_as_english_not_python(flags: dict[str, str], expected: str) -> None:
+    found = problems(environ={}, flags=flags)
+    assert found == [expected]
+    assert "int()" not in found[0] and "float" not in found[0]
+
+
+def test_none_algorithm_is_one_problem_not_two() -> None:
+    assert problems(environ={}, flags={"jwt_algorithms": "none"}) == [
+        "--jwt-algorithms: 'none' is never accepted"
+    ]
+    assert problems(environ={}, flags={"jwt_secret": KEY, "jwt_algorithms": "none"}) == [
+        "--jwt-algorithms: 'none' is never accepted"
+    ]
+
+
+def test_problems_name_the_file_key_that_set_the_value(tmp_path: Path) -> None:
+    path = tmp_path / "wsserver.toml"
+    path.write_text('host = "0.0.0.0"\nallowed-origins = ["example.com"]\n')
+    found = problems(environ={}, flags={"config": str(path)})
+    assert any(line.startswith(f"{path}: host 0.0.0.0: not a loopback") for line in found)
+    assert any(line.startswith(f"{path}: allowed-origins 'example.com'") for line in found)
+    assert not any("--host" in line.split(":")[0] for line in found)
+
+
+def test_invalid_toml_blames_the_file_not_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("host = \n")
+    (line,) = problems(environ={}, flags={"config": str(path)})
+    assert line.startswith(f"{path}: not valid TOML")
+
+
+def test_a_table_is_not_a_value(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text("[port]\nx = 1\n")
+    assert problems(environ={}, flags={"config": str(path)}) == [f"{path}: port: expected a value, not a table"]
+
+
+def test_wildcard_origin_is_accepted_and_a_broken_one_refused() -> None:
+    settings = load_settings({"allowed_origins": "https://*.example.com"}, {})
+    assert settings.allowed_origins == ("https://*.example.com",)
+    (line,) = problems(environ={}, flags={"allowed_origins": "https://*.com"})
+    assert line.startswith("--allowed-origins 'https://*.com': ")

@@ -3,7 +3,7 @@
 import pytest
 
 from wsserver.errors import OriginRejected
-from wsserver.origin import OriginPolicy, normalize_origin
+from wsserver.origin import OriginPolicy, normalize_origin, origin_problem
 
 POLICY = OriginPolicy(["https://chat.example.com", "http://127.0.0.1:8888"])
 
@@ -60,3 +60,58 @@ def test_normalize_origin(raw: str, canonical: str | None) -> None:
 def test_bad_configured_origin_fails_at_start() -> None:
     with pytest.raises(ValueError):
         OriginPolicy(["example.com"])
+
+
+WILDCARD = OriginPolicy(["https://*.example.com", "http://*.dev.example.org:8080"])
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://app.example.com", True),
+        ("https://APP.Example.com:443", True),  # normalised first
+        ("https://xn--bcher-kva.example.com", True),  # an IDN label, as browsers send it
+        ("https://example.com", False),  # the bare domain is not "one label under" it
+        ("https://a.b.example.com", False),  # the star is exactly one label
+        ("https://evilexample.com", False),  # suffix look-alike without the dot
+        ("https://a.evilexample.com", False),
+        ("https://a.example.com.evil.com", False),
+        ("https://example.com.evil.com", False),
+        ("http://app.example.com", False),  # scheme is exact
+        ("https://app.example.com:8443", False),  # port is exact
+        ("https://-bad.example.com", False),  # not a DNS label
+        ("https://.example.com", False),
+        ("https://app.example.com@evil.com", False),
+        ("null", False),
+        ("http://api.dev.example.org:8080", True),
+        ("http://api.dev.example.org", False),
+        ("http://dev.example.org:8080", False),
+    ],
+)
+def test_wildcard_matches_one_label_only(origin: str, allowed: bool) -> None:
+    assert WILDCARD.allows(origin) is allowed
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "https://*.com",  # a whole top-level domain
+        "https://*",
+        "https://a.*.example.com",  # the star only leads
+        "https://*.*.example.com",
+        "https://*example.com",  # not a whole label
+        "https://app.example.*",
+        "*.example.com",  # no scheme
+        "https://*.example.com/path",
+        "ftp://*.example.com",
+    ],
+)
+def test_malformed_wildcards_are_refused(pattern: str) -> None:
+    assert origin_problem(pattern) is not None
+    with pytest.raises(ValueError):
+        OriginPolicy([pattern])
+
+
+def test_wildcard_is_listed_in_canonical_form() -> None:
+    policy = OriginPolicy(["HTTPS://*.Example.COM:443", "https://a.example"])
+    assert policy.allowed == {"https://*.example.com", "https://a.example"}

@@ -1,0 +1,49 @@
+"""The README's Python snippets run as pasted, against a real demo-mode server."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+
+README_ADDRESS = "127.0.0.1:8888"
+
+
+def python_snippets() -> list[str]:
+    """Every ```python block of the README, in order."""
+    readme = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+
+
+def test_the_readme_has_a_python_snippet() -> None:
+    snippets = python_snippets()
+    assert snippets, "the README lost its Python example"
+    # A complete program: it gets its own token and runs its coroutine.
+    assert all("asyncio.run(" in snippet for snippet in snippets)
+
+
+@pytest.mark.parametrize("index", range(len(python_snippets())))
+def test_readme_python_snippet_runs_as_pasted(
+    index: int, run_server: Callable[..., Any], tmp_path: Any
+) -> None:
+    srv = run_server()  # demo mode, as the README's first command starts it
+    snippet = python_snippets()[index]
+    assert README_ADDRESS in snippet
+    # The only change: the port this test's server got instead of 8888.
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace(README_ADDRESS, f"127.0.0.1:{srv.port}"))
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    assert lines[0].startswith("{'type': 'welcome', 'user': 'alice'")
+    assert lines[1] == "{'type': 'echo', 'data': 'hi', 'id': 1}"

@@ -1,0 +1,67 @@
+"""What the server's log tells an operator: origin warnings, a quiet access log."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from tests.conftest import SECRET
+
+KEY_ENV = {"WSSERVER_JWT_SECRET": SECRET}
+
+
+def get(srv: Any, path: str) -> None:
+    with urllib.request.urlopen(srv.url + path, timeout=10) as response:
+        response.read()
+
+
+def test_no_allowed_origin_is_a_warning_at_start(run_server: Callable[..., Any]) -> None:
+    srv = run_server(env=KEY_ENV)
+    line = srv.wait_for_log(r"WARNING .*allowed origins: none.*").group(0)
+    assert "--allowed-origins" in line and "1006" in line
+
+
+def test_configured_origins_are_listed_without_a_warning(run_server: Callable[..., Any]) -> None:
+    srv = run_server("--allowed-origins", "https://*.example.com,https://a.example",
+                     env=KEY_ENV)
+    srv.wait_for_log(r"INFO .*allowed origins: https://\*\.example\.com, https://a\.example")
+    assert "allowed origins: none" not in srv.logs()
+
+
+def test_probes_and_polls_are_not_access_logged(run_server: Callable[..., Any]) -> None:
+    srv = run_server()
+    for path in ("/healthz", "/readyz", "/stats", "/metrics", "/healthz"):
+        get(srv, path)
+    get(srv, "/")  # a page load is still a line of its own, and comes after the polls
+    srv.wait_for_log(r"wsserver\.access: 200 GET / ")
+    access = [line for line in srv.logs().splitlines() if "wsserver.access" in line]
+    assert len(access) == 1, access
+
+
+def refused_handshake(srv: Any) -> None:
+    """A WebSocket handshake without a token: the server logs "handshake refused"."""
+    request = urllib.request.Request(srv.url + "/ws", headers={
+        "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    })
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except urllib.error.HTTPError as error:
+        assert error.code == 403
+        error.close()
+
+
+def test_no_access_log_keeps_requests_out_of_the_log(run_server: Callable[..., Any]) -> None:
+    srv = run_server("--no-access-log")
+    get(srv, "/")
+    get(srv, "/healthz")
+    try:
+        get(srv, "/nope")  # a 404 is not logged either
+    except urllib.error.HTTPError as error:
+        error.close()
+    # Logged after the requests above were: once it is read, their lines would be too.
+    refused_handshake(srv)
+    srv.wait_for_log("handshake refused")
+    assert "wsserver.access" not in srv.logs()
