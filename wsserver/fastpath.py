@@ -119,6 +119,8 @@ class FrameConnection(asyncio.BufferedProtocol):
         #: ``connect_accepted_socket`` has returned; asyncio before).
         self.made: asyncio.Future[None] = self._loop.create_future()
         self._started = False
+        #: True once our side has ended (see _cut_after_flush): input is dropped.
+        self._discarding = False
         self._early: list[bytes] = []
         # Frames sent while a read is being processed, written as one.
         self._batch: list[bytes] | None = None
@@ -182,6 +184,8 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Parse ``data`` (the next bytes read) and act on every event in it."""
+        if self._discarding:
+            return  # our side has ended: what still comes is read and dropped
         if not self._started:
             self._early.append(data)
             return
@@ -291,7 +295,9 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._got_close = (close.code, close.reason)
         if self._sent_close is None:
             self._send_close(close.code, "")
-        self._cut_after_flush()
+        # After its close frame the peer sends nothing more (section 5.5.1), so
+        # no unread input can turn our close into a reset: close TCP now.
+        self._cut_after_flush(linger=False)
 
     def _fail(self, code: int, reason: str) -> None:
         """Section 7.1.7: send the close frame, then drop the connection."""
@@ -302,15 +308,31 @@ class FrameConnection(asyncio.BufferedProtocol):
             self._server_first = True
         self._cut_after_flush()
 
-    def _cut_after_flush(self) -> None:
+    def _cut_after_flush(self, *, linger: bool = True) -> None:
+        """End our side once the close frame is out, without losing it.
+
+        Closing a socket that still has unread input makes the kernel answer
+        with a reset, which can destroy the close frame before the peer reads
+        it (and with it the 4001 reason that tells a client to get a new
+        token). So this is a lingering close: a FIN after what is buffered,
+        input read and discarded until the peer's own FIN, and a hard cut
+        after ``close_timeout`` for a peer that never ends.
+        """
         transport = self._transport
-        if transport is not None and not transport.is_closing():
+        if transport is None or transport.is_closing() or (linger and self._discarding):
+            return
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        if not linger:
             transport.pause_reading()
             transport.close()  # asyncio writes what is buffered first
-            # ... for as long as the peer reads: one that does not is cut.
-            if self._close_timer is not None:
-                self._close_timer.cancel()
-            self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        elif transport.can_write_eof():
+            self._discarding = True
+            transport.write_eof()  # after the buffered bytes, as asyncio does
+            transport.resume_reading()
+        else:
+            transport.close()
 
     def _arm_fragment_timer(self) -> None:
         started = self._parser.fragment_started

@@ -10,6 +10,7 @@ the connection's logic, talking to Tornado through :class:`TornadoTransport`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -286,6 +287,12 @@ class TornadoTransport:
 
 
 def _close_when_flushed(protocol: ServerProtocol13) -> None:
+    """Send our FIN once the close frame is written (a lingering close).
+
+    Tornado goes on reading until the peer's close or EOF, and then closes;
+    closing at once instead would reset a connection with unread input, which
+    can destroy the close frame before the peer reads it.
+    """
     stream = protocol.stream
     if stream is None or stream.closed():
         return
@@ -293,7 +300,14 @@ def _close_when_flushed(protocol: ServerProtocol13) -> None:
         flushed = stream.write(b"")  # resolves once everything queued is written
     except StreamClosedError:
         return
-    flushed.add_done_callback(lambda _: stream.close())
+
+    def half_close(_: object) -> None:
+        sock = stream.socket
+        if sock is not None and not stream.closed():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+
+    flushed.add_done_callback(half_close)
 
 
 class WebSocketHandler(tornado.websocket.WebSocketHandler):

@@ -123,6 +123,8 @@ class Session:
         try:
             identity = services.verifier.verify(credentials.token)
         except CloseError as error:
+            # The slot is free at once; the socket lingers only to deliver the close.
+            services.registry.remove(self)
             self.end(error)
             return False
         self.identity = identity
