@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,8 @@ import tornado.web
 from wsserver import handlers
 from wsserver.auth import TokenIssuer, TokenVerifier
 from wsserver.config import Settings
+from wsserver.logsafe import escape, redact
+from wsserver.logthrottle import LogThrottle
 from wsserver.metrics import Metrics
 from wsserver.monitor import Snapshot
 from wsserver.netaddr import TrustedProxies
@@ -28,9 +29,7 @@ if TYPE_CHECKING:
     from wsserver.handlers import WebSocketHandler
 
 access_log = logging.getLogger("wsserver.access")
-
-_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*", re.IGNORECASE)
-
+connection_log = logging.getLogger("wsserver.connection")
 
 def static_dir() -> Path:
     """The demo page's files: inside the installed package, or the checkout's ``static/``."""
@@ -57,6 +56,8 @@ class ServerState:
     pool: TaskPool
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    #: Refused handshakes logged per address (limit key) and minute.
+    refusal_log: LogThrottle[str] = field(default_factory=LogThrottle)
     #: Futures of tasks in flight, held so the loop's weak references suffice.
     background: set[asyncio.Future[None]] = field(default_factory=set)
 
@@ -72,6 +73,9 @@ class ServerState:
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
             leeway=settings.jwt_leeway,
+            typ=settings.jwt_typ,
+            max_lifetime=settings.max_token_lifetime,
+            accept_demo=settings.demo,
         )
         issuer = None
         if settings.can_sign:
@@ -80,6 +84,7 @@ class ServerState:
                 settings.jwt_algorithms[0],
                 audience=settings.jwt_audience,
                 issuer=settings.jwt_issuer,
+                typ=settings.jwt_typ,
             )
         pool = TaskPool(
             load_task_table(settings.tasks_module),
@@ -88,6 +93,7 @@ class ServerState:
             timeout=settings.task_timeout,
             tasks_module=settings.tasks_module,
             metrics=metrics,
+            per_user=settings.task_per_user,
         )
         return cls(
             settings=settings,
@@ -100,6 +106,7 @@ class ServerState:
                 settings.max_connections,
                 settings.max_connections_per_ip,
                 settings.max_connections_per_user,
+                settings.max_unverified_connections,
             ),
             rooms=RoomTable(),
             message_buckets=BucketTable(settings.message_rate, settings.message_burst),
@@ -127,22 +134,23 @@ class ServerState:
     def refresh_gauges(self) -> None:
         """Set the gauges that are read off the registry and the rooms."""
         self.metrics.users.set(self.registry.users)
+        self.metrics.connections_unverified.set(self.registry.unverified)
         self.metrics.rooms.set(len(self.rooms))
 
     def housekeeping(self) -> None:
         """Forget rate-limit buckets that have refilled (bounded memory)."""
         self.message_buckets.sweep()
         self.handshake_buckets.sweep()
+        for address, count in self.refusal_log.sweep():
+            connection_log.info("%d more handshake refusals from %s suppressed", count,
+                                escape(address))
         self.refresh_gauges()
-
-
-def redact(uri: str) -> str:
-    """``uri`` with any ``token`` query parameter replaced by ``[redacted]``."""
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", uri)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log line with query-string tokens redacted."""
+    if getattr(handler, "quiet_access_log", False):
+        return  # a refused handshake logs its own (throttled) line
     status = handler.get_status()
     if status == 101:
         # The connection's own "open user=..." line says more.
@@ -159,8 +167,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         "%d %s %s (%s) %.2fms",
         status,
         request.method,
-        redact(request.uri or ""),
-        client,
+        escape(redact(request.uri or "")),
+        escape(client),
         1000.0 * request.request_time(),
     )
 

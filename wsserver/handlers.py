@@ -18,6 +18,7 @@ import socket
 import time
 import unicodedata
 from collections.abc import Callable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -26,10 +27,12 @@ from prometheus_client import Counter
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
+from tornado.log import app_log, gen_log
 
 from wsserver import frames, protocol
 from wsserver.auth import Credentials, Identity, extract_token
 from wsserver.errors import (
+    BadHandshake,
     BadRequest,
     Busy,
     CloseError,
@@ -49,11 +52,17 @@ from wsserver.errors import (
     TokenExpired,
     TokenInvalid,
 )
+from wsserver.logsafe import escape, redact
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
 from wsserver.protocol import ClientMessage, MessageId
 from wsserver.tasks import Task
-from wsserver.tornado_internals import ServerProtocol13, pending_bytes, websocket_params
+from wsserver.tornado_internals import (
+    ServerProtocol13,
+    disconnect_after_response,
+    pending_bytes,
+    websocket_params,
+)
 
 if TYPE_CHECKING:
     from wsserver.app import ServerState
@@ -77,6 +86,31 @@ def _client_address(state: ServerState, request: Any) -> str:
     )
 
 
+def log_exception(
+    handler: tornado.web.RequestHandler,
+    typ: type[BaseException] | None,
+    value: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """Tornado's ``RequestHandler.log_exception``, with the URI redacted and escaped.
+
+    Tornado's own version logs ``self._request_summary()`` and
+    ``repr(self.request)``, both with the raw URI: a token sent as
+    ``?token=`` would be written to the error log.
+    """
+    request = handler.request
+    summary = "{} {} ({})".format(
+        escape(request.method or "-"), escape(redact(request.uri or "")),
+        escape(getattr(handler, "client_address", None) or request.remote_ip),
+    )
+    if isinstance(value, tornado.web.HTTPError):
+        message = value.get_message()
+        if message:
+            gen_log.warning("%d %s: %s", value.status_code, summary, escape(message))
+    else:
+        app_log.error("Uncaught exception %s", summary, exc_info=value)
+
+
 class BaseHandler(tornado.web.RequestHandler):
     """JSON answers, security headers, and errors without tracebacks."""
 
@@ -88,6 +122,9 @@ class BaseHandler(tornado.web.RequestHandler):
         self.limit_key = limit_key(self.client_address)
 
     def set_default_headers(self) -> None:
+        # Tornado's "Server: TornadoServer/<version>" tells an attacker which
+        # version's bugs to try.
+        self.clear_header("Server")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Cache-Control", "no-store")
 
@@ -98,6 +135,14 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.write_json({"error": self._reason}, status_code)
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)
 
 
 class NotFoundHandler(BaseHandler):
@@ -194,7 +239,7 @@ class DemoTokenHandler(BaseHandler):
             )
             return
         ttl = state.settings.demo_token_ttl
-        token, _ = state.issuer.issue(user, ttl)
+        token, _ = state.issuer.issue(user, ttl, demo=True)
         self.write_json({"token": token, "expires_in": ttl})
 
     def _requested_user(self) -> str | None:
@@ -217,9 +262,18 @@ class StaticHandler(tornado.web.StaticFileHandler):
     """The demo page's files, with a strict Content-Security-Policy."""
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")  # no version banner (see BaseHandler)
         self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)
 
 
 class IndexHandler(StaticHandler):
@@ -249,6 +303,11 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.limit_key = limit_key(self.client_address)
         self.identity: Identity | None = None
         self._credentials: Credentials | None = None
+        #: The token's verification, done before the upgrade so that a bad
+        #: token is counted in the registry's unverified pool from the start.
+        self._verdict: Identity | CloseError | None = None
+        #: Set for a refused handshake, whose own log line replaces the access line.
+        self.quiet_access_log = False
         self._opened_at: float | None = None
         self._ended_with: CloseError | None = None
         # One pending timer at a time: token_expiring, then the expiry close.
@@ -274,6 +333,9 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             await super().get(*args, **kwargs)  # Tornado answers 400 / 426
             return
         try:
+            if self.request.version == "HTTP/1.0":
+                # RFC 6455 section 4.2.1: "an HTTP/1.1 or higher GET request".
+                raise BadHandshake("a WebSocket upgrade needs HTTP/1.1 or higher")
             self._credentials = self._admit()
         except Rejection as rejection:
             self._refuse(rejection)
@@ -290,12 +352,17 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         wait = state.handshake_buckets.take(address)
         if wait:
             raise HandshakeRateLimited("too many handshakes from this address", retry_after=wait)
-        state.registry.check_admission(address)
         credentials = extract_token(
             self.request.headers.get("Authorization"),
             self._offered_subprotocols(),
             self.get_query_argument("token", None),
         )
+        if credentials is not None:
+            try:
+                self._verdict = state.verifier.verify(credentials.token)
+            except CloseError as error:  # answered with its close code after the upgrade
+                self._verdict = error
+        state.registry.check_admission(address, verified=not isinstance(self._verdict, CloseError))
         if credentials is None:
             raise NoToken(
                 "no token: send 'Authorization: Bearer <jwt>', the subprotocols "
@@ -304,18 +371,45 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         return credentials
 
     def _refuse(self, rejection: Rejection) -> None:
-        """Answer a refused handshake with its HTTP status."""
-        self.state.metrics.rejections.labels(rejection.reason).inc()
-        log.info(
-            "handshake refused: %s (%d) addr=%s", rejection.message, rejection.status,
-            self.client_address,
-        )
+        """Answer a refused handshake with its HTTP status, then close the HTTP
+        connection: handshakes pipelined behind it are never read, so one TCP
+        connection gets at most one refusal.
+
+        Every refusal is counted; only the first few per address and interval
+        are logged (:class:`~wsserver.logthrottle.LogThrottle`), then one line
+        says how many more were suppressed.
+        """
+        state = self.state
+        state.metrics.rejections.labels(rejection.reason).inc()
+        logged, earlier = state.refusal_log.allow(self.limit_key)
+        if earlier:
+            log.info("%d more handshake refusals from %s suppressed", earlier,
+                     escape(self.limit_key))
+        if logged:
+            log.info(
+                "handshake refused: %s (%d) addr=%s", escape(rejection.message),
+                rejection.status, escape(self.client_address),
+            )
+        # The line above (or its summary) stands for the access log line.
+        self.quiet_access_log = True
+        disconnect_after_response(self.request)
         self.set_status(rejection.status)
         if rejection.retry_after is not None:
             self.set_header("Retry-After", str(max(1, math.ceil(rejection.retry_after))))
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps({"error": rejection.reason, "message": rejection.message}))
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")  # no version banner (see BaseHandler)
 
     def _offered_subprotocols(self) -> list[str]:
         header = self.request.headers.get("Sec-WebSocket-Protocol", "")
@@ -350,13 +444,17 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> None:
         state = self.state
         self._opened_at = time.monotonic()
-        state.registry.admit(self, self.limit_key)
         credentials, self._credentials = self._credentials, None
-        assert credentials is not None
+        verdict, self._verdict = self._verdict, None
+        assert credentials is not None and verdict is not None
+        state.registry.admit(self, self.limit_key, verified=isinstance(verdict, Identity))
         try:
-            identity = state.verifier.verify(credentials.token)
+            if isinstance(verdict, CloseError):
+                raise verdict
+            identity = verdict
             state.registry.authenticate(self, identity.user)
         except CloseError as error:
+            state.registry.demote(self)
             self._end(error)
             return
         self.identity = identity
@@ -366,8 +464,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             self._plain_socket = stream.socket
         state.metrics.connections.inc()
         state.metrics.connections_accepted.inc()
-        log.info("open user=%s addr=%s via=%s", identity.user, self.client_address,
-                 credentials.source)
+        log.info("open user=%s addr=%s via=%s", escape(identity.user),
+                 escape(self.client_address), credentials.source)
         settings = state.settings
         self.send(
             {
@@ -379,6 +477,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
                     "message_burst": settings.message_burst,
                     "max_message_size": settings.max_message_size,
                     "tasks_in_flight": settings.task_per_connection,
+                    "tasks_per_user": settings.task_per_user,
                     "connections_per_user": settings.max_connections_per_user,
                 },
             }
@@ -392,6 +491,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         connection's lifetime: about 20 objects per connection, and the token
         that travelled in a header or the query string."""
         self.request.headers = _NO_HEADERS
+        self.request.uri = redact(self.request.uri or "")
         self.request.arguments = {}
         self.request.query_arguments = {}
         self._headers = _NO_HEADERS
@@ -427,7 +527,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         except CloseError as error:
             self._end(error)
         except Exception:
-            log.exception("error serving %s for user=%s", msg.type, identity.user)
+            log.exception("error serving %s for user=%s", msg.type, escape(identity.user))
             self._reply_error(InternalError("internal error; the connection stays open"),
                               msg.id)
 
@@ -496,11 +596,17 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     async def _run_task(self, msg: ClientMessage, task: Task, kwargs: dict[str, Any]) -> None:
         try:
-            value = await self.state.pool.execute(task, kwargs)
+            conn = self.ws_connection
+            if conn is None or conn.is_closing():
+                # Closed before this coroutine first ran: on_close has already
+                # cancelled this connection's tasks, and would miss this one.
+                return
+            # The user's share and fair turn; this connection owns it (on_close cancels).
+            value = await self.state.pool.execute(task, kwargs, user=self._user, owner=self)
         except MessageError as error:
             self._reply_error(error, msg.id)
         except Exception:
-            log.exception("task %s failed for user=%s", task.name, self._user)
+            log.exception("task %s failed for user=%s", task.name, escape(self._user))
             self._reply_error(TaskFailed("the task failed"), msg.id)
         else:
             self._reply(msg, {"type": "result", "name": task.name, "value": value})
@@ -579,8 +685,25 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     # --- sending ---------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> bool:
-        """Send one JSON message; False when the connection cannot take it."""
-        return self.send_frame(frames.text_frame(protocol.encode(message)))
+        """Send one JSON message; False when the connection cannot take it.
+
+        A message that cannot be encoded (a task returning NaN, say) is
+        answered ``internal_error`` instead: a bad reply never aborts the
+        connection.
+        """
+        try:
+            payload = protocol.encode(message)
+        except (ValueError, TypeError) as exc:
+            log.error("cannot encode a %s reply for user=%s: %s",
+                      escape(message.get("type")), escape(self._user), type(exc).__name__)
+            error = InternalError("internal error: the reply could not be encoded").as_reply()
+            if isinstance(message.get("id"), str | int | float):
+                error["id"] = message["id"]
+            try:
+                payload = protocol.encode(error)
+            except (ValueError, TypeError):
+                payload = protocol.encode(InternalError("internal error").as_reply())
+        return self.send_frame(frames.text_frame(payload))
 
     def send_frame(self, frame: bytes) -> bool:
         """Write a pre-built frame straight to the stream.
@@ -638,7 +761,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         if isinstance(error, SlowConsumer):
             self.state.metrics.slow_consumers.inc()
             log.warning("slow consumer user=%s addr=%s: over %d bytes unsent; closing 4009",
-                        self._user, self.client_address, self._max_write_buffer)
+                        escape(self._user), escape(self.client_address),
+                        self._max_write_buffer)
         self.close(error.code, error.reason)
 
     def _drop(self, error: CloseError) -> None:
@@ -661,6 +785,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             return  # never upgraded: nothing was registered
         state = self.state
         self._cancel_timer()
+        # Nobody will read the answers: free the workers for others.
+        state.pool.cancel_owner(self)
         state.rooms.leave_all(self)
         last_of_user = state.registry.remove(self)
         if last_of_user is not None:
@@ -677,6 +803,6 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         state.metrics.closes.labels(str(code)).inc()
         log.info(
             "close user=%s addr=%s code=%d by=%s reason=%r duration=%.3fs",
-            self._user, self.client_address, code, by, reason,
+            escape(self._user), escape(self.client_address), code, by, reason,
             time.monotonic() - self._opened_at,
         )

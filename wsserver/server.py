@@ -22,6 +22,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from wsserver.app import ServerState, make_app
+from wsserver.auth import DEMO_AUDIENCE
 from wsserver.config import Settings
 from wsserver.errors import ConfigError
 from wsserver.listener import Listener
@@ -126,6 +127,14 @@ class Server:
                 "secret, the server listens on loopback only, and POST /auth/demo-token "
                 "hands anyone a token for any name. Configure --jwt-secret-file or "
                 "--jwt-public-key-file for real use."
+            )
+        elif settings.demo:
+            log.warning(
+                "DEMO ENDPOINT ON BESIDE A CONFIGURED KEY: POST /auth/demo-token signs a "
+                "token for any name with the configured key, for anyone who reaches it. "
+                "Demo tokens carry aud=%r (not this server's audience or issuer) and live "
+                "at most %d s. Turn --demo off for production.",
+                DEMO_AUDIENCE, settings.demo_token_ttl,
             )
         log.info("allowed origins: %s", ", ".join(sorted(self.state.origins.allowed)) or "none")
         log.info("listening on %s://%s:%d/", settings.scheme, _display_host(settings.host),

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import tornado.websocket
+from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPServerRequest
 from tornado.iostream import IOStream
 
 
@@ -44,3 +46,16 @@ def websocket_params(handler: tornado.websocket.WebSocketHandler) -> Any:
 def pending_bytes(stream: IOStream) -> int:
     """Bytes written to ``stream`` that the kernel has not taken yet."""
     return len(stream._write_buffer)
+
+
+def disconnect_after_response(request: HTTPServerRequest) -> None:
+    """Close the HTTP connection once the response to ``request`` is sent.
+
+    Tornado then also answers ``Connection: close``, and reads no request
+    pipelined behind this one. Tornado decides this only from the request's
+    own headers (``HTTP1Connection._disconnect_on_finish``); there is no
+    public switch.
+    """
+    connection = request.connection
+    if isinstance(connection, HTTP1Connection):
+        connection._disconnect_on_finish = True
