@@ -151,33 +151,29 @@ class TokenVerifier:
         except jwt.ExpiredSignatureError:
             raise TokenExpired() from None
         except jwt.InvalidTokenError as exc:
-            log.info("token rejected: %s", type(exc).__name__)
-            raise TokenInvalid() from None
+            raise _invalid(type(exc).__name__) from None
         except (ValueError, TypeError) as exc:
             # Keys or tokens that the crypto layer chokes on.
-            log.info("token rejected: %s", type(exc).__name__)
-            raise TokenInvalid() from None
+            raise _invalid(type(exc).__name__) from None
         header, claims = decoded["header"], decoded["payload"]
         if self.typ is not None:
             typ = header.get("typ")
             if not isinstance(typ, str) or _media_type(typ) != self.typ:
-                log.info("token rejected: typ is not %r", self.typ)
-                raise TokenInvalid()
+                raise _invalid(f"typ is not {self.typ!r}")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH:
-            raise TokenInvalid()
+            raise _invalid("sub missing, empty or too long")
         if _has_control(sub):
             # A newline or an escape sequence in a user name would forge log lines.
-            log.info("token rejected: sub holds control characters")
-            raise TokenInvalid()
+            raise _invalid("sub holds control characters")
         exp = claims.get("exp")
         if not _is_number(exp):
-            raise TokenInvalid()
+            raise _invalid("exp is not a number")
         if self.max_lifetime is not None:
             iat = claims.get("iat")
             if not _is_number(iat) or exp - iat > self.max_lifetime:
-                log.info("token rejected: lifetime above %gs", self.max_lifetime)
-                raise TokenInvalid("invalid token: lifetime too long")
+                raise _invalid(f"no iat, or lifetime above {self.max_lifetime:g}s",
+                               "invalid token: lifetime too long")
         return Identity(user=sub, expires_at=float(exp))
 
     def _decode(self, token: str, audience: str | None, issuer: str | None) -> dict[str, Any]:
@@ -190,6 +186,15 @@ class TokenVerifier:
             leeway=self.leeway,
         )
         return decoded
+
+
+def _invalid(detail: str, reason: str | None = None) -> TokenInvalid:
+    """A :class:`TokenInvalid` that tells the operator why (``detail``, for the
+    server's log line) and the client only ``reason``."""
+    log.debug("token rejected: %s", detail)
+    error = TokenInvalid(reason)
+    error.detail = detail
+    return error
 
 
 def _is_number(value: Any) -> bool:

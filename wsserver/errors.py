@@ -94,6 +94,8 @@ class CloseError(WsServerError):
 
     code = 1011
     default_reason = "internal error"
+    #: What the server's log says beyond ``reason`` (never sent to the client).
+    detail = ""
 
     def __init__(self, reason: str | None = None) -> None:
         self.reason = reason or self.default_reason

@@ -801,8 +801,19 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         else:
             code, reason, by = self.close_code or 1006, self.close_reason or "", "client"
         state.metrics.closes.labels(str(code)).inc()
+        if self.identity is None:
+            # Refused after the upgrade (4001, 4008): as cheap to repeat as a
+            # refused handshake, so logged through the same throttle.
+            logged, earlier = state.refusal_log.allow(self.limit_key)
+            if earlier:
+                log.info("%d more handshake refusals from %s suppressed", earlier,
+                         escape(self.limit_key))
+            if not logged:
+                return
+        detail = self._ended_with.detail if self._ended_with is not None else ""
         log.info(
-            "close user=%s addr=%s code=%d by=%s reason=%r duration=%.3fs",
+            "close user=%s addr=%s code=%d by=%s reason=%r%s duration=%.3fs",
             escape(self._user), escape(self.client_address), code, by, reason,
+            f" detail={detail!r}" if detail else "",
             time.monotonic() - self._opened_at,
         )

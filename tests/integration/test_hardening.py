@@ -356,3 +356,25 @@ async def test_no_server_header_on_the_upgrade(port: int, close_raw: None) -> No
     raw = await Raw.open(port, upgrade({"Authorization": f"Bearer {token()}"}))
     status, headers = await raw.head()
     assert status == 101 and "server" not in headers
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("server_flags", [{"handshake_rate": "1000", "handshake_burst": "1000"}])
+async def test_closes_of_bad_tokens_are_logged_through_the_same_throttle(
+    port: int, state: ServerState, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for _ in range(30):
+        conn = await connect(port, "not.a.jwt")
+        assert await recv(conn) is None and conn.close_code == 4001
+    closes = [r.getMessage() for r in caplog.records if "code=4001" in r.getMessage()]
+    assert len(closes) == state.refusal_log.burst, closes
+    # The operator learns why; the client only got "invalid token".
+    assert "detail='DecodeError'" in closes[0]
+    # The server may finish its last close just after the client saw it.
+    for _ in range(500):
+        if state.registry.total == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert state.metrics.registry.get_sample_value(
+        "wsserver_closes_total", {"code": "4001"}) == 30

@@ -285,6 +285,11 @@ def test_closing_a_connection_stops_its_tasks_and_frees_the_worker(run_server: S
                 await c.task("announce", {"path": box.path, "ms": 600_000})
                 runaway = await asyncio.wait_for(box.pids.get(), 10)
                 await c.task("spin", {"ms": 600_000})  # waits behind it
+                for _ in range(500):  # until the server has queued it
+                    if metric(srv, "wsserver_task_queue_depth") == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                assert metric(srv, "wsserver_task_queue_depth") == 2
             # Its connection is gone: the worker running its task is stopped ...
             assert await asyncio.to_thread(wait_gone, runaway), "the abandoned task still runs"
             async with client(srv, "next") as c:
