@@ -64,6 +64,7 @@ class ApiHandler(tornado.web.RequestHandler):
         self._body = bytearray()
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")  # no version banner
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Cache-Control", "no-store")
         self.set_header("Content-Type", "application/json")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,12 +10,11 @@ import tornado.web
 
 from wsserver import api, handlers
 from wsserver.fastpath import FrameLimits
+from wsserver.logsafe import escape, redact
 from wsserver.services import Services
 
 access_log = logging.getLogger("wsserver.access")
-
-_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*", re.IGNORECASE)
-
+connection_log = logging.getLogger("wsserver.connection")
 
 def static_dir() -> Path:
     """The demo page's files: inside the installed package, or the checkout's ``static/``."""
@@ -24,11 +22,6 @@ def static_dir() -> Path:
     if (installed / "index.html").is_file():
         return installed
     return Path(__file__).resolve().parent.parent / "static"
-
-
-def redact(uri: str) -> str:
-    """``uri`` with any ``token`` query parameter replaced by ``[redacted]``."""
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", uri)
 
 
 #: Paths that probes and pages poll (load balancers, systemd, Prometheus, the demo
@@ -42,6 +35,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     Successful probes and polls, and upgrades, are logged at DEBUG only; with
     ``--no-access-log`` every request below 500 is.
     """
+    if getattr(handler, "quiet_access_log", False):
+        return  # a refused handshake logs its own (throttled) line
     status = handler.get_status()
     quiet = not handler.application.settings.get("wsserver_access_log", True)
     if status == 101:
@@ -63,8 +58,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         "%d %s %s (%s) %.2fms",
         status,
         request.method,
-        redact(request.uri or ""),
-        client,
+        escape(redact(request.uri or "")),
+        escape(client),
         1000.0 * request.request_time(),
     )
 

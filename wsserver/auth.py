@@ -3,13 +3,19 @@
 Verification is pyjwt's: only the configured algorithms are passed to
 ``jwt.decode`` (never ``none``, never an algorithm the token itself names),
 with ``exp`` and ``sub`` required, ``aud``/``iss`` checked when configured and
-a small leeway for clock skew.
+a small leeway for clock skew. Optionally (RFC 8725): an explicit ``typ``
+header, and a bound on a token's lifetime (``exp - iat``).
+
+Demo tokens (``POST /auth/demo-token``) carry their own audience,
+:data:`DEMO_AUDIENCE`, and no issuer, so that another service trusting the
+same key and checking its own ``aud`` never takes one for a production token.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +30,8 @@ log = logging.getLogger("wsserver.auth")
 
 BEARER_SUBPROTOCOL = "bearer"
 MAX_SUB_LENGTH = 256
+#: The ``aud`` of demo tokens; only a server with ``--demo`` on accepts it.
+DEMO_AUDIENCE = "wsserver-demo"
 TokenSource = Literal["header", "subprotocol", "query"]
 
 
@@ -99,6 +107,9 @@ class TokenVerifier:
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = 0.0,
+        typ: str | None = None,
+        max_lifetime: float | None = None,
+        accept_demo: bool = False,
         clock: Any = time.time,
     ) -> None:
         self.algorithms = [alg for alg in algorithms if alg.lower() != "none"]
@@ -107,6 +118,9 @@ class TokenVerifier:
         self.audience = audience
         self.issuer = issuer
         self.leeway = leeway
+        self.typ = _media_type(typ) if typ else None
+        self.max_lifetime = max_lifetime
+        self.accept_demo = accept_demo
         self._clock = clock
         self._key: Any
         if all(alg in HMAC_ALGORITHMS for alg in self.algorithms):
@@ -116,7 +130,8 @@ class TokenVerifier:
 
             # Parsed once here, not on every handshake.
             self._key = load_pem_public_key(key.encode("utf-8"))
-        self._jwt = jwt.PyJWT(options={"require": ["exp", "sub"]})
+        required = ["exp", "sub"] + (["iat"] if max_lifetime is not None else [])
+        self._jwt = jwt.PyJWT(options={"require": required})
 
     def verify(self, token: str) -> Identity:
         """The identity a token carries.
@@ -124,38 +139,91 @@ class TokenVerifier:
         Raises:
             TokenExpired: the token is past ``exp`` (plus leeway).
             TokenInvalid: anything else wrong: malformed, bad signature, algorithm
-                not allowed, wrong ``aud``/``iss``, not yet valid, no ``sub``.
+                not allowed, wrong ``aud``/``iss``/``typ``, not yet valid, no
+                ``sub`` or a ``sub`` with control characters, lived too long.
         """
         try:
-            claims = self._jwt.decode(
-                token,
-                self._key,
-                algorithms=self.algorithms,
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=self.leeway,
-            )
+            try:
+                decoded = self._decode(token, self.audience, self.issuer)
+            except (jwt.InvalidAudienceError, jwt.InvalidIssuerError,
+                    jwt.MissingRequiredClaimError):
+                # A demo token has its own audience and no issuer: accepted
+                # only with --demo, and only when its aud is DEMO_AUDIENCE.
+                if not self.accept_demo:
+                    raise
+                decoded = self._decode(token, DEMO_AUDIENCE, None)
         except jwt.ExpiredSignatureError:
             raise TokenExpired() from None
         except jwt.InvalidTokenError as exc:
-            log.info("token rejected: %s", type(exc).__name__)
-            raise TokenInvalid() from None
+            raise _invalid(type(exc).__name__) from None
         except (ValueError, TypeError) as exc:
             # Keys or tokens that the crypto layer chokes on.
-            log.info("token rejected: %s", type(exc).__name__)
-            raise TokenInvalid() from None
+            raise _invalid(type(exc).__name__) from None
+        header, claims = decoded["header"], decoded["payload"]
+        if self.typ is not None:
+            typ = header.get("typ")
+            if not isinstance(typ, str) or _media_type(typ) != self.typ:
+                raise _invalid(f"typ is not {self.typ!r}")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH:
-            raise TokenInvalid()
+            raise _invalid("sub missing, empty or too long")
+        if _has_control(sub):
+            # A newline or an escape sequence in a user name would forge log lines.
+            raise _invalid("sub holds control characters")
         exp = claims.get("exp")
-        if not isinstance(exp, int | float) or isinstance(exp, bool):
-            raise TokenInvalid()
+        if not _is_number(exp):
+            raise _invalid("exp is not a number")
+        if self.max_lifetime is not None:
+            iat = claims.get("iat")
+            if not _is_number(iat) or exp - iat > self.max_lifetime:
+                raise _invalid(f"no iat, or lifetime above {self.max_lifetime:g}s",
+                               "invalid token: lifetime too long")
         try:
             grants = Grants.from_claims(claims)
         except TokenInvalid as exc:
             log.info("token rejected: %s", exc.reason)
             raise
         return Identity(user=sub, expires_at=float(exp), grants=grants)
+
+    def _decode(self, token: str, audience: str | None, issuer: str | None) -> dict[str, Any]:
+        decoded: dict[str, Any] = self._jwt.decode_complete(
+            token,
+            self._key,
+            algorithms=self.algorithms,
+            audience=audience,
+            issuer=issuer,
+            leeway=self.leeway,
+        )
+        return decoded
+
+
+def _invalid(detail: str, reason: str | None = None) -> TokenInvalid:
+    """A :class:`TokenInvalid` that tells the operator why (``detail``, for the
+    server's log line) and the client only ``reason``."""
+    log.debug("token rejected: %s", detail)
+    error = TokenInvalid(reason)
+    error.detail = detail
+    return error
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _has_control(text: str) -> bool:
+    """Category C (controls, format, unassigned, private use, surrogates), and
+    the line and paragraph separators, which also break a log line."""
+    return not text.isprintable() and any(
+        unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp")
+        for ch in text
+    )
+
+
+def _media_type(typ: str) -> str:
+    """``typ`` compared as RFC 7515 section 4.1.9 says: case-insensitively, with
+    the ``application/`` prefix optional."""
+    lowered = typ.strip().lower()
+    return lowered.removeprefix("application/")
 
 
 class TokenIssuer:
@@ -168,6 +236,7 @@ class TokenIssuer:
         *,
         audience: str | None = None,
         issuer: str | None = None,
+        typ: str | None = None,
         clock: Any = time.time,
     ) -> None:
         if algorithm not in HMAC_ALGORITHMS:
@@ -176,6 +245,7 @@ class TokenIssuer:
         self.algorithm = algorithm
         self.audience = audience
         self.issuer = issuer
+        self.typ = typ
         self._clock = clock
 
     def issue(
@@ -185,11 +255,14 @@ class TokenIssuer:
         *,
         rooms: Sequence[str] | None = None,
         publish: Sequence[str] | None = None,
+        demo: bool = False,
     ) -> tuple[str, int]:
         """A signed token for ``user`` valid ``ttl`` seconds, and its ``exp``.
 
         ``rooms`` and ``publish`` become the claims of the same names (room
-        names or ``prefix*``); None leaves the claim out.
+        names or ``prefix*``); None leaves the claim out. With ``demo``, the
+        token's ``aud`` is :data:`DEMO_AUDIENCE`, it has no ``iss`` and carries
+        ``"demo": true``: no service checking its own audience accepts it.
 
         Raises:
             ValueError: an entry the verifier would refuse (so no token is
@@ -206,8 +279,13 @@ class TokenIssuer:
             except TokenInvalid as exc:
                 raise ValueError(exc.reason.removeprefix("invalid token: ")) from None
             claims[claim] = list(entries)
-        if self.audience:
-            claims["aud"] = self.audience
-        if self.issuer:
-            claims["iss"] = self.issuer
-        return jwt.encode(claims, self._secret, algorithm=self.algorithm), exp
+        if demo:
+            claims["aud"] = DEMO_AUDIENCE
+            claims["demo"] = True
+        else:
+            if self.audience:
+                claims["aud"] = self.audience
+            if self.issuer:
+                claims["iss"] = self.issuer
+        headers = {"typ": self.typ} if self.typ else None
+        return jwt.encode(claims, self._secret, algorithm=self.algorithm, headers=headers), exp

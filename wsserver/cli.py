@@ -204,6 +204,7 @@ def _token(settings: Settings, args: Any) -> int:
         settings.jwt_algorithms[0],
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
+        typ=settings.jwt_typ,
     )
     try:
         token, _ = issuer.issue(

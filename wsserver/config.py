@@ -34,6 +34,8 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 )
 #: RFC 7518 section 3.2: an HMAC key at least as long as the hash output.
 MIN_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+#: Demo tokens are for trying the server out: an hour is plenty.
+MAX_DEMO_TOKEN_TTL = 3600
 
 
 class Secret:
@@ -164,10 +166,29 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt_audience", _text, None, "when set, tokens must carry this 'aud'"),
     Option("jwt_issuer", _text, None, "when set, tokens must carry this 'iss'"),
     Option("jwt_leeway", _non_negative_float, 10.0, "seconds of clock skew allowed on exp/nbf/iat"),
+    Option(
+        "jwt_typ",
+        _text,
+        None,
+        "when set, the token header 'typ' must equal it (RFC 8725 explicit typing)",
+    ),
+    Option(
+        "max_token_lifetime",
+        _positive_float,
+        None,
+        "when set, tokens must carry 'iat' and exp - iat may not exceed it (seconds)",
+    ),
     Option("allowed_origins", _csv, None, "comma list of origins allowed to connect (exact, or https://*.example.com)"),
     Option("max_connections", _positive_int, 1000, "open connections, whole server"),
     Option("max_connections_per_user", _positive_int, 10, "open connections per JWT 'sub'"),
     Option("max_connections_per_ip", _positive_int, 100, "open connections per client address"),
+    Option(
+        "max_unverified_connections",
+        _positive_int,
+        64,
+        "upgraded connections whose token failed, waiting for their 4001 close; "
+        "counted apart from --max-connections",
+    ),
     Option("message_rate", _positive_float, 10.0, "per-user messages per second"),
     Option("message_burst", _positive_int, 20, "per-user bucket size"),
     Option(
@@ -214,6 +235,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("task_timeout", _positive_float, 30.0, "seconds before a task is answered 'timeout'"),
     Option("task_per_connection", _positive_int, 2, "tasks in flight per connection"),
     Option(
+        "task_per_user",
+        _positive_int,
+        4,
+        "tasks in flight per user, across all of that user's connections",
+    ),
+    Option(
         "tasks_module",
         _text,
         None,
@@ -250,7 +277,12 @@ OPTIONS: tuple[Option, ...] = (
         "comma list of proxy addresses/CIDRs whose X-Forwarded-For is believed",
     ),
     Option("demo", _bool, None, "enable POST /auth/demo-token (on in demo mode)"),
-    Option("demo_token_ttl", _positive_int, 900, "lifetime in seconds of demo tokens"),
+    Option(
+        "demo_token_ttl",
+        _positive_int,
+        900,
+        f"lifetime in seconds of demo tokens (at most {MAX_DEMO_TOKEN_TTL})",
+    ),
     Option(
         "access_log",
         _bool,
@@ -314,10 +346,13 @@ class Settings:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_leeway: float = 10.0
+    jwt_typ: str | None = None
+    max_token_lifetime: float | None = None
     allowed_origins: tuple[str, ...] = ()
     max_connections: int = 1000
     max_connections_per_user: int = 10
     max_connections_per_ip: int = 100
+    max_unverified_connections: int = 64
     message_rate: float = 10.0
     message_burst: int = 20
     rate_limit_strikes: int = 10
@@ -332,6 +367,7 @@ class Settings:
     task_queue: int = 4
     task_timeout: float = 30.0
     task_per_connection: int = 2
+    task_per_user: int = 4
     tasks_module: str | None = None
     monitor_interval: float = 10.0
     ping_interval: float = 20.0
@@ -575,6 +611,17 @@ def _build(
     merged["demo"] = bool(merged["demo"])
     if merged["demo"] and not demo_mode and not all(a in HMAC_ALGORITHMS for a in known):
         problems.append(f"{where('demo')}: demo tokens need an HMAC secret (--jwt-secret-file)")
+    if merged["demo"] and not demo_mode and not _is_loopback(merged["host"]):
+        # With the production key, the demo endpoint signs a token for any name.
+        problems.append(
+            f"--demo: refused with --host {merged['host']}: beside a configured JWT key the "
+            "demo endpoint would sign tokens for any name for anyone who can reach it; "
+            "use --demo only on a loopback address"
+        )
+    if merged["demo_token_ttl"] > MAX_DEMO_TOKEN_TTL:
+        problems.append(f"--demo-token-ttl: at most {MAX_DEMO_TOKEN_TTL} seconds")
+    if merged["jwt_typ"] is not None and not merged["jwt_typ"].strip():
+        problems.append("--jwt-typ: give a media type such as 'at+jwt', or leave it unset")
 
     origins = merged["allowed_origins"]
     # Demo mode allows the server's own loopback origins; the server fills

@@ -43,6 +43,13 @@ class Rejection(WsServerError):
         self.retry_after = retry_after
 
 
+class BadHandshake(Rejection):
+    """An upgrade request RFC 6455 section 4.2.1 does not allow (HTTP/1.0, say)."""
+
+    status = 400
+    reason = "bad_handshake"
+
+
 class OriginRejected(Rejection):
     status = 403
     reason = "origin"
@@ -56,6 +63,12 @@ class HandshakeRateLimited(Rejection):
 class ServerFull(Rejection):
     status = 503
     reason = "server_full"
+
+
+class TooManyUnverified(ServerFull):
+    """The pool of upgraded-but-refused connections is full (503, a reason of its own)."""
+
+    reason = "unverified_full"
 
 
 class TooManyFromAddress(Rejection):
@@ -81,6 +94,8 @@ class CloseError(WsServerError):
 
     code = 1011
     default_reason = "internal error"
+    #: What the server's log says beyond ``reason`` (never sent to the client).
+    detail = ""
 
     def __init__(self, reason: str | None = None) -> None:
         self.reason = reason or self.default_reason
@@ -209,6 +224,12 @@ class Busy(MessageError):
 
 class TaskTimeout(MessageError):
     code = "timeout"
+
+
+class TaskCancelled(MessageError):
+    """The task was ended because its connection closed; nobody gets the answer."""
+
+    code = "cancelled"
 
 
 class TaskFailed(MessageError):

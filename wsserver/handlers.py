@@ -18,6 +18,7 @@ import socket
 import time
 import unicodedata
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import tornado.web
@@ -25,21 +26,26 @@ import tornado.websocket
 from prometheus_client import Counter
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamClosedError
+from tornado.log import app_log, gen_log
 
-from wsserver.auth import Credentials, extract_token
+from wsserver.auth import Credentials, Identity, extract_token
 from wsserver.errors import (
+    BadHandshake,
+    CloseError,
     Draining,
     HandshakeRateLimited,
     NoToken,
     Rejection,
 )
 from wsserver.fastpath import FastProtocol, FrameLimits, protocol_for
+from wsserver.logsafe import escape, redact
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
 from wsserver.ratelimit import TokenBucket
+from wsserver.registry import Reservation
 from wsserver.services import Services
 from wsserver.session import Session
-from wsserver.tornado_internals import ServerProtocol13, pending_bytes
+from wsserver.tornado_internals import ServerProtocol13, disconnect_after_response, pending_bytes
 from wsserver.transport import TimerHandle, Transport
 
 log = logging.getLogger("wsserver.connection")
@@ -61,6 +67,31 @@ def _client_address(services: Services, request: Any) -> str:
     )
 
 
+def log_exception(
+    handler: tornado.web.RequestHandler,
+    typ: type[BaseException] | None,
+    value: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """Tornado's ``RequestHandler.log_exception``, with the URI redacted and escaped.
+
+    Tornado's own version logs ``self._request_summary()`` and
+    ``repr(self.request)``, both with the raw URI: a token sent as
+    ``?token=`` would be written to the error log.
+    """
+    request = handler.request
+    summary = "{} {} ({})".format(
+        escape(request.method or "-"), escape(redact(request.uri or "")),
+        escape(getattr(handler, "client_address", None) or request.remote_ip),
+    )
+    if isinstance(value, tornado.web.HTTPError):
+        message = value.get_message()
+        if message:
+            gen_log.warning("%d %s: %s", value.status_code, summary, escape(message))
+    else:
+        app_log.error("Uncaught exception %s", summary, exc_info=value)
+
+
 class BaseHandler(tornado.web.RequestHandler):
     """JSON answers, security headers, and errors without tracebacks."""
 
@@ -72,6 +103,9 @@ class BaseHandler(tornado.web.RequestHandler):
         self.limit_key = limit_key(self.client_address)
 
     def set_default_headers(self) -> None:
+        # Tornado's "Server: TornadoServer/<version>" tells an attacker which
+        # version's bugs to try.
+        self.clear_header("Server")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Cache-Control", "no-store")
 
@@ -82,6 +116,14 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.write_json({"error": self._reason}, status_code)
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)
 
 
 class NotFoundHandler(BaseHandler):
@@ -212,9 +254,18 @@ class StaticHandler(tornado.web.StaticFileHandler):
     """The demo page's files, with a strict Content-Security-Policy."""
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")  # no version banner (see BaseHandler)
         self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)
 
 
 class IndexHandler(StaticHandler):
@@ -330,6 +381,12 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self._credentials: Credentials | None = None
         self._protocol: ServerProtocol13 | None = None
         self._fast: FastProtocol | None = None
+        #: The token's verification, done before the upgrade.
+        self._verdict: Identity | CloseError | None = None
+        #: The registry slot held from the checks until the Session takes it.
+        self._reservation: Reservation | None = None
+        #: Set for a refused handshake, whose own log line replaces the access line.
+        self.quiet_access_log = False
 
     # --- the handshake, in CONTRACT.md's order ---------------------------
 
@@ -338,11 +395,20 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             await super().get(*args, **kwargs)  # Tornado answers 400 / 426
             return
         try:
+            if self.request.version == "HTTP/1.0":
+                # RFC 6455 section 4.2.1: "an HTTP/1.1 or higher GET request".
+                raise BadHandshake("a WebSocket upgrade needs HTTP/1.1 or higher")
             self._credentials = self._admit()
         except Rejection as rejection:
             self._refuse(rejection)
             return
-        await super().get(*args, **kwargs)
+        try:
+            await super().get(*args, **kwargs)
+        finally:
+            # Never upgraded (Tornado answered 400, the peer left): free the slot.
+            if self._reservation is not None:
+                self.services.registry.release(self._reservation)
+                self._reservation = None
 
     def _admit(self) -> Credentials:
         """The checks before the upgrade; each raises its :class:`Rejection`."""
@@ -354,32 +420,71 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         wait = services.handshake_buckets.take(address)
         if wait:
             raise HandshakeRateLimited("too many handshakes from this address", retry_after=wait)
-        services.registry.check_admission(address)
         credentials = extract_token(
             self.request.headers.get("Authorization"),
             self._offered_subprotocols(),
             self.get_query_argument("token", None),
         )
+        # Verified before the upgrade (answered after it, with 4001), so that a
+        # bad token is counted in the registry's small unverified pool and can
+        # never crowd verified users out of --max-connections.
+        if credentials is not None:
+            try:
+                self._verdict = services.verifier.verify(credentials.token)
+            except CloseError as error:
+                self._verdict = error
+        verified = not isinstance(self._verdict, CloseError)
+        services.registry.check_admission(address, verified=verified)
         if credentials is None:
             raise NoToken(
                 "no token: send 'Authorization: Bearer <jwt>', the subprotocols "
                 "'bearer, <jwt>', or ?token=<jwt>"
             )
+        # Counted now, in the same callback as the check: the upgrade awaits
+        # before open(), and concurrent handshakes must not all pass the cap.
+        self._reservation = services.registry.reserve(address, verified)
         return credentials
 
     def _refuse(self, rejection: Rejection) -> None:
-        """Answer a refused handshake with its HTTP status."""
-        self.services.metrics.rejections.labels(rejection.reason).inc()
-        log.info(
-            "handshake refused: %s (%d) addr=%s", rejection.message, rejection.status,
-            self.client_address,
-        )
+        """Answer a refused handshake with its HTTP status, then close the HTTP
+        connection: handshakes pipelined behind it are never read, so one TCP
+        connection gets at most one refusal.
+
+        Every refusal is counted; only the first few per address and interval
+        are logged (:class:`~wsserver.logthrottle.LogThrottle`), then one line
+        says how many more were suppressed.
+        """
+        services = self.services
+        services.metrics.rejections.labels(rejection.reason).inc()
+        logged, earlier = services.refusal_log.allow(self.limit_key)
+        if earlier:
+            log.info("%d more handshake refusals from %s suppressed", earlier,
+                     escape(self.limit_key))
+        if logged:
+            log.info(
+                "handshake refused: %s (%d) addr=%s", escape(rejection.message),
+                rejection.status, escape(self.client_address),
+            )
+        # The line above (or its summary) stands for the access log line.
+        self.quiet_access_log = True
+        disconnect_after_response(self.request)
         self.set_status(rejection.status)
         if rejection.retry_after is not None:
             self.set_header("Retry-After", str(max(1, math.ceil(rejection.retry_after))))
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps({"error": rejection.reason, "message": rejection.message}))
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")  # no version banner (see BaseHandler)
 
     def _offered_subprotocols(self) -> list[str]:
         header = self.request.headers.get("Sec-WebSocket-Protocol", "")
@@ -419,6 +524,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     async def open(self, *args: str, **kwargs: str) -> None:
         credentials, self._credentials = self._credentials, None
+        verdict, self._verdict = self._verdict, None
+        reservation, self._reservation = self._reservation, None
         assert credentials is not None
         transport: Transport
         fast = self._fast.transport if self._fast is not None else None
@@ -430,8 +537,10 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             transport = TornadoTransport(self, self._protocol)
         session = Session(self.services, transport, self.client_address, self.limit_key)
         self.session = session
+        if reservation is not None:
+            self.services.registry.transfer(reservation, session)
         self._release_handshake()
-        if await session.open(credentials):
+        if await session.open(credentials, verdict):
             if fast is not None:
                 # Frames are parsed only once a receiver is set: those pipelined
                 # behind a refused token are dropped unread.
@@ -446,6 +555,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         connection's lifetime: about 20 objects per connection, and the token
         that travelled in a header or the query string."""
         self.request.headers = _NO_HEADERS
+        self.request.uri = redact(self.request.uri or "")
         self.request.arguments = {}
         self.request.query_arguments = {}
         self._headers = _NO_HEADERS

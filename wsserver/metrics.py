@@ -21,6 +21,12 @@ class Metrics:
         self.connections = Gauge(
             "wsserver_connections", "Open authenticated WebSocket connections", registry=r
         )
+        self.connections_unverified = Gauge(
+            "wsserver_connections_unverified",
+            "Upgraded connections refused after the upgrade (bad token, user cap) "
+            "and not yet closed",
+            registry=r,
+        )
         self.users = Gauge("wsserver_users", "Users with at least one open connection", registry=r)
         self.rooms = Gauge("wsserver_rooms", "Rooms with at least one member", registry=r)
         self.connections_accepted = Counter(

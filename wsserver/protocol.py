@@ -8,6 +8,8 @@ ends in :class:`~wsserver.errors.BadRequest` or
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +40,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    # 1e400 parses to inf, which no reply can carry (RFC 8259 has no infinity).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+#: A ``\uD800``-``\uDFFF`` escape: the only way a lone surrogate, which UTF-8
+#: cannot encode, gets into a decoded string (frames are valid UTF-8 already).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -60,7 +74,36 @@ def decode(text: str) -> Any:
         raise BadRequest(f"not valid JSON: {_short(exc)}") from None
     if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels")
+    # Escaped surrogate pairs are joined by the decoder; only a lone one is
+    # left unencodable, and it would fail every reply that echoes it.
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise BadRequest("strings must be valid Unicode: one holds a lone UTF-16 surrogate")
     return value
+
+
+def _decode_lenient(text: str) -> Any:
+    """:func:`decode` without the surrogate check (for :func:`salvage_id`)."""
+    try:
+        return _decoder.decode(text)
+    except (RecursionError, ValueError):
+        return None
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _depth(value: Any) -> int:
@@ -84,10 +127,7 @@ def _short(exc: Exception) -> str:
 
 def salvage_id(text: str) -> MessageId | None:
     """The ``id`` of a message, if it is readable, for replies to a bad message."""
-    try:
-        value = decode(text)
-    except BadRequest:
-        return None
+    value = _decode_lenient(text)
     if isinstance(value, dict):
         candidate = value.get("id")
         if _valid_id(candidate):
@@ -99,7 +139,8 @@ def _valid_id(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, str):
-        return len(value) <= MAX_ID_LENGTH
+        return len(value) <= MAX_ID_LENGTH and not _has_lone_surrogate(value)
+    # Non-finite floats never get here: the decoder refuses them.
     return isinstance(value, int | float)
 
 

@@ -25,6 +25,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from wsserver.app import make_app
+from wsserver.auth import DEMO_AUDIENCE
 from wsserver.config import Settings
 from wsserver.errors import ConfigError
 from wsserver.listener import Listener
@@ -196,6 +197,14 @@ class Server:
                 "secret, the server listens on loopback only, and POST /auth/demo-token "
                 "hands anyone a token for any name. Configure --jwt-secret-file or "
                 "--jwt-public-key-file for real use."
+            )
+        elif settings.demo:
+            log.warning(
+                "DEMO ENDPOINT ON BESIDE A CONFIGURED KEY: POST /auth/demo-token signs a "
+                "token for any name with the configured key, for anyone who reaches it. "
+                "Demo tokens carry aud=%r (not this server's audience or issuer) and live "
+                "at most %d s. Turn --demo off for production.",
+                DEMO_AUDIENCE, settings.demo_token_ttl,
             )
         # As check-config prints it: demo mode opens the default namespace.
         source = "from the config file" if settings.rooms_from_file else (

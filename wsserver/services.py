@@ -20,6 +20,8 @@ from wsserver.brokers import Broker, make_broker
 from wsserver.brokers.base import NodeStats
 from wsserver.config import Settings
 from wsserver.hub import Hub
+from wsserver.logsafe import escape
+from wsserver.logthrottle import LogThrottle
 from wsserver.metrics import Metrics
 from wsserver.monitor import Snapshot
 from wsserver.netaddr import TrustedProxies
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from wsserver.session import Session
 
 log = logging.getLogger("wsserver.services")
+refusal_log = logging.getLogger("wsserver.connection")
 
 
 def default_node_name() -> str:
@@ -63,6 +66,9 @@ class Services:
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
             leeway=settings.jwt_leeway,
+            typ=settings.jwt_typ,
+            max_lifetime=settings.max_token_lifetime,
+            accept_demo=settings.demo,
         )
         self.issuer: TokenIssuer | None = None
         if settings.can_sign:
@@ -71,6 +77,7 @@ class Services:
                 settings.jwt_algorithms[0],
                 audience=settings.jwt_audience,
                 issuer=settings.jwt_issuer,
+                typ=settings.jwt_typ,
             )
         origins = settings.allowed_origins
         if settings.default_origins:
@@ -81,7 +88,10 @@ class Services:
             settings.max_connections,
             settings.max_connections_per_ip,
             settings.max_connections_per_user,
+            settings.max_unverified_connections,
         )
+        #: Refused handshakes logged per address (limit key) and minute.
+        self.refusal_log: LogThrottle[str] = LogThrottle()
         self.message_buckets: BucketTable[str] = BucketTable(
             settings.message_rate, settings.message_burst
         )
@@ -95,6 +105,7 @@ class Services:
             timeout=settings.task_timeout,
             tasks_module=settings.tasks_module,
             metrics=metrics,
+            per_user=settings.task_per_user,
         )
         node_name = settings.node_name or default_node_name()
         self.broker = broker or make_broker(settings.broker, node_name)
@@ -218,6 +229,7 @@ class Services:
     def refresh_gauges(self) -> None:
         """Set the gauges that are read off the registry, the hub and the broker."""
         self.metrics.users.set(self.registry.users)
+        self.metrics.connections_unverified.set(self.registry.unverified)
         self.metrics.rooms.set(len(self.hub))
         self.metrics.broker_up.set(1 if self.broker.up else 0)
 
@@ -225,6 +237,9 @@ class Services:
         """Forget refilled buckets and stale state (bounded memory)."""
         self.message_buckets.sweep()
         self.handshake_buckets.sweep()
+        for address, count in self.refusal_log.sweep():
+            refusal_log.info("%d more handshake refusals from %s suppressed", count,
+                             escape(address))
         self.hub.sweep()
         sweep = getattr(self.broker, "sweep", None)
         if sweep is not None:

@@ -41,6 +41,7 @@ from wsserver.errors import (
     TooManyForUser,
     Unavailable,
 )
+from wsserver.logsafe import escape
 from wsserver.protocol import ClientMessage, MessageId
 from wsserver.tasks import Task
 from wsserver.transport import TimerHandle, Transport
@@ -112,37 +113,47 @@ class Session:
         4008 refusal's close line still names its user)."""
         return self._log_user
 
-    async def open(self, credentials: Credentials) -> bool:
-        """Verify the token and the caps, then welcome the client.
+    async def open(
+        self, credentials: Credentials, verdict: Identity | CloseError | None = None
+    ) -> bool:
+        """Verify the token (unless ``verdict`` is its verification, done before
+        the upgrade) and the caps, then welcome the client.
 
         Returns False when the connection was refused (4001 / 4008); nothing
-        the client sent is processed before this returns.
+        the client sent is processed before this returns. A refused connection
+        counts in the registry's unverified pool until its socket is gone.
         """
         services = self.services
-        services.registry.admit(self, self.limit_key)
-        try:
-            identity = services.verifier.verify(credentials.token)
-        except CloseError as error:
-            # The slot is free at once; the socket lingers only to deliver the close.
-            services.registry.remove(self)
-            self.end(error)
+        registry = services.registry
+        if verdict is None:
+            try:
+                verdict = services.verifier.verify(credentials.token)
+            except CloseError as error:
+                verdict = error
+        registry.admit(self, self.limit_key, verified=not isinstance(verdict, CloseError))
+        if isinstance(verdict, CloseError):
+            registry.demote(self)
+            self.end(verdict)
             return False
+        identity = verdict
         self.identity = identity
         self._log_user = identity.user
         try:
-            services.registry.authenticate(self, identity.user)
+            registry.authenticate(self, identity.user)
             await self._count_in_broker(identity.user)
         except CloseError as error:
-            services.registry.remove(self)
+            # Not this user's connection after all: uncount it, keep it unverified.
+            registry.remove(self)
+            registry.admit(self, self.limit_key, verified=False)
             self.identity = None
-            log.info("refused user=%s addr=%s: %s", identity.user, self.address, error.reason)
             self.end(error)
             return False
         if self.ended_with is not None or self.closed:
             return False  # the client went while the broker answered
         services.metrics.connections.inc()
         services.metrics.connections_accepted.inc()
-        log.info("open user=%s addr=%s via=%s", identity.user, self.address, credentials.source)
+        log.info("open user=%s addr=%s via=%s", escape(identity.user), escape(self.address),
+                 credentials.source)
         settings = services.settings
         self.send(
             {
@@ -154,6 +165,7 @@ class Session:
                     "message_burst": settings.message_burst,
                     "max_message_size": settings.max_message_size,
                     "tasks_in_flight": settings.task_per_connection,
+                    "tasks_per_user": settings.task_per_user,
                     "connections_per_user": settings.max_connections_per_user,
                 },
             }
@@ -226,7 +238,7 @@ class Session:
         except CloseError as error:
             self.end(error)
         except Exception:
-            log.exception("error serving %s for user=%s", msg.type, identity.user)
+            log.exception("error serving %s for user=%s", msg.type, escape(identity.user))
             self.reply_error(InternalError("internal error; the connection stays open"), msg.id)
 
     def _run_in_order(self, msg: ClientMessage) -> None:
@@ -245,7 +257,7 @@ class Session:
         except CloseError as error:
             self.end(error)
         except Exception:
-            log.exception("error serving %s for user=%s", msg.type, self.user)
+            log.exception("error serving %s for user=%s", msg.type, escape(self.user))
             self.reply_error(InternalError("internal error; the connection stays open"), msg.id)
         finally:
             queued, self._queue = self._queue, None
@@ -307,11 +319,16 @@ class Session:
 
     async def _run_task(self, msg: ClientMessage, task: Task, kwargs: dict[str, Any]) -> None:
         try:
-            value = await self.services.pool.execute(task, kwargs)
+            if self.closed or self.ended_with is not None:
+                # Closed before this coroutine first ran: on_closed has already
+                # cancelled this connection's tasks, and would miss this one.
+                return
+            # The user's share and fair turn; this session owns it (on_closed cancels).
+            value = await self.services.pool.execute(task, kwargs, user=self.user, owner=self)
         except MessageError as error:
             self.reply_error(error, msg.id)
         except Exception:
-            log.exception("task %s failed for user=%s", task.name, self.user)
+            log.exception("task %s failed for user=%s", task.name, escape(self.user))
             self.reply_error(TaskFailed("the task failed"), msg.id)
         else:
             self.reply(msg, {"type": "result", "name": task.name, "value": value})
@@ -398,7 +415,8 @@ class Session:
         except (ValueError, TypeError, UnicodeEncodeError):
             # Client-controlled values that cannot be encoded must never
             # abort the connection: answer without them.
-            log.warning("cannot encode a %s reply for user=%s", message.get("type"), self.user)
+            log.warning("cannot encode a %s reply for user=%s", escape(message.get("type")),
+                        escape(self.user))
             payload = protocol.encode(InternalError("reply could not be encoded").as_reply())
         return self.send_frame(frames.text_frame(payload))
 
@@ -443,7 +461,7 @@ class Session:
         if isinstance(error, SlowConsumer):
             self.services.metrics.slow_consumers.inc()
             log.warning("slow consumer user=%s addr=%s: over %d bytes unsent; closing 4009",
-                        self.user, self.address, self._max_write_buffer)
+                        escape(self.user), escape(self.address), self._max_write_buffer)
         self.transport.close(error.code, error.reason)
 
     def shut_down(self) -> None:
@@ -457,6 +475,8 @@ class Session:
         self.closed = True
         services = self.services
         self._cancel_timer()
+        # Nobody will read the answers: free the workers for others.
+        services.pool.cancel_owner(self)
         identity = self.identity
         last_of_user = services.registry.remove(self)
         if last_of_user is not None:
@@ -471,9 +491,20 @@ class Session:
         else:
             by = "server" if by_server else "client"
         services.metrics.closes.labels(metric_label(code)).inc()
+        if identity is None:
+            # Refused after the upgrade (4001, 4008): as cheap to repeat as a
+            # refused handshake, so logged through the same throttle.
+            logged, earlier = services.refusal_log.allow(self.limit_key)
+            if earlier:
+                log.info("%d more handshake refusals from %s suppressed", earlier,
+                         escape(self.limit_key))
+            if not logged:
+                return
+        detail = self.ended_with.detail if self.ended_with is not None else ""
         log.info(
-            "close user=%s addr=%s code=%d by=%s reason=%r duration=%.3fs",
-            self.user, self.address, code, by, reason, self._clock() - self.opened_at,
+            "close user=%s addr=%s code=%d by=%s reason=%r%s duration=%.3fs",
+            escape(self.user), escape(self.address), code, by, reason,
+            f" detail={detail!r}" if detail else "", self._clock() - self.opened_at,
         )
 
 

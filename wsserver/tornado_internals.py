@@ -15,6 +15,8 @@ from typing import Any
 
 import tornado.web
 import tornado.websocket
+from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPServerRequest
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 from wsserver.closecodes import CloseCode
@@ -124,3 +126,16 @@ def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
     old = stream.socket
     fd = old.detach()
     return socket.socket(old.family, old.type, old.proto, fileno=fd), read, unsent
+
+
+def disconnect_after_response(request: HTTPServerRequest) -> None:
+    """Close the HTTP connection once the response to ``request`` is sent.
+
+    Tornado then also answers ``Connection: close``, and reads no request
+    pipelined behind this one. Tornado decides this only from the request's
+    own headers (``HTTP1Connection._disconnect_on_finish``); there is no
+    public switch.
+    """
+    connection = request.connection
+    if isinstance(connection, HTTP1Connection):
+        connection._disconnect_on_finish = True

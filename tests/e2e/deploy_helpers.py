@@ -89,13 +89,16 @@ def substitute_once(text: str, pattern: str, replacement: str) -> str:
     return new
 
 
-def render_site(upstream_port: int, listen_port: int) -> str:
+def render_site(upstream_port: int, listen_port: int, access_log: Path | None = None) -> str:
     """The shipped nginx site with local ports, as an operator would edit it."""
     site = NGINX_SITE.read_text()
     site = substitute_once(
         site, r"^(\s*server\s+)127\.0\.0\.1:8888;", rf"\g<1>127.0.0.1:{upstream_port};"
     )
     site = substitute_once(site, r"^(\s*listen\s+)80;", rf"\g<1>127.0.0.1:{listen_port};")
+    if access_log is not None:
+        site = substitute_once(site, r"^(\s*access_log\s+)/var/log/nginx/wsserver\.access\.log",
+                               rf"\g<1>{access_log}")
     return substitute_once(site, r"^\s*listen\s+\[::\]:80;.*\n", "")
 
 
@@ -109,7 +112,8 @@ class Nginx:
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
         workdir.mkdir(parents=True, exist_ok=True)
         site = workdir / "wsserver.conf"
-        site.write_text(render_site(upstream_port, self.port))
+        self.access_log = workdir / "wsserver.access.log"
+        site.write_text(render_site(upstream_port, self.port, self.access_log))
         temp = {name: workdir / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
         # As root nginx would switch its workers to "nobody", who cannot
         # enter the test's private directory.

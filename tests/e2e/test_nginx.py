@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,11 +50,13 @@ def start_nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
         nginx.stop()
 
 
-async def open_ws(url: str, sub: str, forwarded_for: str | None = None) -> ClientConnection:
+async def open_ws(
+    url: str, sub: str, forwarded_for: str | None = None, **kwargs: Any
+) -> ClientConnection:
     headers = {"Authorization": f"Bearer {make_token(sub)}"}
     if forwarded_for:
         headers["X-Forwarded-For"] = forwarded_for
-    return await connect(url, additional_headers=headers, open_timeout=10)
+    return await connect(url, additional_headers=headers, open_timeout=10, **kwargs)
 
 
 async def welcome(ws: ClientConnection) -> dict[str, Any]:
@@ -70,7 +73,7 @@ def get(url: str, source: str | None = None) -> tuple[int, str]:
         source_address=(source, 0) if source else None,
     )
     try:
-        conn.request("GET", parts.path)
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
         response = conn.getresponse()
         return response.status, response.read().decode(errors="replace")
     finally:
@@ -121,7 +124,9 @@ def test_metrics_only_from_loopback(run_server: Any, start_nginx: Any) -> None:
     assert status == 403 and is_from_nginx(body)
 
 
-def test_server_caps_the_forwarded_client_address(run_server: Any, start_nginx: Any) -> None:
+def test_a_clients_own_forwarded_for_never_reaches_the_server(
+    run_server: Any, start_nginx: Any
+) -> None:
     server = run_server(
         "--port", "0", "--trusted-proxies", "127.0.0.1", "--max-connections-per-ip", "1",
         env=SERVER_ENV,
@@ -129,25 +134,88 @@ def test_server_caps_the_forwarded_client_address(run_server: Any, start_nginx: 
     nginx = start_nginx(server.port)
 
     async def scenario() -> None:
-        # nginx appends the address it saw (127.0.0.1, trusted) to the
-        # client's X-Forwarded-For, so the server's rightmost untrusted hop
-        # is the address the client claims here, as behind a second proxy.
+        # Each client claims another address; nginx sends the one it saw, so
+        # the server caps the real address and logs it.
         async with await open_ws(nginx.ws_url, "alice", "203.0.113.7") as first:
             await welcome(first)
             with pytest.raises(InvalidStatus) as refused:
-                await open_ws(nginx.ws_url, "bob", "203.0.113.7")
+                await open_ws(nginx.ws_url, "bob", "198.51.100.9")
             assert refused.value.response.status_code == 429
             assert not is_from_nginx(refused.value.response.body or b"")
-            async with await open_ws(nginx.ws_url, "carol", "198.51.100.9") as other:
+            # Another real address (127.0.0.2 is loopback too) is not capped.
+            async with await open_ws(nginx.ws_url, "carol", local_addr=("127.0.0.2", 0)) as other:
                 await welcome(other)
 
     asyncio.run(scenario())
     # The 429 was the server's per-address cap, counted once.
     assert metric(server.url, "wsserver_rejections_total", reason="address_cap") == 1
-    # The server logged the forwarded addresses, not nginx's.
     logs = server.logs()
-    assert "open user=alice addr=203.0.113.7" in logs
-    assert "open user=carol addr=198.51.100.9" in logs
+    assert "open user=alice addr=127.0.0.1 " in logs
+    assert "open user=carol addr=127.0.0.2 " in logs
+    assert "203.0.113.7" not in logs and "198.51.100.9" not in logs
+
+
+def test_every_location_that_sets_headers_sets_the_forwarding_headers() -> None:
+    site = "\n".join(
+        line for line in NGINX_SITE.read_text().splitlines() if not line.lstrip().startswith("#")
+    )
+    blocks = re.findall(r"location[^{]*\{[^}]*\}", site)
+    setting = [block for block in blocks if "proxy_set_header" in block]
+    assert len(setting) == 5, blocks
+    for block in setting:
+        for header in (r"X-Real-IP\s+\$remote_addr", r"X-Forwarded-For\s+\$remote_addr",
+                       r"X-Forwarded-Proto\s+\$scheme"):
+            assert re.search(r"proxy_set_header\s+" + header + ";", block), (header, block)
+    assert "$proxy_add_x_forwarded_for" not in site
+
+
+def test_access_log_never_shows_a_query_token(run_server: Any, start_nginx: Any) -> None:
+    server = run_server("--port", "0", "--trusted-proxies", "127.0.0.1", env=SERVER_ENV)
+    nginx = start_nginx(server.port)
+    tok = make_token("alice")
+
+    async def scenario() -> None:
+        async with await connect(f"{nginx.ws_url}?token={tok}", open_timeout=10) as ws:
+            await welcome(ws)
+
+    asyncio.run(scenario())
+    get(nginx.url + "/healthz?x=1&TOKEN=" + tok)  # access_log off there: not logged at all
+    get(nginx.url + "/readyz?x=1&Token=" + tok)
+    nginx.stop()  # flushes and closes the log
+    logged = nginx.access_log.read_text()
+    assert tok not in logged
+    assert '"GET /ws?[redacted] HTTP/1.1" 101' in logged, logged
+    assert '"GET /readyz?[redacted] HTTP/1.1" 200' in logged, logged
+    assert tok not in server.logs()
+
+
+def test_stats_only_from_loopback_and_api_never(run_server: Any, start_nginx: Any) -> None:
+    server = run_server("--port", "0", env=SERVER_ENV)
+    nginx = start_nginx(server.port)
+    status, body = get(nginx.url + "/stats")
+    assert status == 200 and "connections" in body
+    status, body = get(nginx.url + "/stats", source="127.0.0.2")
+    assert status == 403 and is_from_nginx(body)
+    for source in (None, "127.0.0.2"):
+        for path in ("/api/publish", "/api/rooms", "/api/"):
+            status, body = get(nginx.url + path, source=source)
+            assert status == 403 and is_from_nginx(body), (path, source)
+
+
+def test_no_version_in_any_server_header(run_server: Any, start_nginx: Any) -> None:
+    server = run_server("--port", "0", env=SERVER_ENV)
+    nginx = start_nginx(server.port)
+    for url in (nginx.url + "/healthz", nginx.url + "/nope", nginx.url + "/api/x",
+                server.url + "/healthz", server.url + "/nope"):
+        request = urllib.request.Request(url)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                headers = response.headers
+        except urllib.error.HTTPError as error:
+            headers = error.headers
+            body = error.read().decode(errors="replace")
+            assert "nginx/" not in body, body
+        assert headers.get("Server") in (None, "nginx"), (url, headers.get("Server"))
 
 
 def test_handshake_burst_above_the_limit_is_refused_by_nginx(

@@ -380,3 +380,30 @@ def test_server_serves_under_memory_deny_write_execute(
     assert result == {"type": "result", "name": "primes", "value": 168}, result
     code, logs = server.stop()
     assert code == 0, logs
+
+
+def _bytes(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMG]?)", value)
+    assert match, value
+    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2) or " ")
+
+
+def test_unit_caps_memory_tasks_and_binds() -> None:
+    service = unit_service_settings(UNIT.read_text())
+    high, top = _bytes(service["MemoryHigh"][0]), _bytes(service["MemoryMax"][0])
+    # Reclaim (slow down) before the OOM killer, and room for a few task workers.
+    assert 256 * 1024**2 <= high < top
+    assert 64 <= int(service["TasksMax"][0]) <= 4096
+    # Only the server's own port may be bound; everything else is refused.
+    port = OPTIONS_BY_NAME["port"].default
+    assert service["SocketBindAllow"] == [f"tcp:{port}"]
+    assert service["SocketBindDeny"] == ["any"]
+
+
+def test_resource_lines_pass_verify_and_keep_the_exposure(tmp_path: Path) -> None:
+    # Misspelt resource lines are caught by verify (the check is not blind) ...
+    broken = UNIT.read_text().replace("SocketBindDeny=any", "SocketBindDeny=anything")
+    result = analyze("verify", str(local_unit(tmp_path, broken)))
+    assert "SocketBindDeny" in result.stdout + result.stderr
+    # ... and the shipped ones keep the score (1.0 with systemd 252).
+    assert exposure(UNIT) <= 2.0

@@ -234,10 +234,10 @@ def test_past_the_queue_bound_busy_is_answered_within_a_second(run_server: Start
             elapsed = time.monotonic() - started
             assert reply["code"] == "busy", reply
             assert elapsed < 1.0
+            assert metric(srv, "wsserver_task_queue_depth") == 2
 
     asyncio.run(main())
     assert metric(srv, 'wsserver_tasks_total{name="primes",outcome="busy"}') == 1
-    assert metric(srv, "wsserver_task_queue_depth") == 2
 
 
 def test_one_connection_cannot_take_the_whole_pool(run_server: Start) -> None:
@@ -255,6 +255,54 @@ def test_one_connection_cannot_take_the_whole_pool(run_server: Start) -> None:
             assert reply["value"] == 4
 
     asyncio.run(main())
+
+
+def test_one_user_cannot_take_the_whole_pool_across_connections(run_server: Start) -> None:
+    srv = run_server(*SERVER_OPTIONS, "--task-workers", "3", "--task-queue", "8",
+                     "--task-per-connection", "2", "--task-per-user", "2",
+                     "--tasks-module", "tests.support_tasks")
+
+    async def main() -> None:
+        async with client(srv, "greedy") as a, client(srv, "greedy") as b, \
+                client(srv, "other") as other:
+            await a.task("spin", {"ms": 600_000})
+            await b.task("spin", {"ms": 600_000})
+            reply = await b.ask({"type": "task", "name": "primes", "args": {"limit": 10}})
+            assert reply["code"] == "busy" and "per user" in reply["message"], reply
+            reply = await other.ask({"type": "task", "name": "primes", "args": {"limit": 10}})
+            assert reply["value"] == 4
+
+    asyncio.run(main())
+
+
+def test_closing_a_connection_stops_its_tasks_and_frees_the_worker(run_server: Start) -> None:
+    srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-queue", "4",
+                     "--task-timeout", "600", "--tasks-module", "tests.support_tasks")
+
+    async def main() -> None:
+        async with announcements() as box:
+            async with client(srv, "leaver") as c:
+                await c.task("announce", {"path": box.path, "ms": 600_000})
+                runaway = await asyncio.wait_for(box.pids.get(), 10)
+                await c.task("spin", {"ms": 600_000})  # waits behind it
+                for _ in range(500):  # until the server has queued it
+                    if metric(srv, "wsserver_task_queue_depth") == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                assert metric(srv, "wsserver_task_queue_depth") == 2
+            # Its connection is gone: the worker running its task is stopped ...
+            assert await asyncio.to_thread(wait_gone, runaway), "the abandoned task still runs"
+            async with client(srv, "next") as c:
+                # ... and the queued one dropped: the replacement serves at once.
+                started = time.monotonic()
+                reply = await c.ask({"type": "task", "name": "primes", "args": {"limit": 10}})
+                assert reply["value"] == 4
+                assert time.monotonic() - started < 5
+
+    asyncio.run(main())
+    assert metric(srv, 'wsserver_tasks_total{name="announce",outcome="cancelled"}') == 1
+    assert metric(srv, 'wsserver_tasks_total{name="spin",outcome="cancelled"}') == 1
+    assert metric(srv, "wsserver_task_queue_depth") == 0
 
 
 # --- timeout -------------------------------------------------------------------------

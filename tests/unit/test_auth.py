@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from wsserver.auth import TokenIssuer, TokenVerifier, extract_token
+from wsserver.auth import DEMO_AUDIENCE, TokenIssuer, TokenVerifier, extract_token
 from wsserver.errors import TokenExpired, TokenInvalid
 from wsserver.rooms import NO_GRANTS
 
@@ -177,3 +177,85 @@ def test_issuer_mints_grants_and_refuses_malformed_ones() -> None:
     assert "rooms" not in jwt.decode(plain, SECRET, algorithms=["HS256"])
     with pytest.raises(ValueError, match="'publish' entry 0 has a '\\*' before its end"):
         issuer.issue("bob", 60, publish=["a*b"])
+
+
+# --- hardening (issue 13, items 2, 7b, 9) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "sub", ["alice\nINFO forged line", "a\rb", "a\x1b[31m", "a\u2028b", "a\u200eb", "a\x00"]
+)
+def test_sub_with_control_characters_is_invalid(sub: str) -> None:
+    with pytest.raises(TokenInvalid):
+        TokenVerifier(SECRET, ["HS256"]).verify(make(good(sub=sub)))
+
+
+def test_sub_with_ordinary_unicode_is_fine() -> None:
+    assert TokenVerifier(SECRET, ["HS256"]).verify(make(good(sub="Zoë 😀"))).user == "Zoë 😀"
+
+
+@pytest.mark.parametrize(
+    ("header_typ", "accepted"),
+    [("at+jwt", True), ("AT+JWT", True), ("application/at+jwt", True), ("JWT", False),
+     (None, False)],
+)
+def test_explicit_typ(header_typ: str | None, accepted: bool) -> None:
+    verifier = TokenVerifier(SECRET, ["HS256"], typ="at+jwt")
+    headers = {"typ": header_typ} if header_typ else None
+    token = make(good(), headers=headers)
+    if header_typ is None:
+        # pyjwt writes typ=JWT unless told otherwise; drop it altogether.
+        token = jwt.api_jws.PyJWS().encode(
+            jwt.utils.force_bytes(__import__("json").dumps(good())), SECRET, "HS256",
+            headers={"typ": None},
+        )
+    if accepted:
+        assert verifier.verify(token).user == "alice"
+    else:
+        with pytest.raises(TokenInvalid):
+            verifier.verify(token)
+
+
+def test_without_typ_setting_any_typ_passes() -> None:
+    assert TokenVerifier(SECRET, ["HS256"]).verify(make(good(), headers={"typ": "x"}))
+
+
+def test_max_lifetime_requires_iat_and_bounds_exp_minus_iat() -> None:
+    verifier = TokenVerifier(SECRET, ["HS256"], max_lifetime=3600)
+    now = int(time.time())
+    assert verifier.verify(make(good(iat=now, exp=now + 3600))).user == "alice"
+    ten_years = make(good(iat=now, exp=now + 10 * 365 * 86400))
+    with pytest.raises(TokenInvalid) as info:
+        verifier.verify(ten_years)
+    assert info.value.reason == "invalid token: lifetime too long"
+    with pytest.raises(TokenInvalid):
+        verifier.verify(make(good()))  # no iat
+    # Without the setting, neither is asked for.
+    assert TokenVerifier(SECRET, ["HS256"]).verify(ten_years).user == "alice"
+
+
+def test_issuer_writes_the_configured_typ() -> None:
+    token, _ = TokenIssuer(SECRET, typ="at+jwt").issue("bob", 60)
+    assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+    assert TokenVerifier(SECRET, ["HS256"], typ="at+jwt").verify(token).user == "bob"
+
+
+def test_demo_tokens_have_their_own_audience_and_no_issuer() -> None:
+    issuer = TokenIssuer(SECRET, audience="prod-app", issuer="https://idp.example")
+    demo, _ = issuer.issue("mallory", 60, demo=True)
+    claims = jwt.decode(demo, options={"verify_signature": False})
+    assert claims["aud"] == DEMO_AUDIENCE and claims["demo"] is True and "iss" not in claims
+    # Another service with the same key checking its own audience refuses it ...
+    prod = TokenVerifier(SECRET, ["HS256"], audience="prod-app", issuer="https://idp.example")
+    with pytest.raises(TokenInvalid):
+        prod.verify(demo)
+    # ... and so does one that checks no audience at all (pyjwt refuses an unexpected aud).
+    with pytest.raises(TokenInvalid):
+        TokenVerifier(SECRET, ["HS256"]).verify(demo)
+    # This server, with --demo on, takes it, and still takes production tokens.
+    here = TokenVerifier(SECRET, ["HS256"], audience="prod-app", issuer="https://idp.example",
+                         accept_demo=True)
+    assert here.verify(demo).user == "mallory"
+    assert here.verify(issuer.issue("alice", 60)[0]).user == "alice"
+    with pytest.raises(TokenInvalid):
+        here.verify(make(good(aud="someone-else", iss="https://idp.example")))

@@ -259,3 +259,31 @@ def test_wildcard_origin_is_accepted_and_a_broken_one_refused() -> None:
     assert settings.allowed_origins == ("https://*.example.com",)
     (line,) = problems(environ={}, flags={"allowed_origins": "https://*.com"})
     assert line.startswith("--allowed-origins 'https://*.com': ")
+
+
+# --- hardening: the demo endpoint beside a production key (issue 13, item 2) ---
+
+
+def test_demo_beside_a_key_is_refused_off_loopback() -> None:
+    found = problems(flags={"jwt_secret": KEY, "demo": True, "host": "0.0.0.0"}, environ={})
+    assert any(p.startswith("--demo: refused with --host 0.0.0.0") for p in found), found
+
+
+def test_demo_beside_a_key_is_allowed_on_loopback() -> None:
+    settings = load_settings({"jwt_secret": KEY, "demo": True, "host": "::1"}, {})
+    assert settings.demo and not settings.demo_mode
+
+
+def test_demo_token_ttl_is_capped() -> None:
+    found = problems(flags={"demo_token_ttl": "3601"}, environ={})
+    assert found == ["--demo-token-ttl: at most 3600 seconds"]
+    assert load_settings({"demo_token_ttl": "3600"}, {}).demo_token_ttl == 3600
+
+
+def test_hardening_options_parse() -> None:
+    settings = load_settings(
+        {"jwt_secret": KEY, "jwt_typ": "at+jwt", "max_token_lifetime": "86400",
+         "max_unverified_connections": "8", "task_per_user": "3"}, {})
+    assert settings.jwt_typ == "at+jwt" and settings.max_token_lifetime == 86400.0
+    assert settings.max_unverified_connections == 8 and settings.task_per_user == 3
+    assert problems(flags={"jwt_typ": " "}, environ={})[0].startswith("--jwt-typ:")

@@ -19,7 +19,7 @@ import pytest
 
 from tests import support_tasks
 from tests.support_tasks import announcements, wait_gone
-from wsserver.errors import BadRequest, Busy, TaskFailed, TaskTimeout, UnknownTask
+from wsserver.errors import BadRequest, Busy, TaskCancelled, TaskFailed, TaskTimeout, UnknownTask
 from wsserver.metrics import Metrics
 from wsserver.pool import WORKER_NICENESS, TaskPool
 from wsserver.tasks import TaskTable, iterated_sha256, load_task_table
@@ -340,5 +340,80 @@ def test_workers_import_tasks_from_the_servers_import_path(
         table = load_task_table(module)
         async with started_pool(workers=1, queue=1, table=table, tasks_module=module) as pool:
             assert await pool.run("where", {}) == str(tmp_path / f"{module}.py")
+
+    run(main)
+
+
+# --- fairness, per-user limit, cancellation (issue 13, item 3) ----------------------
+
+
+def test_a_waiting_user_is_served_before_another_users_backlog() -> None:
+    """A queues five tasks, then B one: B's runs second, not sixth."""
+
+    async def main() -> None:
+        async with started_pool(workers=1, queue=10) as pool:
+            finished: list[str] = []
+
+            async def submit(label: str, user: str) -> None:
+                task, kwargs = pool.prepare("spin", {"ms": 50})
+                await pool.execute(task, kwargs, user=user, owner=label)
+                finished.append(label)
+
+            jobs = [asyncio.create_task(submit(f"a{n}", "alice")) for n in range(5)]
+            await asyncio.sleep(0)  # a0 takes the worker, a1..a4 wait
+            jobs.append(asyncio.create_task(submit("b0", "bob")))
+            await asyncio.gather(*jobs)
+            assert finished[:2] == ["a0", "b0"], finished
+            assert sorted(finished) == ["a0", "a1", "a2", "a3", "a4", "b0"]
+
+    run(main)
+
+
+def test_per_user_limit_counts_across_owners() -> None:
+    async def main() -> None:
+        metrics = Metrics()
+        async with started_pool(workers=1, queue=10, per_user=2, metrics=metrics) as pool:
+            task, kwargs = pool.prepare("spin", {"ms": 200})
+            first = asyncio.create_task(pool.execute(task, kwargs, user="alice", owner="c1"))
+            second = asyncio.create_task(pool.execute(task, kwargs, user="alice", owner="c2"))
+            await asyncio.sleep(0)
+            with pytest.raises(Busy, match="at most 2 tasks in flight per user"):
+                await pool.execute(task, kwargs, user="alice", owner="c3")
+            # Another user is not held back by alice's limit.
+            assert await pool.execute(task, kwargs, user="bob", owner="c4") == 200
+            assert await asyncio.gather(first, second) == [200, 200]
+            # Done tasks free the user's share.
+            assert await pool.execute(task, kwargs, user="alice", owner="c1") == 200
+            assert metrics.registry.get_sample_value(
+                "wsserver_tasks_total", {"name": "spin", "outcome": "busy"}) == 1
+
+    run(main)
+
+
+def test_cancel_owner_stops_its_running_task_and_drops_its_waiting_ones() -> None:
+    async def main() -> None:
+        metrics = Metrics()
+        async with announcements() as box, started_pool(
+            workers=1, queue=10, metrics=metrics
+        ) as pool:
+            task, kwargs = pool.prepare("announce", {"path": box.path, "ms": 600_000})
+            running = asyncio.create_task(outcome(pool.execute(task, kwargs, user="a", owner="c")))
+            runaway_pid = await box.pids.get()
+            waiting = asyncio.create_task(outcome(pool.execute(task, kwargs, user="a", owner="c")))
+            other, other_args = pool.prepare("pid", {})
+            neighbour = asyncio.create_task(pool.execute(other, other_args, user="b", owner="d"))
+            await asyncio.sleep(0)
+            assert pool.in_flight == 3
+
+            assert pool.cancel_owner("c") == 2
+            assert isinstance(await running, TaskCancelled)
+            assert isinstance(await waiting, TaskCancelled)
+            assert wait_gone(runaway_pid), "the worker running the closed owner's task still runs"
+            # The replacement serves the other owner's task at once.
+            assert await neighbour != runaway_pid
+            assert pool.in_flight == 0
+            assert pool.cancel_owner("c") == 0
+            assert metrics.registry.get_sample_value(
+                "wsserver_tasks_total", {"name": "announce", "outcome": "cancelled"}) == 2
 
     run(main)

@@ -102,3 +102,36 @@ def test_salvage_id(text: str, expected: object) -> None:
 
 def test_encode_is_compact_utf8() -> None:
     assert encode({"type": "echo", "data": "é"}) == '{"type":"echo","data":"é"}'.encode()
+
+
+# --- input no reply can carry (issue 13, item 5) -----------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type": "ping", "id": "\\ud800"}',
+        '{"type": "ping", "id": 1e400}',
+        '{"type": "ping", "id": -1e400}',
+        '{"type": "echo", "data": {"\\udfff": 1}}',
+        '{"type": "echo", "data": ["ok", ["\\ud83d"]]}',
+        '{"type": "echo", "data": 1.5e309}',
+    ],
+)
+def test_unencodable_input_is_a_bad_request(text: str) -> None:
+    with pytest.raises(BadRequest):
+        parse(text)
+    assert salvage_id(text) is None
+
+
+def test_surrogate_pairs_and_big_finite_numbers_are_fine() -> None:
+    msg = parse('{"type": "echo", "id": 1e308, "data": "\\ud83d\\ude00 \\\\ud800"}')
+    assert msg.id == 1e308 and msg.field("data") == "\U0001f600 \\ud800"
+    assert encode({"data": msg.field("data")})
+
+
+def test_a_message_refused_for_a_lone_surrogate_keeps_its_id() -> None:
+    text = '{"type": "echo", "id": 9, "data": "\\ud800"}'
+    with pytest.raises(BadRequest, match="valid Unicode"):
+        parse(text)
+    assert salvage_id(text) == 9

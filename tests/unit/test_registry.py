@@ -2,7 +2,7 @@
 
 import pytest
 
-from wsserver.errors import ServerFull, TooManyForUser, TooManyFromAddress
+from wsserver.errors import ServerFull, TooManyForUser, TooManyFromAddress, TooManyUnverified
 from wsserver.registry import ConnectionRegistry, RoomTable
 
 
@@ -70,3 +70,53 @@ def test_rooms_both_ways() -> None:
     assert rooms.members("r2") == []
     assert len(rooms) == 1
     assert not rooms.leave("a", "r1")
+
+
+# --- unverified connections in a pool of their own (issue 13, item 1) ---------
+
+
+def test_unverified_connections_do_not_crowd_out_verified_ones() -> None:
+    reg: ConnectionRegistry[str] = ConnectionRegistry(2, 100, 10, max_unverified=3)
+    for n in range(3):
+        reg.check_admission(f"10.0.0.{n}", verified=False)
+        reg.admit(f"bad{n}", f"10.0.0.{n}", verified=False)
+    with pytest.raises(TooManyUnverified) as info:
+        reg.check_admission("10.0.0.9", verified=False)
+    assert info.value.status == 503 and info.value.reason == "unverified_full"
+    # The verified pool is untouched: both verified users still get in.
+    for user in ("alice", "bob"):
+        reg.check_admission("10.1.0.1")
+        reg.admit(user, "10.1.0.1")
+        reg.authenticate(user, user)
+    assert (reg.verified, reg.unverified, reg.total) == (2, 3, 5)
+    with pytest.raises(ServerFull):
+        reg.check_admission("10.1.0.1")
+    # A full server refuses a bad token too, as the contract's order says.
+    reg.remove("bad0")
+    with pytest.raises(ServerFull) as full:
+        reg.check_admission("10.0.0.0", verified=False)
+    assert not isinstance(full.value, TooManyUnverified)
+
+
+def test_unverified_count_per_address_and_removal() -> None:
+    reg: ConnectionRegistry[str] = ConnectionRegistry(10, 2, 10, max_unverified=5)
+    reg.admit("bad", "a", verified=False)
+    reg.admit("good", "a")
+    with pytest.raises(TooManyFromAddress):
+        reg.check_admission("a", verified=False)
+    assert reg.remove("bad") is None
+    assert (reg.unverified, reg.verified, reg.count_for_address("a")) == (0, 1, 1)
+
+
+def test_demote_moves_a_refused_connection_to_the_unverified_pool() -> None:
+    reg: ConnectionRegistry[str] = ConnectionRegistry(10, 10, 1, max_unverified=5)
+    reg.admit("a1", "x")
+    reg.authenticate("a1", "alice")
+    reg.admit("a2", "x")
+    with pytest.raises(TooManyForUser):
+        reg.authenticate("a2", "alice")
+    reg.demote("a2")
+    reg.demote("a1")  # authenticated: stays verified
+    assert (reg.verified, reg.unverified) == (1, 1)
+    reg.remove("a2")
+    assert (reg.verified, reg.unverified) == (1, 0)

@@ -1,0 +1,52 @@
+"""Making client-controlled text safe to put in a log line.
+
+Two dangers: a token in a request URI (``?token=...``) would leak a credential
+to whoever reads the logs, and a control character (a newline, an ANSI escape)
+in a user name, an address or a URI would let a client forge or hide log
+lines. :func:`redact` removes tokens; :func:`escape` makes any value one
+printable line.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*", re.IGNORECASE)
+#: Longest client value written to one log line; the rest is cut.
+MAX_LOGGED_LENGTH = 256
+
+
+def redact(uri: str) -> str:
+    """``uri`` with any ``token`` query parameter replaced by ``[redacted]``."""
+    if "token=" not in uri.lower():
+        return uri
+    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", uri)
+
+
+def _printable(text: str) -> bool:
+    return text.isprintable() and "\\" not in text
+
+
+def escape(value: object) -> str:
+    """``value`` as one printable line: control and other Unicode category C
+    characters (and backslashes) as ``repr``-style escapes, cut to
+    :data:`MAX_LOGGED_LENGTH` characters.
+
+    Plain text, the usual case, is returned as it is.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_LOGGED_LENGTH:
+        text = text[:MAX_LOGGED_LENGTH] + "..."
+    if _printable(text):
+        return text
+    return "".join(_escape_char(ch) for ch in text)
+
+
+def _escape_char(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if ch.isprintable() and not unicodedata.category(ch).startswith("C"):
+        return ch
+    # repr() gives \n, \t, \x1b, \u2028, \U000e0001 ... without its quotes.
+    return repr(ch)[1:-1] if repr(ch)[1:-1] != ch else f"\\u{ord(ch):04x}"
