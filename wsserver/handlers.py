@@ -231,7 +231,7 @@ class DemoTokenHandler(BaseHandler):
             )
             return
         ttl = services.settings.demo_token_ttl
-        token, _ = services.issuer.issue(user, ttl)
+        token, _ = services.issuer.issue(user, ttl, demo=True)
         self.write_json({"token": token, "expires_in": ttl})
 
     def _requested_user(self) -> str | None:

@@ -22,9 +22,9 @@ import jwt
 import pytest
 
 from tests.integration.clients import SECRET, ask, connect, recv, token, welcomed
-from wsserver.app import ServerState
 from wsserver.auth import DEMO_AUDIENCE, TokenVerifier
 from wsserver.cli import main as cli_main
+from wsserver.services import Services
 
 EVENT_TIMEOUT = 10.0
 
@@ -102,7 +102,7 @@ def text_frame(text: str) -> bytes:
             + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
 
 
-def gauge(state: ServerState, name: str) -> float | None:
+def gauge(state: Services, name: str) -> float | None:
     state.refresh_gauges()
     value: float | None = state.metrics.registry.get_sample_value(name)
     return value
@@ -116,7 +116,7 @@ def gauge(state: ServerState, name: str) -> float | None:
     "server_flags", [{"max_connections": "2", "max_unverified_connections": "2"}]
 )
 async def test_garbage_tokens_do_not_crowd_out_verified_users(
-    port: int, state: ServerState, close_raw: None
+    port: int, state: Services, close_raw: None
 ) -> None:
     # Two upgrades with garbage tokens that never answer the 4001 close frame:
     # the server keeps them until its close handshake gives up.
@@ -144,7 +144,7 @@ async def test_garbage_tokens_do_not_crowd_out_verified_users(
 @pytest.mark.parametrize("server_flags", [{"demo": True, "jwt_audience": "prod-app",
                                            "jwt_issuer": "https://idp.example"}])
 async def test_demo_tokens_beside_a_key_cannot_pass_as_production_tokens(
-    port: int, http_client: Any, base_url: str, state: ServerState
+    port: int, http_client: Any, base_url: str, state: Services
 ) -> None:
     response = await http_client.fetch(base_url + "/auth/demo-token", method="POST",
                                        body=json.dumps({"user": "mallory"}))
@@ -213,13 +213,13 @@ def explode(*args: Any) -> None:
 
 @pytest.mark.gen_test
 async def test_uncaught_errors_never_log_the_token(
-    port: int, http_client: Any, base_url: str, state: ServerState,
+    port: int, http_client: Any, base_url: str, state: Services,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     tok = token("alice")
     # A plain handler: Tornado's RequestHandler.log_exception.
-    state.rooms = Exploding()  # type: ignore[assignment]
+    state.hub = Exploding()  # type: ignore[assignment]
     response = await http_client.fetch(f"{base_url}/stats?token={tok}", raise_error=False)
     assert response.code == 500
     # The WebSocket handler, before the upgrade ...
@@ -246,7 +246,7 @@ async def test_uncaught_errors_never_log_the_token(
 @pytest.mark.gen_test
 @pytest.mark.parametrize("sub", ["alice\nINFO wsserver.connection: open user=root", "a\x1b[2K"])
 async def test_a_sub_with_control_characters_closes_4001(
-    port: int, sub: str, state: ServerState, caplog: pytest.LogCaptureFixture
+    port: int, sub: str, state: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     conn = await connect(port, token(sub))
@@ -271,7 +271,7 @@ async def test_pipelined_refused_handshakes_get_one_answer(port: int, close_raw:
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"handshake_rate": "1000", "handshake_burst": "1000"}])
 async def test_refusal_logging_is_throttled_and_every_refusal_counted(
-    port: int, state: ServerState, caplog: pytest.LogCaptureFixture, close_raw: None
+    port: int, state: Services, caplog: pytest.LogCaptureFixture, close_raw: None
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for _ in range(40):
@@ -361,7 +361,7 @@ async def test_no_server_header_on_the_upgrade(port: int, close_raw: None) -> No
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"handshake_rate": "1000", "handshake_burst": "1000"}])
 async def test_closes_of_bad_tokens_are_logged_through_the_same_throttle(
-    port: int, state: ServerState, caplog: pytest.LogCaptureFixture
+    port: int, state: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for _ in range(30):

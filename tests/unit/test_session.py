@@ -68,6 +68,7 @@ def test_welcome_tells_the_user_its_expiry_and_limits() -> None:
             "type": "welcome", "user": "alice", "expires_at": int(WALL0 + 300),
             "limits": {"message_rate": 5.0, "message_burst": 7, "max_message_size": 65536,
                        "tasks_in_flight": services.settings.task_per_connection,
+                       "tasks_per_user": services.settings.task_per_user,
                        "connections_per_user": 10},
         }
         assert services.registry.authenticated == 1
@@ -152,9 +153,10 @@ def test_an_unencodable_echo_is_answered_not_fatal() -> None:
         services, scheduler = make_services()
         await start(services)
         client = await welcomed(services, scheduler)
-        # A lone surrogate: valid JSON text, but not UTF-8 encodable on the way out.
+        # A lone surrogate: valid JSON text, but no reply could carry it, so
+        # the parser refuses it (hardening item 5) and the connection stays.
         reply = await client.ask('{"type": "echo", "data": "\\ud800", "id": 1}')
-        assert reply["type"] == "error" and reply["code"] == "internal_error"
+        assert reply["type"] == "error" and reply["code"] == "bad_request" and reply["id"] == 1
         assert await client.ask({"type": "ping"}) == {"type": "pong"}
         assert client.transport.closes == []
 
