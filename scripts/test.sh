@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it:
 # Debian packages (Chromium for the page, nginx, systemd's analyzer, openssl,
-# Node.js for the client's unit tests), a virtual environment in .venv with the
-# package and its test extra, then ruff, mypy, node --test and pytest.
+# Node.js for the client's unit tests, redis-server for the broker tests; the
+# tests start their own, never the system service), a virtual environment in
+# .venv with the package and its test extra, then ruff, mypy, node --test and
+# pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,7 @@ command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v openssl >/dev/null || packages+=(openssl)
 command -v node >/dev/null || packages+=(nodejs)
 command -v ps >/dev/null || packages+=(procps)
+[ -x /usr/bin/redis-server ] || packages+=(redis-server)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "== apt-get install ${packages[*]}"
     $SUDO apt-get update -qq
