@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +32,26 @@ _prefixes = itertools.count()
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = TEST_TIMEOUT) -> T:
-    """Run a test's coroutine on a fresh event loop, bounded."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    """Run a test's coroutine on a fresh event loop, bounded.
+
+    On timeout the stacks of every task are printed (what hung), then the
+    test fails.
+    """
+
+    async def bounded() -> T:
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait([task], timeout=timeout)
+        if not done:
+            stacks = io.StringIO()
+            for other in asyncio.all_tasks():
+                other.print_stack(file=stacks)
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise AssertionError(f"test did not finish in {timeout} s; tasks:\n{stacks.getvalue()}")
+        return task.result()
+
+    return asyncio.run(bounded())
 
 
 @dataclass

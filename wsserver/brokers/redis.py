@@ -253,11 +253,13 @@ class RedisBroker(Broker):
         if self._closing:
             return
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Cancel until they are gone: redis-py can turn a cancellation that
+        # races its own timeout into a TimeoutError, which a loop survives.
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         self._tasks = []
         self._drop_subscription()
         if self._registered:
@@ -479,7 +481,7 @@ class RedisBroker(Broker):
     # --- heartbeats -----------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.heartbeat()
             except BrokerUnavailable:
@@ -642,7 +644,7 @@ class RedisBroker(Broker):
     async def _prober(self) -> None:
         loop = asyncio.get_running_loop()
         await self._subscribed_once.wait()
-        while True:
+        while not self._closing:
             started = loop.time()
             ok = await self._probe_once()
             self._probed_once.set()
