@@ -14,6 +14,7 @@ import dataclasses
 import ipaddress
 import os
 import secrets
+import socket
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,29 @@ def _secret(text: str) -> Secret:
 
 
 def _text(text: str) -> str:
+    return text
+
+
+#: Schemes ``--broker`` accepts besides ``memory``.
+BROKER_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _broker(text: str) -> str:
+    if text == "memory":
+        return text
+    parts = urlsplit(text)
+    if parts.scheme not in BROKER_SCHEMES:
+        raise ValueError("use 'memory' or a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// URL needs the socket's path (unix:///run/redis.sock)")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("a Redis URL needs a host (redis://127.0.0.1:6379/0)")
+    return text
+
+
+def _node_name(text: str) -> str:
+    if not text or "\0" in text or len(text) > 128 or not text.isprintable():
+        raise ValueError("1 to 128 printable characters")
     return text
 
 
@@ -211,6 +235,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("demo", _bool, None, "enable POST /auth/demo-token (on in demo mode)"),
     Option("demo_token_ttl", _positive_int, 900, "lifetime in seconds of demo tokens"),
     Option("log_level", _text, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option(
+        "broker",
+        _broker,
+        "memory",
+        "'memory' (this process only) or a Redis URL shared by every node "
+        "(redis://host:port/db, rediss://..., unix:///path)",
+        "URL",
+    ),
+    Option(
+        "workers",
+        _positive_int,
+        1,
+        "processes serving the same port on this machine; more than 1 needs a Redis broker",
+    ),
+    Option("node_name", _node_name, None, "this node in /api/nodes, logs and metrics "
+           "(default: host name and pid)", "NAME"),
+    Option(
+        "broker_probe_interval",
+        _positive_float,
+        2.0,
+        "seconds between readiness probes through the broker",
+    ),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
@@ -262,6 +308,11 @@ class Settings:
     demo: bool = False
     demo_token_ttl: int = 900
     log_level: str = "INFO"
+    #: Not in repr: a Redis URL may hold a password.
+    broker: str = field(default="memory", repr=False)
+    workers: int = 1
+    node_name: str = ""
+    broker_probe_interval: float = 2.0
     demo_mode: bool = False
     #: True when the allowed origins are demo mode's loopback defaults.
     default_origins: bool = False
@@ -454,6 +505,13 @@ def _build(values: dict[str, Any], problems: list[str], *, check_files: bool) ->
     if merged["log_level"].upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         problems.append(f"--log-level {merged['log_level']!r}: use DEBUG, INFO, WARNING or ERROR")
     merged["log_level"] = merged["log_level"].upper()
+    if merged["workers"] > 1 and merged["broker"] == "memory":
+        problems.append(
+            f"--workers {merged['workers']}: more than one worker needs a Redis broker "
+            "(--broker redis://...); with the memory broker every limit, room and "
+            "presence would silently be per process"
+        )
+    merged["node_name"] = merged["node_name"] or f"{socket.gethostname()}-{os.getpid()}"
 
     if problems:
         raise ConfigError(problems)

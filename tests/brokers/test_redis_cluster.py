@@ -192,3 +192,17 @@ def test_metrics_follow_the_broker(redis_harness: Harness) -> None:
         assert metrics.registry.get_sample_value("wsserver_broker_up") == 0
 
     run(scenario())
+
+
+def test_make_broker_by_url() -> None:
+    from wsserver.brokers import make_broker
+    from wsserver.brokers.memory import MemoryBroker
+
+    metrics = Metrics()
+    assert isinstance(make_broker("memory", "n", metrics=metrics), MemoryBroker)
+    assert metrics.registry.get_sample_value("wsserver_broker_up") == 1
+    broker = make_broker("redis://127.0.0.1:1/0", "n", metrics=metrics, probe_interval=0.7)
+    assert isinstance(broker, RedisBroker)
+    assert (broker.kind, broker.probe_interval, broker.node_name) == ("redis", 0.7, "n")
+    with pytest.raises(ValueError, match="unknown broker"):
+        make_broker("http://x", "n")

@@ -70,6 +70,11 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"jwt_secret": KEY, "trusted_proxies": "10.0.0.0/8,bogus"}, "bogus"),
         ({"jwt_secret": KEY, "log_level": "LOUD"}, "--log-level"),
         ({"jwt_secret": KEY, "task_workers": "4", "task_queue": "2"}, "--task-queue"),
+        ({"jwt_secret": KEY, "broker": "http://redis:6379"}, "--broker"),
+        ({"jwt_secret": KEY, "broker": "redis://"}, "needs a host"),
+        ({"jwt_secret": KEY, "broker": "unix://"}, "socket's path"),
+        ({"jwt_secret": KEY, "workers": "2"}, "needs a Redis broker"),
+        ({"jwt_secret": KEY, "node_name": "a\tb"}, "--node-name"),
     ],
 )
 def test_invalid_settings(flags: dict[str, str], fragment: str) -> None:
@@ -114,3 +119,16 @@ def test_lists_and_booleans_from_file_and_env(tmp_path: Path) -> None:
     assert settings.demo is False
     settings = load_settings({}, {"WSSERVER_JWT_SECRET": KEY, "WSSERVER_DEMO": "yes"})
     assert settings.demo is True
+
+
+def test_broker_options() -> None:
+    settings = load_settings({}, {})
+    assert (settings.broker, settings.workers, settings.broker_probe_interval) == ("memory", 1, 2.0)
+    assert settings.node_name  # host name and pid
+    url = "redis://:hunter2@redis.internal:6379/1"
+    settings = load_settings(
+        {"broker": url, "workers": "4", "node_name": "edge-1"}, {"WSSERVER_JWT_SECRET": KEY}
+    )
+    assert (settings.broker, settings.workers, settings.node_name) == (url, 4, "edge-1")
+    assert "hunter2" not in repr(settings)
+    assert load_settings({"broker": "unix:///run/redis.sock"}, {}).broker.startswith("unix:")
