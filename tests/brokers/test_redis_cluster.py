@@ -7,10 +7,12 @@ need no server.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from tests.brokers.conftest import Harness, run
+from tests.redis_support import RedisServer
 from wsserver.brokers.base import HistorySpec, Publication
 from wsserver.brokers.redis import RedisBroker, decode_envelope, encode_origin, redact_url
 from wsserver.metrics import Metrics
@@ -206,3 +208,67 @@ def test_make_broker_by_url() -> None:
     assert (broker.kind, broker.probe_interval, broker.node_name) == ("redis", 0.7, "n")
     with pytest.raises(ValueError, match="unknown broker"):
         make_broker("http://x", "n")
+
+
+def test_subscribes_room_channels_never_a_pattern(redis_harness: Harness) -> None:
+    assert redis_harness.redis is not None
+    redis = redis_harness.redis
+    prefix = redis_harness.prefix
+
+    def channels() -> set[str]:
+        found = redis.command("PUBSUB", "CHANNELS", f"{prefix}:*")
+        return {name.decode() for name in found}
+
+    async def scenario() -> None:
+        async with redis_harness.started("a") as (a, _):
+            assert channels() == {f"{prefix}:control", f"{prefix}:probe:a"}
+            await a.subscribe("chat:1")
+            await a.subscribe("chat:2")
+            assert channels() == {f"{prefix}:control", f"{prefix}:probe:a",
+                                  f"{prefix}:room:chat:1", f"{prefix}:room:chat:2"}
+            await a.unsubscribe("chat:1")
+            await _settled(lambda: f"{prefix}:room:chat:1" not in channels())
+            assert redis.command("PUBSUB", "NUMPAT") == 0
+
+    run(scenario())
+
+
+async def _settled(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Until ``condition()`` (state inside Redis, which sends no event)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "not within the timeout"
+        await asyncio.sleep(0.02)
+
+
+def test_publish_is_one_command(own_redis: RedisServer) -> None:
+    harness = Harness("redis", own_redis)
+
+    def calls() -> dict[str, int]:
+        info = own_redis.command("INFO", "commandstats")  # parsed by redis-py
+        return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in info.items()}
+
+    async def scenario() -> None:
+        # No heartbeat or probe during the count.
+        async with harness.started(
+            "a", probe_interval=60, heartbeat_interval=30, node_ttl=90
+        ) as (a, sink):
+            await a.subscribe("r")
+            await a.publish("r", b"{}", history=KEEP)  # loads the script once
+            own_redis.command("CONFIG", "RESETSTAT")
+            for n in range(10):
+                await a.publish("r", b'{"n":%d}' % n, history=KEEP, idempotency_key=f"k{n}")
+            await sink.wait(lambda: len(sink.publications) == 11)
+            counted = calls()
+            for admin in ("config|resetstat", "info", "hello"):  # this test's own
+                counted.pop(admin, None)
+            # Commands inside a script count too: each ran once per publish,
+            # and the only command a client sent was EVALSHA.
+            assert counted == {
+                "evalsha": 10,
+                "get": 10, "hget": 10, "hincrby": 10, "xadd": 10, "pexpire": 20,
+                "publish": 10, "set": 10,
+            }
+
+    run(scenario())

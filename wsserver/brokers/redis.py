@@ -604,13 +604,16 @@ class RedisBroker(Broker):
             if kind == b"message":
                 self._on_message(message[1], message[2])
             elif kind == b"subscribe":
-                waiters = self._confirmations.get(message[1])
-                if waiters:
+                # One confirmation per SUBSCRIBE, in order; skip waiters whose
+                # subscribe() gave up (timed out) meanwhile.
+                waiters = self._confirmations.get(message[1], [])
+                while waiters:
                     waiter = waiters.pop(0)
-                    if not waiters:
-                        del self._confirmations[message[1]]
                     if not waiter.done():
                         waiter.set_result(None)
+                        break
+                if not waiters:
+                    self._confirmations.pop(message[1], None)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         sink = self._sink
