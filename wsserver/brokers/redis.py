@@ -591,7 +591,15 @@ class RedisBroker(Broker):
             waiter: asyncio.Future[None] = loop.create_future()
             self._confirmations.setdefault(channel, []).append(waiter)
             waiters.append(waiter)
-        await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+        try:
+            await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+        except BaseException:
+            # Never sent: no confirmation will come for these waiters.
+            for channel, waiter in zip(channels, waiters, strict=True):
+                pending = self._confirmations.get(channel, [])
+                if waiter in pending:
+                    pending.remove(waiter)
+            raise
         async with asyncio.timeout(self.command_timeout):
             await asyncio.gather(*waiters)
 
@@ -604,16 +612,15 @@ class RedisBroker(Broker):
             if kind == b"message":
                 self._on_message(message[1], message[2])
             elif kind == b"subscribe":
-                # One confirmation per SUBSCRIBE, in order; skip waiters whose
-                # subscribe() gave up (timed out) meanwhile.
-                waiters = self._confirmations.get(message[1], [])
-                while waiters:
+                # Redis confirms each SUBSCRIBE in order: the oldest waiter
+                # owns this one, even when its subscribe() gave up meanwhile.
+                waiters = self._confirmations.get(message[1])
+                if waiters:
                     waiter = waiters.pop(0)
+                    if not waiters:
+                        del self._confirmations[message[1]]
                     if not waiter.done():
                         waiter.set_result(None)
-                        break
-                if not waiters:
-                    self._confirmations.pop(message[1], None)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         sink = self._sink
