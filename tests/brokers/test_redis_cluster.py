@@ -272,3 +272,21 @@ def test_publish_is_one_command(own_redis: RedisServer) -> None:
             }
 
     run(scenario())
+
+
+def test_a_node_restarted_under_its_name_drops_what_it_left(redis_harness: Harness) -> None:
+    async def scenario() -> None:
+        async with redis_harness.started("a", node_ttl=60, heartbeat_interval=30) as (a, sink):
+            old = redis_harness.make("x", node_ttl=60, heartbeat_interval=30)
+            assert isinstance(old, RedisBroker)
+            await old.start(sink.__class__())
+            await old.presence_add("r", "gone")
+            assert await old.user_connect("gone", 1) == 1
+            old._registered = False  # killed: no clean leave
+            await old.close()
+            async with redis_harness.started("x", node_ttl=60, heartbeat_interval=30) as (new, _):
+                await sink.wait(lambda: sink.lost == [("r", "gone")])
+                assert (await a.presence("r")).users == []
+                assert await new.user_connect("gone", 1) == 1
+
+    run(scenario())

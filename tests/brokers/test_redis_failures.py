@@ -51,6 +51,9 @@ def test_stopped_then_restarted_empty(harness: Harness, own_redis: RedisServer) 
         async with harness.started(probe_interval=PROBE) as (broker, sink):
             await broker.subscribe("r")
             before = await broker.publish("r", b'{"n":1}', history=KEEP)
+            await broker.presence_add("r", "u")
+            await broker.presence_add("r", "u")
+            await broker.user_connect("u", 5)
             assert broker.up
             own_redis.stop()
             assert await until(lambda: not broker.up, 2 * PROBE + 0.3) <= 2 * PROBE + 0.3
@@ -70,6 +73,11 @@ def test_stopped_then_restarted_empty(harness: Harness, own_redis: RedisServer) 
             assert after.offset == 1
             await sink.wait(lambda: any(p.epoch == after.epoch for p in sink.publications))
             await delivers(broker, sink, "r")
+            # The node put its own presence and user entries back.
+            presence = await broker.presence("r")
+            assert (presence.users, presence.connections) == (["u"], 2)
+            assert await broker.user_connections(["u"]) == {"u": 1}
+            assert await broker.user_connect("u", 2) == 2
 
     run(scenario())
 

@@ -33,7 +33,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -189,7 +190,7 @@ class RedisBroker(Broker):
             name: self._redis.register_script(getattr(lua, name))
             for name in (
                 "PUBLISH", "HISTORY", "PRESENCE_ADD", "PRESENCE_REMOVE", "ROOMS",
-                "USER_CONNECT", "USER_DISCONNECT", "HEARTBEAT", "LEAVE", "NODES",
+                "USER_CONNECT", "USER_DISCONNECT", "HEARTBEAT", "LEAVE", "NODES", "RESYNC",
             )
         }
         self._sink: BrokerSink | None = None
@@ -212,6 +213,16 @@ class RedisBroker(Broker):
         self._probe_now = asyncio.Event()
         self._reported_up: bool | None = None
         self._registered = False
+        # This node's own account of its presence and user entries, to put
+        # them back when Redis lost them (restart without persistence) or an
+        # outage left a command in doubt. _gate holds new presence and user
+        # commands while a resync replaces the node's entries.
+        self._my_presence: Counter[tuple[str, str]] = Counter()
+        self._my_users: Counter[str] = Counter()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._gate: asyncio.Event | None = None
         self._subscribed_once = asyncio.Event()
         self._probed_once = asyncio.Event()
 
@@ -248,6 +259,10 @@ class RedisBroker(Broker):
             await asyncio.wait_for(
                 self._probed_once.wait(), 2 * self.command_timeout + self.probe_timeout + 1
             )
+        if self.up:
+            # Registered before the first join; otherwise the heartbeats will.
+            with contextlib.suppress(BrokerUnavailable):
+                await self.heartbeat()
 
     async def close(self) -> None:
         if self._closing:
@@ -292,6 +307,16 @@ class RedisBroker(Broker):
     def _count_error(self) -> None:
         if self._metrics is not None:
             self._metrics.broker_errors.inc()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task that close() cancels too."""
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks and not self._closing:
+            self._tasks.remove(task)
 
     # --- publications ---------------------------------------------------------
 
@@ -400,15 +425,19 @@ class RedisBroker(Broker):
     # --- presence -------------------------------------------------------------
 
     async def presence_add(self, room: str, user: str) -> bool:
-        count = await self._script(
-            "PRESENCE_ADD", self._room_keys(room), [self.node_name, user, room]
-        )
+        async with self._counted():
+            count = await self._script(
+                "PRESENCE_ADD", self._room_keys(room), [self.node_name, user, room]
+            )
+            self._my_presence[(room, user)] += 1
         return int(count) == 1
 
     async def presence_remove(self, room: str, user: str) -> bool:
-        last = await self._script(
-            "PRESENCE_REMOVE", self._room_keys(room), [self.node_name, user, room]
-        )
+        async with self._counted():
+            last = await self._script(
+                "PRESENCE_REMOVE", self._room_keys(room), [self.node_name, user, room]
+            )
+            _decrement(self._my_presence, (room, user))
         return int(last) == 1
 
     async def presence(self, room: str) -> Presence:
@@ -432,11 +461,16 @@ class RedisBroker(Broker):
         return [f"{self._p}:ut", f"{self._p}:un:{self.node_name}"]
 
     async def user_connect(self, user: str, limit: int) -> int | None:
-        count = int(await self._script("USER_CONNECT", self._user_keys(), [user, limit]))
+        async with self._counted():
+            count = int(await self._script("USER_CONNECT", self._user_keys(), [user, limit]))
+            if count >= 0:
+                self._my_users[user] += 1
         return None if count < 0 else count
 
     async def user_disconnect(self, user: str) -> None:
-        await self._script("USER_DISCONNECT", self._user_keys(), [user])
+        async with self._counted():
+            await self._script("USER_DISCONNECT", self._user_keys(), [user])
+            _decrement(self._my_users, user)
 
     async def user_connections(self, users: Sequence[str]) -> dict[str, int]:
         if not users:
@@ -478,20 +512,74 @@ class RedisBroker(Broker):
             )
         return [found[name] for name in sorted(found)]
 
+    # --- this node's entries --------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _counted(self) -> AsyncIterator[None]:
+        """Run a presence or user command, never during a resync."""
+        while self._gate is not None:
+            await self._gate.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def resync(self, *, fresh: bool = False) -> None:
+        """Replace this node's presence and user entries in Redis with its own account.
+
+        Done after Redis lost them (its heartbeat was unknown) and after an
+        outage (a command that timed out may or may not have run). Presence
+        and user commands wait meanwhile, so the account is exact. ``fresh``
+        (this process's first registration) first removes what a previous
+        process of the same node name left, telling every node its users left.
+        """
+        if self._gate is not None:
+            return
+        gate = self._gate = asyncio.Event()
+        try:
+            await self._idle.wait()
+            if fresh:
+                await self._script("LEAVE", [], [self._p, self.node_name])
+            args: list[Any] = [self._p, self.node_name, len(self._my_presence)]
+            for (room, user), count in self._my_presence.items():
+                args += [room, user, count]
+            for user, count in self._my_users.items():
+                args += [user, count]
+            await self._script("RESYNC", [], args)
+        finally:
+            self._gate = None
+            gate.set()
+
+    async def _resync_quietly(self, why: str) -> None:
+        try:
+            await self.resync()
+        except BrokerUnavailable:
+            return  # the next heartbeat finds the node unknown and tries again
+        log.info(
+            "broker: restored %d presence and %d user entries of this node (%s)",
+            sum(self._my_presence.values()), sum(self._my_users.values()), why,
+        )
+
     # --- heartbeats -----------------------------------------------------------
 
     async def _heartbeats(self) -> None:
         while not self._closing:
+            await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self.heartbeat()
             except BrokerUnavailable:
                 pass  # the probe reports Redis down; heartbeats resume with it
             except Exception:
                 log.exception("broker: heartbeat failed")
-            await asyncio.sleep(self.heartbeat_interval)
 
     async def heartbeat(self) -> list[str]:
         """Register this node now and reap overdue nodes; the names reaped."""
+        if not self._registered:
+            await self.resync(fresh=True)
         stats = self._sink.node_stats() if self._sink is not None else NodeStats(0, 0, 0.0)
         body = json.dumps({"connections": stats.connections, "users": stats.users,
                            "uptime": stats.uptime, **stats.extra})
@@ -502,10 +590,11 @@ class RedisBroker(Broker):
         )
         if self._registered and not int(answer[0]):
             log.warning(
-                "broker: this node (%s) was taken for dead by the cluster (no heartbeat for "
-                "%.0f s); presence and user counts of its connections were dropped",
+                "broker: Redis did not know this node (%s): it lost its data, or this node "
+                "missed heartbeats for %.0f s and was taken for dead; restoring its entries",
                 self.node_name, self.node_ttl,
             )
+            await self._resync_quietly("Redis had lost them")
         self._registered = True
         reaped = [name.decode() for name in answer[1:]]
         for name in reaped:
@@ -550,6 +639,8 @@ class RedisBroker(Broker):
                             self._sink.on_resubscribed(rooms)
                         except Exception:
                             log.exception("broker: on_resubscribed failed")
+                    # Commands that timed out in the outage may have run or not.
+                    self._spawn(self._resync_quietly("after an outage"))
                 connected_before = True
                 self._probe_now.set()
                 await asyncio.wait([reader])
@@ -713,6 +804,13 @@ class RedisBroker(Broker):
                 "'unavailable' until it is back; retrying", self.safe_url, reason,
             )
         self._reported_up = up
+
+
+def _decrement(counts: Counter[T], key: T) -> None:
+    if counts[key] > 1:
+        counts[key] -= 1
+    else:
+        counts.pop(key, None)
 
 
 def _ms(seconds: float) -> int:

@@ -162,7 +162,7 @@ return 1
 # Forget every entry of a node (dead, or leaving), and tell every node which
 # users left which rooms with it, for their user_left events.
 _REAP = _DECREMENT + r"""
-local function reap(P, node)
+local function forget(P, node, announce)
   local lost = {}
   local nr = P .. ":nr:" .. node
   local prefix = node .. "\0"
@@ -190,11 +190,15 @@ local function reap(P, node)
     decrement(P .. ":ut", users[i], tonumber(users[i + 1]))
   end
   redis.call("DEL", un)
-  redis.call("ZREM", P .. ":nodes", node)
-  redis.call("DEL", P .. ":node:" .. node)
-  if #lost > 0 then
+  if announce and #lost > 0 then
     redis.call("PUBLISH", P .. ":control", cjson.encode({t = "lost", n = node, p = lost}))
   end
+end
+
+local function reap(P, node)
+  forget(P, node, true)
+  redis.call("ZREM", P .. ":nodes", node)
+  redis.call("DEL", P .. ":node:" .. node)
 end
 
 local function now_ms()
@@ -239,4 +243,28 @@ for _, name in ipairs(redis.call("ZRANGEBYSCORE", KEYS[1], now, "+inf")) do
   end
 end
 return out
+"""
+
+#: ARGV: prefix, node, number of presence entries, then ROOM USER COUNT for
+#: each, then USER COUNT for each user connection count. Replaces every
+#: presence and user entry of this node with the node's own account (after
+#: Redis lost them, or after an outage left commands in doubt), silently.
+RESYNC = _REAP + r"""
+local P, node = ARGV[1], ARGV[2]
+forget(P, node, false)
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
+  local room, user, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  redis.call("HINCRBY", P .. ":pr:" .. room, node .. "\0" .. user, count)
+  redis.call("HINCRBY", P .. ":pu:" .. room, user, count)
+  redis.call("HINCRBY", P .. ":rooms", room, count)
+  redis.call("HINCRBY", P .. ":nr:" .. node, room, count)
+  i = i + 3
+end
+while i <= #ARGV do
+  redis.call("HINCRBY", P .. ":ut", ARGV[i], tonumber(ARGV[i + 1]))
+  redis.call("HINCRBY", P .. ":un:" .. node, ARGV[i], tonumber(ARGV[i + 1]))
+  i = i + 2
+end
+return 1
 """
