@@ -7,7 +7,10 @@ need no server.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -290,3 +293,36 @@ def test_a_node_restarted_under_its_name_drops_what_it_left(redis_harness: Harne
                 assert await new.user_connect("gone", 1) == 1
 
     run(scenario())
+
+
+def test_sigkilled_node_disappears_with_its_users(redis_harness: Harness) -> None:
+    """A real process, killed with SIGKILL: survivors reap it within its TTL."""
+    assert redis_harness.redis is not None
+    node = subprocess.Popen(
+        [sys.executable, "-m", "tests.brokers.broker_node", redis_harness.redis.url,
+         redis_harness.prefix, "doomed", "chat:1", "carol"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert node.stdout is not None
+        assert node.stdout.readline().strip() == "ready"
+
+        async def scenario() -> None:
+            async with redis_harness.started("a") as (a, sink):
+                assert {n.name for n in await a.nodes()} == {"a", "doomed"}
+                assert (await a.presence("chat:1")).users == ["carol"]
+                node.kill()
+                started = asyncio.get_running_loop().time()
+                await sink.wait(lambda: sink.lost == [("chat:1", "carol")], timeout=10)
+                # node_ttl 1 s + one survivor heartbeat (0.2 s), with slack.
+                assert asyncio.get_running_loop().time() - started < 2.5
+                assert (await a.presence("chat:1")).users == []
+                assert await a.user_connections(["carol"]) == {"carol": 0}
+                assert [n.name for n in await a.nodes()] == ["a"]
+
+        run(scenario())
+    finally:
+        node.kill()
+        node.wait()
+        if node.stdout is not None:
+            node.stdout.close()
