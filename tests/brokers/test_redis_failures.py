@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
@@ -16,6 +17,7 @@ from tests.brokers.conftest import Harness, RecordingSink, run
 from tests.redis_support import RedisServer
 from wsserver.brokers.base import Broker, BrokerUnavailable, HistorySpec
 
+T = TypeVar("T")
 PROBE = 0.5
 KEEP = HistorySpec(size=10, ttl=60)
 
@@ -151,3 +153,41 @@ def test_starts_down_and_comes_up(tmp_path_factory: pytest.TempPathFactory) -> N
         run(scenario())
     finally:
         server.stop()
+
+
+def test_leaving_during_an_outage_reaches_redis_after_it(
+    harness: Harness, own_redis: RedisServer
+) -> None:
+    async def scenario() -> None:
+        async with harness.started(probe_interval=PROBE) as (broker, _sink):
+            await broker.presence_add("r", "u")
+            await broker.user_connect("u", 5)
+            own_redis.freeze()
+            try:
+                await until(lambda: not broker.up, 2 * PROBE + 0.3)
+                started = time.monotonic()
+                with pytest.raises(BrokerUnavailable):
+                    await broker.presence_remove("r", "u")
+                with pytest.raises(BrokerUnavailable):
+                    await broker.user_disconnect("u")
+                assert time.monotonic() - started < 0.1  # known down: no timeout
+            finally:
+                own_redis.thaw()
+            await until(lambda: broker.up, 10)
+            await until_async(lambda: broker.presence("r"), lambda p: p.users == [], 5)
+            assert await broker.user_connections(["u"]) == {"u": 0}
+
+    run(scenario())
+
+
+async def until_async(
+    read: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float
+) -> T:
+    """Until ``done(await read())`` (state in Redis, which sends no event)."""
+    started = time.monotonic()
+    while True:
+        value = await read()
+        if done(value):
+            return value
+        assert time.monotonic() - started < timeout, f"still {value!r}"
+        await asyncio.sleep(0.05)

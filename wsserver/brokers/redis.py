@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -174,8 +174,11 @@ class RedisBroker(Broker):
         self._p = prefix
         # No retries inside redis-py: a retried EVALSHA could publish twice,
         # and retries would stretch a failure well beyond command_timeout.
-        self._pool = ConnectionPool.from_url(
+        # Blocking: a burst of publishes waits (bounded) for a free connection
+        # instead of failing with "too many connections" while Redis is fine.
+        self._pool = BlockingConnectionPool.from_url(
             url,
+            timeout=command_timeout,
             socket_timeout=command_timeout,
             socket_connect_timeout=command_timeout,
             retry=Retry(NoBackoff(), 0),
@@ -223,6 +226,7 @@ class RedisBroker(Broker):
         self._idle = asyncio.Event()
         self._idle.set()
         self._gate: asyncio.Event | None = None
+        self._dirty = False
         self._subscribed_once = asyncio.Event()
         self._probed_once = asyncio.Event()
 
@@ -289,8 +293,18 @@ class RedisBroker(Broker):
 
     # --- commands -------------------------------------------------------------
 
-    async def _call(self, what: str, command: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis command; :class:`BrokerUnavailable` when Redis is unreachable."""
+    async def _call(
+        self, what: str, command: Callable[[], Awaitable[T]], *, gated: bool = True
+    ) -> T:
+        """Run one Redis command; :class:`BrokerUnavailable` when Redis is unreachable.
+
+        ``gated`` commands fail at once while the broker is known to be down,
+        rather than each waiting out a timeout on a frozen Redis (the probe,
+        heartbeats and resyncs are not gated: they find out when it is back).
+        """
+        if gated and not self.up:
+            self._count_error()
+            raise BrokerUnavailable("broker unavailable (Redis down)", self.probe_interval)
         try:
             return await command()
         except UNAVAILABLE_ERRORS as exc:
@@ -300,9 +314,11 @@ class RedisBroker(Broker):
                 f"broker unavailable ({type(exc).__name__})", retry_after=self.probe_interval
             ) from exc
 
-    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def _script(
+        self, name: str, keys: list[str], args: list[Any], *, gated: bool = True
+    ) -> Any:
         script = self._scripts[name]
-        return await self._call(name.lower(), lambda: script(keys=keys, args=args))
+        return await self._call(name.lower(), lambda: script(keys=keys, args=args), gated=gated)
 
     def _count_error(self) -> None:
         if self._metrics is not None:
@@ -434,10 +450,11 @@ class RedisBroker(Broker):
 
     async def presence_remove(self, room: str, user: str) -> bool:
         async with self._counted():
+            # Gone whether or not Redis hears of it now: a resync tells it later.
+            _decrement(self._my_presence, (room, user))
             last = await self._script(
                 "PRESENCE_REMOVE", self._room_keys(room), [self.node_name, user, room]
             )
-            _decrement(self._my_presence, (room, user))
         return int(last) == 1
 
     async def presence(self, room: str) -> Presence:
@@ -469,8 +486,8 @@ class RedisBroker(Broker):
 
     async def user_disconnect(self, user: str) -> None:
         async with self._counted():
-            await self._script("USER_DISCONNECT", self._user_keys(), [user])
             _decrement(self._my_users, user)
+            await self._script("USER_DISCONNECT", self._user_keys(), [user])
 
     async def user_connections(self, users: Sequence[str]) -> dict[str, int]:
         if not users:
@@ -523,6 +540,11 @@ class RedisBroker(Broker):
         self._idle.clear()
         try:
             yield
+        except BrokerUnavailable:
+            # It may have run, or not, or (a remove) must still be told:
+            # the next heartbeat replaces this node's entries.
+            self._dirty = True
+            raise
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -543,13 +565,14 @@ class RedisBroker(Broker):
         try:
             await self._idle.wait()
             if fresh:
-                await self._script("LEAVE", [], [self._p, self.node_name])
+                await self._script("LEAVE", [], [self._p, self.node_name], gated=False)
             args: list[Any] = [self._p, self.node_name, len(self._my_presence)]
             for (room, user), count in self._my_presence.items():
                 args += [room, user, count]
             for user, count in self._my_users.items():
                 args += [user, count]
-            await self._script("RESYNC", [], args)
+            await self._script("RESYNC", [], args, gated=False)
+            self._dirty = False
         finally:
             self._gate = None
             gate.set()
@@ -580,6 +603,8 @@ class RedisBroker(Broker):
         """Register this node now and reap overdue nodes; the names reaped."""
         if not self._registered:
             await self.resync(fresh=True)
+        elif self._dirty:
+            await self._resync_quietly("after failed commands")
         stats = self._sink.node_stats() if self._sink is not None else NodeStats(0, 0, 0.0)
         body = json.dumps({"connections": stats.connections, "users": stats.users,
                            "uptime": stats.uptime, **stats.extra})
@@ -587,6 +612,7 @@ class RedisBroker(Broker):
             "HEARTBEAT",
             [f"{self._p}:nodes", f"{self._p}:node:{self.node_name}"],
             [self._p, self.node_name, body, _ms(self.node_ttl)],
+            gated=False,
         )
         if self._registered and not int(answer[0]):
             log.warning(
@@ -630,6 +656,10 @@ class RedisBroker(Broker):
                     continue
                 delay = BACKOFF_FIRST
                 self._sub_ready = True
+                # Redis just answered on the subscription: as good as a probe
+                # (one runs right away too, through the command connection).
+                self._probe_ok = True
+                self._report()
                 self._subscribed_once.set()
                 rooms = sorted(self._rooms)
                 if connected_before:
