@@ -197,7 +197,6 @@ class RedisBroker(Broker):
             )
         }
         self._sink: BrokerSink | None = None
-        self._started_at = time.time()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         # Pub/sub state. _rooms is what should be subscribed; _channels maps
@@ -253,7 +252,6 @@ class RedisBroker(Broker):
         after the first connection attempt.
         """
         self._sink = sink
-        self._started_at = time.time()
         self._tasks = [
             asyncio.create_task(self._subscriber(), name="broker-subscriber"),
             asyncio.create_task(self._heartbeats(), name="broker-heartbeat"),
