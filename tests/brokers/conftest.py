@@ -125,7 +125,7 @@ class Harness:
             return MemoryBroker(node, clock=self._clock)
         assert self.redis is not None
         defaults: dict[str, Any] = {
-            "prefix": self.prefix, "probe_interval": 0.5, "heartbeat_interval": 0.2,
+            "prefix": self.prefix, "probe_interval": 2.0, "heartbeat_interval": 0.2,
             "node_ttl": 1.0,
         }
         defaults.update(options)
