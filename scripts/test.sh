@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it:
 # Debian packages (Chromium for the page, nginx, systemd's analyzer, openssl,
-# Node.js for the client's unit tests), a virtual environment in .venv with the
-# package and its test extra, then ruff, mypy, node --test, the RFC 6455
-# conformance job (scripts/conformance.sh; SKIP_CONFORMANCE=1 skips it) and pytest.
+# Node.js for the client's unit tests, redis-server for the broker tests; the
+# tests start their own, never the system service), a virtual environment in
+# .venv with the package and its test extra, then ruff, mypy, node --test, the
+# RFC 6455 conformance job (scripts/conformance.sh; SKIP_CONFORMANCE=1 skips it)
+# and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,7 @@ command -v ps >/dev/null || packages+=(procps)
 # Python 2.7 wheels with the system pip, and compiles wsaccel when it can.
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 command -v gcc >/dev/null || packages+=(gcc)
+[ -x /usr/bin/redis-server ] || packages+=(redis-server)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "== apt-get install ${packages[*]}"
     $SUDO apt-get update -qq

@@ -16,11 +16,13 @@ import dataclasses
 import ipaddress
 import os
 import secrets
+import socket
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from wsserver.errors import ConfigError
 from wsserver.origin import origin_problem
@@ -134,6 +136,29 @@ def _secret(text: str) -> Secret:
 
 
 def _text(text: str) -> str:
+    return text
+
+
+#: Schemes ``--broker`` accepts besides ``memory``.
+BROKER_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _broker(text: str) -> str:
+    if text == "memory":
+        return text
+    parts = urlsplit(text)
+    if parts.scheme not in BROKER_SCHEMES:
+        raise ValueError("use 'memory' or a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// URL needs the socket's path (unix:///run/redis.sock)")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("a Redis URL needs a host (redis://127.0.0.1:6379/0)")
+    return text
+
+
+def _node_name(text: str) -> str:
+    if not text or "\0" in text or len(text) > 128 or not text.isprintable():
+        raise ValueError("1 to 128 printable characters")
     return text
 
 
@@ -310,19 +335,26 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_recovery", _positive_int, 300, "messages at most recovered on a join with 'since'"),
     Option(
         "broker",
-        _text,
+        _broker,
         "memory",
-        "'memory' (this process) or a Redis URL shared by every node",
+        "'memory' (this process only) or a Redis URL shared by every node "
+        "(redis://host:port/db, rediss://..., unix:///path)",
         "URL",
     ),
-    Option("node_name", _text, None, "this node's name in /api/nodes and logs (default host:pid)"),
+    Option(
+        "workers",
+        _positive_int,
+        1,
+        "processes serving the same port on this machine; more than 1 needs a Redis broker",
+    ),
+    Option("node_name", _node_name, None, "this node in /api/nodes, logs and metrics "
+           "(default: host name and pid)", "NAME"),
     Option(
         "broker_probe_interval",
         _positive_float,
         2.0,
-        "seconds between broker readiness probes",
+        "seconds between readiness probes through the broker",
     ),
-    Option("workers", _positive_int, 1, "server processes sharing the port (more needs Redis)"),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
@@ -390,10 +422,11 @@ class Settings:
     room_publish_burst: int = 100
     max_room_members: int = 10000
     max_recovery: int = 300
-    broker: str = "memory"
-    node_name: str | None = None
-    broker_probe_interval: float = 2.0
+    #: Not in repr: a Redis URL may hold a password.
+    broker: str = field(default="memory", repr=False)
     workers: int = 1
+    node_name: str = ""
+    broker_probe_interval: float = 2.0
     demo_mode: bool = False
     #: True when the allowed origins are demo mode's loopback defaults.
     default_origins: bool = False
@@ -654,15 +687,13 @@ def _build(
         )
     merged["log_level"] = merged["log_level"].upper()
     merged["api_key"] = _load_api_key(merged, problems, check_files=check_files)
-    broker = merged["broker"]
-    if broker != "memory" and not broker.startswith(("redis://", "rediss://", "unix://")):
-        problems.append(f"--broker {broker!r}: use 'memory' or a redis://, rediss:// or "
-                        "unix:// URL")
-    if merged["workers"] > 1 and broker == "memory":
+    if merged["workers"] > 1 and merged["broker"] == "memory":
         problems.append(
-            f"--workers {merged['workers']}: more than one worker needs a Redis --broker; with "
-            "the memory broker, rooms and per-user limits would silently be per process"
+            f"--workers {merged['workers']}: more than one worker needs a Redis broker "
+            "(--broker redis://...); with the memory broker every limit, room and "
+            "presence would silently be per process"
         )
+    merged["node_name"] = merged["node_name"] or f"{socket.gethostname()}-{os.getpid()}"
     if merged["internal_port"] is not None and merged["internal_port"] == merged["port"] != 0:
         problems.append("--internal-port: must differ from --port")
 

@@ -382,15 +382,12 @@ class Hub:
             origin = f"{self.broker.node_name}/{self._origin_serial}"
             self._origins[origin] = (session, msg_id, self._clock())
         spec = history_spec(self.policy.policy_for(room))
-        started = time.perf_counter()
         try:
             await self.broker.publish(room, message, history=spec, origin=origin)
         except BaseException:
             if origin is not None:
                 self._origins.pop(origin, None)
             raise
-        finally:
-            self.metrics.broker_publish.observe(time.perf_counter() - started)
 
     async def publish(
         self, room: str, data: Any, *, idempotency_key: str | None = None
@@ -399,13 +396,9 @@ class Hub:
         validate_room(room)
         message = protocol.encode({"type": "message", "room": room, "from": None, "data": data})
         spec = history_spec(self.policy.policy_for(room))
-        started = time.perf_counter()
-        try:
-            return await self.broker.publish(
-                room, message, history=spec, idempotency_key=idempotency_key
-            )
-        finally:
-            self.metrics.broker_publish.observe(time.perf_counter() - started)
+        return await self.broker.publish(
+            room, message, history=spec, idempotency_key=idempotency_key
+        )
 
     async def _event(self, room: str, kind: str, user: str) -> None:
         payload = protocol.encode({"type": kind, "room": room, "user": user})

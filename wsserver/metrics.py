@@ -67,12 +67,14 @@ class Metrics:
             "wsserver_broker_up", "1 while the broker answers its readiness probe", registry=r
         )
         self.broker_errors = Counter(
-            "wsserver_broker_errors", "Broker calls that failed", registry=r
+            "wsserver_broker_errors",
+            "Broker commands and probes that failed (Redis unreachable, timed out)",
+            registry=r,
         )
         self.broker_publish = Histogram(
             "wsserver_broker_publish_seconds",
-            "Time for one publish through the broker",
-            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 2.5),
+            "Time for one publish to go through the broker",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
         self.recoveries = Counter(

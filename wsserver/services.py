@@ -108,7 +108,10 @@ class Services:
             per_user=settings.task_per_user,
         )
         node_name = settings.node_name or default_node_name()
-        self.broker = broker or make_broker(settings.broker, node_name)
+        self.broker = broker or make_broker(
+            settings.broker, node_name, metrics=metrics,
+            probe_interval=settings.broker_probe_interval,
+        )
         self.hub = Hub(
             self.broker,
             settings.rooms,

@@ -71,6 +71,11 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"jwt_secret": KEY, "trusted_proxies": "10.0.0.0/8,bogus"}, "bogus"),
         ({"jwt_secret": KEY, "log_level": "LOUD"}, "--log-level"),
         ({"jwt_secret": KEY, "task_workers": "4", "task_queue": "2"}, "--task-queue"),
+        ({"jwt_secret": KEY, "broker": "http://redis:6379"}, "--broker"),
+        ({"jwt_secret": KEY, "broker": "redis://"}, "needs a host"),
+        ({"jwt_secret": KEY, "broker": "unix://"}, "socket's path"),
+        ({"jwt_secret": KEY, "workers": "2"}, "needs a Redis broker"),
+        ({"jwt_secret": KEY, "node_name": "a\tb"}, "--node-name"),
     ],
 )
 def test_invalid_settings(flags: dict[str, str], fragment: str) -> None:
@@ -287,3 +292,16 @@ def test_hardening_options_parse() -> None:
     assert settings.jwt_typ == "at+jwt" and settings.max_token_lifetime == 86400.0
     assert settings.max_unverified_connections == 8 and settings.task_per_user == 3
     assert problems(flags={"jwt_typ": " "}, environ={})[0].startswith("--jwt-typ:")
+
+
+def test_broker_options() -> None:
+    settings = load_settings({}, {})
+    assert (settings.broker, settings.workers, settings.broker_probe_interval) == ("memory", 1, 2.0)
+    assert settings.node_name  # host name and pid
+    url = "redis://:hunter2@redis.internal:6379/1"
+    settings = load_settings(
+        {"broker": url, "workers": "4", "node_name": "edge-1"}, {"WSSERVER_JWT_SECRET": KEY}
+    )
+    assert (settings.broker, settings.workers, settings.node_name) == (url, 4, "edge-1")
+    assert "hunter2" not in repr(settings)
+    assert load_settings({"broker": "unix:///run/redis.sock"}, {}).broker.startswith("unix:")

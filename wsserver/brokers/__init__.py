@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from wsserver.brokers.base import Broker, BrokerUnavailable
+
+if TYPE_CHECKING:
+    from wsserver.metrics import Metrics
 
 __all__ = ["Broker", "BrokerUnavailable", "make_broker"]
 
 
-def make_broker(url: str, node_name: str) -> Broker:
-    """The broker named by ``--broker`` (``memory``, ``redis://``, ``rediss://``, ``unix://``)."""
+def make_broker(
+    url: str, node_name: str, *, metrics: Metrics | None = None, probe_interval: float = 2.0,
+) -> Broker:
+    """The broker named by ``--broker`` (``memory``, ``redis://``, ``rediss://``, ``unix://``).
+
+    Args:
+        metrics: gets ``wsserver_broker_*`` (the memory broker is always up).
+        probe_interval: ``--broker-probe-interval``, for the Redis broker.
+    """
     if url == "memory":
         from wsserver.brokers.memory import MemoryBroker
 
+        if metrics is not None:
+            metrics.broker_up.set(1)
         return MemoryBroker(node_name)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from wsserver.brokers.redis import RedisBroker  # type: ignore[import-not-found,unused-ignore]
+        # Imported here: redis-py loads only when a Redis broker is configured.
+        from wsserver.brokers.redis import RedisBroker
 
-        broker: Broker = RedisBroker(url, node_name)
-        return broker
+        return RedisBroker(url, node_name, metrics=metrics, probe_interval=probe_interval)
     raise ValueError(f"unknown broker {url!r}: use 'memory' or a redis:// URL")

@@ -1,0 +1,250 @@
+"""The broker contract: every broker (memory, redis) passes the same tests.
+
+Each test runs once per broker through the ``harness`` fixture (see
+conftest.py). What is checked here is what the hub and the API rely on:
+delivery to subscribed rooms only, offsets, history and recovery
+boundaries, idempotency, presence flags, user caps, disconnects, nodes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.brokers.conftest import Harness, run
+from wsserver.brokers.base import HistorySpec, PublishResult, with_position
+
+KEEP5 = HistorySpec(size=5, ttl=60)
+
+
+def msg(n: int) -> bytes:
+    return b'{"type":"message","room":"r","data":%d}' % n
+
+
+def test_delivers_to_subscribed_rooms_only(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, sink):
+            await broker.subscribe("a")
+            await broker.publish("b", msg(0))  # nobody subscribed here
+            await broker.publish("a", msg(1))
+            await sink.wait(lambda: len(sink.publications) >= 1)
+            await sink.barrier(broker, "a")
+            assert sink.payloads() == [msg(1), b'{"marker":1}']
+            first = sink.publications[0]
+            assert (first.room, first.offset, first.epoch, first.origin) == ("a", None, None, None)
+
+            await broker.unsubscribe("a")
+            await broker.publish("a", msg(2))
+            await broker.subscribe("c")
+            await sink.barrier(broker, "c")
+            assert msg(2) not in sink.payloads()
+
+    run(scenario())
+
+
+def test_origin_passes_through(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, sink):
+            await broker.subscribe("r")
+            await broker.publish("r", msg(1), origin="conn 7 é")
+            await broker.publish("r", msg(2), origin="", history=KEEP5)
+            await broker.publish("r", msg(3))
+            await sink.wait(lambda: len(sink.publications) == 3)
+            assert [p.origin for p in sink.publications] == ["conn 7 é", "", None]
+            assert sink.publications[1].payload.startswith(msg(2)[:-1])
+
+    run(scenario())
+
+
+def test_offsets_start_at_one_without_gaps(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, sink):
+            await broker.subscribe("r")
+            results = [await broker.publish("r", msg(n), history=KEEP5) for n in range(1, 8)]
+            epoch = results[0].epoch
+            assert epoch
+            assert results == [PublishResult(n, epoch) for n in range(1, 8)]
+            await sink.wait(lambda: len(sink.publications) == 7)
+            assert [p.offset for p in sink.publications] == list(range(1, 8))
+            assert {p.epoch for p in sink.publications} == {epoch}
+            for n, publication in enumerate(sink.publications, 1):
+                assert publication.payload == with_position(msg(n), n, epoch)
+                assert json.loads(publication.payload)["offset"] == n
+
+    run(scenario())
+
+
+def test_without_history_no_position(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, sink):
+            await broker.subscribe("r")
+            assert await broker.publish("r", msg(1)) == PublishResult()
+            assert await broker.publish("r", msg(2), history=HistorySpec(0, 60)) == PublishResult()
+            await sink.wait(lambda: len(sink.publications) == 2)
+            assert sink.payloads() == [msg(1), msg(2)]
+
+    run(scenario())
+
+
+def test_position_of_a_room_without_messages_is_kept(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            page = await broker.history("fresh", KEEP5)
+            assert page.offset == 0
+            assert page.publications == ()
+            again = await broker.history("fresh", KEEP5, since=0)
+            assert (again.epoch, again.offset, again.complete) == (page.epoch, 0, True)
+            result = await broker.publish("fresh", msg(1), history=KEEP5)
+            assert result == PublishResult(1, page.epoch)
+
+    run(scenario())
+
+
+def test_history_is_trimmed_to_size(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            for n in range(1, 9):
+                await broker.publish("r", msg(n), history=KEEP5)
+            page = await broker.history("r", KEEP5, since=0)
+            assert page.offset == 8
+            assert [p.offset for p in page.publications] == [4, 5, 6, 7, 8]
+            assert not page.complete
+            assert page.publications[0].payload == with_position(msg(4), 4, page.epoch)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("since", "limit", "offsets", "complete"),
+    [
+        (8, None, [], True),  # the top: nothing missed
+        (3, None, [4, 5, 6, 7, 8], True),  # top - size: exactly what is kept
+        (2, None, [4, 5, 6, 7, 8], False),  # too old: offset 3 is gone
+        (0, None, [4, 5, 6, 7, 8], False),
+        (9, None, [], False),  # beyond the top: not this stream's position
+        (3, 2, [4, 5], False),  # cut by the limit
+        (3, 5, [4, 5, 6, 7, 8], True),  # the limit holds everything
+        (6, 2, [7, 8], True),
+    ],
+)
+def test_recovery_boundaries(
+    harness: Harness, since: int, limit: int | None, offsets: list[int], complete: bool
+) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            for n in range(1, 9):
+                await broker.publish("r", msg(n), history=KEEP5)
+            page = await broker.history("r", KEEP5, since=since, limit=limit)
+            assert page.offset == 8
+            assert [p.offset for p in page.publications] == offsets
+            assert page.complete is complete
+            position = await broker.history("r", KEEP5)
+            assert (position.epoch, position.offset, position.publications) == (page.epoch, 8, ())
+
+    run(scenario())
+
+
+def test_expired_history_gets_a_new_epoch(harness: Harness) -> None:
+    short = HistorySpec(size=5, ttl=0.3)
+
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            first = await broker.publish("r", msg(1), history=short)
+            await broker.publish("r", msg(2), history=short)
+            await harness.elapse(0.6)
+            page = await broker.history("r", short, since=1)
+            assert page.epoch != first.epoch
+            assert (page.offset, page.publications) == (0, [])
+            # since=1 is beyond the new stream's top: the client must reload.
+            assert not page.complete
+            again = await broker.publish("r", msg(3), history=short)
+            assert again == PublishResult(1, page.epoch)
+
+    run(scenario())
+
+
+def test_idempotency_key_publishes_once(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, sink):
+            await broker.subscribe("r")
+            await broker.subscribe("s")
+            first = await broker.publish("r", msg(1), history=KEEP5, idempotency_key="k1")
+            again = await broker.publish("r", msg(9), history=KEEP5, idempotency_key="k1")
+            assert first == again == PublishResult(1, first.epoch)
+            other = await broker.publish("s", msg(2), history=KEEP5, idempotency_key="k1")
+            assert other.offset == 1  # another room: another key
+            plain = await broker.publish("r", msg(3), idempotency_key="k2")
+            assert plain == PublishResult()
+            assert await broker.publish("r", msg(4), idempotency_key="k2") == PublishResult()
+            await sink.barrier(broker, "r")
+            assert [p for p in sink.payloads("r") if b"marker" not in p] == [
+                with_position(msg(1), 1, first.epoch), msg(3)
+            ]
+            page = await broker.history("r", KEEP5, since=0)
+            assert [p.offset for p in page.publications] == [1]
+
+    run(scenario())
+
+
+def test_presence_counts_and_first_last_flags(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            assert await broker.presence_add("r", "u1") is True
+            assert await broker.presence_add("r", "u1") is False
+            assert await broker.presence_add("r", "u2") is True
+            assert await broker.presence_add("s", "u1") is True
+            presence = await broker.presence("r")
+            assert (presence.users, presence.connections) == (["u1", "u2"], 3)
+            rooms = await broker.rooms()
+            assert {r: (c.connections, c.users) for r, c in rooms.items()} == {
+                "r": (3, 2), "s": (1, 1)
+            }
+            assert await broker.presence_remove("r", "u1") is False
+            assert await broker.presence_remove("r", "u1") is True
+            assert await broker.presence_remove("r", "u1") is False  # not there any more
+            assert await broker.presence_remove("r", "u2") is True
+            assert (await broker.presence("r")).users == []
+            assert (await broker.presence("r")).connections == 0
+            assert set(await broker.rooms()) == {"s"}
+
+    run(scenario())
+
+
+def test_user_connect_limit(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            assert await broker.user_connect("u", 2) == 1
+            assert await broker.user_connect("u", 2) == 2
+            assert await broker.user_connect("u", 2) is None
+            assert await broker.user_connections(["u", "v"]) == {"u": 2, "v": 0}
+            await broker.user_disconnect("u")
+            assert await broker.user_connect("u", 2) == 2
+            await broker.user_disconnect("u")
+            await broker.user_disconnect("u")
+            await broker.user_disconnect("u")  # one too many: stays at 0
+            assert await broker.user_connections(["u"]) == {"u": 0}
+            assert await broker.user_connections([]) == {}
+
+    run(scenario())
+
+
+def test_disconnect_user_reaches_the_sink(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, sink):
+            await broker.disconnect_user("u1", 4003, "bye")
+            await sink.wait(lambda: bool(sink.disconnects))
+            assert sink.disconnects == [("u1", 4003, "bye")]
+
+    run(scenario())
+
+
+def test_nodes_include_this_one(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started("node-a") as (broker, sink):
+            sink.connections, sink.users = 3, 2
+            nodes = await broker.nodes()
+            assert [(n.name, n.connections, n.users) for n in nodes] == [("node-a", 3, 2)]
+            assert nodes[0].uptime >= 0
+
+    run(scenario())
