@@ -25,6 +25,7 @@ from tornado.http1connection import HTTP1Connection
 from wsserver import protocol
 from wsserver.brokers.base import BrokerUnavailable, PublishResult
 from wsserver.errors import BadRequest, WsServerError
+from wsserver.handlers import RedactedLogging
 from wsserver.hub import history_spec
 from wsserver.rooms import validate_room
 from wsserver.services import Services
@@ -48,7 +49,7 @@ class ApiError(WsServerError):
 
 
 @tornado.web.stream_request_body
-class ApiHandler(tornado.web.RequestHandler):
+class ApiHandler(RedactedLogging):
     """Key check, JSON bodies, and the one mapping from errors to statuses.
 
     The body streams in (:meth:`data_received`), so that :meth:`prepare` sees

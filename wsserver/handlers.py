@@ -92,7 +92,19 @@ def log_exception(
         app_log.error("Uncaught exception %s", summary, exc_info=value)
 
 
-class BaseHandler(tornado.web.RequestHandler):
+class RedactedLogging(tornado.web.RequestHandler):
+    """Tornado's exception logging, with the URI redacted (a mixin for every handler)."""
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        log_exception(self, typ, value, tb)
+
+
+class BaseHandler(RedactedLogging):
     """JSON answers, security headers, and errors without tracebacks."""
 
     services: Services
@@ -116,14 +128,6 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.write_json({"error": self._reason}, status_code)
-
-    def log_exception(
-        self,
-        typ: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        log_exception(self, typ, value, tb)
 
 
 class NotFoundHandler(BaseHandler):
@@ -250,7 +254,7 @@ class DemoTokenHandler(BaseHandler):
         return user
 
 
-class StaticHandler(tornado.web.StaticFileHandler):
+class StaticHandler(RedactedLogging, tornado.web.StaticFileHandler):
     """The demo page's files, with a strict Content-Security-Policy."""
 
     def set_default_headers(self) -> None:
@@ -258,14 +262,6 @@ class StaticHandler(tornado.web.StaticFileHandler):
         self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
-
-    def log_exception(
-        self,
-        typ: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        log_exception(self, typ, value, tb)
 
 
 class IndexHandler(StaticHandler):
@@ -361,7 +357,7 @@ def _close_when_flushed(protocol: ServerProtocol13) -> None:
     flushed.add_done_callback(half_close)
 
 
-class WebSocketHandler(tornado.websocket.WebSocketHandler):
+class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
     """``GET /ws``: the handshake, then a :class:`~wsserver.session.Session`.
 
     :meth:`get` runs the pre-upgrade checks in CONTRACT.md's order; after the
@@ -474,14 +470,6 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps({"error": rejection.reason, "message": rejection.message}))
-
-    def log_exception(
-        self,
-        typ: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        log_exception(self, typ, value, tb)
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")  # no version banner (see BaseHandler)
