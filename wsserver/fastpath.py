@@ -29,6 +29,7 @@ import base64
 import hashlib
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -93,6 +94,21 @@ class FrameLimits:
 #: ``recv(256 KiB)``, allocating (and, past malloc's mmap threshold, mapping)
 #: 256 KiB per read; measured here that was 40% of an echo's time.
 READ_BUFFER = 65536
+_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """The read buffer every connection of this thread's loop shares.
+
+    asyncio calls ``get_buffer``, ``recv_into`` and ``buffer_updated`` in one
+    synchronous step, and :meth:`FrameConnection.buffer_updated` copies the
+    bytes out at once, so one buffer can serve every connection: an idle
+    connection then costs no 64 KiB of its own.
+    """
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(READ_BUFFER))
+    return view
 
 
 class FrameConnection(asyncio.BufferedProtocol):
@@ -132,7 +148,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._aborted_by_server = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._fragment_timer: asyncio.TimerHandle | None = None
-        self._read_view = memoryview(bytearray(READ_BUFFER))
+        self._read_view = _read_buffer()
         self._gone = False
         #: True once either side sent a close frame, or the connection is gone.
         self.closing = False
