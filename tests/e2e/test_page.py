@@ -440,7 +440,9 @@ def test_asks_for_a_token_when_not_in_demo_mode(run_server: Any, pages: Any) -> 
     expect(page.locator("#conn-detail")).to_have_text(
         "The server refused the token (4001 invalid token): paste another.")
 
-    token = jwt.encode({"sub": "dave", "exp": int(time.time()) + 300}, SECRET, "HS256")
+    # The default namespace is deny-by-default: the token grants the lobby.
+    token = jwt.encode({"sub": "dave", "exp": int(time.time()) + 300, "rooms": ["lobby"],
+                        "publish": ["lobby"]}, SECRET, "HS256")
     page.get_by_label("Token", exact=True).fill(token)
     page.get_by_label("Token", exact=True).press("Enter")
     expect(page.locator("#conn-state")).to_have_text("connected")

@@ -26,8 +26,17 @@ from wsserver.services import Services
 from wsserver.session import Session
 
 SECRET = "unit-secret-0123456789-abcdefghijklmnop"
-#: The wall clock at which every fake clock starts: real, so tokens verify.
-WALL0 = float(int(time.time()))
+class _Start:
+    """The real wall clock at which the newest fake clock started: tokens are
+    minted relative to it, so pyjwt (which reads the real clock) accepts them
+    however long the suite has been running."""
+
+    wall = float(int(time.time()))
+
+
+def wall0() -> float:
+    """The wall-clock second at which the newest :class:`Scheduler` started."""
+    return _Start.wall
 
 
 class FakeTimer:
@@ -48,12 +57,13 @@ class Scheduler:
     def __init__(self) -> None:
         self.now = 0.0
         self.timers: list[FakeTimer] = []
+        _Start.wall = self.wall0 = float(int(time.time()))
 
     def monotonic(self) -> float:
         return self.now
 
     def wall(self) -> float:
-        return WALL0 + self.now
+        return self.wall0 + self.now
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
         assert delay >= 0, delay
@@ -151,7 +161,7 @@ class RecordingTransport:
 
 def token(sub: str = "alice", ttl: float = 600, key: str = SECRET, **claims: Any) -> str:
     """An HS256 token expiring ``ttl`` seconds after the fake wall clock's start."""
-    body: dict[str, Any] = {"sub": sub, "exp": int(WALL0 + ttl), **claims}
+    body: dict[str, Any] = {"sub": sub, "exp": int(wall0() + ttl), **claims}
     return jwt.encode(body, key, algorithm="HS256")
 
 

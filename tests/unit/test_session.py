@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from tests.unit.session_fakes import (
-    WALL0,
     Client,
     make_services,
     settle,
     start,
     token,
+    wall0,
     welcomed,
 )
 from wsserver import frames
@@ -65,7 +65,7 @@ def test_welcome_tells_the_user_its_expiry_and_limits() -> None:
         assert await client.open(token("alice", ttl=300))
         (welcome,) = client.transport.take()
         assert welcome == {
-            "type": "welcome", "user": "alice", "expires_at": int(WALL0 + 300),
+            "type": "welcome", "user": "alice", "expires_at": int(wall0() + 300),
             "limits": {"message_rate": 5.0, "message_burst": 7, "max_message_size": 65536,
                        "tasks_in_flight": services.settings.task_per_connection,
                        "tasks_per_user": services.settings.task_per_user,
@@ -307,7 +307,7 @@ def test_refresh_moves_the_expiry() -> None:
         await start(services)
         client = await welcomed(services, scheduler, token("alice", ttl=60))
         reply = await client.ask({"type": "refresh", "token": token("alice", ttl=600), "id": 1})
-        assert reply == {"type": "refreshed", "expires_at": int(WALL0 + 600), "id": 1}
+        assert reply == {"type": "refreshed", "expires_at": int(wall0() + 600), "id": 1}
         scheduler.advance(120)  # past the first token's exp
         assert client.transport.take() == [] and client.transport.closes == []
         scheduler.advance(600 - 120 - 10)
@@ -463,7 +463,7 @@ def test_expiry_warns_then_closes_4001() -> None:
         assert client.transport.take() == []
         scheduler.advance(1)
         assert client.transport.take() == [{"type": "token_expiring",
-                                            "expires_at": int(WALL0 + 100)}]
+                                            "expires_at": int(wall0() + 100)}]
         scheduler.advance(29)
         assert client.transport.closes == []
         scheduler.advance(1)
