@@ -15,7 +15,11 @@ from bench.runner import FULL, SCENARIOS, SMOKE, Bench, params_dict, split_cpus
 from bench.servers import ServerError, new_secret, raise_fd_limit
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
-SERVER_NAMES = frozenset({"wsserver", "baseline", "baseline_uvloop", "uvicorn"})
+SERVER_NAMES = frozenset({
+    "wsserver", "baseline", "baseline_uvloop", "uvicorn", "redis",
+    "wsserver_memory", "wsserver_redis", "wsserver_node1", "wsserver_node2",
+    "wsserver_history", "wsserver_nohistory",
+})  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             "server_cpus": sorted(server_cpus or ()),
             "generator_cpus": sorted(generator_cpus or ()),
             "loop_scenario": "servers not pinned, so task-pool workers can use every core",
+            "redis": "redis-server on the server CPUs, like the wsserver nodes",
         },
         "params": params_dict(params),
         "scenarios": {},

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import jwt
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 Job = dict[str, Any]
 C = TypeVar("C", bound="Connection")
@@ -82,20 +82,30 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass
 class CpuMeter:
-    """CPU time spent by the server and by this generator over one measured interval.
+    """CPU time spent by the server(s) and by this generator over one measured interval.
 
     Throughput on a shared machine moves with the neighbours' load; CPU time
     per message moves much less, and the generator's share shows whether it,
-    rather than the server, was the limit.
+    rather than the server, was the limit. With several server processes (two
+    nodes) their CPU times are summed; a Redis server's is reported apart.
     """
 
-    server_pid: int | None
+    server_pids: Sequence[int] = ()
+    redis_pid: int | None = None
     _server: float = 0.0
+    _redis: float = 0.0
     _own: float = 0.0
     _wall: float = 0.0
 
+    @classmethod
+    def for_job(cls, job: Job) -> CpuMeter:
+        """The meter for the processes a job names (``server_pid``/``server_pids``, ``redis_pid``)."""
+        pids = job.get("server_pids") or ([job["server_pid"]] if job.get("server_pid") else [])
+        return cls(list(pids), job.get("redis_pid"))
+
     def start(self) -> None:
-        self._server = cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        self._server = sum(cpu_seconds(pid) for pid in self.server_pids)
+        self._redis = cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
         self._own = time.process_time()
         self._wall = time.perf_counter()
 
@@ -104,10 +114,14 @@ class CpuMeter:
         wall = time.perf_counter() - self._wall
         own = time.process_time() - self._own
         out: Result = {"generator_cpu_share": own / wall if wall else None}
-        if self.server_pid:
-            server = cpu_seconds(self.server_pid) - self._server
+        if self.server_pids:
+            server = sum(cpu_seconds(pid) for pid in self.server_pids) - self._server
             out["server_cpu_share"] = server / wall if wall else None
             out["server_cpu_us_per_unit"] = 1e6 * server / units if units else None
+        if self.redis_pid:
+            redis = cpu_seconds(self.redis_pid) - self._redis
+            out["redis_cpu_share"] = redis / wall if wall else None
+            out["redis_cpu_us_per_unit"] = 1e6 * redis / units if units else None
         return out
 
 
@@ -169,7 +183,9 @@ class Connection(WSListener):
         if self.transport is None or self.transport.is_disconnected:
             return
         self.closing = True
-        self.transport.send_close()
+        # 1000: picows's default (NO_INFO) puts code 0 on the wire, which a
+        # server must answer with 1002.
+        self.transport.send_close(WSCloseCode.OK)
         try:
             await asyncio.wait_for(self.transport.wait_disconnected(), 5)
         except TimeoutError:
@@ -297,7 +313,7 @@ async def echo(job: Job, dialer: Dialer) -> Result:
     for conn in conns:
         conn.fire()
     await asyncio.sleep(job["warmup"])
-    meter = CpuMeter(job.get("server_pid"))
+    meter = CpuMeter.for_job(job)
     meter.start()
     run.measuring = True
     started = time.perf_counter()
@@ -335,7 +351,7 @@ async def idle(job: Job, dialer: Dialer) -> Result:
     await close_all(warm)
     rss_before = read_rss_kib(pid)
     handshake_ns: list[int] = []
-    meter = CpuMeter(pid)
+    meter = CpuMeter([pid])
     meter.start()
     started = time.perf_counter()
     conns = await dialer.connect_many(job["connections"], Connection, handshake_ns)
@@ -372,6 +388,7 @@ class FanoutRun:
     members: int
     publishes: int
     window: int
+    room: str = "bench"
     delivered: int = 0
     errors: int = 0
     first_error: Any = None
@@ -414,7 +431,7 @@ class Member(Connection):
                 return
             data = msg.get("data")
             seq = data.get("seq") if kind == "message" and isinstance(data, dict) else None
-            if not isinstance(seq, int) or msg.get("room") != "bench":
+            if not isinstance(seq, int) or msg.get("room") != run.room:
                 run.errors += 1
                 run.first_error = run.first_error or msg
                 return
@@ -445,20 +462,35 @@ class Member(Connection):
     def publish(self) -> None:
         run = self.run
         run.sent_at_ns.append(time.perf_counter_ns())
-        self.send({"type": "publish", "room": "bench", "data": {"seq": run.sent}})
+        self.send({"type": "publish", "room": run.room, "data": {"seq": run.sent}})
         run.sent += 1
 
 
+def split(total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` counts that differ by at most one, the larger ones first."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
 async def fanout(job: Job, dialer: Dialer) -> Result:
-    """``members`` in one room; one of them publishes ``publishes`` messages."""
-    run = FanoutRun(job["members"], job["publishes"], job["window"])
-    conns = await dialer.connect_many(run.members, lambda: Member(run))
+    """``members`` in one room; one of them publishes ``publishes`` messages.
+
+    With ``urls`` (several nodes sharing a broker) the members are split
+    evenly across the nodes and the publisher is on the first one.
+    """
+    run = FanoutRun(job["members"], job["publishes"], job["window"], job.get("room", "bench"))
+    urls = job.get("urls") or [dialer.url]
+    dialers = [dialer] + [
+        Dialer(url, dialer.jwt_user, dialer.source_addresses) for url in urls[1:]
+    ]
+    conns: list[Member] = []
+    for node_dialer, count in zip(dialers, split(run.members, len(dialers)), strict=True):
+        conns += await node_dialer.connect_many(count, lambda: Member(run))
     for conn in conns:
-        conn.send({"type": "join", "room": "bench"})
+        conn.send({"type": "join", "room": run.room})
     await asyncio.gather(*(conn.joined for conn in conns))
     publisher = conns[0]
     publisher.publisher = True
-    meter = CpuMeter(job.get("server_pid"))
+    meter = CpuMeter.for_job(job)
     meter.start()
     started = time.perf_counter_ns()
     for _ in range(min(run.window, run.publishes)):
@@ -473,6 +505,8 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
     expected = run.members * run.publishes
     await close_all(conns)
     return {
+        "room": run.room,
+        "nodes": len(urls),
         "members": run.members,
         "publishes": run.publishes,
         "window": run.window,
@@ -486,6 +520,123 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
         "publish_to_last_member": percentiles_ms([ns for ns in run.complete_ns if ns]),
         "errors": run.errors,
         "first_error": run.first_error,
+        "close_codes": close_codes(conns),
+    }
+
+
+# --- recovery on join ----------------------------------------------------------
+
+
+class Inbox(Connection):
+    """Queues every server message, for scenarios that wait for one answer at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        self.inbox.put_nowait(msg)
+
+    async def expect(self, kind: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The next message of type ``kind``; an ``error`` on the way raises."""
+        while True:
+            msg = await asyncio.wait_for(self.inbox.get(), timeout)
+            if msg.get("type") == kind:
+                return msg
+            if msg.get("type") == "error":
+                raise RuntimeError(f"waiting for {kind!r}, got {msg}")
+
+
+def recovery_problem(joined: dict[str, Any], room: str, after: int, count: int) -> Any:
+    """What is wrong with a ``joined`` answer that should recover ``count`` messages, or None.
+
+    They must be the room's messages ``after + 1`` ... ``after + count``, in
+    order, each a full ``message`` with the publish number it was sent with.
+    """
+    messages = joined.get("messages")
+    if joined.get("recovered") is not True or not isinstance(messages, list):
+        return {"recovered": joined.get("recovered"), "top": joined.get("offset")}
+    if len(messages) != count:
+        return {"expected": count, "recovered_count": len(messages)}
+    for n, msg in enumerate(messages):
+        data = msg.get("data")
+        if (
+            msg.get("type") != "message" or msg.get("room") != room
+            or msg.get("offset") != after + n + 1
+            or not isinstance(data, dict) or data.get("seq") != n
+        ):  # fmt: skip
+            return {"at": n, "message": msg}
+    return None
+
+
+async def recover(job: Job, dialer: Dialer) -> Result:
+    """Publish ``messages`` into a history room, then time fresh joins with ``since``.
+
+    A publisher joins the room (a plain join answers its ``epoch`` and top
+    offset), publishes ``messages`` messages (``window`` in flight) and waits
+    for its own copy of each. Then ``joins`` times, alternately: a fresh connection joins with
+    ``{"since": {"offset": TOP, "epoch": E}}`` and the time from sending the
+    join to its ``joined`` answer (with every message) is recorded; and a
+    fresh connection joins without ``since``, the same way, for comparison.
+    The connections' handshakes are not timed.
+    """
+    room, count = job["room"], job["messages"]
+    publisher = await dialer.connect(Inbox)
+    publisher.send({"type": "join", "room": room})
+    joined = await publisher.expect("joined")
+    epoch, after = joined["epoch"], joined["offset"]
+    # At most ``window`` publishes in flight (the next goes out when the
+    # publisher's own copy of an earlier one arrives): the server ends a
+    # connection that queues too many messages behind the broker.
+    sent = 0
+    for _ in range(min(job["window"], count)):
+        publisher.send({"type": "publish", "room": room, "data": {"seq": sent}})
+        sent += 1
+    for _ in range(count):
+        await publisher.expect("message")
+        if sent < count:
+            publisher.send({"type": "publish", "room": room, "data": {"seq": sent}})
+            sent += 1
+    recover_ns: list[int] = []
+    plain_ns: list[int] = []
+    counts: list[int] = []
+    errors = 0
+    first_error: Any = None
+    conns: list[Connection] = [publisher]
+    for _ in range(job["joins"]):
+        for since in (True, False):
+            conn = await dialer.connect(Inbox)
+            conns.append(conn)
+            request: dict[str, Any] = {"type": "join", "room": room}
+            if since:
+                request["since"] = {"offset": after, "epoch": epoch}
+            started = time.perf_counter_ns()
+            conn.send(request)
+            answer = await conn.expect("joined")
+            elapsed = time.perf_counter_ns() - started
+            if since:
+                recover_ns.append(elapsed)
+                counts.append(len(answer.get("messages") or []))
+                problem = recovery_problem(answer, room, after, count)
+                if problem is not None:
+                    errors += 1
+                    first_error = first_error or problem
+            else:
+                plain_ns.append(elapsed)
+            await conn.close()
+    await publisher.close()
+    return {
+        "room": room,
+        "messages": count,
+        "epoch": epoch,
+        "joins": len(recover_ns),
+        "recovered_counts": counts,
+        "all_recovered": errors == 0 and counts == [count] * len(counts),
+        "recover": percentiles_ms(recover_ns),
+        "recover_ms": [ns / 1e6 for ns in recover_ns],
+        "plain_join": percentiles_ms(plain_ns),
+        "errors": errors,
+        "first_error": first_error,
         "close_codes": close_codes(conns),
     }
 
@@ -610,7 +761,9 @@ async def loop_latency(job: Job, dialer: Dialer) -> Result:
     }
 
 
-SCENARIOS = {"echo": echo, "idle": idle, "fanout": fanout, "loop": loop_latency}
+SCENARIOS = {
+    "echo": echo, "idle": idle, "fanout": fanout, "recover": recover, "loop": loop_latency,
+}  # fmt: skip
 
 
 async def run(job: Job) -> Result:

@@ -4,6 +4,10 @@ The targets are ratios (wsserver ÷ plain Tornado, same run) wherever the
 machine's speed would otherwise decide the answer; the two that are absolute
 (memory per connection, ping p99 with the pool saturated) are what a user of
 the server experiences whatever the baseline does.
+
+The cluster and history scenarios compare wsserver with itself (Redis broker
+÷ memory broker, two nodes ÷ one, history on ÷ off): their metric names say
+what the "wsserver" and "baseline" columns hold.
 """
 
 from __future__ import annotations
@@ -188,6 +192,86 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
                  base["pool_idle"]["p99_ms"]),
             _row("loop", "tasks/s while pinging", ws["median"]["tasks_per_s"],
                  base["median"]["tasks_per_s"]),
+        ]  # fmt: skip
+    rows += _cluster_checks(scenarios)
+    return rows
+
+
+def _every(runs: Result) -> bool:
+    """Every round of one server delivered every message to every member."""
+    return all(run["all_delivered"] for run in runs["rounds"])
+
+
+def _both_delivered(ws_runs: Result, base_runs: Result) -> Callable[[Any, float | None], bool]:
+    return lambda w, r: w is True and _every(base_runs)
+
+
+def _fanout_pair(
+    scenario: str, label: str, target: str, judge: Callable[[Any, float | None], bool] | None,
+    ws_runs: Result, base_runs: Result,
+) -> list[Check]:
+    """Rows comparing two fan-out results of wsserver (``label`` names the columns)."""
+    ws, base = ws_runs["median"], base_runs["median"]
+    return [
+        _row(scenario, f"deliveries/s, {label}", ws["deliveries_per_s"],
+             base["deliveries_per_s"], target, judge),
+        _row(scenario, "server CPU µs per delivery", ws["server_cpu_us_per_unit"],
+             base["server_cpu_us_per_unit"]),
+        _row(scenario, "every message to every member", _every(ws_runs), _every(base_runs),
+             "both: yes", _both_delivered(ws_runs, base_runs)),
+        _row(scenario, "publish→last member p99 ms", ws["publish_to_last_member"]["p99_ms"],
+             base["publish_to_last_member"]["p99_ms"]),
+    ]  # fmt: skip
+
+
+def _cluster_checks(scenarios: dict[str, Result]) -> list[Check]:
+    """Rows of the Redis, two-node and history scenarios (wsserver against itself)."""
+    rows: list[Check] = []
+    fan = scenarios.get("redis_fanout", {})
+    if "wsserver_redis" in fan and "wsserver_memory" in fan:
+        red, mem = fan["wsserver_redis"], fan["wsserver_memory"]
+        rows += _fanout_pair("redis_fanout", "Redis (memory in baseline column)",
+                             "ratio >= 0.8", _ratio_at_least(0.8), red, mem)  # fmt: skip
+        rows.append(_row("redis_fanout", "Redis CPU µs per delivery",
+                         red["median"].get("redis_cpu_us_per_unit"), None))  # fmt: skip
+    echo = scenarios.get("redis_echo", {})
+    if "wsserver_redis" in echo and "wsserver_memory" in echo:
+        red, mem = echo["wsserver_redis"]["median"], echo["wsserver_memory"]["median"]
+        rows += [
+            _row("redis_echo", "messages/s, Redis (memory in baseline column)",
+                 red["messages_per_s"], mem["messages_per_s"],
+                 "ratio >= 0.95", _ratio_at_least(0.95)),
+            _row("redis_echo", "server CPU µs per message", red["server_cpu_us_per_unit"],
+                 mem["server_cpu_us_per_unit"]),
+            _row("redis_echo", "Redis CPU µs per message", red.get("redis_cpu_us_per_unit"), None),
+            _row("redis_echo", "errors + server closes",
+                 red["errors"] + sum(red["close_codes"].values()),
+                 mem["errors"] + sum(mem["close_codes"].values()), "0", lambda w, r: w == 0),
+        ]  # fmt: skip
+    nodes = scenarios.get("two_nodes", {})
+    if "two_nodes" in nodes and "one_node" in nodes:
+        two, one = nodes["two_nodes"], nodes["one_node"]
+        rows += _fanout_pair("two_nodes", "two nodes (one node in baseline column)",
+                             "", None, two, one)  # fmt: skip
+        rows.append(_row("two_nodes", "Redis CPU µs per delivery",
+                         two["median"].get("redis_cpu_us_per_unit"),
+                         one["median"].get("redis_cpu_us_per_unit")))  # fmt: skip
+    hist = scenarios.get("history", {})
+    if "wsserver_history" in hist and "wsserver_nohistory" in hist:
+        rows += _fanout_pair("history", "history on (off in baseline column)", "ratio >= 0.8",
+                             _ratio_at_least(0.8), hist["wsserver_history"],
+                             hist["wsserver_nohistory"])  # fmt: skip
+    recovery = hist.get("recovery")
+    if recovery:
+        count = recovery["messages"]
+        counts = recovery["recovered_counts"]
+        rows += [
+            _row("history", f"join with since: {count} messages, median ms "
+                 "(plain join in baseline column)",
+                 recovery["recover"]["p50_ms"], recovery["plain_join"]["p50_ms"]),
+            _row("history", "messages recovered per join (fewest)",
+                 min(counts) if counts else None, None, f"= {count}, in order",
+                 lambda w, r: recovery["all_recovered"] is True),
         ]  # fmt: skip
     return rows
 

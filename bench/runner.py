@@ -8,22 +8,26 @@ shared machine hits both alike, and keeps the median round of each.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.servers import (
+    RedisProcess,
     ServerKind,
     ServerProcess,
     baseline_kind,
     baseline_uvloop_kind,
+    renamed,
     uvicorn_kind,
     wsserver_kind,
 )
@@ -52,6 +56,8 @@ class Params:
     loop_primes_limit: int
     loop_taskers: int
     loop_in_flight: int
+    recovery_messages: int
+    recovery_joins: int
 
 
 FULL = Params(
@@ -60,6 +66,7 @@ FULL = Params(
     fanout_members=1000, fanout_publishes=200, fanout_window=10, fanout_rounds=3,
     loop_warmup=1.0, loop_duration=10.0, loop_interval=0.01,
     loop_primes_limit=50_000_000, loop_taskers=3, loop_in_flight=2,
+    recovery_messages=300, recovery_joins=7,
 )  # fmt: skip
 
 SMOKE = Params(
@@ -68,6 +75,8 @@ SMOKE = Params(
     fanout_members=50, fanout_publishes=10, fanout_window=5, fanout_rounds=1,
     loop_warmup=0.2, loop_duration=0.5, loop_interval=0.01,
     loop_primes_limit=5_000_000, loop_taskers=3, loop_in_flight=2,
+    # The recovery is the contract's 300 (--max-recovery's default) in both presets.
+    recovery_messages=300, recovery_joins=3,
 )  # fmt: skip
 
 
@@ -99,8 +108,18 @@ class Bench:
     def kinds(self) -> tuple[ServerKind, ServerKind]:
         return wsserver_kind(self.secret), baseline_kind()
 
-    def loadgen(self, scenario: str, server: ServerProcess, **job: Any) -> Result:
-        """Run one load-generator job against ``server``; its JSON result."""
+    def loadgen(
+        self,
+        scenario: str,
+        server: ServerProcess,
+        also: Sequence[ServerProcess | RedisProcess] = (),
+        **job: Any,
+    ) -> Result:
+        """Run one load-generator job against ``server``; its JSON result.
+
+        ``also``: the other processes the job relies on (a second node,
+        Redis), checked alive afterwards like ``server``.
+        """
         job.update(
             scenario=scenario,
             url=server.url,
@@ -117,16 +136,23 @@ class Bench:
             env={**os.environ, "BENCH_JWT_SECRET": self.secret},
         )
         server.check_alive()
+        for other in also:
+            other.check_alive()
         if proc.returncode != 0:
+            others = "".join(f"\n{o.log_path.name}:\n{o.log_tail()}" for o in also)
             raise LoadgenError(
                 f"{scenario} against {server.kind.name} failed:\n{proc.stderr[-3000:]}\n"
-                f"server log:\n{server.log_tail()}"
+                f"server log:\n{server.log_tail()}{others}"
             )
         result: Result = json.loads(proc.stdout)
         return result
 
     def start(self, kind: ServerKind, cpus: set[int] | None) -> ServerProcess:
         return ServerProcess(kind, cpus, self.log_dir)
+
+    def redis(self) -> RedisProcess:
+        """A ``redis-server`` of this run's own, on the servers' CPUs (server-side cost)."""
+        return RedisProcess(self.server_cpus, self.log_dir)
 
 
 def median_round(rounds: Sequence[Result], key: str) -> Result:
@@ -143,10 +169,15 @@ def interleaved(
     key: str,
 ) -> Result:
     """Run ``job`` against each server, ``rounds`` times interleaved; rounds and median."""
-    runs: dict[str, list[Result]] = {srv.kind.name: [] for srv in servers}
+    return alternate(rounds, {srv.kind.name: functools.partial(job, srv) for srv in servers}, key)
+
+
+def alternate(rounds: int, jobs: dict[str, Callable[[], Result]], key: str) -> Result:
+    """Run each job ``rounds`` times interleaved (a, b, a, b, ...); rounds and median by name."""
+    runs: dict[str, list[Result]] = {name: [] for name in jobs}
     for _ in range(rounds):
-        for srv in servers:
-            runs[srv.kind.name].append(job(srv))
+        for name, job in jobs.items():
+            runs[name].append(job())
     return {
         name: {"median": median_round(results, key), "rounds": results}
         for name, results in runs.items()
@@ -257,7 +288,7 @@ def loop(bench: Bench) -> Result:
     """
     p = bench.params
     task = {"name": "primes", "args": {"limit": p.loop_primes_limit}}
-    common = {
+    common: dict[str, Any] = {
         "warmup": p.loop_warmup, "duration": p.loop_duration, "interval": p.loop_interval,
         # How long to wait for the last pongs; a starved loop may not answer in time.
         "grace": 5.0,
@@ -274,11 +305,165 @@ def loop(bench: Bench) -> Result:
     return result
 
 
+# --- cluster and history scenarios (wsserver against itself) -------------------
+
+
+def broker_kinds(bench: Bench, redis_url: str) -> tuple[ServerKind, ServerKind]:
+    """wsserver with the memory broker and with ``--broker REDIS_URL``, the same otherwise."""
+    plain = wsserver_kind(bench.secret)
+    return (
+        renamed(plain, "wsserver_memory"),
+        renamed(plain, "wsserver_redis", ["--broker", redis_url]),
+    )
+
+
+def redis_fanout(bench: Bench) -> Result:
+    """The ``fanout`` scenario on one node: through Redis against the memory broker.
+
+    A publish through Redis should cost one round trip, not one per member:
+    deliveries/s and server CPU µs per delivery should stay close. Redis runs
+    on the servers' CPU; its own CPU per delivery is reported apart.
+    """
+    p = bench.params
+    with bench.redis() as redis:
+        memory_kind, redis_kind = broker_kinds(bench, redis.url)
+        with bench.start(memory_kind, bench.server_cpus) as mem, bench.start(
+            redis_kind, bench.server_cpus
+        ) as red:
+
+            def job(srv: ServerProcess) -> Result:
+                via_redis = srv is red
+                return bench.loadgen(
+                    "fanout", srv, also=[redis] if via_redis else [],
+                    members=p.fanout_members, publishes=p.fanout_publishes,
+                    window=p.fanout_window, timeout=120, server_pid=srv.pid,
+                    redis_pid=redis.pid if via_redis else None,
+                )  # fmt: skip
+
+            return interleaved(bench, [red, mem], p.fanout_rounds, job, "deliveries_per_s")
+
+
+def redis_echo(bench: Bench) -> Result:
+    """The ``echo`` scenario with the Redis broker against the memory broker.
+
+    No Redis round trip is made per echo (the contract), so the two should
+    be level; Redis's CPU over the interval shows that it stayed idle.
+    """
+    p = bench.params
+    with bench.redis() as redis:
+        memory_kind, redis_kind = broker_kinds(bench, redis.url)
+        with bench.start(memory_kind, bench.server_cpus) as mem, bench.start(
+            redis_kind, bench.server_cpus
+        ) as red:
+
+            def job(srv: ServerProcess) -> Result:
+                return bench.loadgen(
+                    "echo", srv, also=[redis] if srv is red else [],
+                    connections=p.echo_connections, warmup=p.echo_warmup,
+                    duration=p.echo_duration, server_pid=srv.pid,
+                    redis_pid=redis.pid if srv is red else None,
+                )  # fmt: skip
+
+            return interleaved(bench, [red, mem], p.echo_rounds, job, "messages_per_s")
+
+
+def two_nodes(bench: Bench) -> Result:
+    """Fan-out across two wsserver nodes sharing one Redis, against one node.
+
+    ``two_nodes``: the members are split evenly across node 1 and node 2, the
+    publisher is on node 1. ``one_node``: every member on node 1 (node 2 sits
+    idle, with no member, so is not subscribed). Server CPU per delivery is
+    the sum of both nodes' CPU time. All of it shares the servers' CPU.
+    """
+    p = bench.params
+    with bench.redis() as redis:
+        plain = wsserver_kind(bench.secret)
+        kinds = [
+            renamed(plain, f"wsserver_node{n}", ["--broker", redis.url, "--node-name", f"node{n}"])
+            for n in (1, 2)
+        ]
+        with bench.start(kinds[0], bench.server_cpus) as node1, bench.start(
+            kinds[1], bench.server_cpus
+        ) as node2:
+
+            def job(urls: list[str]) -> Result:
+                return bench.loadgen(
+                    "fanout", node1, also=[node2, redis], urls=urls,
+                    members=p.fanout_members, publishes=p.fanout_publishes,
+                    window=p.fanout_window, timeout=120,
+                    server_pids=[node1.pid, node2.pid], redis_pid=redis.pid,
+                )  # fmt: skip
+
+            return alternate(
+                p.fanout_rounds,
+                {
+                    "two_nodes": lambda: job([node1.url, node2.url]),
+                    "one_node": lambda: job([node1.url]),
+                },
+                "deliveries_per_s",
+            )
+
+
+#: Room policy for the history scenario: rooms policy comes only from a config
+#: file. The loadgen's tokens grant every room, so ``join``/``publish`` stay
+#: "token"; ``hist:`` rooms keep 100 messages, ``recover:`` rooms the 300 recovered.
+HISTORY_CONFIG = """\
+# Written by python -m bench for the history scenario.
+[rooms]
+join = "token"
+publish = "token"
+
+[rooms.namespaces.hist]
+history_size = 100
+
+[rooms.namespaces.recover]
+history_size = {recovery}
+"""
+
+
+def history(bench: Bench) -> Result:
+    """Fan-out with history on (room ``hist:bench``) against off (``bench``), memory broker.
+
+    Both servers run the same config file; only the room differs. Then, on
+    the history server, the time a fresh join with ``since`` takes to
+    recover ``recovery_messages`` messages (``recover:bench``), several
+    times, against a plain join of the same room.
+    """
+    p = bench.params
+    with tempfile.TemporaryDirectory(prefix="bench-history-") as tmp:
+        config = Path(tmp) / "rooms.toml"
+        config.write_text(HISTORY_CONFIG.format(recovery=p.recovery_messages))
+        plain = wsserver_kind(bench.secret)
+        on_kind = renamed(plain, "wsserver_history", ["--config", str(config)])
+        off_kind = renamed(plain, "wsserver_nohistory", ["--config", str(config)])
+        with bench.start(on_kind, bench.server_cpus) as on, bench.start(
+            off_kind, bench.server_cpus
+        ) as off:
+
+            def job(srv: ServerProcess) -> Result:
+                return bench.loadgen(
+                    "fanout", srv, room="hist:bench" if srv is on else "bench",
+                    members=p.fanout_members, publishes=p.fanout_publishes,
+                    window=p.fanout_window, timeout=120, server_pid=srv.pid,
+                )  # fmt: skip
+
+            result = interleaved(bench, [on, off], p.fanout_rounds, job, "deliveries_per_s")
+            result["recovery"] = bench.loadgen(
+                "recover", on, room="recover:bench", messages=p.recovery_messages,
+                window=p.fanout_window, joins=p.recovery_joins,
+            )  # fmt: skip
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "echo": echo,
     "idle": idle,
     "fanout": fanout,
     "loop": loop,
+    "redis_fanout": redis_fanout,
+    "redis_echo": redis_echo,
+    "two_nodes": two_nodes,
+    "history": history,
 }
 
 

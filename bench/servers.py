@@ -9,13 +9,16 @@ stopped with SIGTERM (SIGKILL for its whole process group if it hangs).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -62,6 +65,15 @@ def wsserver_kind(secret: str, extra_flags: Sequence[str] = ()) -> ServerKind:
         env={"WSSERVER_JWT_SECRET": secret},
         jwt_user="bench",
     )  # fmt: skip
+
+
+def renamed(kind: ServerKind, name: str, extra_flags: Sequence[str] = ()) -> ServerKind:
+    """``kind`` under another name (results and logs are keyed by it), with more flags.
+
+    The flags go before the trailing ``--port`` that every kind's argv ends with.
+    """
+    argv = (*kind.argv[:-1], *extra_flags, kind.argv[-1])
+    return dataclasses.replace(kind, name=name, argv=argv)
 
 
 def baseline_kind() -> ServerKind:
@@ -187,6 +199,96 @@ class ServerProcess:
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisProcess:
+    """A ``redis-server`` of the benchmark's own, never the system service.
+
+    On a free loopback port, in a temporary directory, with no persistence
+    (``--save ''``, ``--appendonly no``), pinned like a server (it is part of
+    the server side's cost). Use as a context manager: it is stopped on exit
+    and its directory removed.
+    """
+
+    def __init__(self, cpus: Collection[int] | None, log_dir: Path) -> None:
+        if not os.access(REDIS_SERVER, os.X_OK):
+            raise ServerError(f"{REDIS_SERVER} not found (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.log_path = log_dir / f"redis-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self._dir,
+             "--daemonize", "no", "--logfile", ""],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_pin(set(cpus) if cpus else None),
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            self._wait_ready(timeout=10)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"redis-server exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"redis-server: no PONG in {timeout}s:\n{self.log_tail()}")
+            # Across processes there is nothing to await: poll at a short interval.
+            time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        """Raise :class:`ServerError` if Redis has died during a scenario."""
+        if self.proc.poll() is not None:
+            raise ServerError(f"redis-server died ({self.proc.returncode}):\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after 10 s), then remove the directory."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisProcess:
         return self
 
     def __exit__(

@@ -2,10 +2,12 @@
 
 Benchmarks are not timed tests: nothing here asserts a performance target
 (the smoke sizes are far too small to mean anything). It proves the scripts
-start wsserver, the baseline and the load generator, that each scenario's
-checks of correctness hold (every echo answered, every publish delivered to
-every member, every idle connection open when memory is read, every ping
-answered), and that the JSON result and the table are written.
+start wsserver, the baseline, ``redis-server`` and the load generator, that
+each scenario's checks of correctness hold (every echo answered, every
+publish delivered to every member, through Redis and across two nodes too,
+every idle connection open when memory is read, every ping answered, 300
+messages recovered on a join with ``since``), and that the JSON result and
+the table are written.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from typing import Any
 
 import pytest
 
+from tests.redis_support import require_redis_server
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("wsserver", "baseline")
+SCENARIOS = {"echo", "idle", "fanout", "loop", "redis_fanout", "redis_echo", "two_nodes", "history"}
+BROKERS = ("wsserver_redis", "wsserver_memory")
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    require_redis_server()
     output = tmp_path_factory.mktemp("bench") / "latest.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--output", str(output)],
@@ -58,7 +65,7 @@ def test_exits_zero_and_prints_the_table(
     header = proc.stdout.splitlines()[0]
     for column in ("scenario", "metric", "wsserver", "baseline", "ratio", "target", "result"):
         assert column in header
-    for scenario in ("echo", "idle", "fanout", "loop"):
+    for scenario in SCENARIOS:
         assert f"| {scenario} " in proc.stdout
 
 
@@ -67,12 +74,12 @@ def test_result_describes_the_run(result: dict[str, Any]) -> None:
     # The smoke sizes, not the full benchmark's 10,000 connections.
     assert result["params"]["idle_connections"] <= 1000
     assert result["errors"] == {}
-    assert set(result["scenarios"]) == {"echo", "idle", "fanout", "loop"}
+    assert set(result["scenarios"]) == SCENARIOS
     machine = result["machine"]
     assert machine["cpu_model"] and machine["python"] and machine["tornado"]
     assert machine["date"].startswith("20")
     checked = {row["scenario"] for row in result["checks"]}
-    assert checked == {"echo", "idle", "fanout", "loop"}
+    assert checked == SCENARIOS
 
 
 def test_echo_every_message_answered(result: dict[str, Any]) -> None:
@@ -121,3 +128,56 @@ def test_loop_pings_answered_with_and_without_tasks(result: dict[str, Any]) -> N
             assert run["errors"] == 0, run["first_error"]
         assert quiet["tasks_completed"] == 0
         assert loaded["tasks_completed"] > 0
+
+
+def assert_every_delivery(run: dict[str, Any], params: dict[str, Any]) -> None:
+    assert run["expected"] == params["fanout_members"] * params["fanout_publishes"]
+    assert run["delivered"] == run["expected"]
+    assert run["all_delivered"] is True and run["errors"] == 0, run["first_error"]
+    assert run["close_codes"] == {} and not run["timed_out"]
+    assert positive(run["deliveries_per_s"])
+
+
+def test_redis_fanout_delivers_every_message_through_redis(result: dict[str, Any]) -> None:
+    fan = result["scenarios"]["redis_fanout"]
+    for server in BROKERS:
+        for run in fan[server]["rounds"]:
+            assert_every_delivery(run, result["params"])
+            assert run["room"] == "bench" and run["nodes"] == 1
+    # Redis's CPU is measured in the Redis rounds only.
+    assert "redis_cpu_us_per_unit" in fan["wsserver_redis"]["median"]
+    assert "redis_cpu_us_per_unit" not in fan["wsserver_memory"]["median"]
+
+
+def test_redis_echo_every_message_answered(result: dict[str, Any]) -> None:
+    echo = result["scenarios"]["redis_echo"]
+    for server in BROKERS:
+        run = echo[server]["median"]
+        assert run["replies"] > 0 and positive(run["messages_per_s"])
+        assert run["errors"] == 0, run["first_error"]
+        assert run["close_codes"] == {}
+
+
+def test_two_nodes_deliver_every_message_on_both_nodes(result: dict[str, Any]) -> None:
+    nodes = result["scenarios"]["two_nodes"]
+    for name, count in (("two_nodes", 2), ("one_node", 1)):
+        for run in nodes[name]["rounds"]:
+            assert run["nodes"] == count
+            assert_every_delivery(run, result["params"])
+            assert positive(run["server_cpu_us_per_unit"])
+
+
+def test_history_fanout_and_recovery(result: dict[str, Any]) -> None:
+    hist = result["scenarios"]["history"]
+    for server, room in (("wsserver_history", "hist:bench"), ("wsserver_nohistory", "bench")):
+        for run in hist[server]["rounds"]:
+            assert run["room"] == room
+            assert_every_delivery(run, result["params"])
+    recovery = hist["recovery"]
+    assert recovery["messages"] == 300
+    assert recovery["joins"] == result["params"]["recovery_joins"]
+    assert recovery["recovered_counts"] == [300] * recovery["joins"]
+    assert recovery["all_recovered"] is True and recovery["errors"] == 0, recovery["first_error"]
+    assert 0 < recovery["recover"]["p50_ms"] <= recovery["recover"]["max_ms"]
+    assert positive(recovery["plain_join"]["p50_ms"])
+    assert recovery["close_codes"] == {}
