@@ -40,3 +40,26 @@ def test_the_client_does_what_the_server_table_says() -> None:
 
 def test_every_client_text_is_said() -> None:
     assert all(text for _, text in client_table().values())
+
+
+PROTOCOL_DOC = WSCLIENT.parents[1] / "docs" / "protocol.md"
+#: How docs/protocol.md words each of CloseCode's reconnect values.
+DOC_ACTIONS = {
+    "never": ("nothing", "do not reconnect"),
+    "soon": ("reconnect after a short random delay",),
+    "backoff": ("reconnect with backoff",),
+    "new_token": ("get a new token, then reconnect",),
+    "fix_client": ("fix the client",),
+}
+
+
+def test_the_docs_table_lists_every_code_with_the_same_advice() -> None:
+    text = PROTOCOL_DOC.read_text()
+    section = text.split("## Close codes", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in section.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[int(cells[0])] = cells[-1]
+    assert sorted(rows) == sorted(int(code) for code in CloseCode)
+    for code in CloseCode:
+        assert rows[int(code)] in DOC_ACTIONS[code.reconnect], (int(code), rows[int(code)])
