@@ -86,10 +86,14 @@ function askForToken() {
 const client = new WsClient({
   url: socketUrl(window.location),
   getToken,
-  onRecoveryFailed: (room) => addNotice(
-    `Messages sent to #${room} while you were away could not be recovered: some may be missing.`,
-  ),
+  onRecoveryFailed: (room, reply) => addNotice(reply.type === 'gap'
+    ? `Some messages of #${room} were lost on the server (its history was reset or trimmed): `
+      + 'some may be missing above this line.'
+    : `Messages sent to #${room} while you were away could not be recovered: `
+      + 'some may be missing.'),
 });
+/** Rooms the server confirmed joining on this connection (the others are still joining). */
+const joinedRooms = new Set();
 /** Ids of publishes -> their text, so a refused one can be marked as not sent. */
 const publishIds = new Map();
 /** Ids of requests: their errors are shown by the code awaiting them. */
@@ -123,6 +127,10 @@ client.addEventListener('state', ({ detail }) => {
       $('conn-detail').textContent = `Stopped${reason}.`;
   }
   if (typeof detail.code === 'number' && detail.state !== 'open') showClose(detail);
+  if (detail.state !== 'open' && joinedRooms.size) {
+    joinedRooms.clear(); // re-joined (with what was missed) after the reconnect
+    renderRooms();
+  }
 });
 
 /** The Connection panel's "Last close: 4029 kept sending while rate limited". */
@@ -157,6 +165,10 @@ client.addEventListener('message', ({ detail: msg }) => {
       if (msg.from === client.user) publishIds.delete(msg.id); // our own publish came back
       addChatLine(msg);
       break;
+    case 'joined':
+      joinedRooms.add(msg.room);
+      renderRooms();
+      break;
     case 'user_joined':
       addSystemLine(`${msg.user} joined #${msg.room}`);
       break;
@@ -176,14 +188,15 @@ client.addEventListener('message', ({ detail: msg }) => {
 });
 
 function showServerError(msg) {
-  if (requestIds.has(msg.id) || publishIds.has(msg.id)) return; // shown where they were made
+  if (requestIds.has(msg.id)) return; // shown where they were made
+  // A refused publish: already marked in the chat by its publish_error, which comes first.
+  if (publishIds.delete(msg.id)) return;
   $('conn-error').textContent = `${msg.code}: ${msg.message}`;
 }
 
 // A refused publish: marked in the chat, and said under it (forbidden, unavailable...).
 client.addEventListener('publish_error', ({ detail }) => {
-  const text = publishIds.get(detail.id);
-  publishIds.delete(detail.id);
+  const text = publishIds.get(detail.id); // forgotten by showServerError, which follows
   const { code } = detail.error;
   addUnsentLine(`Not sent to #${detail.room} (${code})${text === undefined ? '' : `: "${text}"`}`);
   if (code === 'rate_limited') {
@@ -194,8 +207,16 @@ client.addEventListener('publish_error', ({ detail }) => {
 });
 
 client.addEventListener('left', ({ detail }) => {
+  joinedRooms.delete(detail.room);
   addNotice(`You are no longer in #${detail.room} (${detail.reason}).`);
   renderRooms();
+});
+
+// After a reconnect: say how many missed messages follow (a loss is said by onRecoveryFailed).
+client.addEventListener('recovery', ({ detail }) => {
+  if (!detail.recovered || detail.missed === 0) return;
+  const count = detail.missed === 1 ? '1 message' : `${detail.missed} messages`;
+  addSystemLine(`Back in #${detail.room}: ${count} sent while you were away, recovered below.`);
 });
 
 /** The rate-limit notice stays at least this long, so it can be read. */
@@ -301,6 +322,9 @@ function renderRooms() {
   select.replaceChildren();
   for (const room of client.rooms) {
     const item = document.createElement('li');
+    // "joining" until the server answers: a publish before that would be refused.
+    item.dataset.state = joinedRooms.has(room) ? 'joined' : 'joining';
+    item.title = joinedRooms.has(room) ? `In #${room}` : `Joining #${room}…`;
     item.append(document.createTextNode(room));
     const leave = document.createElement('button');
     leave.type = 'button';
@@ -335,6 +359,7 @@ async function joinRoom(room) {
 }
 
 async function leaveRoom(room) {
+  joinedRooms.delete(room);
   try {
     await client.leave(room);
   } catch (err) {

@@ -144,6 +144,23 @@ export function joinedOutcome(position, reply, asked) {
   return { position: current, messages, recovered: true };
 }
 
+/**
+ * What a `gap` message means given the room's last `position`: the server
+ * lost messages up to the gap's offset ("reload; what follows is above it").
+ * Returns {position, lost}: lost is false (and nothing moves) when the client
+ * already has everything up to there (same epoch, offset at or below its own);
+ * otherwise the position jumps to the gap's, so what follows is delivered.
+ */
+export function gapOutcome(position, gap) {
+  if (typeof gap.epoch !== 'string' || !Number.isInteger(gap.offset)) {
+    return { position, lost: false };
+  }
+  if (position && position.epoch === gap.epoch && gap.offset <= position.offset) {
+    return { position, lost: false };
+  }
+  return { position: { epoch: gap.epoch, offset: gap.offset }, lost: true };
+}
+
 /** Delay (ms) for a reconnect of `kind` ("soon" or "backoff") at backoff `attempt`. */
 export function reconnectDelay(kind, attempt, random = Math.random) {
   return kind === 'soon' ? random() * SOON_MS : backoffDelay(attempt, random);
@@ -209,12 +226,14 @@ export class WsError extends Error {
  *              "connecting", "open", "waiting" (reconnect scheduled), "stopped"
  *   "welcome"  the server's welcome message
  *   "token"    {expiresAt} (unix seconds) after welcome and after each refresh
- *   "message"  every message the server sends, except repeated room messages;
+ *   "message"  every message the server sends, except repeated room messages
+ *              (and a `gap` that loses nothing the client has not seen);
  *              recovered room messages follow their "joined" reply, in order
  *   "left"     {room, reason}: the client is no longer in `room` although it did
  *              not leave (reason "forbidden": its new token no longer grants it)
  *   "recovery" {room, recovered, missed}: after a re-join that asked for missed
- *              messages; recovered false means they are lost: reload the room
+ *              messages, and after a `gap` (recovered false, missed 0); recovered
+ *              false means messages are lost: reload the room
  *   "publish_error" {room, id, error}: a publish was refused (a WsError)
  *   "user_joined", "user_left", "presence": those server messages
  */
@@ -226,7 +245,8 @@ export class WsClient extends EventTarget {
    * @param {number} [options.maxQueue]  bound on messages kept while disconnected
    * @param {number} [options.requestTimeoutMs]  default wait for a reply
    * @param {(room: string, reply: object) => void} [options.onRecoveryFailed]  called when
-   *   a re-join could not recover what was missed in `room`: the app must reload it
+   *   a re-join could not recover what was missed in `room`, or the server sent a `gap`
+ *   (`reply` is then that message): the app must reload it
    * @param {() => number} [options.random]  jitter source (tests pin it)
    * @param {typeof WebSocket} [options.WebSocket]  constructor to use
    */
@@ -470,6 +490,13 @@ export class WsClient extends EventTarget {
       if (!verdict.deliver) return; // already delivered (recovered, then repeated)
       if (verdict.position) this.positions.set(msg.room, verdict.position);
       if (msg.from === this.user) this.publishes.delete(msg.id); // our publish came back
+    } else if (msg.type === 'gap') {
+      const recovering = this.recoveringJoin(msg.room);
+      if (recovering) {
+        recovering.held.push(msg); // in order with the messages held for that join
+        return;
+      }
+      if (!this.onGap(msg)) return; // a room we left, or nothing lost for us
     } else if (msg.type === 'joined') {
       recovered = this.onJoined(msg);
     } else if (msg.type === 'left' && msg.reason) {
@@ -479,7 +506,10 @@ export class WsClient extends EventTarget {
     }
     this.settle(msg);
     this.dispatchEvent(new CustomEvent('message', { detail: msg }));
-    for (const m of recovered) this.dispatchEvent(new CustomEvent('message', { detail: m }));
+    for (const m of recovered) {
+      if (m.type === 'gap') this.reportGap(m);
+      this.dispatchEvent(new CustomEvent('message', { detail: m }));
+    }
     if (msg.type === 'user_joined' || msg.type === 'user_left' || msg.type === 'presence') {
       this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
     }
@@ -493,12 +523,14 @@ export class WsClient extends EventTarget {
     const asked = join ? join.asked : false;
     const outcome = joinedOutcome(this.positions.get(msg.room) || null, msg, asked);
     const missed = outcome.messages.length;
-    // Live messages that came while the join was answered follow the recovered ones.
+    // Live messages that came while the join was answered follow the recovered ones;
+    // a held gap keeps its place among them, and is reported there.
     let position = outcome.position;
     for (const live of join ? join.held : []) {
-      const verdict = acceptMessage(position, live);
+      const verdict = live.type === 'gap'
+        ? { ...gapOutcome(position, live), deliver: null } : acceptMessage(position, live);
       position = verdict.position;
-      if (verdict.deliver) outcome.messages.push(live);
+      if (verdict.deliver || verdict.lost) outcome.messages.push(live);
     }
     if (position) this.positions.set(msg.room, position);
     else this.positions.delete(msg.room);
@@ -511,6 +543,27 @@ export class WsClient extends EventTarget {
       }
     }
     return outcome.messages;
+  }
+
+  /**
+   * A `gap` for a room we are in: messages up to its offset may be lost. Moves the
+   * room's position there and reports it; false when there is nothing to report.
+   */
+  onGap(msg) {
+    if (!this.rooms.has(msg.room)) return false;
+    const outcome = gapOutcome(this.positions.get(msg.room) || null, msg);
+    if (!outcome.lost) return false;
+    this.positions.set(msg.room, outcome.position);
+    this.reportGap(msg);
+    return true;
+  }
+
+  /** Tell the application that messages of the gap's room were lost. */
+  reportGap(msg) {
+    this.dispatchEvent(new CustomEvent('recovery', {
+      detail: { room: msg.room, recovered: false, missed: 0 },
+    }));
+    if (this.onRecoveryFailed) this.onRecoveryFailed(msg.room, msg);
   }
 
   /** An error reply to one of our joins or publishes. */

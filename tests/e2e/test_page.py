@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 pytestmark = pytest.mark.e2e
 
@@ -440,9 +443,10 @@ def test_asks_for_a_token_when_not_in_demo_mode(run_server: Any, pages: Any) -> 
     expect(page.locator("#conn-detail")).to_have_text(
         "The server refused the token (4001 invalid token): paste another.")
 
-    # The default namespace is deny-by-default: the token grants the lobby.
-    token = jwt.encode({"sub": "dave", "exp": int(time.time()) + 300, "rooms": ["lobby"],
-                        "publish": ["lobby"]}, SECRET, "HS256")
+    # Rooms are deny by default in key mode: the token grants the lobby the page joins.
+    claims = {"sub": "dave", "exp": int(time.time()) + 300, "rooms": ["lobby"],
+              "publish": ["lobby"]}
+    token = jwt.encode(claims, SECRET, "HS256")
     page.get_by_label("Token", exact=True).fill(token)
     page.get_by_label("Token", exact=True).press("Enter")
     expect(page.locator("#conn-state")).to_have_text("connected")
@@ -486,4 +490,215 @@ def test_key_mode_states_follow_the_token(run_server: Any, pages: Any) -> None:
     expect(page.locator("#conn-detail")).to_have_text(
         "The server refused the token (4001 token expired): paste another.")
     expect(page.locator("#conn-count")).to_have_text("1")
+    assert pages.errors == []
+
+
+# --- rooms, history and recovery (issues 10 and 12) ------------------------------------
+
+#: The server API key the tests below give with --api-key-file (at least 32 bytes).
+API_KEY = "page-tests-api-key-0123456789-abcdefghijklmnop"
+
+#: The default namespace open to everyone, with history: the lobby recovers after a reconnect.
+CHAT_WITH_HISTORY = """
+[rooms]
+join = "anyone"
+publish = "members"
+history_size = 100
+"""
+
+
+def server_files(tmp_path: Path, config: str) -> list[str]:
+    """Writes ``config`` and the API key to files; the server arguments naming them."""
+    config_file = tmp_path / "wsserver.toml"
+    config_file.write_text(config)
+    key_file = tmp_path / "api.key"
+    key_file.write_text(API_KEY + "\n")
+    key_file.chmod(0o600)
+    return ["--config", str(config_file), "--api-key-file", str(key_file)]
+
+
+def api(srv: Any, path: str, body: Any) -> Any:
+    """POST ``body`` to the server API with the key; the JSON answer."""
+    request = urllib.request.Request(
+        srv.url + path, data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"apikey {API_KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def in_room(page: Page, room: str) -> None:
+    """Waits until the server confirmed the page's join of ``room``."""
+    expect(page.locator("#room-list li[data-state=joined]", has_text=room)).to_have_count(1)
+
+
+def chat_texts(page: Page) -> list[str]:
+    """The text of every chat message on the page (not the notices), in order."""
+    return page.locator("#chat-log li:not(.system):not(.notice):not(.unsent) .text").all_inner_texts()
+
+
+def test_no_message_lost_across_a_reconnect(
+    run_server: Any, pages: Any, tmp_path: Path
+) -> None:
+    """The server cuts the page's connection mid-chat (4001 through /api/disconnect, the
+    token revoked); while the page waits for its new token the other page keeps talking;
+    back, the page re-joins with "since" and shows every message once, in order."""
+    srv = run_server(*server_files(tmp_path, CHAT_WITH_HISTORY))
+    alice_page = pages.open(srv.url + PAGE, "alice")
+    bob_page = pages.open(srv.url + PAGE, "bob")
+    alice = connected(alice_page)
+    connected(bob_page)
+    in_room(alice_page, "lobby")
+    in_room(bob_page, "lobby")
+
+    before = [f"before {n}" for n in range(3)]
+    for text in before:
+        say(bob_page, text)
+    expect(alice_page.locator("#chat-log li").last).to_contain_text(before[-1])
+
+    # Hold the page's next token request: it stays away, deterministically, until released.
+    held: list[Route] = []
+
+    def hold_token(route: Route) -> None:
+        if route.request.method == "POST":
+            held.append(route)
+        else:
+            route.continue_()
+
+    alice_page.route("**/auth/demo-token", hold_token)
+    with alice_page.expect_request(lambda r: r.method == "POST" and "demo-token" in r.url):
+        assert api(srv, "/api/disconnect",
+                   {"user": alice, "code": 4001, "reason": "token revoked"}) == {}
+    expect(alice_page.locator("#conn-close")).to_have_text("Last close: 4001 token revoked")
+    expect(alice_page.locator("#conn-state")).to_have_text("connecting…")
+
+    during = [f"while away {n}" for n in range(5)]
+    for text in during:
+        say(bob_page, text)
+    # Each one is published (bob's own copy came back) before alice is back.
+    expect(bob_page.locator("#chat-log li").last).to_contain_text(during[-1])
+    assert alice_page.locator("#chat-log").inner_text().count("while away") == 0
+
+    deadline = time.monotonic() + 10
+    while not held:  # the handler runs on Playwright's dispatcher: give it turns
+        assert time.monotonic() < deadline, "the token request never reached the route"
+        alice_page.evaluate("0")
+    held[0].continue_()
+    alice_page.unroute("**/auth/demo-token")
+    expect(alice_page.locator("#conn-count")).to_have_text("2")
+    expect(alice_page.locator("#chat-log li.system").last).to_have_text(
+        "Back in #lobby: 5 messages sent while you were away, recovered below.")
+    in_room(alice_page, "lobby")
+    say(bob_page, "after")
+    expect(alice_page.locator("#chat-log li").last).to_contain_text("after")
+    assert chat_texts(alice_page) == [*before, *during, "after"]
+    assert chat_texts(bob_page) == [*before, *during, "after"]
+    expect(alice_page.locator("#chat-log li.notice")).to_have_count(0)
+    assert metric(srv, "wsserver_closes_total", 'code="4001"') == 1.0
+    assert pages.errors == []
+
+
+@pytest.mark.slow
+def test_a_restart_without_history_says_so_and_keeps_working(
+    run_server: Any, pages: Any, tmp_path: Path
+) -> None:
+    """The memory broker's history dies with its process: after a restart the re-join
+    cannot recover (new epoch), the page says so, and the chat goes on."""
+    args = server_files(tmp_path, CHAT_WITH_HISTORY)
+    first = run_server(*args)
+    page = pages.open(first.url + PAGE)
+    user = connected(page)
+    in_room(page, "lobby")
+    say(page, "before the restart")
+    expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: before the restart")
+
+    assert first.stop() == 0
+    expect(page.locator("#conn-state")).not_to_have_text("connected")
+    run_server("--port", str(first.port), *args)
+    expect(page.locator("#conn-count")).to_have_text("2", timeout=30_000)
+    notice = page.locator("#chat-log li.notice")
+    expect(notice).to_have_text(
+        "Messages sent to #lobby while you were away could not be recovered: "
+        "some may be missing.")
+    in_room(page, "lobby")
+    say(page, "after the restart")
+    expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: after the restart")
+    expect(notice).to_have_count(1)
+    assert pages.errors_except(*DOWNTIME_ERRORS) == []
+
+
+def test_forbidden_is_shown_where_the_user_acted(
+    run_server: Any, pages: Any, tmp_path: Path
+) -> None:
+    """Default namespace join = "token" and demo tokens without grants: the lobby and a
+    typed room are refused under the chat; a room one may join but not publish to marks
+    the message "Not sent"; the connection stays open throughout."""
+    config = """
+[rooms]
+join = "token"
+publish = "token"
+
+[rooms.namespaces.news]
+join = "anyone"
+publish = "token"
+"""
+    srv = run_server(*server_files(tmp_path, config))
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+    chat_error = page.locator("#chat-error")
+    expect(chat_error).to_have_text(re.compile(r"^Could not join #lobby: forbidden: "))
+    expect(page.locator("#room-list li")).to_have_count(0)
+
+    page.get_by_label("Room", exact=True).fill("secret")
+    page.get_by_label("Room", exact=True).press("Enter")
+    expect(chat_error).to_have_text(re.compile(r"^Could not join #secret: forbidden: "))
+    expect(page.locator("#room-list li")).to_have_count(0)
+
+    page.get_by_label("Room", exact=True).fill("news:today")
+    page.get_by_label("Room", exact=True).press("Enter")
+    in_room(page, "news:today")
+    expect(chat_error).to_be_empty()
+    say(page, "breaking")
+    expect(page.locator("#chat-log li.unsent")).to_have_text(
+        'Not sent to #news:today (forbidden): "breaking"')
+    expect(chat_error).to_have_text(re.compile(r"^Not sent to #news:today: forbidden: "))
+    expect(page.locator("#conn-error")).to_be_empty()
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    expect(page.locator("#conn-count")).to_have_text("1")
+    assert pages.errors == []
+
+
+def test_the_backend_publishes_to_the_users_room(
+    run_server: Any, pages: Any, tmp_path: Path
+) -> None:
+    """One POST /api/publish to user:<sub> and that user's page shows it, from "server";
+    nobody else's page does, and the page itself may not publish there."""
+    config = CHAT_WITH_HISTORY + """
+[rooms.namespaces.user]
+join = "owner"
+publish = "none"
+"""
+    srv = run_server(*server_files(tmp_path, config))
+    page = pages.open(srv.url + PAGE, "owner")
+    other = pages.open(srv.url + PAGE, "other")
+    user = connected(page)
+    connected(other)
+    page.get_by_role("button", name="My room", exact=True).click()
+    in_room(page, f"user:{user}")
+    # Someone else's personal room is refused.
+    other.get_by_label("Room", exact=True).fill(f"user:{user}")
+    other.get_by_label("Room", exact=True).press("Enter")
+    expect(other.locator("#chat-error")).to_have_text(
+        re.compile(rf"^Could not join #user:{user}: forbidden: "))
+
+    # No history in the user namespace: the answer carries no offset.
+    assert api(srv, "/api/publish", {"room": f"user:{user}", "data": "your report is ready"}) == {}
+    expect(page.locator("#chat-log li").last).to_have_text(
+        f"#user:{user} server: your report is ready")
+    expect(other.locator("#chat-log")).not_to_contain_text("your report is ready")
+
+    page.get_by_label("To", exact=True).select_option(f"user:{user}")
+    say(page, "me too")
+    expect(page.locator("#chat-log li.unsent")).to_have_text(
+        f'Not sent to #user:{user} (forbidden): "me too"')
     assert pages.errors == []

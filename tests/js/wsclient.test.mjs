@@ -136,7 +136,9 @@ test('the client refuses to send before connect() and needs url and getToken', (
 
 // --- resuming rooms with history (CONTRACT.md "History and recovery") ------------------
 
-import { joinMessage, acceptMessage, joinedOutcome, CLOSE_CODES } from '../../static/wsclient.js';
+import {
+  joinMessage, acceptMessage, joinedOutcome, gapOutcome, CLOSE_CODES,
+} from '../../static/wsclient.js';
 
 const msgAt = (offset, epoch = 'e1', room = 'chat:1') =>
   ({ type: 'message', room, from: 'bob', data: `m${offset}`, offset, epoch });
@@ -197,6 +199,25 @@ test('a plain join starts at the top; a room without history has no position', (
     { position: { epoch: 'e1', offset: 12 }, messages: [], recovered: null });
   assert.deepEqual(joinedOutcome(null, { type: 'joined', room: 'lobby' }, false),
     { position: null, messages: [], recovered: null });
+});
+
+const gapAt = (offset, epoch = 'e1', room = 'chat:1') =>
+  ({ type: 'gap', room, epoch, offset, recovered: false });
+
+test('a gap moves the position to its offset and means messages were lost', () => {
+  assert.deepEqual(gapOutcome({ epoch: 'e1', offset: 4 }, gapAt(9)),
+    { position: { epoch: 'e1', offset: 9 }, lost: true });
+  assert.deepEqual(gapOutcome({ epoch: 'e1', offset: 4 }, gapAt(0, 'e2')),
+    { position: { epoch: 'e2', offset: 0 }, lost: true }); // new epoch: always a loss
+  assert.deepEqual(gapOutcome(null, gapAt(3)),
+    { position: { epoch: 'e1', offset: 3 }, lost: true });
+});
+
+test('a gap at or below what the client already has loses nothing', () => {
+  const position = { epoch: 'e1', offset: 9 };
+  assert.deepEqual(gapOutcome(position, gapAt(9)), { position, lost: false });
+  assert.deepEqual(gapOutcome(position, gapAt(2)), { position, lost: false });
+  assert.deepEqual(gapOutcome(position, { type: 'gap', room: 'chat:1' }), { position, lost: false });
 });
 
 test('the close-code table says what the client does for every code', () => {
@@ -338,5 +359,61 @@ test('user_joined, user_left and presence are events of their own', async () => 
                id: ws.sent.at(-1).id });
   assert.deepEqual((await asking).users, ['alice']);
   assert.deepEqual(seen, [['user_joined', 'bob'], ['user_left', 'bob'], ['presence', ['alice']]]);
+  client.close();
+});
+
+test('a gap for a live member reports the loss; what follows it is delivered', async () => {
+  const failed = [];
+  const client = newClient({ onRecoveryFailed: (room, reply) => failed.push([room, reply.type]) });
+  const delivered = [];
+  const recoveries = [];
+  client.addEventListener('message', (e) => delivered.push([e.detail.type, e.detail.offset]));
+  client.addEventListener('recovery', (e) => recoveries.push(e.detail));
+  const ws = await connected(client);
+  const joining = client.join('chat:1');
+  ws.receive({ type: 'joined', room: 'chat:1', epoch: 'e1', offset: 2, id: ws.sent.at(-1).id });
+  await joining;
+  delivered.length = 0;
+  ws.receive(msgAt(3));
+  ws.receive(gapAt(7)); // 4 to 7 lost on the server
+  ws.receive(msgAt(8));
+  ws.receive(gapAt(8)); // nothing the client lacks: dropped
+  ws.receive(gapAt(1, 'e2')); // history lost: new epoch, starting above 1
+  ws.receive(msgAt(2, 'e2'));
+  ws.receive(gapAt(5, 'e1', 'lobby')); // a room the client is not in: ignored
+  assert.deepEqual(delivered, [['message', 3], ['gap', 7], ['message', 8], ['gap', 1],
+                               ['message', 2]]);
+  assert.deepEqual(recoveries, [{ room: 'chat:1', recovered: false, missed: 0 },
+                                { room: 'chat:1', recovered: false, missed: 0 }]);
+  assert.deepEqual(failed, [['chat:1', 'gap'], ['chat:1', 'gap']]);
+  assert.deepEqual(client.positions.get('chat:1'), { epoch: 'e2', offset: 2 });
+  client.close();
+});
+
+test('a gap during a recovering re-join is reported after the recovered messages', async () => {
+  const client = newClient();
+  const events = [];
+  client.addEventListener('message', (e) => {
+    if (e.detail.type !== 'welcome') events.push([e.detail.type, e.detail.offset ?? null]);
+  });
+  client.addEventListener('recovery', (e) => events.push(['recovery', e.detail.recovered]));
+  let ws = await connected(client);
+  const joining = client.join('chat:1');
+  ws.receive({ type: 'joined', room: 'chat:1', epoch: 'e1', offset: 4, id: ws.sent.at(-1).id });
+  await joining;
+  ws.drop(1006);
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  ws = await connected(client);
+  events.length = 0;
+  const rejoin = ws.sent.find((m) => m.type === 'join');
+  ws.receive(gapAt(9)); // held with the join
+  ws.receive(msgAt(10));
+  ws.receive({ type: 'joined', room: 'chat:1', epoch: 'e1', offset: 6, recovered: true,
+               messages: [msgAt(5), msgAt(6)], id: rejoin.id });
+  assert.deepEqual(events, [
+    ['recovery', true], ['joined', 6], ['message', 5], ['message', 6],
+    ['recovery', false], ['gap', 9], ['message', 10],
+  ]);
+  assert.deepEqual(client.positions.get('chat:1'), { epoch: 'e1', offset: 10 });
   client.close();
 });
