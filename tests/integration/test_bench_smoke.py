@@ -164,7 +164,10 @@ def test_two_nodes_deliver_every_message_on_both_nodes(result: dict[str, Any]) -
         for run in nodes[name]["rounds"]:
             assert run["nodes"] == count
             assert_every_delivery(run, result["params"])
-            assert positive(run["server_cpu_us_per_unit"])
+            # A smoke run can be shorter than the CPU clock's tick (10 ms) on
+            # a node: a figure, but not necessarily above zero.
+            cpu = run["server_cpu_us_per_unit"]
+            assert isinstance(cpu, int | float) and math.isfinite(cpu) and cpu >= 0
 
 
 def test_history_fanout_and_recovery(result: dict[str, Any]) -> None:
