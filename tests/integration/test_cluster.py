@@ -462,3 +462,51 @@ def test_two_workers_with_the_memory_broker_exit_2() -> None:
     assert result.returncode == 2, result.stderr
     assert "--workers 2" in result.stderr and "Redis broker" in result.stderr
     assert "listening on" not in result.stdout + result.stderr
+
+
+def test_a_lost_pubsub_message_is_repaired_from_the_history(
+    start_node: StartNode, clients: Clients, redis: RedisServer
+) -> None:
+    a, b = start_node("a"), start_node("b")
+    room = "chat:lost"
+    members = [clients.open(a, "ivy"), clients.open(b, "jon")]
+    for member in members:
+        member.join(room)
+    api(a, "/api/publish", {"room": room, "data": "one"})
+    # Offset 2 written to the room's stream, its pub/sub message lost: the
+    # publish script run as a node runs it, but on a channel nobody reads.
+    from wsserver import protocol
+    from wsserver.brokers.redis_scripts import PUBLISH
+
+    payload = protocol.encode({"type": "message", "room": room, "from": None, "data": "two"})
+    answer = redis.command(
+        "EVAL", PUBLISH, 3, f"wsserver:meta:{room}", f"wsserver:stream:{room}", "",
+        "wsserver:nowhere", payload, "- ", 100, 300_000, "e", 300_000, "1", "0", "",
+    )
+    assert answer.split(b" ")[0] == b"2"
+    api(b, "/api/publish", {"room": room, "data": "three"})
+    for node, member in zip((a, b), members, strict=True):
+        got = member.messages_until("three") + [{"data": "three", "offset": 3}]
+        assert [(m["data"], m["offset"]) for m in got] == [("one", 1), ("two", 2), ("three", 3)]
+        node.wait_for_log(r"room 'chat:lost': repaired [12] missed message\(s\) after offset 1")
+
+
+def test_connections_admitted_during_an_outage_count_once_redis_is_back(
+    start_node: StartNode, clients: Clients, redis: RedisServer
+) -> None:
+    a = start_node("a", "--max-connections-per-user", "2")
+    b = start_node("b", "--max-connections-per-user", "2")
+    redis.stop()
+    poll(lambda: ready(a)[0] == 503, "a unready")
+    during = clients.open(a, "kim")  # admitted: counted on this node only
+    a.wait_for_log(r"broker unavailable: user=kim counted on this node only")
+    redis.start()
+    for node in (a, b):
+        poll(lambda node=node: ready(node)[0] == 200, "ready again")
+    # Once a put its entries back, kim's connection on a counts on b too.
+    poll(lambda: api(b, "/api/nodes") and redis.command("HGET", "wsserver:ut", "kim") == b"1",
+         "kim's connection on a counted in Redis")
+    clients.open(b, "kim")
+    assert clients.refused(b, "kim") == 4008
+    during.close()
+    poll(lambda: redis.command("HGET", "wsserver:ut", "kim") == b"1", "kim counted down")

@@ -477,7 +477,14 @@ class RedisBroker(Broker):
 
     async def user_connect(self, user: str, limit: int) -> int | None:
         async with self._counted():
-            count = int(await self._script("USER_CONNECT", self._user_keys(), [user, limit]))
+            try:
+                count = int(await self._script("USER_CONNECT", self._user_keys(), [user, limit]))
+            except BrokerUnavailable:
+                # The caller admits it on this node's count: in this node's
+                # account it goes, and the resync once Redis is back (_counted
+                # marks the node dirty) counts it on every node.
+                self._my_users[user] += 1
+                raise
             if count >= 0:
                 self._my_users[user] += 1
         return None if count < 0 else count
