@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 from deploy_helpers import Nginx, nginx_available
 
-from tests.cluster_support import Clients, api, clients_fixture, metric, node_args, poll, write_files
+from tests.cluster_support import (
+    Clients,
+    api,
+    clients_fixture,
+    metric,
+    node_args,
+    poll,
+    write_files,
+)
 from tests.conftest import RunningServer
 from tests.redis_support import RedisServer, require_redis_server
 
