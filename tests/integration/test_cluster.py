@@ -129,11 +129,40 @@ def test_api_publish_on_one_node_reaches_members_on_every_node(
     assert api(a, "/api/publish", {"room": "news", "data": {"n": 1}}) == {}
     answer = api(b, "/api/broadcast", {"rooms": ["news", "empty"], "data": 2})
     assert answer == {"results": [{}, {}]}
+    # The same idempotency key on another node publishes nothing more.
+    for node in (a, b, a):
+        assert api(node, "/api/publish", {"room": "chat:x", "data": 0,
+                                          "idempotency_key": "k1"})["offset"] == 1
     for member in members:
         assert member.recv() == {"type": "message", "room": "news", "from": None,
                                  "data": {"n": 1}}
         assert member.recv() == {"type": "message", "room": "news", "from": None, "data": 2}
         assert member.ask({"type": "ping"}) == {"type": "pong"}
+
+
+def test_reconnect_to_another_node_and_recover(start_node: StartNode, clients: Clients) -> None:
+    a, b = start_node("a"), start_node("b")
+    room = "chat:resume"
+    phone = clients.open(a, "lea")
+    phone.join(room)
+    for n in range(3):
+        api(b, "/api/publish", {"room": room, "data": n})
+    seen = [phone.next(lambda m: m["type"] == "message") for _ in range(3)]
+    last = seen[-1]
+    phone.close()  # the network switched
+    for n in range(3, 5):
+        api(a, "/api/publish", {"room": room, "data": n})
+    again = clients.open(b, "lea")
+    reply = again.ask({"type": "join", "room": room,
+                       "since": {"offset": last["offset"], "epoch": last["epoch"]}})
+    assert reply["recovered"] is True, reply
+    assert (reply["epoch"], reply["offset"]) == (last["epoch"], 5)
+    assert [(m["data"], m["offset"]) for m in reply["messages"]] == [(3, 4), (4, 5)]
+    api(a, "/api/publish", {"room": room, "data": "live"})
+    assert again.next(lambda m: m["type"] == "message")["offset"] == 6  # no repeat
+    stale = again.ask({"type": "join", "room": "chat:resume2",
+                       "since": {"offset": 1, "epoch": "not-this-one"}})
+    assert (stale["recovered"], stale["messages"]) == (False, [])
 
 
 # --- limits across nodes -------------------------------------------------------------
@@ -188,8 +217,11 @@ def test_message_bucket_across_nodes_admits_at_most_one_extra_second(
             else:
                 assert reply["code"] == "rate_limited", reply
                 refused += 1
-    bound = rate * (elapsed + 1) + burst
-    assert accepted <= bound, (accepted, bound, sent)
+    # The server's window ends at the last refusal or echo at the latest: by
+    # now (time a loaded server took to catch up refilled the buckets too).
+    served = time.monotonic() - started
+    bound = rate * (served + 1) + burst
+    assert accepted <= bound, (accepted, bound, served, sent)
     # The flood did reach the limit (a test that cannot fail proves nothing).
     assert accepted >= rate * (elapsed - 1), (accepted, sent)
     assert refused > 0
@@ -278,7 +310,7 @@ def test_redis_stopped_then_restarted(
     redis.stop()
     stopped = time.monotonic()
     poll(lambda: ready(a) == (503, {"status": "broker_unavailable"}), "a unready", every=0.02)
-    assert time.monotonic() - stopped <= 2 * probe + 0.5
+    assert time.monotonic() - stopped <= 2 * probe + 0.2
     poll(lambda: ready(b)[0] == 503, "b unready")
     # The connections stay open; the echo path works; the broker's paths say why not.
     assert alice.ask({"type": "ping", "id": 1}) == {"type": "pong", "id": 1}
@@ -312,6 +344,7 @@ def test_redis_stopped_then_restarted(
     poll(lambda: api(b, f"/api/presence?room={room}")["users"] == ["alice", "bob"],
          "presence restored")
     assert alice.ask({"type": "presence", "room": room})["connections"] == 2
+    assert api(a, "/api/rooms") == {"rooms": {room: {"connections": 2, "users": 2}}}
 
 
 def test_redis_frozen_then_thawed(
@@ -324,7 +357,7 @@ def test_redis_frozen_then_thawed(
     redis.freeze()
     frozen = time.monotonic()
     poll(lambda: ready(a) == (503, {"status": "broker_unavailable"}), "unready", every=0.02)
-    assert time.monotonic() - frozen <= 2 * probe + 0.5
+    assert time.monotonic() - frozen <= 2 * probe + 0.2
     assert member.ask({"type": "echo", "data": "still"}) == {"type": "echo", "data": "still"}
     reply = member.ask({"type": "publish", "room": "news", "data": 1})
     assert reply["code"] == "unavailable"
@@ -366,6 +399,14 @@ def test_killed_pubsub_connections_resubscribe_and_repair(
     assert [m["offset"] for m in got] == list(range(1, published + 1))
     assert [m["data"] for m in got] == list(range(published))
     assert writer.messages_until("end") == got
+    # The command connections killed too: the next command of each node reconnects.
+    assert redis.command("CLIENT", "KILL", "TYPE", "normal") >= 2
+    for node in (a, b):
+        assert http(node.url + "/api/publish", {"room": room, "data": node.port})[0] == 200
+    api(b, "/api/publish", {"room": room, "data": "end2"})
+    for member in (reader, writer):
+        assert sorted(m["data"] for m in member.messages_until("end2")) == sorted(
+            [a.port, b.port])
 
 
 # --- the echo path ------------------------------------------------------------------
