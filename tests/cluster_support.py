@@ -171,6 +171,16 @@ class Client:
             if message["type"] in ("message", "gap"):
                 got.append(message)
 
+    def messages_until_any(self, marker: Any, timeout: float = WAIT) -> list[dict[str, Any]]:
+        """Everything received before the room message whose data is ``marker``."""
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.recv(max(0.01, deadline - time.monotonic()))
+            if message["type"] == "message" and message["data"] == marker:
+                return got
+            got.append(message)
+
     def closed_with(self, timeout: float = WAIT) -> int | None:
         """The close code once the server closed (reading past whatever was still queued)."""
         deadline = time.monotonic() + timeout

@@ -366,7 +366,7 @@ OPTIONS: tuple[Option, ...] = (
         _positive_float,
         15.0,
         "seconds without a heartbeat after which a node counts as dead and its users "
-        "leave presence (more than --broker-heartbeat; the two add up to at most 60)",
+        "leave presence (at least twice --broker-heartbeat; the two add up to at most 60)",
     ),
 )
 
@@ -708,8 +708,10 @@ def _build(
             "(--broker redis://...); with the memory broker every limit, room and "
             "presence would silently be per process"
         )
-    if merged["broker_node_ttl"] <= merged["broker_heartbeat"]:
-        problems.append(f"{where('broker_node_ttl')}: must be longer than --broker-heartbeat")
+    if merged["broker_node_ttl"] < 2 * merged["broker_heartbeat"]:
+        problems.append(
+            f"{where('broker_node_ttl')}: must be at least twice --broker-heartbeat"
+        )
     if merged["broker_node_ttl"] + merged["broker_heartbeat"] > 60:
         # The contract: a dead node's users leave presence within 60 s, and a
         # survivor reaps it at its first heartbeat after the TTL.

@@ -412,6 +412,12 @@ def test_killed_pubsub_connections_resubscribe_and_repair(
 # --- the echo path ------------------------------------------------------------------
 
 
+def redis_client(redis: RedisServer) -> Any:
+    import redis as redis_py
+
+    return redis_py.Redis(host="127.0.0.1", port=redis.port, socket_timeout=10)
+
+
 def command_calls(redis: RedisServer) -> dict[str, int]:
     stats = redis.command("INFO", "commandstats")
     return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
@@ -551,3 +557,105 @@ def test_connections_admitted_during_an_outage_count_once_redis_is_back(
     assert clients.refused(b, "kim") == 4008
     during.close()
     poll(lambda: redis.command("HGET", "wsserver:ut", "kim") == b"1", "kim counted down")
+
+
+def test_leaves_across_nodes_announce_the_users_last_connection_only(
+    start_node: StartNode, clients: Clients
+) -> None:
+    a, b = start_node("a"), start_node("b")
+    room = "chat:leave"
+    alice = clients.open(a, "alice")
+    alice.join(room)
+    bobs = [clients.open(b, "bob"), clients.open(a, "bob")]
+    for bob in bobs:
+        bob.join(room)
+    bobs[0].ask({"type": "leave", "room": room})
+    api(b, "/api/publish", {"room": room, "data": "marker1"})
+    events = [m for m in alice.messages_until_any("marker1") if m["type"] == "user_left"]
+    assert events == []
+    bobs[1].close()  # bob's last connection in the room, on the other node
+    assert alice.next(lambda m: m["type"] == "user_left") == {
+        "type": "user_left", "room": room, "user": "bob"}
+    assert api(b, f"/api/presence?room={room}")["users"] == ["alice"]
+
+
+def test_a_killed_node_frees_its_users_connection_counts(
+    start_node: StartNode, clients: Clients
+) -> None:
+    cap = ("--max-connections-per-user", "2")
+    a, b = start_node("a", *cap), start_node("b", *cap)
+    clients.open(b, "max")
+    clients.open(b, "max")
+    assert clients.refused(a, "max") == 4008
+    b.stop(signal.SIGKILL)
+
+    def admitted() -> Client | None:
+        try:
+            return clients.open(a, "max")
+        except ConnectionClosed:
+            return None
+
+    poll(admitted, "max admitted on a once b is reaped")
+
+
+def test_a_node_restarted_under_its_name_replaces_what_it_left(
+    start_node: StartNode, clients: Clients
+) -> None:
+    a, b = start_node("a"), start_node("b", "--max-connections-per-user", "1")
+    room = "chat:restart"
+    alice = clients.open(a, "alice")
+    alice.join(room)
+    clients.open(b, "bob").join(room)
+    alice.next(lambda m: m["type"] == "user_joined" and m["user"] == "bob")
+    b.stop(signal.SIGKILL)
+    b2 = start_node("b", "--max-connections-per-user", "1")  # well within the node TTL
+    assert alice.next(lambda m: m["type"] == "user_left") == {
+        "type": "user_left", "room": room, "user": "bob"}
+    assert api(b2, f"/api/presence?room={room}")["users"] == ["alice"]
+    # bob's old connection no longer counts against his cap.
+    clients.open(b2, "bob").join(room)
+    assert alice.next(lambda m: m["type"] == "user_joined")["user"] == "bob"
+    nodes = {n["name"]: n for n in api(a, "/api/nodes")["nodes"]}
+    assert sorted(nodes) == ["a", "b"]
+
+
+def test_a_freeze_longer_than_the_node_ttl_reaps_no_live_node(
+    start_node: StartNode, clients: Clients, redis: RedisServer
+) -> None:
+    a, b = start_node("a"), start_node("b")
+    room = "chat:freeze"
+    alice = clients.open(a, "alice")
+    alice.join(room)
+    clients.open(b, "bob").join(room)
+    alice.next(lambda m: m["type"] == "user_joined" and m["user"] == "bob")
+    # Listens on the control channel through the freeze: a node reaped would
+    # be announced there (the nodes' own subscriptions may miss it, not this).
+    listener = redis_client(redis)
+    control = listener.pubsub()
+    control.subscribe("wsserver:control")
+    assert control.get_message(timeout=5)["type"] == "subscribe"
+    redis.freeze()
+    for node in (a, b):
+        poll(lambda node=node: ready(node)[0] == 503, "unready")
+    # Longer than --broker-node-ttl 2: every node's last heartbeat is overdue
+    # when Redis answers again, yet every node is alive.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert alice.ask({"type": "ping"}) == {"type": "pong"}
+        time.sleep(0.2)
+    redis.thaw()
+    for node in (a, b):
+        poll(lambda node=node: ready(node)[0] == 200, "ready after SIGCONT")
+    # Let several heartbeats pass on both nodes, then look: nobody left.
+    time.sleep(1.5)
+    api(b, "/api/publish", {"room": room, "data": "marker"})
+    events = [m for m in alice.messages_until_any("marker") if m["type"] == "user_left"]
+    assert events == [], (events, a.logs(), b.logs())
+    assert api(a, f"/api/presence?room={room}")["users"] == ["alice", "bob"]
+    assert sorted(n["name"] for n in api(a, "/api/nodes")["nodes"]) == ["a", "b"]
+    announced = []
+    while (message := control.get_message(timeout=0.01)) is not None:
+        announced.append(message["data"])
+    control.close()
+    listener.close()
+    assert not [m for m in announced if b'"lost"' in m], announced
