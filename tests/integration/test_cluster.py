@@ -646,8 +646,12 @@ def test_a_freeze_longer_than_the_node_ttl_reaps_no_live_node(
     redis.thaw()
     for node in (a, b):
         poll(lambda node=node: ready(node)[0] == 200, "ready after SIGCONT")
-    # Let several heartbeats pass on both nodes, then look: nobody left.
-    time.sleep(1.5)
+    # Two heartbeats of each node after the thaw, then look: nobody left.
+    seconds, micros = redis.command("TIME")
+    thawed = int(seconds) * 1000 + int(micros) // 1000
+    for name in ("a", "b"):
+        poll(lambda name=name: int(redis.command("HGET", f"wsserver:node:{name}", "at") or 0)
+             > thawed + 1000, f"{name} heartbeating again")
     api(b, "/api/publish", {"room": room, "data": "marker"})
     events = [m for m in alice.messages_until_any("marker") if m["type"] == "user_left"]
     assert events == [], (events, a.logs(), b.logs())
