@@ -355,6 +355,19 @@ OPTIONS: tuple[Option, ...] = (
         2.0,
         "seconds between readiness probes through the broker",
     ),
+    Option(
+        "broker_heartbeat",
+        _positive_float,
+        5.0,
+        "seconds between this node's heartbeats through a Redis broker (rarely changed)",
+    ),
+    Option(
+        "broker_node_ttl",
+        _positive_float,
+        15.0,
+        "seconds without a heartbeat after which a node counts as dead and its users "
+        "leave presence (at least twice --broker-heartbeat; the two add up to at most 60)",
+    ),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
@@ -427,6 +440,8 @@ class Settings:
     workers: int = 1
     node_name: str = ""
     broker_probe_interval: float = 2.0
+    broker_heartbeat: float = 5.0
+    broker_node_ttl: float = 15.0
     demo_mode: bool = False
     #: True when the allowed origins are demo mode's loopback defaults.
     default_origins: bool = False
@@ -692,6 +707,16 @@ def _build(
             f"--workers {merged['workers']}: more than one worker needs a Redis broker "
             "(--broker redis://...); with the memory broker every limit, room and "
             "presence would silently be per process"
+        )
+    if merged["broker_node_ttl"] < 2 * merged["broker_heartbeat"]:
+        problems.append(
+            f"{where('broker_node_ttl')}: must be at least twice --broker-heartbeat"
+        )
+    if merged["broker_node_ttl"] + merged["broker_heartbeat"] > 60:
+        # The contract: a dead node's users leave presence within 60 s, and a
+        # survivor reaps it at its first heartbeat after the TTL.
+        problems.append(
+            f"{where('broker_node_ttl')}: with --broker-heartbeat at most 60 seconds in all"
         )
     merged["node_name"] = merged["node_name"] or f"{socket.gethostname()}-{os.getpid()}"
     if merged["internal_port"] is not None and merged["internal_port"] == merged["port"] != 0:

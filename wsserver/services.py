@@ -111,6 +111,7 @@ class Services:
         self.broker = broker or make_broker(
             settings.broker, node_name, metrics=metrics,
             probe_interval=settings.broker_probe_interval,
+            heartbeat_interval=settings.broker_heartbeat, node_ttl=settings.broker_node_ttl,
         )
         self.hub = Hub(
             self.broker,

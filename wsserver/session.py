@@ -181,6 +181,8 @@ class Session:
             count = await broker.user_connect(user, self.services.settings.max_connections_per_user)
         except BrokerUnavailable:
             log.warning("broker unavailable: user=%s counted on this node only", user)
+            # The broker still counts it once it is back: count it down at close.
+            self._counted_in_broker = True
             return
         if count is None:
             raise TooManyForUser()

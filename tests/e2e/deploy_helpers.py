@@ -20,6 +20,7 @@ DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "wsserver.service"
 ENV_EXAMPLE = DEPLOY / "wsserver.env.example"
 NGINX_SITE = DEPLOY / "nginx.conf"
+NGINX_CLUSTER_SITE = DEPLOY / "nginx-cluster.conf"
 NGINX = "/usr/sbin/nginx"
 
 #: The interpreter the shipped unit runs, as installed by docs/deploy.md.
@@ -102,10 +103,27 @@ def render_site(upstream_port: int, listen_port: int, access_log: Path | None = 
     return substitute_once(site, r"^\s*listen\s+\[::\]:80;.*\n", "")
 
 
-class Nginx:
-    """A real nginx, run in the foreground from a generated main config."""
+def render_cluster_site(upstream_ports: list[int], listen_port: int) -> str:
+    """The shipped cluster site with its upstream's nodes replaced by local ports."""
+    site = NGINX_CLUSTER_SITE.read_text()
+    nodes = "".join(
+        f"    server 127.0.0.1:{port} max_fails=3 fail_timeout=10s;\n" for port in upstream_ports
+    )
+    site = substitute_once(site, r"^(\s*server\s+\S+:\d+ max_fails=3 fail_timeout=10s;\n)+", nodes)
+    site = substitute_once(site, r"^(\s*listen\s+)80;", rf"\g<1>127.0.0.1:{listen_port};")
+    return substitute_once(site, r"^\s*listen\s+\[::\]:80;.*\n", "")
 
-    def __init__(self, workdir: Path, upstream_port: int) -> None:
+
+class Nginx:
+    """A real nginx, run in the foreground from a generated main config.
+
+    ``upstream_ports`` (several nodes) renders ``deploy/nginx-cluster.conf``
+    instead of ``deploy/nginx.conf``.
+    """
+
+    def __init__(
+        self, workdir: Path, upstream_port: int, upstream_ports: list[int] | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -113,7 +131,10 @@ class Nginx:
         workdir.mkdir(parents=True, exist_ok=True)
         site = workdir / "wsserver.conf"
         self.access_log = workdir / "wsserver.access.log"
-        site.write_text(render_site(upstream_port, self.port, self.access_log))
+        if upstream_ports is None:
+            site.write_text(render_site(upstream_port, self.port, self.access_log))
+        else:
+            site.write_text(render_cluster_site(upstream_ports, self.port))
         temp = {name: workdir / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
         # As root nginx would switch its workers to "nobody", who cannot
         # enter the test's private directory.

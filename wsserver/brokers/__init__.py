@@ -14,12 +14,14 @@ __all__ = ["Broker", "BrokerUnavailable", "make_broker"]
 
 def make_broker(
     url: str, node_name: str, *, metrics: Metrics | None = None, probe_interval: float = 2.0,
+    heartbeat_interval: float = 5.0, node_ttl: float = 15.0,
 ) -> Broker:
     """The broker named by ``--broker`` (``memory``, ``redis://``, ``rediss://``, ``unix://``).
 
     Args:
         metrics: gets ``wsserver_broker_*`` (the memory broker is always up).
         probe_interval: ``--broker-probe-interval``, for the Redis broker.
+        heartbeat_interval, node_ttl: ``--broker-heartbeat``, ``--broker-node-ttl``.
     """
     if url == "memory":
         from wsserver.brokers.memory import MemoryBroker
@@ -31,5 +33,8 @@ def make_broker(
         # Imported here: redis-py loads only when a Redis broker is configured.
         from wsserver.brokers.redis import RedisBroker
 
-        return RedisBroker(url, node_name, metrics=metrics, probe_interval=probe_interval)
+        return RedisBroker(
+            url, node_name, metrics=metrics, probe_interval=probe_interval,
+            heartbeat_interval=heartbeat_interval, node_ttl=node_ttl,
+        )
     raise ValueError(f"unknown broker {url!r}: use 'memory' or a redis:// URL")

@@ -239,7 +239,12 @@ class Broker(abc.ABC):
     async def user_connect(self, user: str, limit: int) -> int | None:
         """Count a new connection of ``user`` on this node if the user has fewer
         than ``limit`` on all nodes together; the user's count after it, or None
-        when the user is at the limit (nothing counted)."""
+        when the user is at the limit (nothing counted).
+
+        Raises :class:`BrokerUnavailable` when the broker cannot be reached;
+        the caller then admits the connection on this node's count alone, and
+        the broker still counts it (in the cluster once it is back), so the
+        caller calls :meth:`user_disconnect` for it as for any other."""
 
     @abc.abstractmethod
     async def user_disconnect(self, user: str) -> None:

@@ -135,7 +135,10 @@ class RedisBroker(Broker):
         command_timeout: bound on connecting and on each command's answer.
         heartbeat_interval: seconds between this node's heartbeats.
         node_ttl: a node whose heartbeat is this late is dead: its presence
-            and user counts are removed by the next surviving heartbeat.
+            and user counts are removed by the next heartbeat of a node whose
+            own heartbeats reached Redis regularly for at least this long
+            (so a Redis outage for everyone reaps nobody). At least twice
+            ``heartbeat_interval``.
         prefix: of every key and channel, to share one Redis between clusters.
     """
 
@@ -158,8 +161,10 @@ class RedisBroker(Broker):
         super().__init__(node_name)
         if "\0" in node_name or not node_name:
             raise ValueError("node name must be non-empty, without NUL")
-        if node_ttl <= heartbeat_interval:
-            raise ValueError("node_ttl must be longer than heartbeat_interval")
+        if node_ttl < 2 * heartbeat_interval:
+            # A node reaps others only while its own heartbeats come at most
+            # node_ttl - heartbeat_interval apart (see the HEARTBEAT script).
+            raise ValueError("node_ttl must be at least twice heartbeat_interval")
         self.url = url
         self.safe_url = redact_url(url)
         self._metrics = metrics
@@ -477,7 +482,14 @@ class RedisBroker(Broker):
 
     async def user_connect(self, user: str, limit: int) -> int | None:
         async with self._counted():
-            count = int(await self._script("USER_CONNECT", self._user_keys(), [user, limit]))
+            try:
+                count = int(await self._script("USER_CONNECT", self._user_keys(), [user, limit]))
+            except BrokerUnavailable:
+                # The caller admits it on this node's count: in this node's
+                # account it goes, and the resync once Redis is back (_counted
+                # marks the node dirty) counts it on every node.
+                self._my_users[user] += 1
+                raise
             if count >= 0:
                 self._my_users[user] += 1
         return None if count < 0 else count
@@ -609,7 +621,7 @@ class RedisBroker(Broker):
         answer = await self._script(
             "HEARTBEAT",
             [f"{self._p}:nodes", f"{self._p}:node:{self.node_name}"],
-            [self._p, self.node_name, body, _ms(self.node_ttl)],
+            [self._p, self.node_name, body, _ms(self.node_ttl), _ms(self.heartbeat_interval)],
             gated=False,
         )
         if self._registered and not int(answer[0]):

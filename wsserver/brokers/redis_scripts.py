@@ -207,16 +207,27 @@ local function now_ms()
 end
 """
 
-#: KEYS: nodes, node. ARGV: prefix, node, stats JSON, ttl ms.
+#: KEYS: nodes, node. ARGV: prefix, node, stats JSON, ttl ms, heartbeat ms.
 #: Registers this node, reaps the nodes whose heartbeat is overdue.
 #: Returns {1 if this node was registered before else 0, reaped node...}.
+#:
+#: A node reaps others only after its own heartbeats have reached Redis
+#: without a long gap for a whole TTL ("since"): when Redis was frozen or
+#: unreachable for everyone, every node is overdue at once, and the first to
+#: get through must not take the others for dead (their users would "leave").
 HEARTBEAT = _REAP + r"""
 local now = now_ms()
+local ttl = tonumber(ARGV[4])
 local known = redis.call("ZSCORE", KEYS[1], ARGV[2])
-redis.call("ZADD", KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
-redis.call("HSET", KEYS[2], "stats", ARGV[3], "at", now)
-redis.call("PEXPIRE", KEYS[2], ARGV[4])
+local since = now
+if known and now - (tonumber(known) - ttl) <= ttl - tonumber(ARGV[5]) then
+  since = tonumber(redis.call("HGET", KEYS[2], "since") or now)
+end
+redis.call("ZADD", KEYS[1], now + ttl, ARGV[2])
+redis.call("HSET", KEYS[2], "stats", ARGV[3], "at", now, "since", since)
+redis.call("PEXPIRE", KEYS[2], ttl)
 local out = {known and 1 or 0}
+if now - since < ttl then return out end
 for _, dead in ipairs(redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", now)) do
   reap(ARGV[1], dead)
   out[#out + 1] = dead
