@@ -20,10 +20,14 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from tornado.ioloop import IOLoop
+
+if TYPE_CHECKING:
+    from tests.cluster_support import Clients
+    from tests.redis_support import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -139,6 +143,26 @@ def _limit_files(count: int) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
     return limit
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` of the test's own on a free loopback port
+    (never the system service), stopped at the end."""
+    from tests.redis_support import RedisServer, require_redis_server
+
+    require_redis_server()
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    """Synchronous WebSocket clients (``tests.cluster_support``), all closed at the end."""
+    # Imported here: tests.cluster_support imports this module.
+    from tests.cluster_support import clients_fixture
+
+    yield from clients_fixture()
 
 
 @pytest.fixture

@@ -13,31 +13,18 @@ from deploy_helpers import Nginx, nginx_available
 from tests.cluster_support import (
     Clients,
     api,
-    clients_fixture,
     metric,
     node_args,
     poll,
     write_files,
 )
 from tests.conftest import RunningServer
-from tests.redis_support import RedisServer, require_redis_server
+from tests.redis_support import RedisServer
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not nginx_available(), reason="needs nginx (Debian: nginx-light)"),
 ]
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    require_redis_server()
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def clients() -> Iterator[Clients]:
-    yield from clients_fixture()
 
 
 @pytest.fixture

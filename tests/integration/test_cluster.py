@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from tests.cluster_support import (
     Client,
     Clients,
     api,
-    clients_fixture,
     http,
     metric,
     node_args,
@@ -35,23 +34,11 @@ from tests.cluster_support import (
     write_files,
 )
 from tests.conftest import ROOT, SECRET, RunningServer
-from tests.redis_support import RedisServer, require_redis_server
+from tests.redis_support import RedisServer
 
 pytestmark = pytest.mark.slow
 
 StartNode = Callable[..., RunningServer]
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    require_redis_server()
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def clients() -> Iterator[Clients]:
-    yield from clients_fixture()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import asyncio
 import json
 import struct
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import jwt
@@ -266,3 +266,19 @@ async def welcomed(
     (welcome,) = client.transport.take()
     assert welcome["type"] == "welcome", welcome
     return client
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run one test's async scenario on a fresh loop."""
+    asyncio.run(scenario())  # type: ignore[arg-type]
+
+
+def counter(family: Any, **labels: str) -> float:
+    """A Prometheus counter's value (one label set), 0 when never counted."""
+    for metric in family.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                return float(sample.value)
+    return 0.0

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from tests.unit.session_fakes import Client, Scheduler, make_services, settle, token, welcomed
+from tests.unit.session_fakes import (
+    Client,
+    Scheduler,
+    counter,
+    make_services,
+    run,
+    settle,
+    token,
+    welcomed,
+)
 from wsserver.brokers.base import (
     BrokerSink,
     BrokerUnavailable,
@@ -111,20 +120,6 @@ def make(
         rooms_table or rooms(), lambda s: ControlledBroker(s.monotonic), **flags)
     assert isinstance(services.broker, ControlledBroker)
     return services, scheduler, services.broker
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(scenario())  # type: ignore[arg-type]
-
-
-def counter(family: Any, **labels: str) -> float:
-    for metric in family.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total") and all(
-                sample.labels.get(k) == v for k, v in labels.items()
-            ):
-                return float(sample.value)
-    return 0.0
 
 
 async def publish_api(services: Services, data: Any, room: str = ROOM) -> None:

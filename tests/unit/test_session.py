@@ -7,17 +7,17 @@ registry, buckets, metrics) inside ``asyncio.run``; the timers a session sets
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from tests.unit.session_fakes import (
     Client,
+    counter,
     make_services,
+    run,
     settle,
     start,
     token,
@@ -27,21 +27,6 @@ from tests.unit.session_fakes import (
 from wsserver import frames
 from wsserver.services import Services
 from wsserver.session import MAX_QUEUED, Session
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(scenario())  # type: ignore[arg-type]
-
-
-def counter(family: Any, **labels: str) -> float:
-    """A Prometheus counter's value (one label set), 0 when never counted."""
-    for metric in family.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total") and all(
-                sample.labels.get(k) == v for k, v in labels.items()
-            ):
-                return float(sample.value)
-    return 0.0
 
 
 def gauge(family: Any) -> float:
