@@ -1,10 +1,12 @@
 """Settings: one object built from defaults < config file < environment < flags.
 
-Every option is declared once in :data:`OPTIONS`; the argument parser, the
-``WSSERVER_*`` environment variables and the TOML config file are all derived
-from that table, so the three sources cannot drift apart. The room policy is
-the exception: a nested table, it comes only from the file's ``[rooms]``
-(parsed by :meth:`wsserver.rooms.RoomPolicy.from_table`). :func:`load_settings`
+Every option is declared once, as a field of :class:`Settings` made by
+:func:`option`: its type, default, parser and help. :data:`OPTIONS` is read
+off those fields, and the argument parser, the ``WSSERVER_*`` environment
+variables and the TOML config file are all derived from it, so the three
+sources (and the defaults) cannot drift apart. The room policy is the
+exception: a nested table, it comes only from the file's ``[rooms]`` (parsed
+by :meth:`wsserver.rooms.RoomPolicy.from_table`). :func:`load_settings`
 collects every problem it finds and raises one :class:`ConfigError` listing
 them all, before anything is built.
 """
@@ -21,7 +23,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from wsserver.errors import ConfigError
@@ -164,7 +166,7 @@ def _node_name(text: str) -> str:
 
 @dataclass(frozen=True)
 class Option:
-    """One setting: its flag, how to parse it, its default and its help."""
+    """One setting as flags, environment and file see it (read off a Settings field)."""
 
     name: str
     parse: Callable[[str], Any]
@@ -181,267 +183,194 @@ class Option:
         return ENV_PREFIX + self.name.upper()
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("host", _text, "127.0.0.1", "listen address"),
-    Option("port", _port, 8888, "listen port (0 picks a free one)"),
-    Option("jwt_secret", _secret, None, "HMAC key for HS256/384/512 (prefer --jwt-secret-file)"),
-    Option("jwt_secret_file", _text, None, "file holding the HMAC key", "FILE"),
-    Option("jwt_public_key_file", _text, None, "PEM public key for RS*/PS*/ES*/EdDSA", "FILE"),
-    Option("jwt_algorithms", _csv, ("HS256",), "comma list of accepted algorithms; never 'none'"),
-    Option("jwt_audience", _text, None, "when set, tokens must carry this 'aud'"),
-    Option("jwt_issuer", _text, None, "when set, tokens must carry this 'iss'"),
-    Option("jwt_leeway", _non_negative_float, 10.0, "seconds of clock skew allowed on exp/nbf/iat"),
-    Option(
-        "jwt_typ",
-        _text,
-        None,
-        "when set, the token header 'typ' must equal it (RFC 8725 explicit typing)",
-    ),
-    Option(
-        "max_token_lifetime",
-        _positive_float,
-        None,
-        "when set, tokens must carry 'iat' and exp - iat may not exceed it (seconds)",
-    ),
-    Option("allowed_origins", _csv, None, "comma list of origins allowed to connect (exact, or https://*.example.com)"),
-    Option("max_connections", _positive_int, 1000, "open connections, whole server"),
-    Option("max_connections_per_user", _positive_int, 10, "open connections per JWT 'sub'"),
-    Option("max_connections_per_ip", _positive_int, 100, "open connections per client address"),
-    Option(
-        "max_unverified_connections",
-        _positive_int,
-        64,
-        "upgraded connections whose token failed, waiting for their 4001 close; "
-        "counted apart from --max-connections",
-    ),
-    Option("message_rate", _positive_float, 10.0, "per-user messages per second"),
-    Option("message_burst", _positive_int, 20, "per-user bucket size"),
-    Option(
-        "rate_limit_strikes",
-        _positive_int,
-        10,
-        "messages sent while rate limited before the connection is closed with 4029",
-    ),
-    Option("handshake_rate", _positive_float, 20.0, "per-address new connections per second"),
-    Option("handshake_burst", _positive_int, 30, "per-address handshake bucket size"),
-    Option("max_message_size", _positive_int, 65536, "bytes; larger messages close with 1009"),
-    Option(
-        "frame_rate",
-        _positive_float,
-        200.0,
-        "frames per second per connection, pings and fragments included; a flood closes "
-        "with 1008 (never below 2 x --message-rate)",
-    ),
-    Option(
-        "frame_burst",
-        _positive_int,
-        400,
-        "per-connection frame bucket size (never below 2 x --message-burst)",
-    ),
-    Option(
-        "fragment_timeout",
-        _positive_float,
-        10.0,
-        "seconds a fragmented message may stay unfinished before closing with 1008",
-    ),
-    Option(
-        "max_write_buffer",
-        _positive_int,
-        1024 * 1024,
-        "bytes of unsent data per connection before it is closed as a slow consumer (4009)",
-    ),
-    Option("task_workers", _positive_int, None, "processes in the CPU task pool (default: CPUs)"),
-    Option(
-        "task_queue",
-        _positive_int,
-        None,
-        "tasks waiting or running at once (default: 4 x workers)",
-    ),
-    Option("task_timeout", _positive_float, 30.0, "seconds before a task is answered 'timeout'"),
-    Option("task_per_connection", _positive_int, 2, "tasks in flight per connection"),
-    Option(
-        "task_per_user",
-        _positive_int,
-        4,
-        "tasks in flight per user, across all of that user's connections",
-    ),
-    Option(
-        "tasks_module",
-        _text,
-        None,
-        "module imported at start to register more tasks",
-        "MODULE",
-    ),
-    Option("monitor_interval", _positive_float, 10.0, "seconds between connection-count checks"),
-    Option("ping_interval", _non_negative_float, 20.0, "seconds between keepalive pings (0: off)"),
-    Option(
-        "token_warning",
-        _non_negative_float,
-        60.0,
-        "seconds before 'exp' to send token_expiring",
-    ),
-    Option(
-        "drain_timeout",
-        _non_negative_float,
-        10.0,
-        "seconds to wait for connections to close on shutdown",
-    ),
-    Option(
-        "header_timeout",
-        _positive_float,
-        10.0,
-        "seconds a client has to send its request headers",
-    ),
-    Option("max_header_size", _positive_int, 16384, "bytes of HTTP request headers accepted"),
-    Option("certfile", _text, None, "TLS certificate chain (PEM) to serve wss://", "FILE"),
-    Option("keyfile", _text, None, "TLS private key (PEM)", "FILE"),
-    Option(
-        "trusted_proxies",
-        _csv,
-        (),
-        "comma list of proxy addresses/CIDRs whose X-Forwarded-For is believed",
-    ),
-    Option("demo", _bool, None, "enable POST /auth/demo-token (on in demo mode)"),
-    Option(
-        "demo_token_ttl",
-        _positive_int,
-        900,
-        f"lifetime in seconds of demo tokens (at most {MAX_DEMO_TOKEN_TTL})",
-    ),
-    Option(
-        "access_log",
-        _bool,
-        True,
-        "one INFO line per HTTP request; probes, polls and upgrades only at DEBUG",
-    ),
-    Option("log_level", _text, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Option("api_key", _secret, None, "server API key, at least 32 bytes (prefer --api-key-file)"),
-    Option("api_key_file", _text, None, "file holding the server API key", "FILE"),
-    Option(
-        "internal_port",
-        _port,
-        None,
-        "serve /metrics, /stats and /api/ on this port only (off the public one)",
-    ),
-    Option("internal_host", _text, "127.0.0.1", "address of the --internal-port listener"),
-    Option(
-        "room_publish_rate",
-        _positive_float,
-        50.0,
-        "client publishes per second into one room (every member receives each one)",
-    ),
-    Option("room_publish_burst", _positive_int, 100, "per-room publish bucket size"),
-    Option("max_room_members", _positive_int, 10000, "connections in one room on one node"),
-    Option("max_recovery", _positive_int, 300, "messages at most recovered on a join with 'since'"),
-    Option(
-        "broker",
-        _broker,
-        "memory",
-        "'memory' (this process only) or a Redis URL shared by every node "
-        "(redis://host:port/db, rediss://..., unix:///path)",
-        "URL",
-    ),
-    Option(
-        "workers",
-        _positive_int,
-        1,
-        "processes serving the same port on this machine; more than 1 needs a Redis broker",
-    ),
-    Option("node_name", _node_name, None, "this node in /api/nodes, logs and metrics "
-           "(default: host name and pid)", "NAME"),
-    Option(
-        "broker_probe_interval",
-        _positive_float,
-        2.0,
-        "seconds between readiness probes through the broker",
-    ),
-    Option(
-        "broker_heartbeat",
-        _positive_float,
-        5.0,
-        "seconds between this node's heartbeats through a Redis broker (rarely changed)",
-    ),
-    Option(
-        "broker_node_ttl",
-        _positive_float,
-        15.0,
-        "seconds without a heartbeat after which a node counts as dead and its users "
-        "leave presence (at least twice --broker-heartbeat; the two add up to at most 60)",
-    ),
-)
+#: The key of an option field's metadata that holds its declaration.
+_OPTION = "wsserver.option"
 
-OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
+def option(
+    default: _T | None,
+    parse: Callable[[str], _T],
+    help: str,
+    metavar: str | None = None,
+    *,
+    repr: bool = True,
+) -> _T:
+    """Declare a :class:`Settings` field as an option: flag, variable and TOML key.
+
+    ``default`` None means unset: :func:`load_settings` works the value out
+    (the help says how) or leaves None. The field gets no dataclass default,
+    so this is the one place the default is written. Typed ``_T`` so mypy
+    checks ``parse`` returns what the field's annotation says.
+    """
+    declaration = {"parse": parse, "default": default, "help": help, "metavar": metavar}
+    return cast(_T, field(repr=repr, metadata={_OPTION: declaration}))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Validated configuration, built once and handed down explicitly.
 
-    ``demo_mode`` is true when no JWT key was configured: the server then
-    signs with an ephemeral secret, serves only on loopback and enables the
-    demo token endpoint.
+    Built only by :func:`load_settings`: the option fields have no dataclass
+    default (their default is in their :func:`option`), so a Settings that
+    skipped validation cannot be made by accident. ``demo_mode`` is true
+    when no JWT key was configured: the server then signs with an ephemeral
+    secret, serves only on loopback and enables the demo token endpoint.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8888
-    jwt_secret: Secret | None = None
-    jwt_secret_file: str | None = None
-    jwt_public_key_file: str | None = None
-    jwt_algorithms: tuple[str, ...] = ("HS256",)
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
-    jwt_leeway: float = 10.0
-    jwt_typ: str | None = None
-    max_token_lifetime: float | None = None
-    allowed_origins: tuple[str, ...] = ()
-    max_connections: int = 1000
-    max_connections_per_user: int = 10
-    max_connections_per_ip: int = 100
-    max_unverified_connections: int = 64
-    message_rate: float = 10.0
-    message_burst: int = 20
-    rate_limit_strikes: int = 10
-    handshake_rate: float = 20.0
-    handshake_burst: int = 30
-    max_message_size: int = 65536
-    frame_rate: float = 200.0
-    frame_burst: int = 400
-    fragment_timeout: float = 10.0
-    max_write_buffer: int = 1024 * 1024
-    task_workers: int = 1
-    task_queue: int = 4
-    task_timeout: float = 30.0
-    task_per_connection: int = 2
-    task_per_user: int = 4
-    tasks_module: str | None = None
-    monitor_interval: float = 10.0
-    ping_interval: float = 20.0
-    token_warning: float = 60.0
-    drain_timeout: float = 10.0
-    header_timeout: float = 10.0
-    max_header_size: int = 16384
-    certfile: str | None = None
-    keyfile: str | None = None
-    trusted_proxies: tuple[str, ...] = ()
-    demo: bool = False
-    demo_token_ttl: int = 900
-    access_log: bool = True
-    log_level: str = "INFO"
-    api_key: Secret | None = field(default=None, repr=False)
-    api_key_file: str | None = None
-    internal_port: int | None = None
-    internal_host: str = "127.0.0.1"
-    room_publish_rate: float = 50.0
-    room_publish_burst: int = 100
-    max_room_members: int = 10000
-    max_recovery: int = 300
+    host: str = option("127.0.0.1", _text, "listen address")
+    port: int = option(8888, _port, "listen port (0 picks a free one)")
+    jwt_secret: Secret | None = option(
+        None, _secret, "HMAC key for HS256/384/512 (prefer --jwt-secret-file)",
+    )
+    jwt_secret_file: str | None = option(None, _text, "file holding the HMAC key", "FILE")
+    jwt_public_key_file: str | None = option(
+        None, _text, "PEM public key for RS*/PS*/ES*/EdDSA", "FILE",
+    )
+    jwt_algorithms: tuple[str, ...] = option(
+        ("HS256",), _csv, "comma list of accepted algorithms; never 'none'",
+    )
+    jwt_audience: str | None = option(None, _text, "when set, tokens must carry this 'aud'")
+    jwt_issuer: str | None = option(None, _text, "when set, tokens must carry this 'iss'")
+    jwt_leeway: float = option(
+        10.0, _non_negative_float, "seconds of clock skew allowed on exp/nbf/iat",
+    )
+    jwt_typ: str | None = option(
+        None, _text, "when set, the token header 'typ' must equal it (RFC 8725 explicit typing)",
+    )
+    max_token_lifetime: float | None = option(
+        None, _positive_float,
+        "when set, tokens must carry 'iat' and exp - iat may not exceed it (seconds)",
+    )
+    allowed_origins: tuple[str, ...] = option(
+        None, _csv, "comma list of origins allowed to connect (exact, or https://*.example.com)",
+    )
+    max_connections: int = option(1000, _positive_int, "open connections, whole server")
+    max_connections_per_user: int = option(10, _positive_int, "open connections per JWT 'sub'")
+    max_connections_per_ip: int = option(100, _positive_int, "open connections per client address")
+    max_unverified_connections: int = option(
+        64, _positive_int,
+        "upgraded connections whose token failed, waiting for their 4001 close; counted apart "
+        "from --max-connections",
+    )
+    message_rate: float = option(10.0, _positive_float, "per-user messages per second")
+    message_burst: int = option(20, _positive_int, "per-user bucket size")
+    rate_limit_strikes: int = option(
+        10, _positive_int,
+        "messages sent while rate limited before the connection is closed with 4029",
+    )
+    handshake_rate: float = option(20.0, _positive_float, "per-address new connections per second")
+    handshake_burst: int = option(30, _positive_int, "per-address handshake bucket size")
+    max_message_size: int = option(65536, _positive_int, "bytes; larger messages close with 1009")
+    frame_rate: float = option(
+        200.0, _positive_float,
+        "frames per second per connection, pings and fragments included; a flood closes with "
+        "1008 (never below 2 x --message-rate)",
+    )
+    frame_burst: int = option(
+        400, _positive_int, "per-connection frame bucket size (never below 2 x --message-burst)",
+    )
+    fragment_timeout: float = option(
+        10.0, _positive_float,
+        "seconds a fragmented message may stay unfinished before closing with 1008",
+    )
+    max_write_buffer: int = option(
+        1024 * 1024, _positive_int,
+        "bytes of unsent data per connection before it is closed as a slow consumer (4009)",
+    )
+    task_workers: int = option(
+        None, _positive_int, "processes in the CPU task pool (default: CPUs)",
+    )
+    task_queue: int = option(
+        None, _positive_int, "tasks waiting or running at once (default: 4 x workers)",
+    )
+    task_timeout: float = option(
+        30.0, _positive_float, "seconds before a task is answered 'timeout'",
+    )
+    task_per_connection: int = option(2, _positive_int, "tasks in flight per connection")
+    task_per_user: int = option(
+        4, _positive_int, "tasks in flight per user, across all of that user's connections",
+    )
+    tasks_module: str | None = option(
+        None, _text, "module imported at start to register more tasks", "MODULE",
+    )
+    monitor_interval: float = option(
+        10.0, _positive_float, "seconds between connection-count checks",
+    )
+    ping_interval: float = option(
+        20.0, _non_negative_float, "seconds between keepalive pings (0: off)",
+    )
+    token_warning: float = option(
+        60.0, _non_negative_float, "seconds before 'exp' to send token_expiring",
+    )
+    drain_timeout: float = option(
+        10.0, _non_negative_float, "seconds to wait for connections to close on shutdown",
+    )
+    header_timeout: float = option(
+        10.0, _positive_float, "seconds a client has to send its request headers",
+    )
+    max_header_size: int = option(16384, _positive_int, "bytes of HTTP request headers accepted")
+    certfile: str | None = option(
+        None, _text, "TLS certificate chain (PEM) to serve wss://", "FILE",
+    )
+    keyfile: str | None = option(None, _text, "TLS private key (PEM)", "FILE")
+    trusted_proxies: tuple[str, ...] = option(
+        (), _csv, "comma list of proxy addresses/CIDRs whose X-Forwarded-For is believed",
+    )
+    demo: bool = option(None, _bool, "enable POST /auth/demo-token (on in demo mode)")
+    demo_token_ttl: int = option(
+        900, _positive_int, f"lifetime in seconds of demo tokens (at most {MAX_DEMO_TOKEN_TTL})",
+    )
+    access_log: bool = option(
+        True, _bool, "one INFO line per HTTP request; probes, polls and upgrades only at DEBUG",
+    )
+    log_level: str = option("INFO", _text, "DEBUG, INFO, WARNING or ERROR")
+    api_key: Secret | None = option(
+        None, _secret, "server API key, at least 32 bytes (prefer --api-key-file)", repr=False,
+    )
+    api_key_file: str | None = option(None, _text, "file holding the server API key", "FILE")
+    internal_port: int | None = option(
+        None, _port, "serve /metrics, /stats and /api/ on this port only (off the public one)",
+    )
+    internal_host: str = option("127.0.0.1", _text, "address of the --internal-port listener")
+    room_publish_rate: float = option(
+        50.0, _positive_float,
+        "client publishes per second into one room (every member receives each one)",
+    )
+    room_publish_burst: int = option(100, _positive_int, "per-room publish bucket size")
+    max_room_members: int = option(10000, _positive_int, "connections in one room on one node")
+    max_recovery: int = option(
+        300, _positive_int, "messages at most recovered on a join with 'since'",
+    )
     #: Not in repr: a Redis URL may hold a password.
-    broker: str = field(default="memory", repr=False)
-    workers: int = 1
-    node_name: str = ""
-    broker_probe_interval: float = 2.0
-    broker_heartbeat: float = 5.0
-    broker_node_ttl: float = 15.0
+    broker: str = option(
+        "memory", _broker,
+        "'memory' (this process only) or a Redis URL shared by every node "
+        "(redis://host:port/db, rediss://..., unix:///path)",
+        "URL", repr=False,
+    )
+    workers: int = option(
+        1, _positive_int,
+        "processes serving the same port on this machine; more than 1 needs a Redis broker",
+    )
+    node_name: str = option(
+        None, _node_name,
+        "this node in /api/nodes, logs and metrics (default: host name and pid)",
+        "NAME",
+    )
+    broker_probe_interval: float = option(
+        2.0, _positive_float, "seconds between readiness probes through the broker",
+    )
+    broker_heartbeat: float = option(
+        5.0, _positive_float,
+        "seconds between this node's heartbeats through a Redis broker (rarely changed)",
+    )
+    broker_node_ttl: float = option(
+        15.0, _positive_float,
+        "seconds without a heartbeat after which a node counts as dead and its users leave "
+        "presence (at least twice --broker-heartbeat; the two add up to at most 60)",
+    )
     demo_mode: bool = False
     #: True when the allowed origins are demo mode's loopback defaults.
     default_origins: bool = False
@@ -484,6 +413,15 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied (for tests and the demo mode)."""
         return dataclasses.replace(self, **changes)
+
+
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(name=settings_field.name, **settings_field.metadata[_OPTION])
+    for settings_field in dataclasses.fields(Settings)
+    if _OPTION in settings_field.metadata
+)
+
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
 
 def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
