@@ -1,10 +1,12 @@
 """Settings: precedence, validation, demo mode, secrets kept out of sight."""
 
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
-from wsserver.config import Secret, load_settings
+from wsserver.config import OPTIONS, Option, Secret, Settings, load_settings
 from wsserver.errors import ConfigError
 from wsserver.rooms import NamespacePolicy, RoomPolicy
 
@@ -23,6 +25,33 @@ def test_defaults_are_demo_mode_on_loopback() -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 8888)
     assert settings.verify_key is not None and len(settings.verify_key.reveal()) >= 32
     assert settings.loopback_origins(8888) == ("http://127.0.0.1:8888", "http://localhost:8888")
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.default is not None], ids=lambda o: o.name)
+def test_every_default_passes_its_own_parser(option: Option) -> None:
+    # The default as --help and the README show it is a value a user could type back.
+    default = option.default
+    shown = ",".join(default) if isinstance(default, tuple) else str(default)
+    assert option.parse(shown) == default
+
+
+def _has_type(value: object, hint: object) -> bool:
+    if typing.get_origin(hint) is types.UnionType:
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(isinstance(part, item) for part in value)
+    assert isinstance(hint, type), hint
+    return isinstance(value, hint)
+
+
+@pytest.mark.parametrize("environ", [{}, {"WSSERVER_JWT_SECRET": KEY}], ids=["demo", "keyed"])
+def test_every_unset_option_is_worked_out_to_its_declared_type(environ: dict[str, str]) -> None:
+    # An option declared with default None on a field typed int, bool, str or tuple
+    # (task_workers, demo, node_name, allowed_origins, ...) must be filled in by load_settings.
+    settings = load_settings({}, environ)
+    for name, hint in typing.get_type_hints(Settings).items():
+        assert _has_type(getattr(settings, name), hint), (name, getattr(settings, name), hint)
 
 
 def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
