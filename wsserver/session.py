@@ -213,13 +213,20 @@ class Session:
         self._pong_due = None
 
     def _handle(self, text: str) -> None:
+        msg = self._dispatch(text)
+        if msg is not None:
+            self._queue = deque()
+            self.services.spawn(self._serve_async(msg))
+
+    def _dispatch(self, text: str) -> ClientMessage | None:
+        """Serve one message; one that waits on the broker is returned, not served."""
         identity = self.identity
         assert identity is not None
         services = self.services
         wait = services.message_buckets.take(identity.user)
         if wait:
             self._on_rate_limited(text, wait)
-            return
+            return None
         if self._strikes and self._clock() - self._last_refused >= self._strike_memory:
             self._strikes = 0
         try:
@@ -227,14 +234,13 @@ class Session:
         except MessageError as error:
             services.metrics.messages.labels("invalid").inc()
             self.reply_error(error, protocol.salvage_id(text))
-            return
+            return None
         services.metrics.messages.labels(msg.type).inc()
         handler = self._SYNC.get(msg.type)
+        if handler is None:
+            return msg
         try:
-            if handler is not None:
-                handler(self, msg)
-            else:
-                self._run_in_order(msg)
+            handler(self, msg)
         except MessageError as error:
             self.reply_error(error, msg.id)
         except CloseError as error:
@@ -242,14 +248,29 @@ class Session:
         except Exception:
             log.exception("error serving %s for user=%s", msg.type, escape(identity.user))
             self.reply_error(InternalError("internal error; the connection stays open"), msg.id)
-
-    def _run_in_order(self, msg: ClientMessage) -> None:
-        """Run a message that waits on the broker; later messages wait behind it,
-        so a publish right after a join sees the join done."""
-        self._queue = deque()
-        self.services.spawn(self._serve_async(msg))
+        return None
 
     async def _serve_async(self, msg: ClientMessage) -> None:
+        """Serve messages that wait on the broker, one after the other.
+
+        While one waits, later messages queue behind it (so a publish right
+        after a join sees the join done); this task then serves them too. With
+        a broker that answers at once (the memory broker), a read's worth of
+        publishes is served in one step of the loop, so the frames they fan
+        out leave in one write per member.
+        """
+        next_msg: ClientMessage | None = msg
+        try:
+            while next_msg is not None:
+                await self._serve_one(next_msg)
+                next_msg = None
+                queued = self._queue
+                while queued and next_msg is None and self.ended_with is None:
+                    next_msg = self._dispatch(queued.popleft())
+        finally:
+            self._queue = None
+
+    async def _serve_one(self, msg: ClientMessage) -> None:
         try:
             await self._ASYNC[msg.type](self, msg)
         except MessageError as error:
@@ -261,13 +282,6 @@ class Session:
         except Exception:
             log.exception("error serving %s for user=%s", msg.type, escape(self.user))
             self.reply_error(InternalError("internal error; the connection stays open"), msg.id)
-        finally:
-            queued, self._queue = self._queue, None
-            while queued and self._queue is None and self.ended_with is None:
-                self._handle(queued.popleft())
-            if queued and self._queue is not None:
-                queued.extend(self._queue)
-                self._queue = queued
 
     def _on_rate_limited(self, text: str, wait: float) -> None:
         self._strikes += 1
