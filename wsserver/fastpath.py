@@ -6,8 +6,9 @@ write. Here Tornado still parses the HTTP upgrade and runs the handler's checks;
 returns) answers the 101 as Tornado's ``WebSocketProtocol13`` does, then takes
 the socket away from the ``IOStream`` and drives it from a
 :class:`FrameConnection`: ``data_received`` parses every complete frame of a
-read with :class:`wsserver.framing.FrameParser`, and writes go straight to the
-asyncio transport (those made while a read is processed are joined into one).
+read with :class:`wsserver.framing.FrameParser`, and what one step of the loop
+sends a connection goes to the asyncio transport in one write: the replies to
+a read at its end, other frames (fan-out, pings) right after the step.
 
 Plain TCP only: a TLS connection keeps Tornado's path (``handler`` chooses with
 ``tornado_internals.is_tls``), since its socket cannot leave the ``SSLIOStream``
@@ -111,6 +112,43 @@ def _read_buffer() -> memoryview:
     return view
 
 
+class _Flusher:
+    """Writes out, once per turn of the loop, what each connection was sent.
+
+    A broadcast hands every member its frame at once; a member sent several
+    frames in one step (a read's worth of publishes served together) gets them
+    in one ``write``, hence one ``send`` system call, which is most of what a
+    delivery costs. The flush runs as the loop's next callback, so nothing
+    waits for more than the rest of the current step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._dirty: list[FrameConnection] = []
+
+    def add(self, connection: FrameConnection) -> None:
+        if not self._dirty:
+            self.loop.call_soon(self._run)
+        self._dirty.append(connection)
+
+    def _run(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            try:
+                connection._flush_batch()
+            except Exception:
+                log.exception("write failed; aborting the connection")
+                connection.abort()
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    """This thread's flusher, for ``loop`` (tests run one loop after another)."""
+    flusher: _Flusher | None = getattr(_buffers, "flusher", None)
+    if flusher is None or flusher.loop is not loop:
+        flusher = _buffers.flusher = _Flusher(loop)
+    return flusher
+
+
 class FrameConnection(asyncio.BufferedProtocol):
     """One WebSocket connection after the 101: a ``wsserver.transport.Transport``.
 
@@ -131,16 +169,17 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._on_gone = on_gone
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        #: Done once ``connection_made`` ran (uvloop calls it after
-        #: ``connect_accepted_socket`` has returned; asyncio before).
-        self.made: asyncio.Future[None] = self._loop.create_future()
+        #: True once open() returned (see start()).
         self._started = False
+        self._pipelined = b""
         #: True once our side has ended (see _cut_after_flush): input is dropped.
         self._discarding = False
-        self._early: list[bytes] = []
-        # Frames sent while a read is being processed, written as one.
+        # Frames not yet written: those sent while a read is processed are
+        # written at its end; the others by the flusher, after this step.
         self._batch: list[bytes] | None = None
         self._batch_size = 0
+        self._reading = False
+        self._flusher = _flusher(self._loop)
         # (code, reason) of the first close frame each way.
         self._sent_close: tuple[int, str] | None = None
         self._got_close: tuple[int, str] | None = None
@@ -159,38 +198,46 @@ class FrameConnection(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        # Nothing is read until the handler's open() has returned.
-        transport.pause_reading()
         if self._unsent:
             transport.write(self._unsent)
             self._unsent = b""
-        if not self.made.done():
-            self.made.set_result(None)
-
-    def start(self, pipelined: bytes) -> None:
-        """Called once ``open()`` returned: read frames, starting with ``pipelined``."""
-        self._started = True
-        transport = self._transport
-        assert transport is not None
+        self._flush_batch()  # what open() sent: the welcome, or a refusal's close
+        if not self._started:
+            # Only FastProtocol connects, after start(); a connection made
+            # any other way has had no open() and cannot be served.
+            log.error("connection made before start(); closing with 1011")
+            self.close(CloseCode.INTERNAL, "")
+            self._cut_after_flush()
+            return
         if self.receiver is None:
-            if not self.closing:
-                log.error("open() set no receiver and did not close; closing with 1011")
-                self.close(CloseCode.INTERNAL, "")
             # A refused connection: nothing it sent is read, and it is cut as
             # soon as the close frame is out.
-            self._early = []
+            self._pipelined = b""
             self._cut_after_flush()
             return
         if self.closing:
             # open() closed but kept its receiver: wait for the peer's close.
             self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
-        # What a loop delivered despite pause_reading() comes after Tornado's bytes.
-        pending = pipelined + b"".join(self._early)
-        self._early = []
+        pending, self._pipelined = self._pipelined, b""
         if pending:
             self.data_received(pending)
-        if self._transport is not None and not self._transport.is_closing():
-            transport.resume_reading()
+
+    def start(self, pipelined: bytes) -> None:
+        """Called once ``open()`` returned, before the socket is connected.
+
+        ``pipelined`` (what the client sent behind its handshake) is read first
+        once connected, and only when ``open()`` set a receiver.
+        """
+        self._started = True
+        if self.receiver is None and not self.closing:
+            log.error("open() set no receiver and did not close; closing with 1011")
+            self.close(CloseCode.INTERNAL, "")
+        self._pipelined = pipelined
+
+    def abandon(self) -> None:
+        """The socket never got connected: the connection is over (1006)."""
+        self._aborted_by_server = self._sent_close is None and self._got_close is None
+        self._transport_gone()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_view
@@ -202,15 +249,12 @@ class FrameConnection(asyncio.BufferedProtocol):
         """Parse ``data`` (the next bytes read) and act on every event in it."""
         if self._discarding:
             return  # our side has ended: what still comes is read and dropped
-        if not self._started:
-            self._early.append(data)
-            return
         events = self._parser.feed(data)
         if not events:
             self._arm_fragment_timer()
             return
         receiver = self.receiver
-        self._batch = []
+        self._reading = True
         try:
             for event in events:
                 kind = type(event)
@@ -233,9 +277,11 @@ class FrameConnection(asyncio.BufferedProtocol):
         except Exception:
             log.exception("receiver failed; aborting the connection")
             self._batch = None
+            self._batch_size = 0
             self.abort()
             return
         finally:
+            self._reading = False
             self._flush_batch()
         self._arm_fragment_timer()
 
@@ -253,12 +299,12 @@ class FrameConnection(asyncio.BufferedProtocol):
         if self.closing:
             return False
         batch = self._batch
-        if batch is not None:
-            batch.append(frame)
-            self._batch_size += len(frame)
-        else:
-            assert self._transport is not None
-            self._transport.write(frame)
+        if batch is None:
+            batch = self._batch = []
+            if not self._reading:
+                self._flusher.add(self)
+        batch.append(frame)
+        self._batch_size += len(frame)
         return True
 
     def buffered(self) -> int:
@@ -273,9 +319,10 @@ class FrameConnection(asyncio.BufferedProtocol):
             return
         self._send_close(code, reason)
         self._server_first = True
-        if self._started:
+        if self._transport is not None:
             self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
-        # Not started: start() decides (a refused connection is cut at once).
+        # Not connected yet: connection_made decides (a refused connection is
+        # cut at once).
 
     def abort(self) -> None:
         """Cut the TCP connection now."""
@@ -292,19 +339,30 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def _flush_batch(self) -> None:
         batch = self._batch
+        transport = self._transport
+        if batch is None or transport is None:
+            return  # not connected yet: connection_made writes the batch
         self._batch = None
         self._batch_size = 0
-        if batch:
-            assert self._transport is not None
-            self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+        if not self._gone:
+            transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def _send_close(self, code: int, reason: str) -> None:
-        self._flush_batch()
         self.closing = True
         self._sent_close = (code, reason)
-        if self._transport is not None and not self._transport.is_closing():
-            # 1005 is never sent (RFC 6455 section 7.4.1): an empty close answers it.
-            self._transport.write(framing.close_frame(None if code == 1005 else code, reason))
+        # 1005 is never sent (RFC 6455 section 7.4.1): an empty close answers it.
+        frame = framing.close_frame(None if code == 1005 else code, reason)
+        transport = self._transport
+        if transport is None:
+            # Refused in open(): the close frame follows whatever open() sent.
+            if self._batch is None:
+                self._batch = []
+            self._batch.append(frame)
+            self._batch_size += len(frame)
+            return
+        self._flush_batch()
+        if not transport.is_closing():
+            transport.write(frame)
 
     def _peer_closed(self, close: Close) -> None:
         """RFC 6455 section 5.5.1: answer a close with a close, then close TCP."""
@@ -346,7 +404,6 @@ class FrameConnection(asyncio.BufferedProtocol):
         elif transport.can_write_eof():
             self._discarding = True
             transport.write_eof()  # after the buffered bytes, as asyncio does
-            transport.resume_reading()
         else:
             transport.close()
 
@@ -391,9 +448,12 @@ class FrameConnection(asyncio.BufferedProtocol):
                 receiver.on_closed(code, reason, by_server)
             except Exception:
                 log.exception("receiver.on_closed failed")
-        if self._on_gone is not None:
-            self._on_gone(code, reason)
-            self._on_gone = None
+        on_gone, self._on_gone = self._on_gone, None
+        if on_gone is not None:
+            try:
+                on_gone(code, reason)
+            except Exception:
+                log.exception("on_gone failed")
 
 
 def accept_value(key: str) -> str:
@@ -442,15 +502,11 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
             self.client_terminated = self.server_terminated = True
             handler.on_ws_connection_close(code, reason)
 
+        # open() runs before the socket is connected: what it sends (the
+        # welcome, or a refusal's close frame) is written by connection_made,
+        # and the socket is registered for reading once, already accepted or
+        # refused, with no pause and resume around open().
         connection = FrameConnection(self.limits, unsent, on_gone)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.connect_accepted_socket(lambda: connection, sock)
-            await connection.made
-        except OSError:
-            sock.close()
-            handler.on_ws_connection_close(1006, "")
-            return
         self.transport = connection
         try:
             result = handler.open(*handler.open_args, **handler.open_kwargs)
@@ -458,9 +514,15 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
                 await result
         except Exception:
             handler.log_exception(*sys.exc_info())
-            connection.abort()
+            sock.close()
+            connection.abandon()
             return
         connection.start(pipelined)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock)
+        except OSError:
+            sock.close()
+            connection.abandon()
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if self.transport is not None:
