@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import secrets
@@ -38,6 +39,8 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 )
 #: RFC 7518 section 3.2: an HMAC key at least as long as the hash output.
 MIN_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+#: ``--loop`` values, as uvicorn names them.
+LOOPS = ("auto", "asyncio", "uvloop")
 #: Demo tokens are for trying the server out: an hour is plenty.
 MAX_DEMO_TOKEN_TTL = 3600
 
@@ -326,6 +329,9 @@ class Settings:
         True, _bool, "one INFO line per HTTP request; probes, polls and upgrades only at DEBUG",
     )
     log_level: str = option("INFO", _text, "DEBUG, INFO, WARNING or ERROR")
+    loop: str = option(
+        "auto", _text, "event loop: auto (uvloop when installed), asyncio or uvloop",
+    )
     api_key: Secret | None = option(
         None, _secret, "server API key, at least 32 bytes (prefer --api-key-file)", repr=False,
     )
@@ -639,6 +645,11 @@ def _build(
             f"{where('log_level')} {merged['log_level']!r}: use DEBUG, INFO, WARNING or ERROR"
         )
     merged["log_level"] = merged["log_level"].upper()
+    merged["loop"] = merged["loop"].lower()
+    if merged["loop"] not in LOOPS:
+        problems.append(f"{where('loop')} {merged['loop']!r}: use auto, asyncio or uvloop")
+    elif merged["loop"] == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        problems.append(f"{where('loop')} uvloop: uvloop is not installed (pip install uvloop)")
     merged["api_key"] = _load_api_key(merged, problems, check_files=check_files)
     if merged["workers"] > 1 and merged["broker"] == "memory":
         problems.append(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
+from wsserver import loops
 from wsserver.app import make_app
 from wsserver.auth import DEMO_AUDIENCE
 from wsserver.config import Settings
@@ -221,7 +222,8 @@ class Server:
                 "upgrade; browsers report 1006); only clients that send no Origin can. "
                 "Give --allowed-origins https://app.example.com (see docs/client.md)"
             )
-        log.info("broker: %s, node %s", services.broker.kind, services.node_name)
+        log.info("broker: %s, node %s, event loop: %s", services.broker.kind,
+                 services.node_name, loops.describe(asyncio.get_running_loop()))
         if self.internal_port is not None:
             log.info("internal listener (metrics, stats, API) on http://%s:%d/",
                      _display_host(settings.internal_host), self.internal_port)

@@ -15,7 +15,6 @@ presence) are shared through the Redis broker; the configuration refuses
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -24,6 +23,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from wsserver import loops
 from wsserver.config import Settings
 from wsserver.sdnotify import SystemdNotifier
 from wsserver.server import BoundSockets, Server, bind
@@ -184,5 +184,5 @@ def _run_worker(settings: Settings, bound: BoundSockets, number: int, ready_fd: 
 
     # The supervisor speaks to systemd; a worker never does.
     server = Server(settings, SystemdNotifier(None), bound=bound, worker=number, on_ready=ready)
-    asyncio.run(server.serve())
+    loops.run(server.serve(), settings.loop)
     return 0

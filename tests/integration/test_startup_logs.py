@@ -30,6 +30,17 @@ def test_configured_origins_are_listed_without_a_warning(run_server: Callable[..
     assert "allowed origins: none" not in srv.logs()
 
 
+def test_the_event_loop_is_uvloop_by_default_and_asyncio_on_request(
+    run_server: Callable[..., Any],
+) -> None:
+    srv = run_server()
+    srv.wait_for_log(r"INFO .*broker: memory, .*, event loop: uvloop \d")
+    srv = run_server("--loop", "asyncio")
+    srv.wait_for_log(r"INFO .*broker: memory, .*, event loop: asyncio$")
+    # The asyncio loop serves as the default does.
+    get(srv, "/healthz")
+
+
 def test_probes_and_polls_are_not_access_logged(run_server: Callable[..., Any]) -> None:
     srv = run_server()
     for path in ("/healthz", "/readyz", "/stats", "/metrics", "/healthz"):

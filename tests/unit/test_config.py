@@ -92,6 +92,7 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"jwt_secret": KEY, "certfile": "/x"}, "go together"),
         ({"jwt_secret": KEY, "trusted_proxies": "10.0.0.0/8,bogus"}, "bogus"),
         ({"jwt_secret": KEY, "log_level": "LOUD"}, "--log-level"),
+        ({"jwt_secret": KEY, "loop": "tokio"}, "use auto, asyncio or uvloop"),
         ({"jwt_secret": KEY, "task_workers": "4", "task_queue": "2"}, "--task-queue"),
         ({"jwt_secret": KEY, "broker": "http://redis:6379"}, "--broker"),
         ({"jwt_secret": KEY, "broker": "redis://"}, "needs a host"),
