@@ -8,6 +8,7 @@ shared machine hits both alike, and keeps the median round of each.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -108,6 +109,15 @@ class Bench:
     def kinds(self) -> tuple[ServerKind, ServerKind]:
         return wsserver_kind(self.secret), baseline_kind()
 
+    def loop_variants(self) -> tuple[ServerKind, ServerKind]:
+        """wsserver on asyncio's loop and the baseline on uvloop: the same-loop pairs.
+
+        wsserver runs on uvloop by default (``--loop auto``), the baseline on
+        asyncio's loop; these two show how much of a ratio is the loop.
+        """
+        return (renamed(wsserver_kind(self.secret), "wsserver_asyncio", ["--loop", "asyncio"]),
+                baseline_uvloop_kind())  # fmt: skip
+
     def loadgen(
         self,
         scenario: str,
@@ -202,9 +212,9 @@ def _importable(module: str) -> bool:
 def echo(bench: Bench) -> Result:
     """50 connections in a closed loop; messages/s, p50, p99.
 
-    With ``uvicorn[standard]`` installed (the stretch comparison), also FastAPI
-    under uvicorn, and the baseline on uvloop (uvicorn's event loop) to show
-    how much of the gap the event loop alone accounts for.
+    wsserver (on uvloop, its default), the plain-Tornado baseline, and the
+    same-loop pairs (:meth:`Bench.loop_variants`); with FastAPI and
+    ``uvicorn[standard]`` installed, also FastAPI under uvicorn.
     """
     p = bench.params
     ws_kind, base_kind = bench.kinds()
@@ -217,18 +227,15 @@ def echo(bench: Bench) -> Result:
             server_pid=srv.pid,
         )  # fmt: skip
 
-    with bench.start(ws_kind, bench.server_cpus) as ws, bench.start(
-        base_kind, bench.server_cpus
-    ) as base:
+    ws_asyncio_kind, base_uv_kind = bench.loop_variants()
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(bench.start(kind, bench.server_cpus))
+                   for kind in (ws_kind, base_kind, ws_asyncio_kind, base_uv_kind)]  # fmt: skip
         if skipped is None:
-            with bench.start(uvicorn_kind(), bench.server_cpus) as uv, bench.start(
-                baseline_uvloop_kind(), bench.server_cpus
-            ) as base_uv:
-                servers = [ws, base, uv, base_uv]
-                result = interleaved(bench, servers, p.echo_rounds, job, "messages_per_s")
-        else:
-            result = interleaved(bench, [ws, base], p.echo_rounds, job, "messages_per_s")
-            result["uvicorn"] = result["baseline_uvloop"] = {"skipped": skipped}
+            servers.append(stack.enter_context(bench.start(uvicorn_kind(), bench.server_cpus)))
+        result = interleaved(bench, servers, p.echo_rounds, job, "messages_per_s")
+        if skipped is not None:
+            result["uvicorn"] = {"skipped": skipped}
     return result
 
 
@@ -239,9 +246,10 @@ def idle(bench: Bench) -> Result:
     process); rounds alternate between the servers like the other scenarios.
     """
     p = bench.params
-    runs: dict[str, list[Result]] = {kind.name: [] for kind in bench.kinds()}
+    kinds = (*bench.kinds(), *bench.loop_variants())
+    runs: dict[str, list[Result]] = {kind.name: [] for kind in kinds}
     for _ in range(p.idle_rounds):
-        for kind in bench.kinds():
+        for kind in kinds:
             with bench.start(kind, bench.server_cpus) as srv:
                 run = bench.loadgen(
                     "idle", srv,
@@ -272,11 +280,10 @@ def fanout(bench: Bench) -> Result:
             timeout=120, server_pid=srv.pid,
         )  # fmt: skip
 
-    ws_kind, base_kind = bench.kinds()
-    with bench.start(ws_kind, bench.server_cpus) as ws, bench.start(
-        base_kind, bench.server_cpus
-    ) as base:
-        return interleaved(bench, [ws, base], p.fanout_rounds, job, "deliveries_per_s")
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(bench.start(kind, bench.server_cpus))
+                   for kind in (*bench.kinds(), *bench.loop_variants())]  # fmt: skip
+        return interleaved(bench, servers, p.fanout_rounds, job, "deliveries_per_s")
 
 
 def loop(bench: Bench) -> Result:
