@@ -203,6 +203,18 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
                  base["publish_to_last_member"]["p99_ms"]),
         ]  # fmt: skip
         rows += _same_loop_rows("fanout", fan, "deliveries/s", "deliveries_per_s", "delivery")
+        single = fan.get("one_in_flight", {})
+        if "wsserver" in single and "baseline" in single:
+            ws1, base1 = single["wsserver"]["median"], single["baseline"]["median"]
+            rows += [
+                _row("fanout", "deliveries/s, one publish in flight", ws1["deliveries_per_s"],
+                     base1["deliveries_per_s"]),
+                _row("fanout", "server CPU µs per delivery, one publish in flight",
+                     ws1["server_cpu_us_per_unit"], base1["server_cpu_us_per_unit"]),
+                _row("fanout", "every message to every member, one publish in flight",
+                     _every(single["wsserver"]), _every(single["baseline"]),
+                     "wsserver: yes", lambda w, r: w is True),
+            ]  # fmt: skip
     loop = scenarios.get("loop", {})
     if "wsserver" in loop and "baseline" in loop:
         ws, base = loop["wsserver"], loop["baseline"]

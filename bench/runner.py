@@ -270,20 +270,32 @@ def idle(bench: Bench) -> Result:
 
 
 def fanout(bench: Bench) -> Result:
-    """1,000 members in one room, N publishes; deliveries/s, every message to every member."""
+    """1,000 members in one room, N publishes; deliveries/s, every message to every member.
+
+    Then again with one publish in flight (wsserver and the baseline only).
+    """
     p = bench.params
 
-    def job(srv: ServerProcess) -> Result:
+    def job(srv: ServerProcess, window: int = p.fanout_window) -> Result:
         return bench.loadgen(
             "fanout", srv,
-            members=p.fanout_members, publishes=p.fanout_publishes, window=p.fanout_window,
+            members=p.fanout_members, publishes=p.fanout_publishes, window=window,
             timeout=120, server_pid=srv.pid,
         )  # fmt: skip
+
+    def one_in_flight(srv: ServerProcess) -> Result:
+        return job(srv, window=1)
 
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(bench.start(kind, bench.server_cpus))
                    for kind in (*bench.kinds(), *bench.loop_variants())]  # fmt: skip
-        return interleaved(bench, servers, p.fanout_rounds, job, "deliveries_per_s")
+        result = interleaved(bench, servers, p.fanout_rounds, job, "deliveries_per_s")
+        # One publish at a time: each reaches a member alone, so no two frames
+        # share a write; what the per-step write batching is worth, by difference.
+        result["one_in_flight"] = interleaved(
+            bench, servers[:2], p.fanout_rounds, one_in_flight, "deliveries_per_s"
+        )
+        return result
 
 
 def loop(bench: Bench) -> Result:
