@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import SECRET, RunningServer
 from tests.integration.clients import token
+from tests.support.servers import RunningServer
+from tests.support.tokens import SECRET
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.redis_support import RedisServer, require_redis_server
+from tests.support.redis_server import RedisServer, require_redis_server
 from wsserver.brokers.base import Broker, NodeStats, Publication
 from wsserver.brokers.memory import MemoryBroker
 from wsserver.brokers.redis import RedisBroker

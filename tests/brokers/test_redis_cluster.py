@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.brokers.conftest import Harness, run
-from tests.redis_support import RedisServer
+from tests.support.redis_server import RedisServer
 from wsserver.brokers.base import HistorySpec, Publication
 from wsserver.brokers.redis import RedisBroker, decode_envelope, encode_origin, redact_url
 from wsserver.metrics import Metrics

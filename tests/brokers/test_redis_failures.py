@@ -14,7 +14,7 @@ from typing import TypeVar
 import pytest
 
 from tests.brokers.conftest import Harness, RecordingSink, run
-from tests.redis_support import RedisServer
+from tests.support.redis_server import RedisServer
 from wsserver.brokers.base import Broker, BrokerUnavailable, HistorySpec
 
 T = TypeVar("T")

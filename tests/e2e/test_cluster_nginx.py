@@ -18,8 +18,8 @@ from tests.cluster_support import (
     poll,
     write_files,
 )
-from tests.conftest import RunningServer
-from tests.redis_support import RedisServer
+from tests.support.redis_server import RedisServer
+from tests.support.servers import RunningServer
 
 pytestmark = [
     pytest.mark.e2e,

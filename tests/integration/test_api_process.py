@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import ROOT, SECRET, RunningServer
 from tests.integration.clients import token
+from tests.support.servers import ROOT, RunningServer
+from tests.support.tokens import SECRET
 
 KEY = "api-key-for-process-tests-0123456789-abcdef"
 INTERNAL = re.compile(r"internal listener \(metrics, stats, API\) on http://(\S+):(\d+)/")

@@ -11,7 +11,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import ROOT, SECRET
+from tests.support.servers import ROOT
+from tests.support.tokens import SECRET
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

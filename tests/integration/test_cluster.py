@@ -33,8 +33,9 @@ from tests.cluster_support import (
     poll,
     write_files,
 )
-from tests.conftest import ROOT, SECRET, RunningServer
-from tests.redis_support import RedisServer
+from tests.support.redis_server import RedisServer
+from tests.support.servers import ROOT, RunningServer
+from tests.support.tokens import SECRET
 
 pytestmark = pytest.mark.slow
 

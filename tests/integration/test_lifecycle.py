@@ -17,7 +17,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import SECRET, RunningServer
+from tests.support.servers import RunningServer
+from tests.support.tokens import SECRET
 
 KEYED = {"WSSERVER_JWT_SECRET": SECRET}
 

@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 import websockets
 
-from tests.conftest import SECRET
+from tests.support.tokens import SECRET
 
 KEYED = {"WSSERVER_JWT_SECRET": SECRET}
 

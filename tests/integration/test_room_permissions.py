@@ -15,7 +15,7 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tests.conftest import RunningServer
+from tests.support.servers import RunningServer
 from tests.integration.clients import ask, connect, recv, token, welcomed
 from wsserver.services import Services
 

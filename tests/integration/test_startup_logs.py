@@ -7,7 +7,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from tests.conftest import SECRET
+from tests.support.tokens import SECRET
 
 KEY_ENV = {"WSSERVER_JWT_SECRET": SECRET}
 
