@@ -21,9 +21,8 @@ from typing import Any, TypeVar
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.integration.clients import token
 from tests.support.servers import RunningServer
-from tests.support.tokens import SECRET
+from tests.support.tokens import SECRET, mint
 
 T = TypeVar("T")
 
@@ -118,7 +117,7 @@ class Client:
 
     def __init__(self, url: str, user: str, **claims: Any) -> None:
         self.user = user
-        headers = {"Authorization": f"Bearer {token(user, key=SECRET, **claims)}"}
+        headers = {"Authorization": f"Bearer {mint(user, **claims)}"}
         # Entered as a context manager, as websockets (17.1+) wants it used.
         self._stack = contextlib.ExitStack()
         self.conn: ClientConnection = self._stack.enter_context(connect(

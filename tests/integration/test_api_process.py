@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from tests.integration.clients import token
 from tests.support.servers import ROOT, RunningServer
-from tests.support.tokens import SECRET
+from tests.support.tokens import SECRET, mint
 
 KEY = "api-key-for-process-tests-0123456789-abcdef"
 INTERNAL = re.compile(r"internal listener \(metrics, stats, API\) on http://(\S+):(\d+)/")
@@ -71,7 +70,7 @@ def server(
 def member(server: tuple[RunningServer, str]) -> Iterator[ClientConnection]:
     """A client of the server granted and joined to room ``news``."""
     running, _ = server
-    tok = token("alice", key=SECRET, rooms=["news"])
+    tok = mint("alice", rooms=["news"])
     with connect(running.ws_url, additional_headers={"Authorization": f"Bearer {tok}"}) as conn:
         assert json.loads(conn.recv(timeout=10))["type"] == "welcome"
         conn.send(json.dumps({"type": "join", "room": "news"}))
