@@ -28,6 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening on (https?)://(\S+):(\d+)/")
 START_TIMEOUT = 20.0
+#: A handshake bucket wide enough that tests about other limits never hit it.
+NO_HANDSHAKE_LIMIT = ("--handshake-rate", "1000", "--handshake-burst", "1000")
 
 
 def free_port() -> int:
