@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from tornado.ioloop import IOLoop
@@ -19,9 +18,6 @@ from tornado.ioloop import IOLoop
 from tests.support.clients import close_all
 from tests.support.redis_server import RedisServer, require_redis_server
 from tests.support.servers import ServerFactory
-
-if TYPE_CHECKING:
-    from tests.cluster_support import Clients
 
 
 @pytest.fixture
@@ -31,15 +27,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     require_redis_server()
     with RedisServer(tmp_path / "redis") as server:
         yield server
-
-
-@pytest.fixture
-def clients() -> Iterator[Clients]:
-    """Synchronous WebSocket clients (``tests.cluster_support``), all closed at the end."""
-    # Imported here: tests.cluster_support imports this module.
-    from tests.cluster_support import clients_fixture
-
-    yield from clients_fixture()
 
 
 @pytest.fixture

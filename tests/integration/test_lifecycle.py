@@ -14,9 +14,10 @@ from tests.support.aio import run
 from tests.support.clients import connect, refused, welcomed
 from tests.support.http import fetch
 from tests.support.metrics import value
+from tests.support.raw import upgrade_request
 from tests.support.servers import RunningServer
 from tests.support.tokens import KEYED_ENV as KEYED
-from tests.support.tokens import SECRET, mint
+from tests.support.tokens import SECRET, bearer, mint
 
 
 def http_get(srv: RunningServer, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -132,13 +133,7 @@ def test_readyz_is_503_while_draining(run_server: Any) -> None:
     assert (first.status, first.read()) == (200, b'{"status": "ready"}')
 
     raw = socket.create_connection(("127.0.0.1", srv.port))
-    raw.sendall(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {mint()}\r\n\r\n"
-        ).encode()
-    )
+    raw.sendall(upgrade_request(bearer(mint())))
     assert raw.recv(4096).startswith(b"HTTP/1.1 101")  # then it never reads again
     srv.wait_for_log("open user=alice")
     srv.proc.send_signal(signal.SIGTERM)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.clients import welcomed
+from tests.support.metrics import labelled
 from tests.support.tokens import mint
 from wsserver.services import Services
 
@@ -154,9 +155,7 @@ async def test_too_big_closes_1009_and_is_counted_as_such(port: int, state: Serv
     other = await welcomed(port, mint("bob"))
     while state.registry.total > 1:
         await other.ask({"type": "ping"})
-    closes = {s.labels["code"]: s.value for m in state.metrics.closes.collect()
-              for s in m.samples if s.name.endswith("_total")}
-    assert closes == {"1009": 1.0}
+    assert labelled(state.metrics.closes) == {"1009": 1.0}
 
 
 @pytest.mark.gen_test
@@ -164,7 +163,4 @@ async def test_bad_task_arguments_are_answered_and_counted(port: int, state: Ser
     conn = await welcomed(port)
     reply = await conn.ask({"type": "task", "name": "primes", "args": {"limit": True}, "id": 5})
     assert reply["code"] == "bad_request" and reply["id"] == 5
-    counted = {(s.labels["name"], s.labels["outcome"]): s.value
-               for m in state.metrics.tasks.collect() for s in m.samples
-               if s.name.endswith("_total")}
-    assert counted == {("primes", "bad_request"): 1.0}
+    assert labelled(state.metrics.tasks) == {("primes", "bad_request"): 1.0}

@@ -149,6 +149,12 @@ class AsyncClient:
     raw: Any
     welcome: Message | None = None
 
+    @property
+    def user(self) -> Any:
+        """The user the welcome named."""
+        assert self.welcome is not None, "not welcomed"
+        return self.welcome["user"]
+
     async def send(self, message: Outgoing) -> None:
         """Send a dict as JSON, a str as a text frame, bytes as a binary frame."""
         raise NotImplementedError
@@ -397,6 +403,12 @@ class SyncClient:
     methods, blocking."""
 
     welcome: Message | None = None
+
+    @property
+    def user(self) -> Any:
+        """The user the welcome named."""
+        assert self.welcome is not None, "not welcomed"
+        return self.welcome["user"]
 
     def __init__(self, url: str, headers: dict[str, str], subprotocols: list[str] | None,
                  origin: str | None = None, **options: Any) -> None:

@@ -28,7 +28,7 @@ class Response:
 
     @property
     def text(self) -> str:
-        return self.body.decode()
+        return self.body.decode(errors="replace")
 
 
 def fetch(
