@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import jwt
@@ -205,7 +206,8 @@ async def test_refusal_logging_is_throttled_and_every_refusal_counted(
 
 
 def typed(sub: str = "alice", *, lifetime: int = 600, typ: str = "at+jwt") -> str:
-    return mint(sub, ttl=lifetime, iat=True, headers={"typ": typ})
+    now = int(time.time())
+    return mint(sub, iat=now, exp=now + lifetime, headers={"typ": typ})
 
 
 @pytest.mark.gen_test

@@ -5,7 +5,7 @@ against an independent computation), ``bad_request``, ``unknown_task``,
 ``busy``, ``timeout`` and ``task_failed``; plus the loop staying responsive
 while the pool is saturated, and no worker process outliving the server.
 
-Misbehaving tasks come from tests/support_tasks.py (``--tasks-module``):
+Misbehaving tasks come from tests/support/tasks.py (``--tasks-module``):
 ``spin`` is a runaway, ``announce`` reports its worker's pid over a Unix socket
 so a test kills exactly the process running a given task.
 """
@@ -29,7 +29,7 @@ import pytest
 from tests.support.aio import run
 from tests.support.clients import AsyncClient, welcomed
 from tests.support.metrics import value
-from tests.support_tasks import announcements, wait_gone
+from tests.support.tasks import announcements, wait_gone
 
 SERVER_OPTIONS = ("--message-rate", "100000", "--message-burst", "100000")
 
@@ -193,7 +193,7 @@ def test_each_kind_of_bad_argument_is_bad_request_and_unknown_names_unknown_task
     # One worker, queue of one, busy with a long task: a bad request that got
     # as far as the pool would be answered busy, not bad_request.
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-queue", "1",
-                     "--task-per-connection", "2", "--tasks-module", "tests.support_tasks")
+                     "--task-per-connection", "2", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv, "hog") as hog, client(srv) as c:
@@ -217,7 +217,7 @@ def test_each_kind_of_bad_argument_is_bad_request_and_unknown_names_unknown_task
 
 def test_past_the_queue_bound_busy_is_answered_within_a_second(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-queue", "2",
-                     "--task-per-connection", "4", "--tasks-module", "tests.support_tasks")
+                     "--task-per-connection", "4", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv) as c:
@@ -236,7 +236,7 @@ def test_past_the_queue_bound_busy_is_answered_within_a_second(run_server: Start
 
 def test_one_connection_cannot_take_the_whole_pool(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "3", "--task-queue", "8",
-                     "--task-per-connection", "2", "--tasks-module", "tests.support_tasks")
+                     "--task-per-connection", "2", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv, "greedy") as greedy, client(srv, "other") as other:
@@ -254,7 +254,7 @@ def test_one_connection_cannot_take_the_whole_pool(run_server: Start) -> None:
 def test_one_user_cannot_take_the_whole_pool_across_connections(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "3", "--task-queue", "8",
                      "--task-per-connection", "2", "--task-per-user", "2",
-                     "--tasks-module", "tests.support_tasks")
+                     "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv, "greedy") as a, client(srv, "greedy") as b, \
@@ -271,7 +271,7 @@ def test_one_user_cannot_take_the_whole_pool_across_connections(run_server: Star
 
 def test_closing_a_connection_stops_its_tasks_and_frees_the_worker(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-queue", "4",
-                     "--task-timeout", "600", "--tasks-module", "tests.support_tasks")
+                     "--task-timeout", "600", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with announcements() as box:
@@ -306,7 +306,7 @@ def test_a_runaway_task_times_out_and_the_next_task_is_served(run_server: Start)
     # 2 s, not less: the next task waits for the replacement worker to start, and on a
     # loaded machine (two shared cores) a Python process can take over 0.5 s to start.
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-timeout", "2",
-                     "--tasks-module", "tests.support_tasks")
+                     "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with announcements() as box, client(srv) as c:
@@ -333,7 +333,7 @@ def test_a_runaway_task_times_out_and_the_next_task_is_served(run_server: Start)
 
 def test_a_worker_killed_mid_task_costs_that_task_only(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "2", "--task-queue", "6",
-                     "--task-per-connection", "6", "--tasks-module", "tests.support_tasks")
+                     "--task-per-connection", "6", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with announcements() as box, client(srv) as c:
@@ -364,7 +364,7 @@ def test_a_worker_killed_mid_task_costs_that_task_only(run_server: Start) -> Non
 
 def test_a_result_for_a_closed_connection_is_dropped_quietly(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1",
-                     "--tasks-module", "tests.support_tasks")
+                     "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv) as c:
@@ -418,7 +418,7 @@ def test_pings_are_answered_fast_while_the_pool_is_saturated(run_server: Start) 
 def test_no_worker_process_outlives_the_server(run_server: Start, sig: int, exit_code: int) -> None:
     """SIGTERM: the server stops its pool. SIGKILL: the workers notice and exit."""
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "2",
-                     "--tasks-module", "tests.support_tasks")
+                     "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with announcements() as box, client(srv) as c:

@@ -30,7 +30,6 @@ def mint(
     algorithm: str = "HS256",
     headers: dict[str, Any] | None = None,
     now: float | None = None,
-    iat: bool = False,
     **claims: Any,
 ) -> str:
     """A signed token, as an identity provider sharing the key would issue it.
@@ -42,16 +41,13 @@ def mint(
         algorithm: the JWS algorithm.
         headers: extra JOSE header fields (``typ``).
         now: the clock the token is minted by (a test's fake wall clock).
-        iat: also write ``iat`` (``now``), as ``--max-token-lifetime`` requires.
-        claims: more claims (``rooms``, ``publish``, ``aud``...); they win over
-            ``sub``, ``exp`` and ``iat``.
+        claims: more claims (``rooms``, ``publish``, ``aud``, ``iat``...); they
+            win over ``sub`` and ``exp``.
     """
     at = time.time() if now is None else now
     body: dict[str, Any] = {}
     if sub is not None:
         body["sub"] = sub
-    if iat:
-        body["iat"] = int(at)
     if ttl is not None:
         body["exp"] = int(at + ttl)
     body.update(claims)
