@@ -34,3 +34,15 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for: {what}")
         await asyncio.sleep(every)
+
+
+async def until(condition: Callable[[], bool], timeout: float = WAIT,
+                every: float = 0.02) -> float:
+    """Until ``condition()`` holds (state inside another process, which sends no
+    event); the seconds it took. Fails after ``timeout``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        await asyncio.sleep(every)
+    return time.monotonic() - started
