@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,7 @@ from tests.support.clients import (
 from tests.support.cluster import api, http, node_args, write_files
 from tests.support.metrics import value as metric
 from tests.support.redis_server import RedisServer
-from tests.support.servers import ROOT, RunningServer
+from tests.support.servers import RunningServer, run_cli
 from tests.support.tokens import SECRET, mint
 from tests.support.waiting import poll
 
@@ -487,12 +485,7 @@ def test_a_killed_worker_is_restarted(start_node: StartNode) -> None:
 
 
 def test_two_workers_with_the_memory_broker_exit_2() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "wsserver", "--port", "0", "--jwt-secret", SECRET,
-         "--workers", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
+    result = run_cli("--port", "0", "--jwt-secret", SECRET, "--workers", "2")
     assert result.returncode == 2, result.stderr
     assert "--workers 2" in result.stderr and "Redis broker" in result.stderr
     assert "listening on" not in result.stdout + result.stderr
