@@ -390,7 +390,8 @@ async def refused(target: Target, tok: str | None = None, **kw: Any) -> Refusal:
         assert error.response is not None, error
         return Refusal(error.code, error.response.headers, error.response.body)
     except InvalidStatus as error:
-        return Refusal(error.response.status_code, error.response.headers, error.response.body)
+        return Refusal(error.response.status_code, error.response.headers,
+                       bytes(error.response.body or b""))
     client.discard()
     raise AssertionError("the handshake was not refused: the connection was upgraded")
 

@@ -145,7 +145,7 @@ class RedisServer:
 
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
         try:
-            return client.execute_command(*args)
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:
             client.close()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 WAIT = 10.0
@@ -16,7 +16,6 @@ def poll(check: Callable[[], T | None], what: str, timeout: float = WAIT,
          every: float = 0.05) -> T:
     """Until ``check()`` answers something true; its answer. Fails after ``timeout``."""
     deadline = time.monotonic() + timeout
-    last: Any = None
     while True:
         last = check()
         if last:
