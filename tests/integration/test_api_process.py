@@ -1,6 +1,6 @@
 """The API as an operator runs it: ``--internal-port``, ``--api-key-file``, the
 ``publish`` command, the key's length check. Real ``python -m wsserver``
-processes, ``urllib`` and a ``websockets`` client."""
+processes, plain HTTP requests and a ``websockets`` client."""
 
 from __future__ import annotations
 

@@ -228,10 +228,11 @@ class AsyncClient:
                 got.append(message)
 
     async def until_closed(self, timeout: float = WAIT) -> tuple[int | None, list[Message]]:
-        """Read until the server closes (each message within ``timeout``): its close
-        code, and every message before it."""
+        """Read until the server closes, within ``timeout`` in all: its close code,
+        and every message before it."""
         received: list[Message] = []
-        while (message := await self.recv(timeout)) is not None:
+        deadline = time.monotonic() + timeout
+        while (message := await self.recv(max(0.01, deadline - time.monotonic()))) is not None:
             received.append(message)
         return self.close_code, received
 
@@ -471,7 +472,8 @@ class SyncClient:
 
     def until_closed(self, timeout: float = WAIT) -> tuple[int | None, list[Message]]:
         received: list[Message] = []
-        while (message := self.recv(timeout)) is not None:
+        deadline = time.monotonic() + timeout
+        while (message := self.recv(max(0.01, deadline - time.monotonic()))) is not None:
             received.append(message)
         return self.close_code, received
 
