@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from tests.brokers.conftest import Harness, run
+from tests.support.aio import run
+from tests.support.brokers import Harness
 from wsserver.brokers.base import HistorySpec, PublishResult, with_position
 
 KEEP5 = HistorySpec(size=5, ttl=60)

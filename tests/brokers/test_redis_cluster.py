@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from tests.brokers.conftest import Harness, run
-from tests.redis_support import RedisServer
+from tests.support.aio import run
+from tests.support.brokers import Harness
+from tests.support.metrics import value
+from tests.support.redis_server import RedisServer
+from tests.support.servers import ROOT
+from tests.support.waiting import until
 from wsserver.brokers.base import HistorySpec, Publication
 from wsserver.brokers.redis import RedisBroker, decode_envelope, encode_origin, redact_url
 from wsserver.metrics import Metrics
@@ -190,11 +192,11 @@ def test_metrics_follow_the_broker(redis_harness: Harness) -> None:
     async def scenario() -> None:
         metrics = Metrics()
         async with redis_harness.started("a", metrics=metrics) as (a, _):
-            assert metrics.registry.get_sample_value("wsserver_broker_up") == 1
+            assert value(metrics.registry, "wsserver_broker_up") == 1
             await a.publish("r", b"{}")
-            count = metrics.registry.get_sample_value("wsserver_broker_publish_seconds_count")
+            count = value(metrics.registry, "wsserver_broker_publish_seconds_count")
             assert count == 1
-        assert metrics.registry.get_sample_value("wsserver_broker_up") == 0
+        assert value(metrics.registry, "wsserver_broker_up") == 0
 
     run(scenario())
 
@@ -205,7 +207,7 @@ def test_make_broker_by_url() -> None:
 
     metrics = Metrics()
     assert isinstance(make_broker("memory", "n", metrics=metrics), MemoryBroker)
-    assert metrics.registry.get_sample_value("wsserver_broker_up") == 1
+    assert value(metrics.registry, "wsserver_broker_up") == 1
     broker = make_broker("redis://127.0.0.1:1/0", "n", metrics=metrics, probe_interval=0.7)
     assert isinstance(broker, RedisBroker)
     assert (broker.kind, broker.probe_interval, broker.node_name) == ("redis", 0.7, "n")
@@ -230,19 +232,10 @@ def test_subscribes_room_channels_never_a_pattern(redis_harness: Harness) -> Non
             assert channels() == {f"{prefix}:control", f"{prefix}:probe:a",
                                   f"{prefix}:room:chat:1", f"{prefix}:room:chat:2"}
             await a.unsubscribe("chat:1")
-            await _settled(lambda: f"{prefix}:room:chat:1" not in channels())
+            await until(lambda: f"{prefix}:room:chat:1" not in channels(), 2.0)
             assert redis.command("PUBSUB", "NUMPAT") == 0
 
     run(scenario())
-
-
-async def _settled(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Until ``condition()`` (state inside Redis, which sends no event)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "not within the timeout"
-        await asyncio.sleep(0.02)
 
 
 def test_publish_is_one_command(own_redis: RedisServer) -> None:
@@ -299,9 +292,9 @@ def test_sigkilled_node_disappears_with_its_users(redis_harness: Harness) -> Non
     """A real process, killed with SIGKILL: survivors reap it within its TTL."""
     assert redis_harness.redis is not None
     node = subprocess.Popen(
-        [sys.executable, "-m", "tests.brokers.broker_node", redis_harness.redis.url,
+        [sys.executable, "-m", "tests.support.broker_node", redis_harness.redis.url,
          redis_harness.prefix, "doomed", "chat:1", "carol"],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
     try:
         assert node.stdout is not None

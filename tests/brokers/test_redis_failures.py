@@ -13,23 +13,15 @@ from typing import TypeVar
 
 import pytest
 
-from tests.brokers.conftest import Harness, RecordingSink, run
-from tests.redis_support import RedisServer
+from tests.support.aio import run
+from tests.support.brokers import Harness, RecordingSink
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import until
 from wsserver.brokers.base import Broker, BrokerUnavailable, HistorySpec
 
 T = TypeVar("T")
 PROBE = 0.5
 KEEP = HistorySpec(size=10, ttl=60)
-
-
-async def until(condition: Callable[[], bool], timeout: float) -> float:
-    """Seconds until ``condition()`` held; AssertionError after ``timeout``."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 async def unavailable_within(broker: Broker, seconds: float) -> None:

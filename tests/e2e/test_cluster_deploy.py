@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.deploy_helpers import DEPLOY, NGINX, nginx_available
+from tests.support.deploy import DEPLOY, NGINX, nginx_available
 from wsserver.config import load_settings
 
 

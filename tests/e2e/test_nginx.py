@@ -8,21 +8,20 @@ includes ``deploy/nginx.conf`` with only the ports changed.
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-from deploy_helpers import NGINX_SITE, TEST_SECRET, Nginx, make_token, nginx_available
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from tests.support.aio import run
+from tests.support.clients import AsyncClient, connect, refused, welcomed
+from tests.support.deploy import NGINX_SITE, Nginx, nginx_available
+from tests.support.http import fetch
+from tests.support.metrics import value
+from tests.support.tokens import KEYED_ENV, mint
 from wsserver.config import OPTIONS_BY_NAME
 
 pytestmark = [
@@ -30,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(not nginx_available(), reason="needs nginx (Debian: nginx-light)"),
 ]
 
-SERVER_ENV = {"WSSERVER_JWT_SECRET": TEST_SECRET}
+SERVER_ENV = KEYED_ENV
 #: The site file's limit_req burst; the burst test sends well above it.
 NGINX_BURST = 30
 
@@ -50,43 +49,10 @@ def start_nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
         nginx.stop()
 
 
-async def open_ws(
-    url: str, sub: str, forwarded_for: str | None = None, **kwargs: Any
-) -> ClientConnection:
-    headers = {"Authorization": f"Bearer {make_token(sub)}"}
-    if forwarded_for:
-        headers["X-Forwarded-For"] = forwarded_for
-    return await connect(url, additional_headers=headers, open_timeout=10, **kwargs)
-
-
-async def welcome(ws: ClientConnection) -> dict[str, Any]:
-    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
-    assert message["type"] == "welcome", message
-    return message
-
-
 def get(url: str, source: str | None = None) -> tuple[int, str]:
     """Status and body of ``GET url``, optionally from a given local address."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(
-        parts.hostname or "", parts.port, timeout=10,
-        source_address=(source, 0) if source else None,
-    )
-    try:
-        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
-        response = conn.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    finally:
-        conn.close()
-
-
-def metric(server_url: str, name: str, **labels: str) -> float:
-    """A sample from the server's own /metrics (read directly, not through nginx)."""
-    text = urllib.request.urlopen(server_url + "/metrics", timeout=10).read().decode()
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if wanted else "") + r" (\S+)"
-    match = re.search("^" + pattern + "$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    answer = fetch(url, source=source)
+    return answer.status, answer.text
 
 
 def is_from_nginx(body: bytes | bytearray | str) -> bool:
@@ -99,13 +65,13 @@ def test_welcome_and_pages_through_nginx(run_server: Any, start_nginx: Any) -> N
     nginx = start_nginx(server.port)
 
     async def scenario() -> None:
-        async with await open_ws(nginx.ws_url, "alice") as ws:
-            assert (await welcome(ws))["user"] == "alice"
-            await ws.send(json.dumps({"type": "echo", "data": "via nginx", "id": 1}))
-            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            assert reply == {"type": "echo", "data": "via nginx", "id": 1}
+        ws = await welcomed(nginx, mint("alice"))
+        assert ws.user == "alice"
+        reply = await ws.ask({"type": "echo", "data": "via nginx", "id": 1})
+        assert reply == {"type": "echo", "data": "via nginx", "id": 1}
+        await ws.close()
 
-    asyncio.run(scenario())
+    run(scenario)
     assert get(nginx.url + "/healthz")[0] == 200, nginx.error_log()
     assert get(nginx.url + "/readyz")[0] == 200, nginx.error_log()
     status, body = get(nginx.url + "/")
@@ -136,19 +102,18 @@ def test_a_clients_own_forwarded_for_never_reaches_the_server(
     async def scenario() -> None:
         # Each client claims another address; nginx sends the one it saw, so
         # the server caps the real address and logs it.
-        async with await open_ws(nginx.ws_url, "alice", "203.0.113.7") as first:
-            await welcome(first)
-            with pytest.raises(InvalidStatus) as refused:
-                await open_ws(nginx.ws_url, "bob", "198.51.100.9")
-            assert refused.value.response.status_code == 429
-            assert not is_from_nginx(refused.value.response.body or b"")
-            # Another real address (127.0.0.2 is loopback too) is not capped.
-            async with await open_ws(nginx.ws_url, "carol", local_addr=("127.0.0.2", 0)) as other:
-                await welcome(other)
+        first = await welcomed(nginx, mint("alice"), headers={"X-Forwarded-For": "203.0.113.7"})
+        refusal = await refused(nginx, mint("bob"), headers={"X-Forwarded-For": "198.51.100.9"})
+        assert refusal.status == 429
+        assert not is_from_nginx(refusal.body or b"")
+        # Another real address (127.0.0.2 is loopback too) is not capped.
+        other = await welcomed(nginx, mint("carol"), local_addr=("127.0.0.2", 0))
+        await other.close()
+        await first.close()
 
-    asyncio.run(scenario())
+    run(scenario)
     # The 429 was the server's per-address cap, counted once.
-    assert metric(server.url, "wsserver_rejections_total", reason="address_cap") == 1
+    assert value(server, "wsserver_rejections_total", reason="address_cap") == 1
     logs = server.logs()
     assert "open user=alice addr=127.0.0.1 " in logs
     assert "open user=carol addr=127.0.0.2 " in logs
@@ -172,13 +137,14 @@ def test_every_location_that_sets_headers_sets_the_forwarding_headers() -> None:
 def test_access_log_never_shows_a_query_token(run_server: Any, start_nginx: Any) -> None:
     server = run_server("--port", "0", "--trusted-proxies", "127.0.0.1", env=SERVER_ENV)
     nginx = start_nginx(server.port)
-    tok = make_token("alice")
+    tok = mint("alice")
 
     async def scenario() -> None:
-        async with await connect(f"{nginx.ws_url}?token={tok}", open_timeout=10) as ws:
-            await welcome(ws)
+        ws = await connect(nginx, query=f"?token={tok}")
+        assert (await ws.recv() or {}).get("type") == "welcome"
+        await ws.close()
 
-    asyncio.run(scenario())
+    run(scenario)
     get(nginx.url + "/healthz?x=1&TOKEN=" + tok)  # access_log off there: not logged at all
     get(nginx.url + "/readyz?x=1&Token=" + tok)
     nginx.stop()  # flushes and closes the log
@@ -207,15 +173,10 @@ def test_no_version_in_any_server_header(run_server: Any, start_nginx: Any) -> N
     nginx = start_nginx(server.port)
     for url in (nginx.url + "/healthz", nginx.url + "/nope", nginx.url + "/api/x",
                 server.url + "/healthz", server.url + "/nope"):
-        request = urllib.request.Request(url)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                headers = response.headers
-        except urllib.error.HTTPError as error:
-            headers = error.headers
-            body = error.read().decode(errors="replace")
-            assert "nginx/" not in body, body
-        assert headers.get("Server") in (None, "nginx"), (url, headers.get("Server"))
+        answer = fetch(url)
+        if answer.status >= 400:
+            assert "nginx/" not in answer.text, answer.text
+        assert answer.headers.get("Server") in (None, "nginx"), (url, answer.headers.get("Server"))
 
 
 def test_handshake_burst_above_the_limit_is_refused_by_nginx(
@@ -231,31 +192,30 @@ def test_handshake_burst_above_the_limit_is_refused_by_nginx(
     nginx = start_nginx(server.port)
     attempts = 3 * NGINX_BURST
 
-    async def attempt(index: int, opened: list[ClientConnection]) -> int:
+    async def attempt(index: int, opened: list[AsyncClient]) -> int:
         try:
-            ws = await open_ws(nginx.ws_url, f"user{index}")
-        except InvalidStatus as exc:
+            ws = await welcomed(nginx, mint(f"user{index}"))
+        except InvalidStatus as exc:  # refused before the upgrade
             assert is_from_nginx(exc.response.body or b""), exc.response.body
             return exc.response.status_code
         opened.append(ws)
-        await welcome(ws)
         return 101
 
     async def scenario() -> list[int]:
-        opened: list[ClientConnection] = []
+        opened: list[AsyncClient] = []
         try:
             return await asyncio.gather(*(attempt(i, opened) for i in range(attempts)))
         finally:
             await asyncio.gather(*(ws.close() for ws in opened))
 
-    statuses = asyncio.run(scenario())
+    statuses = run(scenario)
     accepted = statuses.count(101)
     refused = statuses.count(429)
     assert accepted + refused == attempts, statuses
     assert refused > 0
     # The burst itself passes: one request plus the burst of 30, no delay.
     assert accepted >= NGINX_BURST
-    assert metric(server.url, "wsserver_connections_accepted_total") == accepted
+    assert value(server, "wsserver_connections_accepted_total") == accepted
     assert "limiting requests" in nginx.error_log()
 
 

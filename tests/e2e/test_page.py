@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import socket
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from playwright.sync_api import Page, Route, expect
 
-pytestmark = pytest.mark.e2e
+from tests.support.http import fetch
+from tests.support.metrics import value as metric
+from tests.support.servers import free_port
+from tests.support.tokens import KEYED_ENV, mint
 
-#: An HS256 key for the test without demo mode (32+ bytes, as RFC 7518 section 3.2 asks).
-SECRET = "page-tests-secret-0123456789-abcdefghijklmnop"
+pytestmark = pytest.mark.e2e
 
 #: The demo page is served at the root.
 PAGE = "/"
@@ -28,17 +26,6 @@ DOWNTIME_ERRORS = (
     r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws' failed",
     r"^Failed to load resource: net::ERR_CONNECTION_REFUSED$",
 )
-
-
-def metric(srv: Any, name: str, labels: str = "") -> float:
-    """One sample of the server's Prometheus text at ``/metrics``."""
-    text = srv.metrics()
-    wanted = name + (f"{{{labels}}}" if labels else "")
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample == wanted:
-            return float(value)
-    raise AssertionError(f"{wanted} not in /metrics")
 
 
 def connected(page: Page) -> str:
@@ -332,7 +319,7 @@ def test_comes_back_after_a_server_restart(run_server: Any, pages: Any) -> None:
     expect(page.locator("#conn-count")).to_have_text("2")
     # Publishing needs room membership: the message arriving proves the re-join.
     expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: sent while down")
-    assert metric(second, "wsserver_closes_total", 'code="4001"') == 1.0
+    assert metric(second, "wsserver_closes_total", code="4001") == 1.0
     assert pages.errors_except(*DOWNTIME_ERRORS) == []
 
 
@@ -427,19 +414,15 @@ CONTRAST_SCRIPT = """() => {
 def test_asks_for_a_token_when_not_in_demo_mode(run_server: Any, pages: Any) -> None:
     """Without the demo endpoint the page asks for a token (no name form, no 404 in the
     console), says when a pasted token is refused (4001), and connects with a good one."""
-    with socket.socket() as probe:  # the origin to allow must name the port up front
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # the origin to allow must name the port up front
     origin = f"http://127.0.0.1:{port}"
-    srv = run_server(
-        "--port", str(port), "--allowed-origins", origin, env={"WSSERVER_JWT_SECRET": SECRET}
-    )
+    srv = run_server("--port", str(port), "--allowed-origins", origin, env=KEYED_ENV)
     page = pages.open(srv.url + PAGE)
     expect(page.locator("#conn-detail")).to_have_text("Waiting for a token: paste one below.")
     expect(page.locator("#conn-state")).to_have_text("waiting for a token")
     expect(page.locator("#name-form")).to_be_hidden()
 
-    wrong = jwt.encode({"sub": "dave", "exp": int(time.time()) + 300}, "x" * 40, "HS256")
+    wrong = mint("dave", ttl=300, key="x" * 40)  # signed with another key
     page.get_by_label("Token", exact=True).fill(wrong)
     page.get_by_label("Token", exact=True).press("Enter")
     expect(page.locator("#conn-close")).to_have_text("Last close: 4001 invalid token")
@@ -447,9 +430,7 @@ def test_asks_for_a_token_when_not_in_demo_mode(run_server: Any, pages: Any) -> 
         "The server refused the token (4001 invalid token): paste another.")
 
     # Rooms are deny by default in key mode: the token grants the lobby the page joins.
-    claims = {"sub": "dave", "exp": int(time.time()) + 300, "rooms": ["lobby"],
-              "publish": ["lobby"]}
-    token = jwt.encode(claims, SECRET, "HS256")
+    token = mint("dave", ttl=300, rooms=["lobby"], publish=["lobby"])
     page.get_by_label("Token", exact=True).fill(token)
     page.get_by_label("Token", exact=True).press("Enter")
     expect(page.locator("#conn-state")).to_have_text("connected")
@@ -464,17 +445,15 @@ def test_asks_for_a_token_when_not_in_demo_mode(run_server: Any, pages: Any) -> 
 def test_key_mode_states_follow_the_token(run_server: Any, pages: Any) -> None:
     """token_expiring asks for a new token while still connected; a pasted one refreshes
     in-band; without one the token expires (4001) and the page says so."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     srv = run_server(
         "--port", str(port), "--allowed-origins", f"http://127.0.0.1:{port}",
-        "--token-warning", "3", "--jwt-leeway", "0", env={"WSSERVER_JWT_SECRET": SECRET},
+        "--token-warning", "3", "--jwt-leeway", "0", env=KEYED_ENV,
     )
     page = pages.open(srv.url + PAGE)
 
     def paste(ttl: int) -> None:
-        token = jwt.encode({"sub": "erin", "exp": int(time.time()) + ttl}, SECRET, "HS256")
+        token = mint("erin", ttl=ttl)
         page.get_by_label("Token", exact=True).fill(token)
         page.get_by_label("Token", exact=True).press("Enter")
 
@@ -522,12 +501,10 @@ def server_files(tmp_path: Path, config: str) -> list[str]:
 
 def api(srv: Any, path: str, body: Any) -> Any:
     """POST ``body`` to the server API with the key; the JSON answer."""
-    request = urllib.request.Request(
-        srv.url + path, data=json.dumps(body).encode(), method="POST",
-        headers={"Authorization": f"apikey {API_KEY}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    answer = fetch(srv.url + path, body, headers={
+        "Authorization": f"apikey {API_KEY}", "Content-Type": "application/json"})
+    assert answer.status == 200, (answer.status, answer.body)
+    return answer.json()
 
 
 def in_room(page: Page, room: str) -> None:
@@ -597,7 +574,7 @@ def test_no_message_lost_across_a_reconnect(
     assert chat_texts(alice_page) == [*before, *during, "after"]
     assert chat_texts(bob_page) == [*before, *during, "after"]
     expect(alice_page.locator("#chat-log li.notice")).to_have_count(0)
-    assert metric(srv, "wsserver_closes_total", 'code="4001"') == 1.0
+    assert metric(srv, "wsserver_closes_total", code="4001") == 1.0
     assert pages.errors == []
 
 

@@ -9,34 +9,30 @@ read what systemd would read.
 
 from __future__ import annotations
 
-import asyncio
-import http.client
-import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import (
+
+from tests.support import notify
+from tests.support.aio import run
+from tests.support.clients import connect
+from tests.support.deploy import (
     ENV_EXAMPLE,
-    REPO,
-    TEST_SECRET,
     UNIT,
     UNIT_PYTHON,
-    free_port,
-    make_token,
     systemd_analyze,
     unit_service_settings,
 )
-from websockets.asyncio.client import connect
-
+from tests.support.http import fetch
+from tests.support.notify import NotifySocket
+from tests.support.servers import RunningServer, ServerFactory, free_port, run_cli
+from tests.support.tokens import KEYED_ENV, mint
 from wsserver.config import OPTIONS, OPTIONS_BY_NAME
 
 pytestmark = [
@@ -172,24 +168,15 @@ def test_env_example_passes_check_config(tmp_path: Path) -> None:
     with key.open("wb") as out:
         subprocess.run(["openssl", "rand", "-base64", "48"], stdout=out, check=True, timeout=30)
     key.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-    env.update(active, WSSERVER_JWT_SECRET_FILE=str(key))
-    result = subprocess.run(
-        [sys.executable, "-m", "wsserver", "check-config"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=30, check=False,
-    )
+    result = run_cli("check-config", env={**active, "WSSERVER_JWT_SECRET_FILE": str(key)},
+                     timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_check_config_in_exec_start_pre_refuses_a_short_key(tmp_path: Path) -> None:
     key = tmp_path / "jwt-secret"
     key.write_text("too-short\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-    env["WSSERVER_JWT_SECRET_FILE"] = str(key)
-    result = subprocess.run(
-        [sys.executable, "-m", "wsserver", "check-config"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=30, check=False,
-    )
+    result = run_cli("check-config", env={"WSSERVER_JWT_SECRET_FILE": str(key)}, timeout=30)
     assert result.returncode == 2
     assert "too-short" not in result.stdout + result.stderr
 
@@ -197,113 +184,54 @@ def test_check_config_in_exec_start_pre_refuses_a_short_key(tmp_path: Path) -> N
 # --- sd_notify from a real server ----------------------------------------------------
 
 
-class NotifySocket:
-    """Stands in for systemd: a bound AF_UNIX datagram socket."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-
-    def wait_for(self, line: str, timeout: float = 30.0) -> list[list[str]]:
-        """Datagrams up to and including the first holding ``line``."""
-        seen: list[list[str]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {line!r} within {timeout} s; got {seen}")
-            self.sock.settimeout(remaining)
-            try:
-                lines = self.sock.recv(4096).decode().split("\n")
-            except TimeoutError:
-                continue
-            seen.append(lines)
-            if line in lines:
-                return seen
-
-
 @pytest.fixture
 def notify_socket() -> Iterator[NotifySocket]:
-    # AF_UNIX paths are limited to 108 bytes: keep the directory short.
-    with tempfile.TemporaryDirectory(prefix="wsn-", dir="/tmp") as directory:
-        listener = NotifySocket(os.path.join(directory, "notify"))
+    with notify.path_socket() as listener:
         yield listener
-        listener.sock.close()
 
 
-class ServerProcess:
-    """``python -m wsserver`` started as systemd would: environment only.
-
-    ``launcher`` is a command put in front, as systemd's sandboxing would be.
-    """
-
-    def __init__(self, env: dict[str, str], *args: str, launcher: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-        full_env.update(env, WSSERVER_JWT_SECRET=TEST_SECRET, WSSERVER_TASK_WORKERS="1")
-        self.process = subprocess.Popen(
-            [*launcher, sys.executable, "-m", "wsserver", "--port", str(self.port), *args],
-            cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-
-    def get(self, path: str) -> int:
-        """Status of ``GET path``: one attempt, no retry."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            conn.request("GET", path)
-            return conn.getresponse().status
-        finally:
-            conn.close()
-
-    def stop(self) -> tuple[int, str]:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            out, _ = self.process.communicate()
-        return self.process.returncode, out.decode(errors="replace")
+StartServer = Callable[..., RunningServer]
 
 
 @pytest.fixture
-def start_server() -> Iterator[type[ServerProcess]]:
-    started: list[ServerProcess] = []
+def start_server(run_server: ServerFactory) -> StartServer:
+    """``start_server(env, *args, launcher=())``: ``python -m wsserver`` started as
+    systemd would, with the environment only, on a port chosen beforehand and
+    not waited for (READY=1 says when it serves). ``launcher`` is a command put
+    in front, as systemd's sandboxing would be."""
 
-    class Tracked(ServerProcess):
-        def __init__(
-            self, env: dict[str, str], *args: str, launcher: tuple[str, ...] = ()
-        ) -> None:
-            super().__init__(env, *args, launcher=launcher)
-            started.append(self)
+    def start(env: dict[str, str], *args: str, launcher: tuple[str, ...] = ()) -> RunningServer:
+        return run_server("--port", str(free_port()), *args, launcher=launcher, wait=False,
+                          env={**env, **KEYED_ENV, "WSSERVER_TASK_WORKERS": "1"})
 
-    yield Tracked
-    for server in started:
-        server.stop()
+    return start
+
+
+def status_of(server: RunningServer, path: str) -> int:
+    """Status of ``GET path``: one attempt, no retry."""
+    return fetch(server.url + path, timeout=5).status
 
 
 def test_ready_once_listening_then_stopping_on_sigterm(
-    notify_socket: NotifySocket, start_server: type[ServerProcess]
+    notify_socket: NotifySocket, start_server: StartServer
 ) -> None:
-    server = start_server({"NOTIFY_SOCKET": notify_socket.path})
+    server = start_server({"NOTIFY_SOCKET": notify_socket.env_value})
     before = notify_socket.wait_for("READY=1")
     assert not any("STOPPING=1" in lines for lines in before)
     # READY=1 promises the server answers: one attempt, no retry.
-    assert server.get("/healthz") == 200
-    assert server.get("/readyz") == 200
+    assert status_of(server, "/healthz") == 200
+    assert status_of(server, "/readyz") == 200
 
-    server.process.send_signal(signal.SIGTERM)
+    server.proc.send_signal(signal.SIGTERM)
     notify_socket.wait_for("STOPPING=1")
-    code, logs = server.stop()
-    assert code == 0, logs
+    assert server.stop() == 0, server.logs()
 
 
 def test_watchdog_pings_when_asked(
-    notify_socket: NotifySocket, start_server: type[ServerProcess]
+    notify_socket: NotifySocket, start_server: StartServer
 ) -> None:
     # WatchdogSec=0.4s: systemd expects a WATCHDOG=1 at least every 0.4 s.
-    start_server({"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "400000"})
+    start_server({"NOTIFY_SOCKET": notify_socket.env_value, "WATCHDOG_USEC": "400000"})
     notify_socket.wait_for("READY=1")
     started = time.monotonic()
     for _ in range(3):
@@ -313,11 +241,11 @@ def test_watchdog_pings_when_asked(
 
 
 def test_no_watchdog_pings_for_another_process(
-    notify_socket: NotifySocket, start_server: type[ServerProcess]
+    notify_socket: NotifySocket, start_server: StartServer
 ) -> None:
     # WATCHDOG_PID names the process systemd watches; it is not this server.
     start_server(
-        {"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}
+        {"NOTIFY_SOCKET": notify_socket.env_value, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}
     )
     notify_socket.wait_for("READY=1")
     # Absence can only be watched for a while: ten intervals' worth.
@@ -358,28 +286,27 @@ def _kernel_has_mdwe() -> bool:
 
 
 def test_server_serves_under_memory_deny_write_execute(
-    notify_socket: NotifySocket, start_server: type[ServerProcess]
+    notify_socket: NotifySocket, start_server: StartServer
 ) -> None:
     if not _kernel_has_mdwe():
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
-    server = start_server({"NOTIFY_SOCKET": notify_socket.path}, launcher=MDWE_LAUNCHER)
+    server = start_server({"NOTIFY_SOCKET": notify_socket.env_value}, launcher=MDWE_LAUNCHER)
     notify_socket.wait_for("READY=1")
 
-    async def scenario() -> list[dict[str, object]]:
-        headers = {"Authorization": f"Bearer {make_token('alice')}"}
-        async with connect(f"ws://127.0.0.1:{server.port}/ws", additional_headers=headers) as ws:
-            replies = [json.loads(await asyncio.wait_for(ws.recv(), 10))]
-            # A task runs in a worker process (forkserver), a child that
-            # inherits the same restriction.
-            await ws.send(json.dumps({"type": "task", "name": "primes", "args": {"limit": 1000}}))
-            replies.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
-            return replies
+    async def scenario() -> list[dict[str, object] | None]:
+        ws = await connect(server, mint("alice"))
+        replies = [await ws.recv()]
+        # A task runs in a worker process (forkserver), a child that
+        # inherits the same restriction.
+        replies.append(await ws.ask({"type": "task", "name": "primes", "args": {"limit": 1000}},
+                                    timeout=30))
+        await ws.close()
+        return replies
 
-    welcome, result = asyncio.run(scenario())
+    welcome, result = run(scenario)
     assert welcome["type"] == "welcome", welcome
     assert result == {"type": "result", "name": "primes", "value": 168}, result
-    code, logs = server.stop()
-    assert code == 0, logs
+    assert server.stop() == 0, server.logs()
 
 
 def _bytes(value: str) -> int:

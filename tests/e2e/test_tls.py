@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import ssl
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import REPO, TEST_SECRET, write_self_signed_cert
-from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage
-from websockets.typing import Origin
+
+from tests.support.aio import run
+from tests.support.clients import Message, connect
+from tests.support.deploy import write_self_signed_cert
+from tests.support.http import fetch
+from tests.support.raw import upgrade_request
+from tests.support.servers import run_cli
+from tests.support.tokens import KEYED_ENV, bearer
 
 pytestmark = pytest.mark.e2e
 
-SERVER_ENV = {"WSSERVER_JWT_SECRET": TEST_SECRET}
+SERVER_ENV = KEYED_ENV
 
 
 @pytest.fixture
@@ -39,12 +39,8 @@ def tls_server(run_server: Any, tmp_path: Path) -> tuple[Any, ssl.SSLContext]:
 
 def cli_token(sub: str) -> str:
     """A token from ``python -m wsserver token`` with the server's key."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-    env.update(SERVER_ENV)
-    result = subprocess.run(
-        [sys.executable, "-m", "wsserver", "token", sub, "--ttl", "300"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=30, check=True,
-    )
+    result = run_cli("token", sub, "--ttl", "300", env=SERVER_ENV, timeout=30)
+    assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
 
@@ -53,22 +49,18 @@ def test_wss_welcome_with_the_generated_certificate(tls_server: tuple[Any, ssl.S
     url = f"wss://127.0.0.1:{server.port}/ws"
     token = cli_token("alice")
 
-    async def scenario() -> dict[str, Any]:
-        async with connect(
-            url, ssl=context, additional_headers={"Authorization": f"Bearer {token}"},
-            origin=Origin("https://127.0.0.1"), open_timeout=10,
-        ) as ws:
-            message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            return message
+    async def scenario() -> Message | None:
+        ws = await connect(url, token, ssl=context, origin="https://127.0.0.1")
+        message = await ws.recv()
+        await ws.close()
+        return message
 
-    message = asyncio.run(scenario())
+    message = run(scenario)
+    assert message is not None
     assert message["type"] == "welcome"
     assert message["user"] == "alice"
     # Plain HTTPS answers too, with the same certificate.
-    with urllib.request.urlopen(
-        f"https://127.0.0.1:{server.port}/healthz", context=context, timeout=10
-    ) as response:
-        assert response.status == 200
+    assert fetch(f"https://127.0.0.1:{server.port}/healthz", context=context).status == 200
 
 
 def test_certificate_is_really_checked(tls_server: tuple[Any, ssl.SSLContext]) -> None:
@@ -77,31 +69,23 @@ def test_certificate_is_really_checked(tls_server: tuple[Any, ssl.SSLContext]) -
     server, _ = tls_server
 
     async def scenario() -> None:
-        async with connect(
-            f"wss://127.0.0.1:{server.port}/ws", ssl=ssl.create_default_context(),
-            open_timeout=10,
-        ):
-            pass
+        await connect(f"wss://127.0.0.1:{server.port}/ws", ssl=ssl.create_default_context())
 
     with pytest.raises(ssl.SSLCertVerificationError):
-        asyncio.run(scenario())
+        run(scenario)
 
 
 def test_plain_ws_to_the_tls_port_fails(tls_server: tuple[Any, ssl.SSLContext]) -> None:
     server, context = tls_server
 
     async def scenario() -> None:
-        async with connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=10):
-            pass
+        await connect(f"ws://127.0.0.1:{server.port}/ws")
 
     # The TLS server drops a plaintext handshake: no HTTP answer ever comes.
     with pytest.raises((InvalidMessage, ConnectionError)):
-        asyncio.run(scenario())
+        run(scenario)
     # ...and goes on serving TLS clients.
-    with urllib.request.urlopen(
-        f"https://127.0.0.1:{server.port}/healthz", context=context, timeout=10
-    ) as response:
-        assert response.status == 200
+    assert fetch(f"https://127.0.0.1:{server.port}/healthz", context=context).status == 200
 
 
 def test_wss_refused_token_is_cut_once_its_close_frame_is_out(
@@ -116,11 +100,7 @@ def test_wss_refused_token_is_cut_once_its_close_frame_is_out(
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", server.port, ssl=context, server_hostname="127.0.0.1"
         )
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer not.a.jwt\r\n\r\n"
-        )
+        writer.write(upgrade_request(bearer("not.a.jwt")))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 101"), head
         started = loop.time()
@@ -131,7 +111,7 @@ def test_wss_refused_token_is_cut_once_its_close_frame_is_out(
             await writer.wait_closed()
         return rest, elapsed
 
-    rest, elapsed = asyncio.run(scenario())
+    rest, elapsed = run(scenario)
     # One close frame (opcode 8) carrying 4001, then the end of the stream.
     assert rest[0] == 0x88 and int.from_bytes(rest[2:4], "big") == 4001, rest
     assert elapsed < 1.0, elapsed

@@ -3,7 +3,7 @@
 Tests get a real server on a free port through pytest-tornado's
 ``http_server`` fixture (which must be requested for the app to be served),
 with ``server_flags`` overridable per test by parametrizing it. The clients
-the tests use are in :mod:`tests.integration.clients`.
+the tests use are :mod:`tests.support.clients` (and :mod:`tests.support.raw`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import tornado.web
 
-from tests.integration.clients import ORIGIN, SECRET, close_all
+from tests.support.clients import ORIGIN, aclose_all
+from tests.support.tokens import SECRET
 from wsserver.app import make_app
 from wsserver.config import load_settings
 from wsserver.rooms import RoomPolicy
@@ -59,11 +60,12 @@ def app(state: Services) -> tornado.web.Application:
 
 
 @pytest.fixture
-def port(http_server: Any, http_port: int, state: Services) -> Iterator[int]:
+def port(http_server: Any, http_port: int, state: Services, io_loop: Any) -> Iterator[int]:
     """The port of a running in-process server built from ``server_flags``.
 
-    At the end it closes every client the test opened (also those the server
-    closed first), before pytest-tornado closes the loop.
+    At the end it closes every client and raw connection the test opened
+    (also those the server closed first), on the test's loop, before
+    pytest-tornado closes it.
     """
     yield http_port
-    close_all()
+    io_loop.run_sync(aclose_all)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
-from tornado.websocket import WebSocketClientConnection
 
-from tests.integration.clients import ask, recv, token, welcomed
+from tests.support.clients import AsyncClient, welcomed
+from tests.support.metrics import value
+from tests.support.tokens import mint
 from wsserver.services import Services
 
 KEY = "api-key-for-tests-0123456789-abcdefghijklmnop"
@@ -70,22 +70,19 @@ def api(port: int, http_client: AsyncHTTPClient) -> Api:
 
 
 def counted(metrics: str, endpoint: str, outcome: str) -> float:
-    pattern = (rf'^wsserver_api_requests_total\{{endpoint="{endpoint}",outcome="{outcome}"\}} '
-               r"(\S+)$")
-    found = re.search(pattern, metrics, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return value(metrics, "wsserver_api_requests_total", endpoint=endpoint, outcome=outcome)
 
 
-async def member(port: int, user: str, *rooms: str) -> WebSocketClientConnection:
-    conn = await welcomed(port, token(user))
+async def member(port: int, user: str, *rooms: str) -> AsyncClient:
+    conn = await welcomed(port, mint(user))
     for room in rooms:
-        reply = await ask(conn, {"type": "join", "room": room})
+        reply = await conn.ask({"type": "join", "room": room})
         assert reply["type"] == "joined", reply
     return conn
 
 
-async def receives_nothing(conn: WebSocketClientConnection) -> None:
-    assert await ask(conn, {"type": "ping", "id": "q"}) == {"type": "pong", "id": "q"}
+async def receives_nothing(conn: AsyncClient) -> None:
+    assert await conn.ask({"type": "ping", "id": "q"}) == {"type": "pong", "id": "q"}
 
 
 # --- off, keys, errors -------------------------------------------------------------
@@ -173,7 +170,7 @@ async def test_a_body_over_max_message_size_is_413(api: Api, port: int) -> None:
     assert status == 413 and body["error"] == "too_large"
     status, _ = await api.call("/api/publish", {"room": "lobby", "data": "x" * 900})
     assert status == 200
-    assert (await recv(conn) or {})["data"] == "x" * 900
+    assert (await conn.recv() or {})["data"] == "x" * 900
 
 
 @pytest.mark.gen_test
@@ -201,8 +198,8 @@ async def test_publish_reaches_members_from_null(api: Api, port: int) -> None:
     data = {"text": "maintenance at 5", "n": [1, 2]}
     assert await api.call("/api/publish", {"room": "lobby", "data": data}) == (200, {})
     expected = {"type": "message", "room": "lobby", "from": None, "data": data}
-    assert await recv(alice) == expected
-    assert await recv(bob) == expected
+    assert await alice.recv() == expected
+    assert await bob.recv() == expected
     await receives_nothing(outsider)
     # A room with no members is fine too: nobody receives it.
     assert await api.call("/api/publish", {"room": "empty", "data": 1}) == (200, {})
@@ -215,12 +212,12 @@ async def test_the_backend_publishes_to_a_users_own_room_with_one_call(
 ) -> None:
     """The issue's done-when: one HTTP call, and the user's connection shows it."""
     alice = await member(port, "alice", "user:alice")
-    bob = await welcomed(port, token("bob"))
-    reply = await ask(bob, {"type": "join", "room": "user:alice"})
+    bob = await welcomed(port, mint("bob"))
+    reply = await bob.ask({"type": "join", "room": "user:alice"})
     assert reply["code"] == "forbidden"
     notice = {"kind": "invoice", "id": 42}
     assert await api.call("/api/publish", {"room": "user:alice", "data": notice}) == (200, {})
-    assert await recv(alice) == {"type": "message", "room": "user:alice", "from": None,
+    assert await alice.recv() == {"type": "message", "room": "user:alice", "from": None,
                                  "data": notice}
     await receives_nothing(bob)
 
@@ -242,7 +239,7 @@ async def test_the_same_idempotency_key_publishes_once(api: Api, port: int) -> N
     elsewhere = await api.call("/api/publish",
                                {"room": "hist:2", "data": "c", "idempotency_key": "k1"})
     assert elsewhere[1]["offset"] == 1
-    got = [await recv(alice) for _ in range(3)]
+    got = [await alice.recv() for _ in range(3)]
     assert [(m["room"], m["data"], m["offset"]) for m in got] == [
         ("hist:1", "a", 1), ("hist:1", "b", 2), ("hist:2", "c", 1)]
     assert all(m["from"] is None and m["epoch"] == first[1]["epoch"] for m in got[:2])
@@ -262,9 +259,9 @@ async def test_broadcast_answers_in_order(api: Api, port: int) -> None:
     assert results[0] == {} and results[2] == {} and results[3] == {}
     assert results[1]["offset"] == 1 and results[1]["epoch"]
     got = sorted([(m["room"], m["from"], m["data"]) for m in
-                  [await recv(alice), await recv(alice)]])
+                  [await alice.recv(), await alice.recv()]])
     assert got == [("a", None, "all"), ("hist:1", None, "all")]
-    assert await recv(bob) == {"type": "message", "room": "b", "from": None, "data": "all"}
+    assert await bob.recv() == {"type": "message", "room": "b", "from": None, "data": "all"}
 
 
 @pytest.mark.gen_test
@@ -275,7 +272,7 @@ async def test_a_retried_broadcast_publishes_once(api: Api, port: int) -> None:
     first = await api.call("/api/broadcast", body)
     assert first[0] == 200 and first[1]["results"][1]["offset"] == 1
     assert await api.call("/api/broadcast", body) == first
-    got = [await recv(alice) or {} for _ in range(2)]
+    got = [await alice.recv() or {} for _ in range(2)]
     assert sorted(m["room"] for m in got) == ["a", "hist:1"]
     await receives_nothing(alice)
 
@@ -309,18 +306,18 @@ async def test_broadcast_to_1000_rooms_is_allowed(api: Api, port: int) -> None:
     status, body = await api.call("/api/broadcast",
                                   {"rooms": [f"r{i}" for i in range(1000)], "data": 1})
     assert status == 200 and len(body["results"]) == 1000
-    assert (await recv(alice) or {})["room"] == "r999"
+    assert (await alice.recv() or {})["room"] == "r999"
 
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [WITH_KEY])
 async def test_disconnect_closes_every_connection_of_the_user(api: Api, port: int) -> None:
     alice1 = await member(port, "alice", "lobby")
-    alice2 = await welcomed(port, token("alice"))
+    alice2 = await welcomed(port, mint("alice"))
     bob = await member(port, "bob", "lobby")
     assert await api.call("/api/disconnect", {"user": "alice"}) == (200, {})
     for conn in (alice1, alice2):
-        assert await recv(conn) is None
+        assert await conn.recv() is None
         assert (conn.close_code, conn.close_reason) == (4003, "disconnected by the server")
     await receives_nothing(bob)
     # Nobody by that name: nothing to do, still 200.
@@ -331,13 +328,13 @@ async def test_disconnect_closes_every_connection_of_the_user(api: Api, port: in
 @pytest.mark.parametrize("server_flags", [WITH_KEY])
 async def test_a_disconnected_user_leaves_their_rooms(api: Api, port: int) -> None:
     bob = await member(port, "bob", "chat:1")
-    assert await recv(bob) == {"type": "user_joined", "room": "chat:1", "user": "bob"}
+    assert await bob.recv() == {"type": "user_joined", "room": "chat:1", "user": "bob"}
     alice = await member(port, "alice", "chat:1")
-    assert await recv(bob) == {"type": "user_joined", "room": "chat:1", "user": "alice"}
-    assert await recv(alice) == {"type": "user_joined", "room": "chat:1", "user": "alice"}
+    assert await bob.recv() == {"type": "user_joined", "room": "chat:1", "user": "alice"}
+    assert await alice.recv() == {"type": "user_joined", "room": "chat:1", "user": "alice"}
     assert await api.call("/api/disconnect", {"user": "alice"}) == (200, {})
-    assert await recv(alice) is None
-    assert await recv(bob) == {"type": "user_left", "room": "chat:1", "user": "alice"}
+    assert await alice.recv() is None
+    assert await bob.recv() == {"type": "user_left", "room": "chat:1", "user": "alice"}
     assert await api.call("/api/presence?room=chat:1") == (
         200, {"room": "chat:1", "users": ["bob"], "connections": 1})
 
@@ -346,10 +343,10 @@ async def test_a_disconnected_user_leaves_their_rooms(api: Api, port: int) -> No
 @pytest.mark.parametrize("server_flags", [WITH_KEY])
 @pytest.mark.parametrize("code", [4000, 4321, 4999])
 async def test_disconnect_with_a_custom_code(api: Api, port: int, code: int) -> None:
-    alice = await welcomed(port, token("alice"))
+    alice = await welcomed(port, mint("alice"))
     body = {"user": "alice", "code": code, "reason": "account closed"}
     assert await api.call("/api/disconnect", body) == (200, {})
-    assert await recv(alice) is None
+    assert await alice.recv() is None
     assert (alice.close_code, alice.close_reason) == (code, "account closed")
 
 
@@ -374,7 +371,7 @@ async def test_disconnect_with_a_custom_code(api: Api, port: int, code: int) -> 
 async def test_bad_disconnects_are_400_and_close_nothing(
     api: Api, port: int, body: dict[str, Any]
 ) -> None:
-    alice = await welcomed(port, token("alice"))
+    alice = await welcomed(port, mint("alice"))
     status, answer = await api.call("/api/disconnect", body)
     assert status == 400 and answer["error"] == "bad_request" and answer["message"]
     await receives_nothing(alice)
@@ -389,7 +386,7 @@ async def test_rooms_presence_and_nodes(api: Api, port: int, state: Services) ->
     await member(port, "alice", "lobby", "chat:1")
     await member(port, "alice", "chat:1")
     await member(port, "bob", "chat:1")
-    await welcomed(port, token("carol"))  # in no room
+    await welcomed(port, mint("carol"))  # in no room
     assert await api.call("/api/rooms") == (200, {"rooms": {
         "chat:1": {"connections": 3, "users": 2},
         "lobby": {"connections": 1, "users": 1},

@@ -1,49 +1,31 @@
 """The API as an operator runs it: ``--internal-port``, ``--api-key-file``, the
 ``publish`` command, the key's length check. Real ``python -m wsserver``
-processes, ``urllib`` and a ``websockets`` client."""
+processes, plain HTTP requests and a ``websockets`` client."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import ROOT, SECRET, RunningServer
-from tests.integration.clients import token
+from tests.support.clients import SyncClient, welcomed_sync
+from tests.support.http import fetch
+from tests.support.servers import RunningServer
+from tests.support.servers import run_cli as cli
+from tests.support.tokens import SECRET, mint
 
 KEY = "api-key-for-process-tests-0123456789-abcdef"
 INTERNAL = re.compile(r"internal listener \(metrics, stats, API\) on http://(\S+):(\d+)/")
 
 
 def http(url: str, body: Any = None, key: str | None = KEY) -> tuple[int, bytes]:
-    """(status, body) of a GET, or a POST of ``body`` as JSON."""
-    headers = {} if key is None else {"X-API-Key": key}
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read()
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-    return subprocess.run(
-        [sys.executable, "-m", "wsserver", *args], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
+    """(status, body) of a GET, or a POST of ``body`` as JSON, with the API key."""
+    answer = fetch(url, body, headers={} if key is None else {"X-API-Key": key})
+    return answer.status, answer.body
 
 
 @pytest.fixture
@@ -67,25 +49,17 @@ def server(
 
 
 @pytest.fixture
-def member(server: tuple[RunningServer, str]) -> Iterator[ClientConnection]:
+def member(server: tuple[RunningServer, str]) -> Iterator[SyncClient]:
     """A client of the server granted and joined to room ``news``."""
     running, _ = server
-    tok = token("alice", key=SECRET, rooms=["news"])
-    with connect(running.ws_url, additional_headers={"Authorization": f"Bearer {tok}"}) as conn:
-        assert json.loads(conn.recv(timeout=10))["type"] == "welcome"
-        conn.send(json.dumps({"type": "join", "room": "news"}))
-        assert json.loads(conn.recv(timeout=10)) == {"type": "joined", "room": "news"}
-        yield conn
+    conn = welcomed_sync(running, mint("alice", rooms=["news"]))
+    assert conn.ask({"type": "join", "room": "news"}) == {"type": "joined", "room": "news"}
+    yield conn
+    conn.close()
 
 
-def next_message(conn: ClientConnection) -> dict[str, Any]:
-    message: dict[str, Any] = json.loads(conn.recv(timeout=10))
-    return message
-
-
-def assert_quiet(conn: ClientConnection) -> None:
-    conn.send(json.dumps({"type": "ping", "id": "q"}))
-    assert next_message(conn) == {"type": "pong", "id": "q"}
+def assert_quiet(conn: SyncClient) -> None:
+    assert conn.ask({"type": "ping", "id": "q"}) == {"type": "pong", "id": "q"}
 
 
 # --- --internal-port -----------------------------------------------------------------
@@ -163,30 +137,30 @@ def test_the_internal_port_must_differ_from_the_port() -> None:
 
 
 def test_publish_command_reaches_the_member(
-    server: tuple[RunningServer, str], member: ClientConnection, key_file: Path
+    server: tuple[RunningServer, str], member: SyncClient, key_file: Path
 ) -> None:
     _, internal = server
     result = cli("publish", "news", '{"headline": "hi", "n": [1, 2]}', "--url", internal,
                  "--api-key-file", str(key_file))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {}
-    assert next_message(member) == {"type": "message", "room": "news", "from": None,
+    assert member.recv() == {"type": "message", "room": "news", "from": None,
                                     "data": {"headline": "hi", "n": [1, 2]}}
     assert KEY not in result.stdout + result.stderr
 
 
 def test_publish_command_finds_the_internal_port_itself(
-    server: tuple[RunningServer, str], member: ClientConnection, key_file: Path
+    server: tuple[RunningServer, str], member: SyncClient, key_file: Path
 ) -> None:
     _, internal = server
     port = internal.rsplit(":", 1)[1]
     result = cli("publish", "news", "3", "--internal-port", port, "--api-key-file", str(key_file))
     assert result.returncode == 0, result.stderr
-    assert next_message(member)["data"] == 3
+    assert member.recv()["data"] == 3
 
 
 def test_publish_command_says_what_the_server_refused(
-    server: tuple[RunningServer, str], member: ClientConnection, key_file: Path, tmp_path: Path
+    server: tuple[RunningServer, str], member: SyncClient, key_file: Path, tmp_path: Path
 ) -> None:
     _, internal = server
     result = cli("publish", "BAD:room", "1", "--url", internal, "--api-key-file", str(key_file))
@@ -229,7 +203,7 @@ def test_publish_command_cannot_reach_the_server_exits_1(
 
 
 def test_a_body_over_max_message_size_is_413_even_past_the_listeners_cap(
-    server: tuple[RunningServer, str], member: ClientConnection
+    server: tuple[RunningServer, str], member: SyncClient
 ) -> None:
     _, internal = server
     for size in (65_536, 70_000):  # the default --max-message-size is 65536

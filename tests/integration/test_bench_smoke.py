@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.redis_support import require_redis_server
+from tests.support.redis_server import require_redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("wsserver", "baseline")

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jwt
 import pytest
 
-from tests.conftest import ROOT, SECRET
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-    clean.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "wsserver", *args],
-        cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
+from tests.support.servers import run_cli as run
+from tests.support.tokens import KEYED_ENV, SECRET
 
 
 def test_token_prints_a_verifiable_jwt() -> None:
-    result = run("token", "alice", "--ttl", "120", env={"WSSERVER_JWT_SECRET": SECRET})
+    result = run("token", "alice", "--ttl", "120", env=KEYED_ENV)
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice"
@@ -48,7 +37,7 @@ def test_token_without_a_key_explains_and_exits_2() -> None:
 
 
 def test_check_config_ok() -> None:
-    result = run("check-config", env={"WSSERVER_JWT_SECRET": SECRET})
+    result = run("check-config", env=KEYED_ENV)
     assert result.returncode == 0
     assert result.stdout.startswith("configuration OK")
     assert SECRET not in result.stdout + result.stderr
@@ -102,7 +91,7 @@ def test_port_in_use_reports_the_bind_error_first_and_exits_2() -> None:
 def test_check_config_summarises_the_room_policy(tmp_path: Path) -> None:
     config = tmp_path / "rooms.toml"
     config.write_text('[rooms.namespaces.user]\njoin = "owner"\npublish = "none"\n')
-    result = run("check-config", "--config", str(config), env={"WSSERVER_JWT_SECRET": SECRET})
+    result = run("check-config", "--config", str(config), env=KEYED_ENV)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[1] == (
@@ -116,7 +105,7 @@ def test_check_config_summarises_the_room_policy(tmp_path: Path) -> None:
 def test_check_config_rejects_a_bad_room_policy_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "rooms.toml"
     config.write_text('[rooms.namespaces.chat]\njoin = "everyone"\ncolour = "red"\n')
-    result = run("check-config", "--config", str(config), env={"WSSERVER_JWT_SECRET": SECRET})
+    result = run("check-config", "--config", str(config), env=KEYED_ENV)
     assert result.returncode == 2
     assert (
         f"wsserver: {config}: rooms.namespaces.chat.join: unknown value 'everyone' "
@@ -128,12 +117,12 @@ def test_check_config_rejects_a_bad_room_policy_naming_the_key(tmp_path: Path) -
 
 def test_token_mints_room_grants() -> None:
     result = run("token", "alice", "--rooms", "chat:*, user:alice", "--publish", "chat:news",
-                 env={"WSSERVER_JWT_SECRET": SECRET})
+                 env=KEYED_ENV)
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["rooms"] == ["chat:*", "user:alice"]
     assert claims["publish"] == ["chat:news"]
-    bad = run("token", "alice", "--rooms", "chat:*:x", env={"WSSERVER_JWT_SECRET": SECRET})
+    bad = run("token", "alice", "--rooms", "chat:*:x", env=KEYED_ENV)
     assert bad.returncode == 2 and bad.stdout == ""
     assert "'rooms' entry 0 has a '*' before its end" in bad.stderr
 
@@ -149,7 +138,7 @@ def test_token_help_lists_only_what_token_reads() -> None:
 
 @pytest.mark.parametrize("sub", ["", "   ", "x" * 257])
 def test_token_refuses_a_sub_the_server_would_refuse(sub: str) -> None:
-    result = run("token", sub, env={"WSSERVER_JWT_SECRET": SECRET})
+    result = run("token", sub, env=KEYED_ENV)
     assert result.returncode == 2
     assert result.stdout == ""
     assert "SUB" in result.stderr

@@ -13,28 +13,26 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
 
-from tests.cluster_support import (
-    Client,
-    Clients,
-    api,
-    http,
-    metric,
-    node_args,
-    poll,
-    write_files,
+from tests.support.clients import (
+    ROOM_TRAFFIC,
+    ClosedBeforeWelcome,
+    SyncClient,
+    connect_sync,
+    welcomed_sync,
 )
-from tests.conftest import ROOT, SECRET, RunningServer
-from tests.redis_support import RedisServer
+from tests.support.cluster import api, http, node_args, write_files
+from tests.support.metrics import value as metric
+from tests.support.redis_server import RedisServer
+from tests.support.servers import RunningServer, run_cli
+from tests.support.tokens import SECRET, mint
+from tests.support.waiting import poll
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +67,11 @@ def ready(node: RunningServer) -> tuple[int, Any]:
 
 
 def test_publish_reaches_every_node_once_in_offset_order(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     a, b, c = start_node("a"), start_node("b"), start_node("c")
     room = "chat:1"
-    members = {name: clients.open(node, f"user-{name}") for name, node in
+    members = {name: welcomed_sync(node, mint(f"user-{name}")) for name, node in
                (("a", a), ("b", b), ("c", c))}
     for member in members.values():
         member.join(room)
@@ -103,14 +101,14 @@ def test_publish_reaches_every_node_once_in_offset_order(
     assert seen["a"] == seen["b"] == seen["c"]
     # Nothing after the marker: exactly once.
     for member in members.values():
-        assert member.ask({"type": "ping", "id": "q"}) == {"type": "pong", "id": "q"}
+        assert member.ask({"type": "ping", "id": "q"}, skip=ROOM_TRAFFIC) == {"type": "pong", "id": "q"}
 
 
 def test_api_publish_on_one_node_reaches_members_on_every_node(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     a, b = start_node("a"), start_node("b")
-    members = [clients.open(a, "ann"), clients.open(b, "bob"), clients.open(b, "bea")]
+    members = [welcomed_sync(a, mint("ann")), welcomed_sync(b, mint("bob")), welcomed_sync(b, mint("bea"))]
     for member in members:
         assert member.join("news") == {"type": "joined", "room": "news"}
     assert api(a, "/api/publish", {"room": "news", "data": {"n": 1}}) == {}
@@ -124,13 +122,13 @@ def test_api_publish_on_one_node_reaches_members_on_every_node(
         assert member.recv() == {"type": "message", "room": "news", "from": None,
                                  "data": {"n": 1}}
         assert member.recv() == {"type": "message", "room": "news", "from": None, "data": 2}
-        assert member.ask({"type": "ping"}) == {"type": "pong"}
+        assert member.ask({"type": "ping"}, skip=ROOM_TRAFFIC) == {"type": "pong"}
 
 
-def test_reconnect_to_another_node_and_recover(start_node: StartNode, clients: Clients) -> None:
+def test_reconnect_to_another_node_and_recover(start_node: StartNode) -> None:
     a, b = start_node("a"), start_node("b")
     room = "chat:resume"
-    phone = clients.open(a, "lea")
+    phone = welcomed_sync(a, mint("lea"))
     phone.join(room)
     for n in range(3):
         api(b, "/api/publish", {"room": room, "data": n})
@@ -139,16 +137,16 @@ def test_reconnect_to_another_node_and_recover(start_node: StartNode, clients: C
     phone.close()  # the network switched
     for n in range(3, 5):
         api(a, "/api/publish", {"room": room, "data": n})
-    again = clients.open(b, "lea")
+    again = welcomed_sync(b, mint("lea"))
     reply = again.ask({"type": "join", "room": room,
-                       "since": {"offset": last["offset"], "epoch": last["epoch"]}})
+                       "since": {"offset": last["offset"], "epoch": last["epoch"]}}, skip=ROOM_TRAFFIC)
     assert reply["recovered"] is True, reply
     assert (reply["epoch"], reply["offset"]) == (last["epoch"], 5)
     assert [(m["data"], m["offset"]) for m in reply["messages"]] == [(3, 4), (4, 5)]
     api(a, "/api/publish", {"room": room, "data": "live"})
     assert again.next(lambda m: m["type"] == "message")["offset"] == 6  # no repeat
     stale = again.ask({"type": "join", "room": "chat:resume2",
-                       "since": {"offset": 1, "epoch": "not-this-one"}})
+                       "since": {"offset": 1, "epoch": "not-this-one"}}, skip=ROOM_TRAFFIC)
     assert (stale["recovered"], stale["messages"]) == (False, [])
 
 
@@ -156,19 +154,19 @@ def test_reconnect_to_another_node_and_recover(start_node: StartNode, clients: C
 
 
 def test_connection_cap_per_user_counts_every_node(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     a, b, c = (start_node(n, "--max-connections-per-user", "2") for n in "abc")
-    first = clients.open(a, "dana")
-    clients.open(b, "dana")
-    assert clients.refused(c, "dana") == 4008  # upgraded, then closed
-    clients.open(c, "erin")  # another user is not affected
+    first = welcomed_sync(a, mint("dana"))
+    welcomed_sync(b, mint("dana"))
+    assert connect_sync(c, mint("dana")).until_closed() == (4008, [])  # upgraded, then closed
+    welcomed_sync(c, mint("erin"))  # another user is not affected
     first.close()
 
-    def admitted() -> Client | None:
+    def admitted() -> SyncClient | None:
         try:
-            return clients.open(c, "dana")
-        except ConnectionClosed:
+            return welcomed_sync(c, mint("dana"))
+        except ClosedBeforeWelcome:
             return None  # closed with 4008 before its welcome: not counted down yet
 
     # The close is counted down in Redis after the socket is gone: poll.
@@ -176,13 +174,13 @@ def test_connection_cap_per_user_counts_every_node(
 
 
 def test_message_bucket_across_nodes_admits_at_most_one_extra_second(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     rate, burst = 20, 10
     limits = ("--message-rate", str(rate), "--message-burst", str(burst),
               "--rate-limit-strikes", "100000", "--frame-rate", "1000", "--frame-burst", "1000")
     a, b = start_node("a", *limits), start_node("b", *limits)
-    ones = [clients.open(a, "flood"), clients.open(b, "flood")]
+    ones = [welcomed_sync(a, mint("flood")), welcomed_sync(b, mint("flood"))]
     window = 3.0
     # Each connection offers 4 x the whole user's rate: without shared
     # buckets each node would admit about rate x window + burst on its own.
@@ -218,19 +216,19 @@ def test_message_bucket_across_nodes_admits_at_most_one_extra_second(
 
 
 def test_presence_rooms_and_nodes_across_nodes_and_a_killed_node(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     a, b = start_node("a"), start_node("b")
     room = "chat:lobby"
-    alice = clients.open(a, "alice")
+    alice = welcomed_sync(a, mint("alice"))
     alice.join(room)
-    bob = clients.open(b, "bob")
+    bob = welcomed_sync(b, mint("bob"))
     bob.join(room)
     assert alice.next(lambda m: m["type"] == "user_joined" and m["user"] == "bob") == {
         "type": "user_joined", "room": room, "user": "bob"}
-    bob2 = clients.open(b, "bob")
+    bob2 = welcomed_sync(b, mint("bob"))
     bob2.join(room)  # bob's second connection: no second user_joined
-    assert alice.ask({"type": "presence", "room": room}) == {
+    assert alice.ask({"type": "presence", "room": room}, skip=ROOM_TRAFFIC) == {
         "type": "presence", "room": room, "users": ["alice", "bob"], "connections": 3}
     for node in (a, b):
         assert api(node, "/api/rooms") == {"rooms": {room: {"connections": 3, "users": 2}}}
@@ -252,39 +250,39 @@ def test_presence_rooms_and_nodes_across_nodes_and_a_killed_node(
     # --broker-node-ttl 2 and --broker-heartbeat 0.5 (the default 15 + 5 is within
     # the contract's 60 s); generous slack for a loaded machine.
     assert time.monotonic() - killed < 10
-    assert alice.ask({"type": "presence", "room": room})["users"] == ["alice"]
+    assert alice.ask({"type": "presence", "room": room}, skip=ROOM_TRAFFIC)["users"] == ["alice"]
     assert api(a, "/api/rooms") == {"rooms": {room: {"connections": 1, "users": 1}}}
     assert nodes_named(a) == ["a"]
 
 
 def test_disconnect_on_one_node_closes_the_users_connections_on_others(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     a, b = start_node("a"), start_node("b")
-    on_b = [clients.open(b, "carol"), clients.open(b, "carol")]
-    on_a = clients.open(a, "carol")
-    other = clients.open(b, "dave")
+    on_b = [welcomed_sync(b, mint("carol")), welcomed_sync(b, mint("carol"))]
+    on_a = welcomed_sync(a, mint("carol"))
+    other = welcomed_sync(b, mint("dave"))
     assert api(a, "/api/disconnect", {"user": "carol"}) == {}
     for one in [*on_b, on_a]:
-        assert one.closed_with() == 4003
-    assert other.ask({"type": "ping"}) == {"type": "pong"}
+        assert one.until_closed()[0] == 4003
+    assert other.ask({"type": "ping"}, skip=ROOM_TRAFFIC) == {"type": "pong"}
     b.wait_for_log(r"close user=carol .*code=4003")
     # A chosen code crosses nodes too.
-    again = clients.open(b, "carol")
+    again = welcomed_sync(b, mint("carol"))
     assert api(a, "/api/disconnect", {"user": "carol", "code": 4100, "reason": "bye"}) == {}
-    assert again.closed_with() == 4100
+    assert again.until_closed()[0] == 4100
 
 
 # --- Redis outages --------------------------------------------------------------------
 
 
 def test_redis_stopped_then_restarted(
-    start_node: StartNode, clients: Clients, redis: RedisServer
+    start_node: StartNode, redis: RedisServer
 ) -> None:
     probe = 0.5
     a, b = start_node("a"), start_node("b")
     room = "chat:outage"
-    alice, bob = clients.open(a, "alice"), clients.open(b, "bob")
+    alice, bob = welcomed_sync(a, mint("alice")), welcomed_sync(b, mint("bob"))
     for member in (alice, bob):
         member.join(room)
     alice.next(lambda m: m["type"] == "user_joined")
@@ -300,12 +298,12 @@ def test_redis_stopped_then_restarted(
     assert time.monotonic() - stopped <= 2 * probe + 0.2
     poll(lambda: ready(b)[0] == 503, "b unready")
     # The connections stay open; the echo path works; the broker's paths say why not.
-    assert alice.ask({"type": "ping", "id": 1}) == {"type": "pong", "id": 1}
-    assert alice.ask({"type": "echo", "data": [1]}) == {"type": "echo", "data": [1]}
+    assert alice.ask({"type": "ping", "id": 1}, skip=ROOM_TRAFFIC) == {"type": "pong", "id": 1}
+    assert alice.ask({"type": "echo", "data": [1]}, skip=ROOM_TRAFFIC) == {"type": "echo", "data": [1]}
     for message in ({"type": "publish", "room": room, "data": "x", "id": "p"},
                     {"type": "join", "room": "chat:new", "id": "p"},
                     {"type": "presence", "room": room, "id": "p"}):
-        reply = alice.ask(message)
+        reply = alice.ask(message, skip=ROOM_TRAFFIC)
         assert (reply["type"], reply["code"], reply["id"]) == ("error", "unavailable", "p"), reply
     status, headers, body = http(a.url + "/api/publish", {"room": room, "data": 1})
     assert status == 503 and body["error"] == "unavailable"
@@ -330,23 +328,23 @@ def test_redis_stopped_then_restarted(
     # Each node put its presence entries back into the empty Redis.
     poll(lambda: api(b, f"/api/presence?room={room}")["users"] == ["alice", "bob"],
          "presence restored")
-    assert alice.ask({"type": "presence", "room": room})["connections"] == 2
+    assert alice.ask({"type": "presence", "room": room}, skip=ROOM_TRAFFIC)["connections"] == 2
     assert api(a, "/api/rooms") == {"rooms": {room: {"connections": 2, "users": 2}}}
 
 
 def test_redis_frozen_then_thawed(
-    start_node: StartNode, clients: Clients, redis: RedisServer
+    start_node: StartNode, redis: RedisServer
 ) -> None:
     probe = 0.5
     a = start_node("a")
-    member = clients.open(a, "fay")
+    member = welcomed_sync(a, mint("fay"))
     member.join("news")
     redis.freeze()
     frozen = time.monotonic()
     poll(lambda: ready(a) == (503, {"status": "broker_unavailable"}), "unready", every=0.02)
     assert time.monotonic() - frozen <= 2 * probe + 0.2
-    assert member.ask({"type": "echo", "data": "still"}) == {"type": "echo", "data": "still"}
-    reply = member.ask({"type": "publish", "room": "news", "data": 1})
+    assert member.ask({"type": "echo", "data": "still"}, skip=ROOM_TRAFFIC) == {"type": "echo", "data": "still"}
+    reply = member.ask({"type": "publish", "room": "news", "data": 1}, skip=ROOM_TRAFFIC)
     assert reply["code"] == "unavailable"
     a.wait_for_log(r"broker: Redis at \S+ is down")
     redis.thaw()
@@ -356,11 +354,11 @@ def test_redis_frozen_then_thawed(
 
 
 def test_killed_pubsub_connections_resubscribe_and_repair(
-    start_node: StartNode, clients: Clients, redis: RedisServer
+    start_node: StartNode, redis: RedisServer
 ) -> None:
     a, b = start_node("a"), start_node("b")
     room = "chat:kill"
-    reader, writer = clients.open(a, "reader"), clients.open(b, "writer")
+    reader, writer = welcomed_sync(a, mint("reader")), welcomed_sync(b, mint("writer"))
     reader.join(room)
     writer.join(room)
     reader.next(lambda m: m["type"] == "user_joined")
@@ -411,10 +409,10 @@ def command_calls(redis: RedisServer) -> dict[str, int]:
 
 
 def test_echo_and_ping_send_no_redis_command(
-    start_node: StartNode, clients: Clients, redis: RedisServer
+    start_node: StartNode, redis: RedisServer
 ) -> None:
     a = start_node("a", "--message-rate", "10000", "--message-burst", "10000")
-    client = clients.open(a, "gus")
+    client = welcomed_sync(a, mint("gus"))
     client.join("news")  # a member of a room too: still nothing per message
     before = command_calls(redis)
     started = time.monotonic()
@@ -442,34 +440,35 @@ def test_echo_and_ping_send_no_redis_command(
 
 
 def test_two_workers_share_one_port_through_redis(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     served = start_node("w", "--workers", "2")
     pids = [int(p) for p in re.findall(r"worker \d serving \(pid (\d+)\)", served.logs())]
     assert len(set(pids)) == 2 and served.pid not in pids
     poll(lambda: nodes_named(served) == ["w-0", "w-1"], "both workers in /api/nodes")
 
+    members: list[SyncClient] = []
+
     def on_both() -> list[dict[str, Any]] | None:
-        member = clients.open(served, f"m{len(clients.opened)}")
-        member.join("news")
+        members.append(welcomed_sync(served, mint(f"m{len(members)}")))
+        members[-1].join("news")
         nodes = api(served, "/api/nodes")["nodes"]
         return nodes if all(n["connections"] for n in nodes) else None
 
     # The kernel picks the worker for each connection: open until both have one.
     poll(on_both, "members on both workers", every=0)
-    members = list(clients.opened)
     api(served, "/api/publish", {"room": "news", "data": "both"})
     for member in members:
         assert member.next(lambda m: m["type"] == "message")["data"] == "both"
 
     assert served.stop(signal.SIGTERM) == 0
     for member in members:
-        assert member.closed_with() == 1001
+        assert member.until_closed()[0] == 1001
     logs = served.logs()
     assert len(re.findall(r"worker \d \(pid \d+\) exited with 0", logs)) == 2, logs
 
 
-def test_a_killed_worker_is_restarted(start_node: StartNode, clients: Clients) -> None:
+def test_a_killed_worker_is_restarted(start_node: StartNode) -> None:
     served = start_node("w", "--workers", "2")
     found = re.search(r"worker 0 serving \(pid (\d+)\)", served.logs())
     assert found
@@ -477,7 +476,7 @@ def test_a_killed_worker_is_restarted(start_node: StartNode, clients: Clients) -
     served.wait_for_log(rf"worker 0 \(pid {found.group(1)}\) died with -9; restarting it")
     served.wait_for_log(r"worker 0 serving \(pid (?!" + found.group(1) + r"\b)\d+\)")
     assert http(served.url + "/healthz", key=None)[0] == 200
-    member = clients.open(served, "hal")
+    member = welcomed_sync(served, mint("hal"))
     member.join("news")
     member.send({"type": "publish", "room": "news", "data": "alive"})
     assert member.next(lambda m: m["type"] == "message")["data"] == "alive"
@@ -486,23 +485,18 @@ def test_a_killed_worker_is_restarted(start_node: StartNode, clients: Clients) -
 
 
 def test_two_workers_with_the_memory_broker_exit_2() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "wsserver", "--port", "0", "--jwt-secret", SECRET,
-         "--workers", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
+    result = run_cli("--port", "0", "--jwt-secret", SECRET, "--workers", "2")
     assert result.returncode == 2, result.stderr
     assert "--workers 2" in result.stderr and "Redis broker" in result.stderr
     assert "listening on" not in result.stdout + result.stderr
 
 
 def test_a_lost_pubsub_message_is_repaired_from_the_history(
-    start_node: StartNode, clients: Clients, redis: RedisServer
+    start_node: StartNode, redis: RedisServer
 ) -> None:
     a, b = start_node("a"), start_node("b")
     room = "chat:lost"
-    members = [clients.open(a, "ivy"), clients.open(b, "jon")]
+    members = [welcomed_sync(a, mint("ivy")), welcomed_sync(b, mint("jon"))]
     for member in members:
         member.join(room)
     api(a, "/api/publish", {"room": room, "data": "one"})
@@ -526,13 +520,13 @@ def test_a_lost_pubsub_message_is_repaired_from_the_history(
 
 
 def test_connections_admitted_during_an_outage_count_once_redis_is_back(
-    start_node: StartNode, clients: Clients, redis: RedisServer
+    start_node: StartNode, redis: RedisServer
 ) -> None:
     a = start_node("a", "--max-connections-per-user", "2")
     b = start_node("b", "--max-connections-per-user", "2")
     redis.stop()
     poll(lambda: ready(a)[0] == 503, "a unready")
-    during = clients.open(a, "kim")  # admitted: counted on this node only
+    during = welcomed_sync(a, mint("kim"))  # admitted: counted on this node only
     a.wait_for_log(r"broker unavailable: user=kim counted on this node only")
     redis.start()
     for node in (a, b):
@@ -540,25 +534,25 @@ def test_connections_admitted_during_an_outage_count_once_redis_is_back(
     # Once a put its entries back, kim's connection on a counts on b too.
     poll(lambda: api(b, "/api/nodes") and redis.command("HGET", "wsserver:ut", "kim") == b"1",
          "kim's connection on a counted in Redis")
-    clients.open(b, "kim")
-    assert clients.refused(b, "kim") == 4008
+    welcomed_sync(b, mint("kim"))
+    assert connect_sync(b, mint("kim")).until_closed() == (4008, [])
     during.close()
     poll(lambda: redis.command("HGET", "wsserver:ut", "kim") == b"1", "kim counted down")
 
 
 def test_leaves_across_nodes_announce_the_users_last_connection_only(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     a, b = start_node("a"), start_node("b")
     room = "chat:leave"
-    alice = clients.open(a, "alice")
+    alice = welcomed_sync(a, mint("alice"))
     alice.join(room)
-    bobs = [clients.open(b, "bob"), clients.open(a, "bob")]
+    bobs = [welcomed_sync(b, mint("bob")), welcomed_sync(a, mint("bob"))]
     for bob in bobs:
         bob.join(room)
-    bobs[0].ask({"type": "leave", "room": room})
+    bobs[0].ask({"type": "leave", "room": room}, skip=ROOM_TRAFFIC)
     api(b, "/api/publish", {"room": room, "data": "marker1"})
-    events = [m for m in alice.messages_until_any("marker1") if m["type"] == "user_left"]
+    events = [m for m in alice.messages_until("marker1", types=None) if m["type"] == "user_left"]
     assert events == []
     bobs[1].close()  # bob's last connection in the room, on the other node
     assert alice.next(lambda m: m["type"] == "user_left") == {
@@ -567,32 +561,32 @@ def test_leaves_across_nodes_announce_the_users_last_connection_only(
 
 
 def test_a_killed_node_frees_its_users_connection_counts(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     cap = ("--max-connections-per-user", "2")
     a, b = start_node("a", *cap), start_node("b", *cap)
-    clients.open(b, "max")
-    clients.open(b, "max")
-    assert clients.refused(a, "max") == 4008
+    welcomed_sync(b, mint("max"))
+    welcomed_sync(b, mint("max"))
+    assert connect_sync(a, mint("max")).until_closed() == (4008, [])
     b.stop(signal.SIGKILL)
 
-    def admitted() -> Client | None:
+    def admitted() -> SyncClient | None:
         try:
-            return clients.open(a, "max")
-        except ConnectionClosed:
+            return welcomed_sync(a, mint("max"))
+        except ClosedBeforeWelcome:
             return None
 
     poll(admitted, "max admitted on a once b is reaped")
 
 
 def test_a_node_restarted_under_its_name_replaces_what_it_left(
-    start_node: StartNode, clients: Clients
+    start_node: StartNode
 ) -> None:
     a, b = start_node("a"), start_node("b", "--max-connections-per-user", "1")
     room = "chat:restart"
-    alice = clients.open(a, "alice")
+    alice = welcomed_sync(a, mint("alice"))
     alice.join(room)
-    clients.open(b, "bob").join(room)
+    welcomed_sync(b, mint("bob")).join(room)
     alice.next(lambda m: m["type"] == "user_joined" and m["user"] == "bob")
     b.stop(signal.SIGKILL)
     b2 = start_node("b", "--max-connections-per-user", "1")  # well within the node TTL
@@ -600,20 +594,20 @@ def test_a_node_restarted_under_its_name_replaces_what_it_left(
         "type": "user_left", "room": room, "user": "bob"}
     assert api(b2, f"/api/presence?room={room}")["users"] == ["alice"]
     # bob's old connection no longer counts against his cap.
-    clients.open(b2, "bob").join(room)
+    welcomed_sync(b2, mint("bob")).join(room)
     assert alice.next(lambda m: m["type"] == "user_joined")["user"] == "bob"
     nodes = {n["name"]: n for n in api(a, "/api/nodes")["nodes"]}
     assert sorted(nodes) == ["a", "b"]
 
 
 def test_a_freeze_longer_than_the_node_ttl_reaps_no_live_node(
-    start_node: StartNode, clients: Clients, redis: RedisServer
+    start_node: StartNode, redis: RedisServer
 ) -> None:
     a, b = start_node("a"), start_node("b")
     room = "chat:freeze"
-    alice = clients.open(a, "alice")
+    alice = welcomed_sync(a, mint("alice"))
     alice.join(room)
-    clients.open(b, "bob").join(room)
+    welcomed_sync(b, mint("bob")).join(room)
     alice.next(lambda m: m["type"] == "user_joined" and m["user"] == "bob")
     # Listens on the control channel through the freeze: a node reaped would
     # be announced there (the nodes' own subscriptions may miss it, not this).
@@ -628,7 +622,7 @@ def test_a_freeze_longer_than_the_node_ttl_reaps_no_live_node(
     # when Redis answers again, yet every node is alive.
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        assert alice.ask({"type": "ping"}) == {"type": "pong"}
+        assert alice.ask({"type": "ping"}, skip=ROOM_TRAFFIC) == {"type": "pong"}
         time.sleep(0.2)
     redis.thaw()
     for node in (a, b):
@@ -640,7 +634,7 @@ def test_a_freeze_longer_than_the_node_ttl_reaps_no_live_node(
         poll(lambda name=name: int(redis.command("HGET", f"wsserver:node:{name}", "at") or 0)
              > thawed + 1000, f"{name} heartbeating again")
     api(b, "/api/publish", {"room": room, "data": "marker"})
-    events = [m for m in alice.messages_until_any("marker") if m["type"] == "user_left"]
+    events = [m for m in alice.messages_until("marker", types=None) if m["type"] == "user_left"]
     assert events == [], (events, a.logs(), b.logs())
     assert api(a, f"/api/presence?room={room}")["users"] == ["alice", "bob"]
     assert sorted(n["name"] for n in api(a, "/api/nodes")["nodes"]) == ["a", "b"]

@@ -8,11 +8,8 @@ what the transport reported.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
 import ssl
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,7 +23,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conformance.echo_server import EchoHandler, EchoReceiver
-from tests.e2e.deploy_helpers import write_self_signed_cert
+from tests.support import aio
+from tests.support.deploy import write_self_signed_cert
+from tests.support.raw import RawConnection, client_frame, close_payload, upgraded
 from wsserver import framing
 from wsserver.fastpath import FastProtocol, FrameConnection, FrameLimits, protocol_for
 from wsserver.tornado_internals import ServerProtocol13, websocket_params
@@ -120,86 +119,12 @@ async def serving(
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), 4 * TIMEOUT))
+    aio.run(scenario, timeout=4 * TIMEOUT)
 
 
-# --- a raw client -------------------------------------------------------------
-
-
-def client_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
-    mask = os.urandom(4)
-    size = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    if size < 126:
-        header = struct.pack(">BB", first, 0x80 | size)
-    else:
-        header = struct.pack(">BBH", first, 0x80 | 126, size)
-    return header + mask + framing._mask_python(payload, mask)
-
-
-def close_payload(code: int) -> bytes:
-    return struct.pack(">H", code)
-
-
-class Raw:
-    """A TCP client that sent an upgrade request (and maybe frames behind it)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, address: str, pipelined: bytes = b"") -> Raw:
-        host, port = address.split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-        writer.write(request + pipelined)
-        raw = cls(reader, writer)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return raw
-
-    async def frame(self) -> tuple[int, bytes]:
-        async def read() -> tuple[int, bytes]:
-            first, second = await self.reader.readexactly(2)
-            size = second & 0x7F
-            if size == 126:
-                (size,) = struct.unpack(">H", await self.reader.readexactly(2))
-            elif size == 127:
-                (size,) = struct.unpack(">Q", await self.reader.readexactly(8))
-            return first & 0x0F, await self.reader.readexactly(size)
-
-        return await asyncio.wait_for(read(), TIMEOUT)
-
-    async def close_code(self) -> int | None:
-        """Skip to the server's close frame; its code."""
-        while True:
-            opcode, payload = await self.frame()
-            if opcode == framing.OP_CLOSE:
-                return struct.unpack(">H", payload[:2])[0] if payload else None
-
-    async def eof(self) -> bytes:
-        return await asyncio.wait_for(self.reader.read(), TIMEOUT)
-
-    def send(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    def close(self) -> None:
-        self.writer.transport.abort()
-
-
-@contextlib.asynccontextmanager
-async def raw(address: str, pipelined: bytes = b"") -> AsyncIterator[Raw]:
-    conn = await Raw.open(address, pipelined)
-    try:
-        yield conn
-    finally:
-        conn.close()
+def raw(address: str, pipelined: bytes = b"") -> Awaitable[RawConnection]:
+    """A raw client upgraded on ``address`` (the echo servers serve every path)."""
+    return upgraded(address, path="/", pipelined=pipelined)
 
 
 # --- well-behaved clients ------------------------------------------------------
@@ -228,8 +153,8 @@ def test_frames_pipelined_behind_the_handshake_are_read() -> None:
     async def scenario() -> None:
         async with serving(EchoHandler) as address:
             frames = b"".join(client_frame(framing.OP_TEXT, f"m{i}".encode()) for i in range(3))
-            async with raw(address, pipelined=frames) as conn:
-                got = [await conn.frame() for _ in range(3)]
+            async with await raw(address, pipelined=frames) as conn:
+                got = [await conn.read_frame() for _ in range(3)]
                 assert got == [(framing.OP_TEXT, f"m{i}".encode()) for i in range(3)]
 
     run(scenario)
@@ -237,9 +162,9 @@ def test_frames_pipelined_behind_the_handshake_are_read() -> None:
 
 def test_pings_are_answered_with_their_payload() -> None:
     async def scenario() -> None:
-        async with serving(EchoHandler) as address, raw(address) as conn:
-            conn.send(client_frame(framing.OP_PING, b"are you there"))
-            assert await conn.frame() == (framing.OP_PONG, b"are you there")
+        async with serving(EchoHandler) as address, await raw(address) as conn:
+            await conn.send(client_frame(framing.OP_PING, b"are you there"))
+            assert await conn.read_frame() == (framing.OP_PONG, b"are you there")
 
     run(scenario)
 
@@ -250,10 +175,10 @@ def test_pings_are_answered_with_their_payload() -> None:
 def test_client_close_is_echoed_and_reported_once() -> None:
     async def scenario() -> None:
         RecordingHandler.closed = []
-        async with serving(RecordingHandler) as address, raw(address) as conn:
-            conn.send(client_frame(framing.OP_CLOSE, close_payload(3001) + b"done"))
-            assert await conn.close_code() == 3001
-            assert await conn.eof() == b""  # the server closes TCP first (section 7.1.1)
+        async with serving(RecordingHandler) as address, await raw(address) as conn:
+            await conn.send(client_frame(framing.OP_CLOSE, close_payload(3001) + b"done"))
+            assert (await conn.read_until_close())[0] == 3001
+            assert await conn.wait_eof() == b""  # the server closes TCP first (section 7.1.1)
             await asyncio.sleep(0.05)
             assert RecordingHandler.closed == [(3001, "done", False)]
 
@@ -280,11 +205,11 @@ def test_server_close_drops_a_client_that_never_answers() -> None:
 
     async def scenario() -> None:
         RecordingHandler.closed = []
-        async with serving(RecordingHandler, limits) as address, raw(address) as conn:
-            conn.send(client_frame(framing.OP_TEXT, b"close-me"))
-            assert await conn.close_code() == 4000
+        async with serving(RecordingHandler, limits) as address, await raw(address) as conn:
+            await conn.send(client_frame(framing.OP_TEXT, b"close-me"))
+            assert (await conn.read_until_close())[0] == 4000
             started = time.monotonic()
-            assert await conn.eof() == b""
+            assert await conn.wait_eof() == b""
             assert time.monotonic() - started < 2
             assert RecordingHandler.closed == [(4000, "asked to", True)]
 
@@ -294,9 +219,9 @@ def test_server_close_drops_a_client_that_never_answers() -> None:
 def test_abort_cuts_without_a_close_frame() -> None:
     async def scenario() -> None:
         RecordingHandler.closed = []
-        async with serving(RecordingHandler) as address, raw(address) as conn:
-            conn.send(client_frame(framing.OP_TEXT, b"abort-me"))
-            assert await conn.eof() == b""
+        async with serving(RecordingHandler) as address, await raw(address) as conn:
+            await conn.send(client_frame(framing.OP_TEXT, b"abort-me"))
+            assert await conn.wait_eof() == b""
             await asyncio.sleep(0.05)
             assert RecordingHandler.closed == [(1006, "", True)]
 
@@ -308,10 +233,10 @@ def test_a_refused_connection_is_cut_at_once_and_its_frames_are_never_read() -> 
         async with serving(RefusingHandler) as address:
             frames = client_frame(framing.OP_TEXT, b"never echoed") * 50
             started = time.monotonic()
-            async with raw(address, pipelined=frames) as conn:
-                opcode, payload = await conn.frame()
+            async with await raw(address, pipelined=frames) as conn:
+                opcode, payload = await conn.read_frame()
                 assert (opcode, payload[:2]) == (framing.OP_CLOSE, close_payload(4001))
-                assert await conn.eof() == b""
+                assert await conn.wait_eof() == b""
             assert time.monotonic() - started < 1.0
 
     run(scenario)
@@ -342,20 +267,20 @@ FAILURES: list[tuple[str, bytes, int]] = [
 @pytest.mark.parametrize("wire, code", [f[1:] for f in FAILURES], ids=[f[0] for f in FAILURES])
 def test_protocol_failures_close_with_their_code(wire: bytes, code: int) -> None:
     async def scenario() -> None:
-        async with serving(EchoHandler) as address, raw(address) as conn:
-            conn.send(wire)
-            assert await conn.close_code() == code
-            assert await conn.eof() == b""
+        async with serving(EchoHandler) as address, await raw(address) as conn:
+            await conn.send(wire)
+            assert (await conn.read_until_close())[0] == code
+            assert await conn.wait_eof() == b""
 
     run(scenario)
 
 
 def test_an_unfinished_fragmented_message_is_closed_with_1008() -> None:
     async def scenario() -> None:
-        async with serving(EchoHandler) as address, raw(address) as conn:
-            conn.send(client_frame(framing.OP_TEXT, b"part one", fin=False))
+        async with serving(EchoHandler) as address, await raw(address) as conn:
+            await conn.send(client_frame(framing.OP_TEXT, b"part one", fin=False))
             started = time.monotonic()
-            assert await conn.close_code() == 1008
+            assert (await conn.read_until_close())[0] == 1008
             assert 0.25 < time.monotonic() - started < 2
 
     run(scenario)
@@ -400,9 +325,9 @@ def test_tls_keeps_tornados_path_and_plain_tcp_takes_the_fast_one(tmp_path: Path
 @pytest.mark.parametrize("code, expected", [(1005, 1002), (2000, 1002), (1000, 1000), (4000, 4000)])
 def test_tornado_path_fails_invalid_close_codes_with_1002(code: int, expected: int) -> None:
     async def scenario() -> None:
-        async with serving(TornadoPathHandler) as address, raw(address) as conn:
-            conn.send(client_frame(framing.OP_CLOSE, close_payload(code)))
-            assert await conn.close_code() == expected
+        async with serving(TornadoPathHandler) as address, await raw(address) as conn:
+            await conn.send(client_frame(framing.OP_CLOSE, close_payload(code)))
+            assert (await conn.read_until_close())[0] == expected
 
     run(scenario)
 
@@ -421,9 +346,9 @@ def test_buffered_counts_what_a_client_that_does_not_read_left_unsent() -> None:
 
     async def scenario() -> None:
         RecordingHandler.closed = []
-        async with serving(Filling) as address, raw(address) as conn:
+        async with serving(Filling) as address, await raw(address) as conn:
             await asyncio.sleep(0.1)
-            conn.close()
+            conn.discard()
         assert seen and seen[0] > 1 << 20
 
     run(scenario)

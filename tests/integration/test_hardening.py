@@ -10,103 +10,21 @@ header (11). Task pool fairness and cancellation are in test_task_messages.py.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import os
-import struct
 import time
 from typing import Any
 
 import jwt
 import pytest
 
-from tests.integration.clients import SECRET, ask, connect, recv, token, welcomed
+from tests.support.clients import connect, welcomed
+from tests.support.metrics import value
+from tests.support.raw import RawConnection, raw_connect, upgrade_request
+from tests.support.tokens import SECRET, bearer, mint
 from wsserver.auth import DEMO_AUDIENCE, TokenVerifier
 from wsserver.cli import main as cli_main
 from wsserver.services import Services
-
-EVENT_TIMEOUT = 10.0
-
-
-# --- a raw client: what well-behaved libraries refuse to do ----------------------------
-
-
-def upgrade(headers: dict[str, str] | None = None, *, path: str = "/ws",
-            version: str = "HTTP/1.1") -> bytes:
-    """The bytes of a WebSocket upgrade request (RFC 6455 section 4.1)."""
-    lines = [
-        f"GET {path} {version}",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
-        "Sec-WebSocket-Version: 13",
-        *(f"{name}: {value}" for name, value in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-class Raw:
-    """One TCP connection to the server, closed by :func:`close_raw`."""
-
-    opened: list[Raw] = []
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        Raw.opened.append(self)
-
-    @classmethod
-    async def open(cls, port: int, data: bytes) -> Raw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        raw = cls(reader, writer)
-        writer.write(data)
-        await writer.drain()
-        return raw
-
-    async def head(self) -> tuple[int, dict[str, str]]:
-        """The status and headers of the next HTTP answer."""
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), EVENT_TIMEOUT)
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        return int(status_line.split()[1]), headers
-
-    async def until_eof(self) -> bytes:
-        return await asyncio.wait_for(self.reader.read(), EVENT_TIMEOUT)
-
-
-@pytest.fixture
-def close_raw(io_loop: Any) -> Any:
-    """Closes every :class:`Raw` a test opened, on the test's own loop."""
-    yield
-
-    async def close() -> None:
-        while Raw.opened:
-            writer = Raw.opened.pop().writer
-            writer.close()
-            await writer.wait_closed()
-
-    io_loop.run_sync(close)
-
-
-def text_frame(text: str) -> bytes:
-    """A masked client text frame (short payloads only)."""
-    payload = text.encode()
-    assert len(payload) < 126
-    mask = os.urandom(4)
-    return (struct.pack(">BB", 0x81, 0x80 | len(payload)) + mask
-            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-
-def gauge(state: Services, name: str) -> float | None:
-    state.refresh_gauges()
-    value: float | None = state.metrics.registry.get_sample_value(name)
-    return value
-
 
 # --- 1: unverified connections cannot crowd out verified users --------------------------
 
@@ -116,25 +34,25 @@ def gauge(state: Services, name: str) -> float | None:
     "server_flags", [{"max_connections": "2", "max_unverified_connections": "2"}]
 )
 async def test_garbage_tokens_do_not_crowd_out_verified_users(
-    port: int, state: Services, close_raw: None
+    port: int, state: Services
 ) -> None:
     # Two upgrades with garbage tokens that never answer the 4001 close frame:
     # the server keeps them until its close handshake gives up.
     for _ in range(2):
-        raw = await Raw.open(port, upgrade({"Authorization": "Bearer garbage"}))
-        assert (await raw.head())[0] == 101
-    assert gauge(state, "wsserver_connections_unverified") == 2
-    third = await Raw.open(port, upgrade({"Authorization": "Bearer garbage"}))
-    status, headers = await third.head()
-    assert status == 503 and headers["retry-after"]
+        raw = await raw_connect(port, bearer("garbage"))
+        assert raw.status == 101
+    state.refresh_gauges()
+    assert value(state.metrics.registry, "wsserver_connections_unverified") == 2
+    third = await raw_connect(port, bearer("garbage"))
+    assert third.status == 503 and third.headers["retry-after"]
     # Both verified users still get in: --max-connections is theirs.
-    alice = await welcomed(port, token("alice"))
-    bob = await welcomed(port, token("bob"))
+    alice = await welcomed(port, mint("alice"))
+    bob = await welcomed(port, mint("bob"))
     assert (state.registry.verified, state.registry.unverified) == (2, 2)
-    assert state.metrics.registry.get_sample_value(
-        "wsserver_rejections_total", {"reason": "unverified_full"}) == 1
-    alice.close()
-    bob.close()
+    assert value(state.metrics.registry, "wsserver_rejections_total",
+                 reason="unverified_full") == 1
+    await alice.close()
+    await bob.close()
 
 
 # --- 2: demo tokens beside a production key ---------------------------------------------
@@ -156,7 +74,7 @@ async def test_demo_tokens_beside_a_key_cannot_pass_as_production_tokens(
     other = TokenVerifier(SECRET, ["HS256"], audience="prod-app", issuer="https://idp.example")
     with pytest.raises(Exception, match="invalid token"):
         other.verify(demo)
-    conn.close()
+    await conn.close()
 
 
 def test_demo_beside_a_key_off_loopback_is_a_config_error(
@@ -184,17 +102,17 @@ def test_demo_beside_a_key_warns_loudly_at_start(run_server: Any) -> None:
 async def test_unencodable_input_is_bad_request_and_the_connection_stays(
     port: int, text: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tok = token("alice")
+    tok = mint("alice")
     conn = await connect(port, None, query=f"?token={tok}")
-    assert (await recv(conn) or {})["type"] == "welcome"
-    await conn.write_message(text)
-    reply = await recv(conn)
+    assert (await conn.recv() or {})["type"] == "welcome"
+    await conn.send(text)
+    reply = await conn.recv()
     assert reply is not None, f"closed: {conn.close_code}"
     assert reply["code"] == "bad_request"
     assert reply.get("id") == (3 if '"id": 3' in text else None)
-    assert (await ask(conn, {"type": "ping"}))["type"] == "pong"
+    assert (await conn.ask({"type": "ping"}))["type"] == "pong"
     assert tok not in caplog.text
-    conn.close()
+    await conn.close()
 
 
 class Exploding:
@@ -217,7 +135,7 @@ async def test_uncaught_errors_never_log_the_token(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    tok = token("alice")
+    tok = mint("alice")
     # A plain handler: Tornado's RequestHandler.log_exception.
     state.hub = Exploding()  # type: ignore[assignment]
     response = await http_client.fetch(f"{base_url}/stats?token={tok}", raise_error=False)
@@ -233,7 +151,7 @@ async def test_uncaught_errors_never_log_the_token(
     # ... and in open(), after it (Tornado aborts the connection).
     state.registry.authenticate = explode  # type: ignore[method-assign]
     conn = await connect(port, None, query=f"?token={tok}")
-    assert await recv(conn) is None
+    assert await conn.recv() is None
     uncaught = [r for r in caplog.records if "Uncaught exception" in r.getMessage()]
     assert len(uncaught) == 3, [r.getMessage() for r in caplog.records]
     assert all("token=[redacted]" in r.getMessage() for r in uncaught)
@@ -249,8 +167,8 @@ async def test_a_sub_with_control_characters_closes_4001(
     port: int, sub: str, state: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    conn = await connect(port, token(sub))
-    assert await recv(conn) is None
+    conn = await connect(port, mint(sub))
+    assert await conn.recv() is None
     assert (conn.close_code, conn.close_reason) == (4001, "invalid token")
     assert all("\n" not in r.getMessage() and "\x1b" not in r.getMessage()
                for r in caplog.records)
@@ -261,9 +179,9 @@ async def test_a_sub_with_control_characters_closes_4001(
 
 
 @pytest.mark.gen_test
-async def test_pipelined_refused_handshakes_get_one_answer(port: int, close_raw: None) -> None:
-    raw = await Raw.open(port, upgrade() * 200)  # no token: 403 each
-    answer = await raw.until_eof()  # the server closes after the first refusal
+async def test_pipelined_refused_handshakes_get_one_answer(port: int) -> None:
+    raw = await RawConnection.open(port, upgrade_request() * 200)  # no token: 403 each
+    answer = await raw.wait_eof()  # the server closes after the first refusal
     assert answer.count(b"HTTP/1.1 403") == 1
     assert b"\r\nConnection: close\r\n" in answer
 
@@ -271,18 +189,17 @@ async def test_pipelined_refused_handshakes_get_one_answer(port: int, close_raw:
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"handshake_rate": "1000", "handshake_burst": "1000"}])
 async def test_refusal_logging_is_throttled_and_every_refusal_counted(
-    port: int, state: Services, caplog: pytest.LogCaptureFixture, close_raw: None
+    port: int, state: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for _ in range(40):
-        raw = await Raw.open(port, upgrade())
-        assert (await raw.head())[0] == 403
-        await raw.until_eof()
+        raw = await raw_connect(port)
+        assert raw.status == 403
+        await raw.wait_eof()
     refused = [r for r in caplog.records if "handshake refused" in r.getMessage()]
     assert len(refused) == state.refusal_log.burst == 10
     assert not [r for r in caplog.records if r.name == "wsserver.access"]
-    assert state.metrics.registry.get_sample_value(
-        "wsserver_rejections_total", {"reason": "no_token"}) == 40
+    assert value(state.metrics.registry, "wsserver_rejections_total", reason="no_token") == 40
 
 
 # --- 9: --jwt-typ and --max-token-lifetime ------------------------------------------------
@@ -290,8 +207,7 @@ async def test_refusal_logging_is_throttled_and_every_refusal_counted(
 
 def typed(sub: str = "alice", *, lifetime: int = 600, typ: str = "at+jwt") -> str:
     now = int(time.time())
-    return jwt.encode({"sub": sub, "iat": now, "exp": now + lifetime}, SECRET,
-                      algorithm="HS256", headers={"typ": typ})
+    return mint(sub, iat=now, exp=now + lifetime, headers={"typ": typ})
 
 
 @pytest.mark.gen_test
@@ -302,27 +218,26 @@ def typed(sub: str = "alice", *, lifetime: int = 600, typ: str = "at+jwt") -> st
         (lambda: typed(), True),
         (lambda: typed(typ="JWT"), False),
         (lambda: typed(lifetime=10 * 365 * 86400), False),
-        (lambda: token("alice"), False),  # no iat, typ JWT
+        (lambda: mint("alice"), False),  # no iat, typ JWT
     ],
 )
 async def test_typ_and_lifetime_at_connect(port: int, make: Any, accepted: bool) -> None:
     conn = await connect(port, make())
-    first = await recv(conn)
+    first = await conn.recv()
     if accepted:
         assert first is not None and first["type"] == "welcome"
     else:
         assert first is None and conn.close_code == 4001
-    conn.close()
+    await conn.close()
 
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"jwt_typ": "at+jwt", "max_token_lifetime": "3600"}])
 async def test_a_ten_year_token_is_refused_on_refresh(port: int) -> None:
     conn = await welcomed(port, typed())
-    assert (await ask(conn, {"type": "refresh", "token": typed()}))["type"] == "refreshed"
-    await conn.write_message(json.dumps(
-        {"type": "refresh", "token": typed(lifetime=10 * 365 * 86400)}))
-    assert await recv(conn) is None
+    assert (await conn.ask({"type": "refresh", "token": typed()}))["type"] == "refreshed"
+    await conn.send({"type": "refresh", "token": typed(lifetime=10 * 365 * 86400)})
+    assert await conn.recv() is None
     assert (conn.close_code, conn.close_reason) == (4001, "invalid token: lifetime too long")
 
 
@@ -330,12 +245,11 @@ async def test_a_ten_year_token_is_refused_on_refresh(port: int) -> None:
 
 
 @pytest.mark.gen_test
-async def test_an_http10_upgrade_is_400(port: int, close_raw: None) -> None:
-    raw = await Raw.open(port, upgrade({"Authorization": f"Bearer {token()}"},
-                                       version="HTTP/1.0"))
-    status, _ = await raw.head()
+async def test_an_http10_upgrade_is_400(port: int) -> None:
+    raw = await RawConnection.open(port, upgrade_request(bearer(mint()), version="HTTP/1.0"))
+    status, _ = await raw.read_head()
     assert status == 400
-    body = json.loads((await raw.until_eof()).decode())
+    body = json.loads((await raw.wait_eof()).decode())
     assert body["error"] == "bad_handshake"
 
 
@@ -352,10 +266,9 @@ async def test_no_server_header(http_server: Any, http_client: Any, base_url: st
 
 
 @pytest.mark.gen_test
-async def test_no_server_header_on_the_upgrade(port: int, close_raw: None) -> None:
-    raw = await Raw.open(port, upgrade({"Authorization": f"Bearer {token()}"}))
-    status, headers = await raw.head()
-    assert status == 101 and "server" not in headers
+async def test_no_server_header_on_the_upgrade(port: int) -> None:
+    raw = await raw_connect(port, bearer(mint()))
+    assert raw.status == 101 and "server" not in raw.headers
 
 
 @pytest.mark.gen_test
@@ -366,7 +279,7 @@ async def test_closes_of_bad_tokens_are_logged_through_the_same_throttle(
     caplog.set_level(logging.DEBUG)
     for _ in range(30):
         conn = await connect(port, "not.a.jwt")
-        assert await recv(conn) is None and conn.close_code == 4001
+        assert await conn.recv() is None and conn.close_code == 4001
     closes = [r.getMessage() for r in caplog.records if "code=4001" in r.getMessage()]
     assert len(closes) == state.refusal_log.burst, closes
     # The operator learns why; the client only got "invalid token".
@@ -376,5 +289,4 @@ async def test_closes_of_bad_tokens_are_logged_through_the_same_throttle(
         if state.registry.total == 0:
             break
         await asyncio.sleep(0.01)
-    assert state.metrics.registry.get_sample_value(
-        "wsserver_closes_total", {"code": "4001"}) == 30
+    assert value(state.metrics.registry, "wsserver_closes_total", code="4001") == 30

@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import json
 import signal
 import socket
-import time
 import urllib.error
-import urllib.request
 from typing import Any
 
-import jwt
 import pytest
-import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import SECRET, RunningServer
-
-KEYED = {"WSSERVER_JWT_SECRET": SECRET}
-
-
-def make_token(sub: str = "alice", ttl: int = 600) -> str:
-    return jwt.encode({"sub": sub, "exp": int(time.time()) + ttl}, SECRET, algorithm="HS256")
+from tests.support.aio import run
+from tests.support.clients import connect, refused, welcomed
+from tests.support.http import fetch
+from tests.support.metrics import value
+from tests.support.raw import upgrade_request
+from tests.support.servers import RunningServer
+from tests.support.tokens import KEYED_ENV as KEYED
+from tests.support.tokens import SECRET, bearer, mint
 
 
 def http_get(srv: RunningServer, path: str) -> tuple[int, dict[str, str], bytes]:
-    try:
-        with urllib.request.urlopen(srv.url + path, timeout=10) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, dict(error.headers), error.read()
+    answer = fetch(srv.url + path)
+    return answer.status, dict(answer.headers), answer.body
 
 
 def test_demo_mode_page_token_and_origin(run_server: Any) -> None:
@@ -48,19 +38,18 @@ def test_demo_mode_page_token_and_origin(run_server: Any) -> None:
 
     async def scenario() -> None:
         # The page's own origin is allowed; anything else is refused with 403.
-        async with websockets.connect(
-            srv.ws_url, subprotocols=["bearer", reply["token"]], origin=f"http://localhost:{srv.port}"
-        ) as ws:
-            welcome = json.loads(await ws.recv())
-            assert welcome["type"] == "welcome" and welcome["user"] == "alice"
-            assert ws.subprotocol == "bearer"
-        with pytest.raises(InvalidStatus) as info:
-            await websockets.connect(
-                srv.ws_url, subprotocols=["bearer", reply["token"]], origin="http://evil.example"
-            )
-        assert info.value.response.status_code == 403
+        ws = await connect(srv, subprotocols=["bearer", reply["token"]],
+                           origin=f"http://localhost:{srv.port}")
+        welcome = await ws.recv()
+        assert welcome is not None
+        assert welcome["type"] == "welcome" and welcome["user"] == "alice"
+        assert ws.subprotocol == "bearer"
+        await ws.close()
+        refusal = await refused(srv, subprotocols=["bearer", reply["token"]],
+                                origin="http://evil.example")
+        assert refusal.status == 403
 
-    asyncio.run(scenario())
+    run(scenario)
 
 
 @pytest.mark.parametrize("body", [{}, {"user": ""}, {"user": 5}, {"user": "x" * 65}, {"user": "a\u0000b"}])
@@ -105,15 +94,13 @@ def test_gauge_follows_connections(run_server: Any) -> None:
     srv = run_server(env=KEYED)
 
     async def scenario() -> None:
-        async with websockets.connect(
-            srv.ws_url, additional_headers={"Authorization": f"Bearer {make_token()}"}
-        ) as ws:
-            await ws.recv()
-            assert "wsserver_connections 1.0" in srv.metrics()
+        ws = await welcomed(srv, mint())
+        assert value(srv, "wsserver_connections") == 1
+        await ws.close()
         srv.wait_for_log(r"close user=alice .*code=1000")
-        assert "wsserver_connections 0.0" in srv.metrics()
+        assert value(srv, "wsserver_connections") == 0
 
-    asyncio.run(scenario())
+    run(scenario)
 
 
 def test_sigterm_closes_1001_turns_unready_and_exits_0(run_server: Any) -> None:
@@ -122,19 +109,13 @@ def test_sigterm_closes_1001_turns_unready_and_exits_0(run_server: Any) -> None:
     keepalive.request("GET", "/readyz")
     assert keepalive.getresponse().read() == b'{"status": "ready"}'
 
-    async def scenario() -> tuple[int | None, str]:
-        async with websockets.connect(
-            srv.ws_url, additional_headers={"Authorization": f"Bearer {make_token()}"}
-        ) as ws:
-            await ws.recv()
-            srv.proc.send_signal(signal.SIGTERM)
-            with pytest.raises(ConnectionClosed) as info:
-                while True:
-                    await ws.recv()
-            assert info.value.rcvd is not None
-            return info.value.rcvd.code, info.value.rcvd.reason
+    async def scenario() -> tuple[int | None, str | None]:
+        ws = await welcomed(srv, mint())
+        srv.proc.send_signal(signal.SIGTERM)
+        code, _ = await ws.until_closed()
+        return code, ws.close_reason
 
-    code, reason = asyncio.run(scenario())
+    code, reason = run(scenario)
     keepalive.close()
     assert (code, reason) == (1001, "server shutting down")
     assert srv.stop() == 0
@@ -152,13 +133,7 @@ def test_readyz_is_503_while_draining(run_server: Any) -> None:
     assert (first.status, first.read()) == (200, b'{"status": "ready"}')
 
     raw = socket.create_connection(("127.0.0.1", srv.port))
-    raw.sendall(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {make_token()}\r\n\r\n"
-        ).encode()
-    )
+    raw.sendall(upgrade_request(bearer(mint())))
     assert raw.recv(4096).startswith(b"HTTP/1.1 101")  # then it never reads again
     srv.wait_for_log("open user=alice")
     srv.proc.send_signal(signal.SIGTERM)
@@ -174,13 +149,14 @@ def test_readyz_is_503_while_draining(run_server: Any) -> None:
 def test_query_tokens_and_secrets_stay_out_of_logs(run_server: Any) -> None:
     # At DEBUG the access log also shows upgraded requests (101), with their URI.
     srv = run_server("--log-level", "DEBUG", env=KEYED)
-    tok = make_token("logged")
+    tok = mint("logged")
 
     async def scenario() -> None:
-        async with websockets.connect(f"{srv.ws_url}?token={tok}") as ws:
-            await ws.recv()
+        ws = await connect(srv, query=f"?token={tok}")
+        await ws.recv()
+        await ws.close()
 
-    asyncio.run(scenario())
+    run(scenario)
     srv.wait_for_log("close user=logged")
     logs = srv.logs()
     assert "token=[redacted]" in logs
@@ -193,13 +169,10 @@ def test_one_log_line_per_open_and_close(run_server: Any) -> None:
     srv = run_server(env=KEYED)
 
     async def scenario() -> None:
-        async with websockets.connect(
-            srv.ws_url, additional_headers={"Authorization": f"Bearer {make_token('bob')}"}
-        ) as ws:
-            await ws.recv()
-            await ws.close(1000)
+        ws = await welcomed(srv, mint("bob"))
+        await ws.close(1000)
 
-    asyncio.run(scenario())
+    run(scenario)
     line = srv.wait_for_log(r"close user=bob addr=127\.0\.0\.1 code=1000 by=client .*duration=").string
     assert "duration=" in line
     assert len([ln for ln in srv.logs().splitlines() if "open user=bob" in ln]) == 1

@@ -10,33 +10,27 @@ counts that stay exact whatever way connections end.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 
-from limits_helpers import (
-    JWT_ENV,
-    NO_HANDSHAKE_LIMIT,
+from websockets.exceptions import ConnectionClosed
+
+from tests.support.aio import run
+from tests.support.clients import welcomed
+from tests.support.metrics import reaches, read
+from tests.support.raw import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,
     OP_TEXT,
     RawConnection,
-    RunningServer,
-    bearer,
     client_frame,
     close_frame,
-    metric_reaches,
-    open_client,
     raw_connect,
-    raw_open,
-    read_metric,
-    recv_json,
-    refused_status,
-    request,
-    run,
-    until_closed,
+    raw_refused,
+    raw_welcomed,
 )
-from websockets.exceptions import ConnectionClosed
+from tests.support.servers import NO_HANDSHAKE_LIMIT, RunningServer
+from tests.support.tokens import EVERY_ROOM, KEYED_ENV, bearer, mint
 
 Start = Callable[..., RunningServer]
 
@@ -57,22 +51,22 @@ def test_connections_of_one_user_share_one_bucket(run_server: Start) -> None:
     """A drains the bucket, so B (same user) is limited; another user is not."""
     # A slow refill (one token per 2 s) so nothing trickles back mid-test.
     srv = run_server("--message-rate", "0.5", "--message-burst", "4",
-                     "--rate-limit-strikes", "50", env=JWT_ENV)
+                     "--rate-limit-strikes", "50", env=KEYED_ENV)
 
     async def scenario() -> None:
-        a = await open_client(srv, "alice")
-        b = await open_client(srv, "alice")
-        carol = await open_client(srv, "carol")
+        a = await welcomed(srv, mint("alice", **EVERY_ROOM))
+        b = await welcomed(srv, mint("alice", **EVERY_ROOM))
+        carol = await welcomed(srv, mint("carol", **EVERY_ROOM))
         for n in range(4):
-            assert await request(a, {"type": "ping", "id": n}) == {"type": "pong", "id": n}
-        limited = await request(b, {"type": "ping", "id": "b-1"})
+            assert await a.ask({"type": "ping", "id": n}) == {"type": "pong", "id": n}
+        limited = await b.ask({"type": "ping", "id": "b-1"})
         assert limited["type"] == "error" and limited["code"] == "rate_limited", limited
         assert limited["id"] == "b-1"
         # One token at 0.5 per second is at most two seconds away.
         assert 0 < limited["retry_after"] <= 2
-        assert await request(carol, {"type": "ping", "id": 7}) == {"type": "pong", "id": 7}
+        assert await carol.ask({"type": "ping", "id": 7}) == {"type": "pong", "id": 7}
         # The drained bucket is the user's, not the first connection's.
-        again = await request(a, {"type": "echo", "data": "x", "id": "a-5"})
+        again = await a.ask({"type": "echo", "data": "x", "id": "a-5"})
         assert (again["code"], again["id"]) == ("rate_limited", "a-5")
         for ws in (a, b, carol):
             await ws.close()
@@ -83,26 +77,26 @@ def test_connections_of_one_user_share_one_bucket(run_server: Start) -> None:
 def test_a_flood_that_goes_on_is_closed_with_4029(run_server: Start) -> None:
     """Burst answered, then ``--rate-limit-strikes`` errors, then close 4029."""
     srv = run_server("--message-rate", "0.5", "--message-burst", "3",
-                     "--rate-limit-strikes", "5", env=JWT_ENV)
+                     "--rate-limit-strikes", "5", env=KEYED_ENV)
 
     async def scenario() -> None:
-        flooder = await open_client(srv, "mallory")
-        bystander = await open_client(srv, "bob")
+        flooder = await welcomed(srv, mint("mallory", **EVERY_ROOM))
+        bystander = await welcomed(srv, mint("bob", **EVERY_ROOM))
         try:
             for n in range(40):
-                await flooder.send(json.dumps({"type": "ping", "id": n}))
+                await flooder.send({"type": "ping", "id": n})
         except ConnectionClosed:
             pass  # the server may close before the flood is all sent
-        code, received = await until_closed(flooder)
+        code, received = await flooder.until_closed()
         assert code == 4029
         assert [m["type"] for m in received[:3]] == ["pong"] * 3
         errors = received[3:]
         assert [(m["code"], m["id"]) for m in errors] == [("rate_limited", n) for n in range(3, 8)]
         assert all(m["retry_after"] > 0 for m in errors)
         # The flood cost the flooder only.
-        assert await request(bystander, {"type": "ping"}) == {"type": "pong"}
+        assert await bystander.ask({"type": "ping"}) == {"type": "pong"}
         await bystander.close()
-        assert await read_metric(srv, "wsserver_closes_total", code="4029") == 1
+        assert await read(srv, "wsserver_closes_total", code="4029") == 1
 
     run(scenario)
 
@@ -114,15 +108,15 @@ def test_a_sustained_flood_above_the_rate_is_closed_with_4029(run_server: Start)
     them; that must not wipe the strikes, or such a flood is never closed.
     """
     srv = run_server("--message-rate", "20", "--message-burst", "2",
-                     "--rate-limit-strikes", "10", env=JWT_ENV)
+                     "--rate-limit-strikes", "10", env=KEYED_ENV)
 
     async def scenario() -> None:
-        flooder = await open_client(srv, "mallory")
-        closing = asyncio.ensure_future(until_closed(flooder))
+        flooder = await welcomed(srv, mint("mallory", **EVERY_ROOM))
+        closing = asyncio.ensure_future(flooder.until_closed())
         sent = 0
         try:
             while not closing.done() and sent < 300:  # 3 s at 100 messages/s
-                await flooder.send(json.dumps({"type": "ping", "id": sent}))
+                await flooder.send({"type": "ping", "id": sent})
                 sent += 1
                 await asyncio.sleep(0.01)  # the flood's own pace, 5x the rate
         except ConnectionClosed:
@@ -142,14 +136,14 @@ def test_a_user_back_after_refill_starts_with_a_full_bucket(run_server: Start) -
     """Close every connection of a drained user, wait for the refill: the full burst again."""
     rate, burst = 4, 5
     srv = run_server("--message-rate", str(rate), "--message-burst", str(burst),
-                     "--rate-limit-strikes", "50", env=JWT_ENV)
+                     "--rate-limit-strikes", "50", env=KEYED_ENV)
 
     async def burst_replies() -> list[str]:
         """Connect, send one more than the burst at once, return the replies' kinds."""
-        ws = await open_client(srv, "dave")
+        ws = await welcomed(srv, mint("dave", **EVERY_ROOM))
         for n in range(burst + 1):
-            await ws.send(json.dumps({"type": "ping", "id": n}))
-        replies = [await recv_json(ws) for _ in range(burst + 1)]
+            await ws.send({"type": "ping", "id": n})
+        replies = [await ws.recv() for _ in range(burst + 1)]
         await ws.close()
         return [reply.get("code", reply["type"]) for reply in replies]
 
@@ -167,19 +161,19 @@ def test_a_user_back_after_refill_starts_with_a_full_bucket(run_server: Start) -
 def test_handshake_burst_gets_429_with_retry_after_for_that_address_only(
     run_server: Start,
 ) -> None:
-    srv = run_server("--handshake-rate", "2", "--handshake-burst", "3", env=JWT_ENV)
+    srv = run_server("--handshake-rate", "2", "--handshake-burst", "3", env=KEYED_ENV)
 
     async def scenario() -> None:
-        opened = [await raw_open(srv, f"u{n}") for n in range(3)]
-        refused = await refused_status(srv, bearer("u3"))
+        opened = [await raw_welcomed(srv, mint(f"u{n}", **EVERY_ROOM)) for n in range(3)]
+        refused = await raw_refused(srv, bearer(mint("u3", **EVERY_ROOM)))
         assert refused.status == 429
         retry_after = int(refused.headers["retry-after"])
         assert retry_after == 1  # one token at 2/s, rounded up to whole seconds
         # Another address has its own bucket.
-        opened.append(await raw_open(srv, "u4", source="127.0.0.2"))
+        opened.append(await raw_welcomed(srv, mint("u4", **EVERY_ROOM), source="127.0.0.2"))
         await asyncio.sleep(retry_after)  # the advertised wait: the bucket refills
-        opened.append(await raw_open(srv, "u5"))
-        assert await read_metric(srv, "wsserver_rejections_total", reason="handshake_rate") == 1
+        opened.append(await raw_welcomed(srv, mint("u5", **EVERY_ROOM)))
+        assert await read(srv, "wsserver_rejections_total", reason="handshake_rate") == 1
         for conn in opened:
             await conn.close_cleanly()
 
@@ -190,18 +184,18 @@ def test_handshake_burst_gets_429_with_retry_after_for_that_address_only(
 
 
 def test_server_cap_answers_503_with_retry_after_until_a_slot_frees(run_server: Start) -> None:
-    srv = run_server("--max-connections", "3", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+    srv = run_server("--max-connections", "3", *NO_HANDSHAKE_LIMIT, env=KEYED_ENV)
 
     async def scenario() -> None:
-        opened = [await raw_open(srv, f"u{n}") for n in range(3)]
+        opened = [await raw_welcomed(srv, mint(f"u{n}", **EVERY_ROOM)) for n in range(3)]
         for source in ("127.0.0.1", "127.0.0.2"):  # the whole server, every address
-            refused = await refused_status(srv, bearer("late"), source=source)
+            refused = await raw_refused(srv, bearer(mint("late", **EVERY_ROOM)), source=source)
             assert refused.status == 503
             assert int(refused.headers["retry-after"]) >= 1
         await opened.pop().close_cleanly()
-        await metric_reaches(srv, 2, "wsserver_connections")
-        opened.append(await raw_open(srv, "late"))
-        assert await read_metric(srv, "wsserver_rejections_total", reason="server_full") == 2
+        await reaches(srv, 2, "wsserver_connections")
+        opened.append(await raw_welcomed(srv, mint("late", **EVERY_ROOM)))
+        assert await read(srv, "wsserver_rejections_total", reason="server_full") == 2
         for conn in opened:
             await conn.close_cleanly()
 
@@ -210,21 +204,21 @@ def test_server_cap_answers_503_with_retry_after_until_a_slot_frees(run_server: 
 
 def test_address_cap_answers_429_for_that_address_only(run_server: Start) -> None:
     """The cap holds per address, and every way of leaving frees the address's slot."""
-    srv = run_server("--max-connections-per-ip", "2", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+    srv = run_server("--max-connections-per-ip", "2", *NO_HANDSHAKE_LIMIT, env=KEYED_ENV)
 
     async def scenario() -> None:
-        opened = [await raw_open(srv, "a"), await raw_open(srv, "b")]
-        assert (await refused_status(srv, bearer("c"))).status == 429
-        opened.append(await raw_open(srv, "c", source="127.0.0.2"))
+        opened = [await raw_welcomed(srv, mint("a", **EVERY_ROOM)), await raw_welcomed(srv, mint("b", **EVERY_ROOM))]
+        assert (await raw_refused(srv, bearer(mint("c", **EVERY_ROOM)))).status == 429
+        opened.append(await raw_welcomed(srv, mint("c", **EVERY_ROOM), source="127.0.0.2"))
         leaving: list[Callable[[RawConnection], Awaitable[object]]] = [
             RawConnection.close_cleanly, gone(RawConnection.drop), gone(RawConnection.reset),
         ]
         for n, leave in enumerate(leaving):
             await leave(opened.pop(0))
-            await metric_reaches(srv, 2, "wsserver_connections")
-            opened.insert(1, await raw_open(srv, f"next{n}"))
-            assert (await refused_status(srv, bearer("c"))).status == 429
-        assert await read_metric(srv, "wsserver_rejections_total", reason="address_cap") == 4
+            await reaches(srv, 2, "wsserver_connections")
+            opened.insert(1, await raw_welcomed(srv, mint(f"next{n}", **EVERY_ROOM)))
+            assert (await raw_refused(srv, bearer(mint("c", **EVERY_ROOM)))).status == 429
+        assert await read(srv, "wsserver_rejections_total", reason="address_cap") == 4
         for conn in opened:
             await conn.close_cleanly()
 
@@ -232,21 +226,21 @@ def test_address_cap_answers_429_for_that_address_only(run_server: Start) -> Non
 
 
 def test_user_cap_upgrades_then_closes_4008(run_server: Start) -> None:
-    srv = run_server("--max-connections-per-user", "2", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+    srv = run_server("--max-connections-per-user", "2", *NO_HANDSHAKE_LIMIT, env=KEYED_ENV)
 
     async def scenario() -> None:
-        opened = [await raw_open(srv, "alice"), await raw_open(srv, "alice")]
-        third = await raw_connect(srv, bearer("alice"))
+        opened = [await raw_welcomed(srv, mint("alice", **EVERY_ROOM)), await raw_welcomed(srv, mint("alice", **EVERY_ROOM))]
+        third = await raw_connect(srv, bearer(mint("alice", **EVERY_ROOM)))
         assert third.status == 101
         code, before = await third.read_until_close()
         assert code == 4008 and before == []
         await third.close_cleanly_after_server_close()
         # The operator's log names the user who was refused, not "user=-".
         srv.wait_for_log(r"close user=alice .*code=4008")
-        opened.append(await raw_open(srv, "bob"))
+        opened.append(await raw_welcomed(srv, mint("bob", **EVERY_ROOM)))
         await opened.pop(0).close_cleanly()
-        await metric_reaches(srv, 2, "wsserver_connections")
-        opened.append(await raw_open(srv, "alice"))
+        await reaches(srv, 2, "wsserver_connections")
+        opened.append(await raw_welcomed(srv, mint("alice", **EVERY_ROOM)))
         for conn in opened:
             await conn.close_cleanly()
 
@@ -255,34 +249,34 @@ def test_user_cap_upgrades_then_closes_4008(run_server: Start) -> None:
 
 def test_counts_stay_exact_whichever_way_connections_end(run_server: Start) -> None:
     """Clean close, FIN without a close frame, RST: each frees its slot, once."""
-    srv = run_server("--max-connections", "2", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+    srv = run_server("--max-connections", "2", *NO_HANDSHAKE_LIMIT, env=KEYED_ENV)
 
     async def scenario() -> None:
-        first, second = await raw_open(srv, "u1"), await raw_open(srv, "u2")
-        assert (await refused_status(srv, bearer("extra"))).status == 503
+        first, second = await raw_welcomed(srv, mint("u1", **EVERY_ROOM)), await raw_welcomed(srv, mint("u2", **EVERY_ROOM))
+        assert (await raw_refused(srv, bearer(mint("extra", **EVERY_ROOM)))).status == 503
         leaving: list[Callable[[RawConnection], Awaitable[object]]] = [
             RawConnection.close_cleanly, gone(RawConnection.drop), gone(RawConnection.reset),
         ]
         for n, leave in enumerate(leaving):
             await leave(first)
-            await metric_reaches(srv, 1, "wsserver_connections")
-            first = await raw_open(srv, f"v{n}")
-            assert (await refused_status(srv, bearer("extra"))).status == 503
-        assert await read_metric(srv, "wsserver_connections") == 2
+            await reaches(srv, 1, "wsserver_connections")
+            first = await raw_welcomed(srv, mint(f"v{n}", **EVERY_ROOM))
+            assert (await raw_refused(srv, bearer(mint("extra", **EVERY_ROOM)))).status == 503
+        assert await read(srv, "wsserver_connections") == 2
         for conn in (first, second):
             await conn.close_cleanly()
-        await metric_reaches(srv, 0, "wsserver_connections")
+        await reaches(srv, 0, "wsserver_connections")
 
     run(scenario)
 
 
 def test_failed_handshakes_do_not_leak_a_slot(run_server: Start) -> None:
     """403 (no token) and 4001 (bad token) leave the one slot free."""
-    srv = run_server("--max-connections", "1", *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+    srv = run_server("--max-connections", "1", *NO_HANDSHAKE_LIMIT, env=KEYED_ENV)
 
     async def scenario() -> None:
         for _ in range(5):
-            assert (await refused_status(srv)).status == 403
+            assert (await raw_refused(srv)).status == 403
         for _ in range(5):
             bad = await raw_connect(srv, {"Authorization": "Bearer not-a-jwt"})
             assert bad.status == 101
@@ -290,9 +284,9 @@ def test_failed_handshakes_do_not_leak_a_slot(run_server: Start) -> None:
             assert code == 4001
             await bad.close_cleanly_after_server_close()
         # Each 4001 connection is forgotten in the same step that counts its close.
-        await metric_reaches(srv, 5, "wsserver_closes_total", code="4001")
-        only = await raw_open(srv, "alice")
-        assert (await refused_status(srv, bearer("bob"))).status == 503
+        await reaches(srv, 5, "wsserver_closes_total", code="4001")
+        only = await raw_welcomed(srv, mint("alice", **EVERY_ROOM))
+        assert (await raw_refused(srv, bearer(mint("bob", **EVERY_ROOM)))).status == 503
         await only.close_cleanly()
 
     run(scenario)
@@ -301,10 +295,10 @@ def test_failed_handshakes_do_not_leak_a_slot(run_server: Start) -> None:
 def test_concurrent_connects_never_exceed_the_caps(run_server: Start) -> None:
     """30 handshakes at once: exactly the cap gets in, server-wide and per user."""
     srv = run_server("--max-connections", "10", "--max-connections-per-user", "4",
-                     *NO_HANDSHAKE_LIMIT, env=JWT_ENV)
+                     *NO_HANDSHAKE_LIMIT, env=KEYED_ENV)
 
     async def attempt(user: str) -> tuple[RawConnection, str]:
-        conn = await raw_connect(srv, bearer(user))
+        conn = await raw_connect(srv, bearer(mint(user, **EVERY_ROOM)))
         if conn.status != 101:
             conn.drop()
             return conn, str(conn.status)
@@ -317,12 +311,12 @@ def test_concurrent_connects_never_exceed_the_caps(run_server: Start) -> None:
     async def all_at_once(users: list[str], expected: list[str]) -> None:
         results = await asyncio.gather(*(attempt(user) for user in users))
         assert sorted(outcome for _, outcome in results) == expected
-        assert await read_metric(srv, "wsserver_connections") == expected.count("welcome")
+        assert await read(srv, "wsserver_connections") == expected.count("welcome")
         await asyncio.gather(*(
             conn.close_cleanly() if outcome == "welcome" else conn.close_cleanly_after_server_close()
             for conn, outcome in results if outcome in ("welcome", "4008")
         ))
-        await metric_reaches(srv, 0, "wsserver_connections")
+        await reaches(srv, 0, "wsserver_connections")
 
     async def scenario() -> None:
         many = [f"user{n}" for n in range(30)]
@@ -337,18 +331,18 @@ def test_concurrent_connects_never_exceed_the_caps(run_server: Start) -> None:
 def test_client_close_codes_become_a_fixed_label_set(run_server: Start) -> None:
     """Hardening item 7: a client-chosen code is no metric series of its own,
     and a code RFC 6455 section 7.4 forbids on the wire is failed with 1002."""
-    srv = run_server(env=JWT_ENV)
+    srv = run_server(env=KEYED_ENV)
 
     async def scenario() -> None:
-        chosen = await raw_open(srv, "alice")
+        chosen = await raw_welcomed(srv, mint("alice", **EVERY_ROOM))
         await chosen.send(close_frame(4321))
         assert (await chosen.read_until_close())[0] == 4321
-        forbidden = await raw_open(srv, "bob")
+        forbidden = await raw_welcomed(srv, mint("bob", **EVERY_ROOM))
         await forbidden.send(close_frame(1005))
         assert (await forbidden.read_until_close())[0] == 1002
-        await metric_reaches(srv, 1, "wsserver_closes_total", code="1002")
-        await metric_reaches(srv, 1, "wsserver_closes_total", code="other")
-        assert await read_metric(srv, "wsserver_closes_total", code="4321") == 0
+        await reaches(srv, 1, "wsserver_closes_total", code="1002")
+        await reaches(srv, 1, "wsserver_closes_total", code="other")
+        assert await read(srv, "wsserver_closes_total", code="4321") == 0
 
     run(scenario)
 
@@ -364,26 +358,26 @@ FRAME_FLAGS = ("--message-rate", "1", "--message-burst", "1", "--frame-rate", "1
 
 def test_a_ping_flood_is_closed_with_1008(run_server: Start) -> None:
     """Hardening item 6: pings spend from the connection's frame budget."""
-    srv = run_server(*FRAME_FLAGS, env=JWT_ENV)
+    srv = run_server(*FRAME_FLAGS, env=KEYED_ENV)
 
     async def scenario() -> None:
-        flooder = await raw_open(srv, "mallory")
+        flooder = await raw_welcomed(srv, mint("mallory", **EVERY_ROOM))
         await flooder.send(client_frame(OP_PING, b"") * 100)
         code, before = await flooder.read_until_close()
         assert code == 1008
         assert 0 < len(before) <= 20 and all(f.opcode == OP_PONG for f in before)
-        bystander = await open_client(srv, "bob")
-        assert await request(bystander, {"type": "ping"}) == {"type": "pong"}
+        bystander = await welcomed(srv, mint("bob", **EVERY_ROOM))
+        assert await bystander.ask({"type": "ping"}) == {"type": "pong"}
         await bystander.close()
 
     run(scenario)
 
 
 def test_a_flood_of_empty_continuation_frames_is_closed_with_1008(run_server: Start) -> None:
-    srv = run_server(*FRAME_FLAGS, env=JWT_ENV)
+    srv = run_server(*FRAME_FLAGS, env=KEYED_ENV)
 
     async def scenario() -> None:
-        flooder = await raw_open(srv, "mallory")
+        flooder = await raw_welcomed(srv, mint("mallory", **EVERY_ROOM))
         start = without_fin(client_frame(OP_TEXT, b""))
         empty = without_fin(client_frame(0x0, b""))  # continuation frames
         await flooder.send(start + empty * 100)
@@ -393,10 +387,10 @@ def test_a_flood_of_empty_continuation_frames_is_closed_with_1008(run_server: St
 
 
 def test_a_fragmented_message_left_unfinished_is_closed_with_1008(run_server: Start) -> None:
-    srv = run_server(*FRAME_FLAGS, env=JWT_ENV)
+    srv = run_server(*FRAME_FLAGS, env=KEYED_ENV)
 
     async def scenario() -> None:
-        slow = await raw_open(srv, "mallory")
+        slow = await raw_welcomed(srv, mint("mallory", **EVERY_ROOM))
         await slow.send(without_fin(client_frame(OP_TEXT, b'{"type": ')))
         await asyncio.sleep(0.4)
         # A pong keeps the connection alive but does not finish the message.

@@ -12,30 +12,20 @@ import struct
 import time
 from collections.abc import Callable
 
-from limits_helpers import (
-    JWT_ENV,
-    OP_CLOSE,
-    OP_PING,
-    RunningServer,
-    bearer,
-    open_client,
-    raw_connect,
-    read_metric,
-    request,
-    run,
-    text_frame,
-    until_closed,
-    upgrade_request,
-)
-from websockets.asyncio.client import ClientConnection
+from tests.support.aio import run
+from tests.support.clients import AsyncClient, welcomed
+from tests.support.metrics import read
+from tests.support.raw import OP_CLOSE, OP_PING, raw_connect, text_frame, upgrade_request
+from tests.support.servers import RunningServer
+from tests.support.tokens import EVERY_ROOM, KEYED_ENV, bearer, mint
 
 Start = Callable[..., RunningServer]
 
 
-async def still_served(srv: RunningServer, ws: ClientConnection | None = None) -> None:
+async def still_served(srv: RunningServer, ws: AsyncClient | None = None) -> None:
     """A well-behaved client (``ws``, or a new one) gets its echo."""
-    client = ws or await open_client(srv, "bystander")
-    assert await request(client, {"type": "echo", "data": "ok"}) == {"type": "echo", "data": "ok"}
+    client = ws or await welcomed(srv, mint("bystander", **EVERY_ROOM))
+    assert await client.ask({"type": "echo", "data": "ok"}) == {"type": "echo", "data": "ok"}
     if ws is None:
         await client.close()
 
@@ -45,15 +35,15 @@ def echo(data: str) -> str:
 
 
 def test_a_message_over_max_message_size_closes_1009(run_server: Start) -> None:
-    srv = run_server("--max-message-size", "1024", env=JWT_ENV)
+    srv = run_server("--max-message-size", "1024", env=KEYED_ENV)
 
     async def scenario() -> None:
-        bystander = await open_client(srv, "bystander")
-        ws = await open_client(srv, "alice")
+        bystander = await welcomed(srv, mint("bystander", **EVERY_ROOM))
+        ws = await welcomed(srv, mint("alice", **EVERY_ROOM))
         fits = "x" * 900
-        assert await request(ws, {"type": "echo", "data": fits}) == {"type": "echo", "data": fits}
+        assert await ws.ask({"type": "echo", "data": fits}) == {"type": "echo", "data": fits}
         await ws.send(echo("x" * 2048))
-        assert (await until_closed(ws))[0] == 1009
+        assert (await ws.until_closed())[0] == 1009
         await still_served(srv, bystander)
         await bystander.close()
 
@@ -61,30 +51,30 @@ def test_a_message_over_max_message_size_closes_1009(run_server: Start) -> None:
 
 
 def test_fragments_adding_up_past_the_limit_close_1009(run_server: Start) -> None:
-    srv = run_server("--max-message-size", "1024", env=JWT_ENV)
+    srv = run_server("--max-message-size", "1024", env=KEYED_ENV)
 
     async def scenario() -> None:
-        ws = await open_client(srv, "alice")
+        ws = await welcomed(srv, mint("alice", **EVERY_ROOM))
         # Fragments within the limit make one message...
         small = echo("y" * 700)
-        await ws.send(iter([small[:300], small[300:600], small[600:]]))
-        assert json.loads(await ws.recv()) == {"type": "echo", "data": "y" * 700}
+        await ws.raw.send(iter([small[:300], small[300:600], small[600:]]))
+        assert await ws.recv() == {"type": "echo", "data": "y" * 700}
         # ...and fragments each under it but together over it close the connection.
         big = echo("z" * 1500)
-        await ws.send(iter([big[:500], big[500:1000], big[1000:]]))
-        assert (await until_closed(ws))[0] == 1009
+        await ws.raw.send(iter([big[:500], big[500:1000], big[1000:]]))
+        assert (await ws.until_closed())[0] == 1009
         await still_served(srv)
 
     run(scenario)
 
 
 def test_a_binary_frame_closes_1008(run_server: Start) -> None:
-    srv = run_server(env=JWT_ENV)
+    srv = run_server(env=KEYED_ENV)
 
     async def scenario() -> None:
-        ws = await open_client(srv, "alice")
+        ws = await welcomed(srv, mint("alice", **EVERY_ROOM))
         await ws.send(b"\x00\x01binary")
-        assert (await until_closed(ws))[0] == 1008
+        assert (await ws.until_closed())[0] == 1008
         await still_served(srv)
 
     run(scenario)
@@ -92,12 +82,12 @@ def test_a_binary_frame_closes_1008(run_server: Start) -> None:
 
 def test_frames_pipelined_behind_an_invalid_token_are_not_processed(run_server: Start) -> None:
     """The echo is in the same TCP write as the upgrade request."""
-    srv = run_server(env=JWT_ENV)
+    srv = run_server(env=KEYED_ENV)
     pipelined = text_frame({"type": "echo", "data": "sneaky", "id": 1})
 
     async def scenario() -> None:
         # With a valid token the same bytes are served: the client itself is sound.
-        good = await raw_connect(srv, bearer("alice"), pipelined=pipelined)
+        good = await raw_connect(srv, bearer(mint("alice", **EVERY_ROOM)), pipelined=pipelined)
         assert good.status == 101
         assert (await good.read_json())["type"] == "welcome"
         assert await good.read_json() == {"type": "echo", "data": "sneaky", "id": 1}
@@ -110,19 +100,19 @@ def test_frames_pipelined_behind_an_invalid_token_are_not_processed(run_server: 
         assert before == []  # no welcome, no echo
         await bad.close_cleanly_after_server_close()
         # Not even counted: the only echo the server ever handled is the good one's.
-        assert await read_metric(srv, "wsserver_messages_total", type="echo") == 1
+        assert await read(srv, "wsserver_messages_total", type="echo") == 1
 
     run(scenario)
 
 
 def test_a_peer_that_does_not_answer_pings_is_closed(run_server: Start) -> None:
     """``--ping-interval 1``: silence is closed, a client that answers stays."""
-    srv = run_server("--ping-interval", "1", env=JWT_ENV)
+    srv = run_server("--ping-interval", "1", env=KEYED_ENV)
 
     async def scenario() -> None:
         # websockets answers the server's pings on its own (its own pings are off).
-        healthy = await open_client(srv, "healthy", ping_interval=None)
-        silent = await raw_connect(srv, bearer("silent"))
+        healthy = await welcomed(srv, mint("healthy", **EVERY_ROOM), ping_interval=None)
+        silent = await raw_connect(srv, bearer(mint("silent", **EVERY_ROOM)))
         started = time.monotonic()
         assert silent.status == 101
 
@@ -155,7 +145,7 @@ def test_a_peer_that_does_not_answer_pings_is_closed(run_server: Start) -> None:
 
 def test_slowloris_requests_are_cut_off_while_real_clients_connect(run_server: Start) -> None:
     """Requests trickled a header at a time are dropped after ``--header-timeout``."""
-    srv = run_server("--header-timeout", "1", env=JWT_ENV)
+    srv = run_server("--header-timeout", "1", env=KEYED_ENV)
 
     async def trickle() -> float:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
@@ -192,11 +182,11 @@ def test_slowloris_requests_are_cut_off_while_real_clients_connect(run_server: S
 
 
 def test_oversized_headers_drop_the_connection(run_server: Start) -> None:
-    srv = run_server("--max-header-size", "4096", env=JWT_ENV)
+    srv = run_server("--max-header-size", "4096", env=KEYED_ENV)
 
     async def attempt(padding: int) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        headers = {**bearer("alice"), "X-Padding": "p" * padding}
+        headers = {**bearer(mint("alice", **EVERY_ROOM)), "X-Padding": "p" * padding}
         writer.write(upgrade_request(headers))
         await writer.drain()
         try:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import socket
-import time
 from typing import Any
 
-import jwt
-import websockets
-
-from tests.conftest import SECRET
-
-KEYED = {"WSSERVER_JWT_SECRET": SECRET}
+from tests.support.aio import run
+from tests.support.clients import welcomed
+from tests.support.tokens import KEYED_ENV, mint
 
 
 def test_running_out_of_descriptors_pauses_accepting_then_recovers(run_server: Any) -> None:
-    srv = run_server("--task-workers", "1", "--header-timeout", "30", env=KEYED, max_files=64)
+    srv = run_server("--task-workers", "1", "--header-timeout", "30", env=KEYED_ENV, max_files=64)
     hogs: list[socket.socket] = []
     try:
         # Clients that never finish their request, more than the table holds.
@@ -29,16 +23,15 @@ def test_running_out_of_descriptors_pauses_accepting_then_recovers(run_server: A
     finally:
         for hog in hogs:
             hog.close()
-    token = jwt.encode({"sub": "after", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    token = mint("after", ttl=60)
 
     async def connect() -> dict[str, Any]:
-        async with websockets.connect(
-            srv.ws_url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10
-        ) as ws:
-            welcome: dict[str, Any] = json.loads(await ws.recv())
-            return welcome
+        ws = await welcomed(srv, token)
+        assert ws.welcome is not None
+        await ws.close()
+        return ws.welcome
 
-    assert asyncio.run(connect())["user"] == "after"
+    assert run(connect)["user"] == "after"
     logs = srv.logs()
     # One line an operator can act on, not a traceback per loop turn.
     assert logs.count("cannot accept connections") == 1, logs[-2000:]

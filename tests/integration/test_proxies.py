@@ -10,16 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from limits_helpers import (
-    JWT_ENV,
-    NO_HANDSHAKE_LIMIT,
-    RawConnection,
-    RunningServer,
-    bearer,
-    raw_open,
-    refused_status,
-    run,
-)
+from tests.support.aio import run
+from tests.support.raw import RawConnection, raw_refused, raw_welcomed
+from tests.support.servers import NO_HANDSHAKE_LIMIT, RunningServer
+from tests.support.tokens import EVERY_ROOM, KEYED_ENV, bearer, mint
 
 Start = Callable[..., RunningServer]
 
@@ -39,15 +33,15 @@ async def close_all(conns: list[RawConnection]) -> None:
 
 
 def test_proxy_headers_from_an_untrusted_peer_are_ignored(run_server: Start) -> None:
-    srv = run_server(*per_ip(2), env=JWT_ENV)
+    srv = run_server(*per_ip(2), env=KEYED_ENV)
 
     async def scenario() -> None:
         opened = [
-            await raw_open(srv, "a", headers={"X-Forwarded-For": "203.0.113.1"}),
-            await raw_open(srv, "b", headers={"X-Real-IP": "203.0.113.2"}),
+            await raw_welcomed(srv, mint("a", **EVERY_ROOM), headers={"X-Forwarded-For": "203.0.113.1"}),
+            await raw_welcomed(srv, mint("b", **EVERY_ROOM), headers={"X-Real-IP": "203.0.113.2"}),
         ]
-        refused = await refused_status(
-            srv, {**bearer("c"), "X-Forwarded-For": "203.0.113.3", "X-Real-IP": "203.0.113.3"}
+        refused = await raw_refused(
+            srv, {**bearer(mint("c", **EVERY_ROOM)), "X-Forwarded-For": "203.0.113.3", "X-Real-IP": "203.0.113.3"}
         )
         assert refused.status == 429  # all three are 127.0.0.1, whatever they claim
         assert opened_from(srv, "a") == opened_from(srv, "b") == "127.0.0.1"
@@ -57,21 +51,21 @@ def test_proxy_headers_from_an_untrusted_peer_are_ignored(run_server: Start) -> 
 
 
 def test_forwarded_addresses_from_a_trusted_proxy_are_counted_apart(run_server: Start) -> None:
-    srv = run_server(*per_ip(1, "--trusted-proxies", "127.0.0.1"), env=JWT_ENV)
+    srv = run_server(*per_ip(1, "--trusted-proxies", "127.0.0.1"), env=KEYED_ENV)
 
     async def scenario() -> None:
         opened = [
-            await raw_open(srv, "a", headers={"X-Forwarded-For": "203.0.113.7"}),
-            await raw_open(srv, "b", headers={"X-Forwarded-For": "203.0.113.8"}),
-            await raw_open(srv, "c", headers={"X-Real-IP": "198.51.100.5"}),
-            await raw_open(srv, "d"),  # the proxy itself, no header
+            await raw_welcomed(srv, mint("a", **EVERY_ROOM), headers={"X-Forwarded-For": "203.0.113.7"}),
+            await raw_welcomed(srv, mint("b", **EVERY_ROOM), headers={"X-Forwarded-For": "203.0.113.8"}),
+            await raw_welcomed(srv, mint("c", **EVERY_ROOM), headers={"X-Real-IP": "198.51.100.5"}),
+            await raw_welcomed(srv, mint("d", **EVERY_ROOM)),  # the proxy itself, no header
         ]
         for headers in (
             {"X-Forwarded-For": "203.0.113.7"},
             {"X-Real-IP": "198.51.100.5"},
             {},
         ):
-            assert (await refused_status(srv, {**bearer("e"), **headers})).status == 429
+            assert (await raw_refused(srv, {**bearer(mint("e", **EVERY_ROOM)), **headers})).status == 429
         assert opened_from(srv, "a") == "203.0.113.7"
         assert opened_from(srv, "c") == "198.51.100.5"
         assert opened_from(srv, "d") == "127.0.0.1"
@@ -82,30 +76,30 @@ def test_forwarded_addresses_from_a_trusted_proxy_are_counted_apart(run_server: 
 
 def test_a_spoofed_chain_resolves_to_the_rightmost_untrusted_address(run_server: Start) -> None:
     """The client wrote ``1.2.3.4``; the proxy appended what it saw: ``203.0.113.9``."""
-    srv = run_server(*per_ip(1, "--trusted-proxies", "127.0.0.1"), env=JWT_ENV)
+    srv = run_server(*per_ip(1, "--trusted-proxies", "127.0.0.1"), env=KEYED_ENV)
 
     async def scenario() -> None:
-        first = await raw_open(srv, "a", headers={"X-Forwarded-For": "1.2.3.4, 203.0.113.9"})
+        first = await raw_welcomed(srv, mint("a", **EVERY_ROOM), headers={"X-Forwarded-For": "1.2.3.4, 203.0.113.9"})
         assert opened_from(srv, "a") == "203.0.113.9"
         for chain in ("5.6.7.8, 203.0.113.9", "203.0.113.9, 127.0.0.1"):
-            refused = await refused_status(srv, {**bearer("b"), "X-Forwarded-For": chain})
+            refused = await raw_refused(srv, {**bearer(mint("b", **EVERY_ROOM)), "X-Forwarded-For": chain})
             assert refused.status == 429, chain
         # The spoofed left end was not counted: that address is still free.
-        second = await raw_open(srv, "c", headers={"X-Forwarded-For": "1.2.3.4"})
+        second = await raw_welcomed(srv, mint("c", **EVERY_ROOM), headers={"X-Forwarded-For": "1.2.3.4"})
         await close_all([first, second])
 
     run(scenario)
 
 
 def test_only_the_listed_proxy_is_trusted(run_server: Start) -> None:
-    srv = run_server(*per_ip(1, "--trusted-proxies", "127.0.0.2/32"), env=JWT_ENV)
+    srv = run_server(*per_ip(1, "--trusted-proxies", "127.0.0.2/32"), env=KEYED_ENV)
 
     async def scenario() -> None:
-        opened = [await raw_open(srv, "a", headers={"X-Forwarded-For": "203.0.113.20"})]
-        refused = await refused_status(srv, {**bearer("b"), "X-Forwarded-For": "203.0.113.21"})
+        opened = [await raw_welcomed(srv, mint("a", **EVERY_ROOM), headers={"X-Forwarded-For": "203.0.113.20"})]
+        refused = await raw_refused(srv, {**bearer(mint("b", **EVERY_ROOM)), "X-Forwarded-For": "203.0.113.21"})
         assert refused.status == 429  # 127.0.0.1 is not a proxy: both are 127.0.0.1
         for n, client in enumerate(("203.0.113.20", "203.0.113.21")):
-            opened.append(await raw_open(srv, f"p{n}", source="127.0.0.2",
+            opened.append(await raw_welcomed(srv, mint(f"p{n}", **EVERY_ROOM), source="127.0.0.2",
                                          headers={"X-Forwarded-For": client}))
             assert opened_from(srv, f"p{n}") == client
         await close_all(opened)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.servers import ROOT
 
 README_ADDRESS = "127.0.0.1:8888"
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.clients import ask, recv, token, welcomed
+from tests.support.clients import welcomed
+from tests.support.tokens import mint
 from wsserver.services import Services
 
 HISTORY_ROOMS: dict[str, Any] = {
@@ -19,7 +20,7 @@ history_rooms = pytest.mark.parametrize("rooms_table", [HISTORY_ROOMS])
 
 async def publish(conn: Any, room: str, data: Any) -> dict[str, Any]:
     """Publish and return the publisher's own copy (it carries the id)."""
-    reply = await ask(conn, {"type": "publish", "room": room, "data": data, "id": f"p{data}"})
+    reply = await conn.ask({"type": "publish", "room": room, "data": data, "id": f"p{data}"})
     assert reply["type"] == "message" and reply["id"] == f"p{data}", reply
     return reply
 
@@ -27,21 +28,21 @@ async def publish(conn: Any, room: str, data: Any) -> dict[str, Any]:
 @pytest.mark.gen_test
 @history_rooms
 async def test_a_reconnecting_client_gets_exactly_what_it_missed(port: int) -> None:
-    alice = await welcomed(port, token("alice"))
-    bob = await welcomed(port, token("bob"))
-    joined = await ask(alice, {"type": "join", "room": "chat:r"})
+    alice = await welcomed(port, mint("alice"))
+    bob = await welcomed(port, mint("bob"))
+    joined = await alice.ask({"type": "join", "room": "chat:r"})
     epoch = joined["epoch"]
     assert joined == {"type": "joined", "room": "chat:r", "epoch": epoch, "offset": 0}
-    await ask(bob, {"type": "join", "room": "chat:r"})
+    await bob.ask({"type": "join", "room": "chat:r"})
     first = await publish(alice, "chat:r", 1)
     assert (first["offset"], first["epoch"]) == (1, epoch)
-    seen = await recv(bob)
+    seen = await bob.recv()
     assert seen is not None and seen["offset"] == 1
-    bob.close()
+    await bob.close()
     for n in (2, 3, 4):
         await publish(alice, "chat:r", n)
-    bob = await welcomed(port, token("bob"))
-    answer = await ask(bob, {"type": "join", "room": "chat:r",
+    bob = await welcomed(port, mint("bob"))
+    answer = await bob.ask({"type": "join", "room": "chat:r",
                              "since": {"offset": seen["offset"], "epoch": epoch}})
     assert {k: v for k, v in answer.items() if k != "messages"} == {
         "type": "joined", "room": "chat:r", "epoch": epoch, "offset": 4, "recovered": True}
@@ -50,30 +51,30 @@ async def test_a_reconnecting_client_gets_exactly_what_it_missed(port: int) -> N
          "epoch": epoch} for n in (2, 3, 4)]
     # Then the live stream, from the next offset, no repeat.
     await publish(alice, "chat:r", 5)
-    live = await recv(bob)
+    live = await bob.recv()
     assert live is not None and (live["offset"], live["data"]) == (5, 5)
-    assert await ask(bob, {"type": "ping"}) == {"type": "pong"}  # nothing else was queued
+    assert await bob.ask({"type": "ping"}) == {"type": "pong"}  # nothing else was queued
 
 
 @pytest.mark.gen_test
 @history_rooms
 async def test_recovery_after_the_history_was_trimmed_is_refused(port: int) -> None:
-    alice = await welcomed(port, token("alice"))
-    epoch = (await ask(alice, {"type": "join", "room": "chat:t"}))["epoch"]
+    alice = await welcomed(port, mint("alice"))
+    epoch = (await alice.ask({"type": "join", "room": "chat:t"}))["epoch"]
     for n in range(1, 9):  # 8 messages, 5 kept: 1 to 3 are gone
         await publish(alice, "chat:t", n)
-    bob = await welcomed(port, token("bob"))
-    answer = await ask(bob, {"type": "join", "room": "chat:t",
+    bob = await welcomed(port, mint("bob"))
+    answer = await bob.ask({"type": "join", "room": "chat:t",
                              "since": {"offset": 1, "epoch": epoch}})
     assert answer == {"type": "joined", "room": "chat:t", "epoch": epoch, "offset": 8,
                       "recovered": False, "messages": []}
-    carol = await welcomed(port, token("carol"))
-    answer = await ask(carol, {"type": "join", "room": "chat:t",
+    carol = await welcomed(port, mint("carol"))
+    answer = await carol.ask({"type": "join", "room": "chat:t",
                                "since": {"offset": 3, "epoch": epoch}})
     assert answer["recovered"] is True and [m["offset"] for m in answer["messages"]] == [
         4, 5, 6, 7, 8]
-    dave = await welcomed(port, token("dave"))
-    answer = await ask(dave, {"type": "join", "room": "chat:t",
+    dave = await welcomed(port, mint("dave"))
+    answer = await dave.ask({"type": "join", "room": "chat:t",
                               "since": {"offset": 8, "epoch": "not-this-one"}})
     assert (answer["recovered"], answer["messages"]) == (False, [])
 
@@ -81,21 +82,21 @@ async def test_recovery_after_the_history_was_trimmed_is_refused(port: int) -> N
 @pytest.mark.gen_test
 @history_rooms
 async def test_offsets_only_in_rooms_with_history(port: int, state: Services) -> None:
-    alice = await welcomed(port, token("alice"))
-    bob = await welcomed(port, token("bob"))
-    assert await ask(alice, {"type": "join", "room": "lobby"}) == {
+    alice = await welcomed(port, mint("alice"))
+    bob = await welcomed(port, mint("bob"))
+    assert await alice.ask({"type": "join", "room": "lobby"}) == {
         "type": "joined", "room": "lobby"}
-    await ask(bob, {"type": "join", "room": "lobby"})
-    await ask(bob, {"type": "join", "room": "chat:x"})
-    epoch = (await ask(alice, {"type": "join", "room": "chat:x"}))["epoch"]
+    await bob.ask({"type": "join", "room": "lobby"})
+    await bob.ask({"type": "join", "room": "chat:x"})
+    epoch = (await alice.ask({"type": "join", "room": "chat:x"}))["epoch"]
     await publish(alice, "lobby", 1)
     await publish(alice, "chat:x", 2)
-    plain, kept = await recv(bob), await recv(bob)
+    plain, kept = await bob.recv(), await bob.recv()
     assert plain == {"type": "message", "room": "lobby", "from": "alice", "data": 1}
     assert kept == {"type": "message", "room": "chat:x", "from": "alice", "data": 2,
                     "offset": 1, "epoch": epoch}
     # The server API's publish answers the position too.
     result = await state.hub.publish("chat:x", "api")
     assert (result.offset, result.epoch) == (2, epoch)
-    assert (await recv(bob)) == {"type": "message", "room": "chat:x", "from": None,
+    assert (await bob.recv()) == {"type": "message", "room": "chat:x", "from": None,
                                  "data": "api", "offset": 2, "epoch": epoch}

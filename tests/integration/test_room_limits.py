@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.clients import ask, recv, token, welcomed
+from tests.support.clients import welcomed
+from tests.support.tokens import mint
 
 
 async def reply_to(conn: Any, msg_id: Any) -> dict[str, Any]:
     """The next message carrying ``msg_id``, skipping other members' broadcasts."""
     while True:
-        message = await recv(conn)
+        message = await conn.recv()
         assert message is not None, "closed"
         if message.get("id") == msg_id:
             return message
@@ -25,16 +26,16 @@ async def reply_to(conn: Any, msg_id: Any) -> dict[str, Any]:
 )
 async def test_a_room_publish_rate_protects_its_readers(port: int) -> None:
     """Every user within their own rate, together over the room's: refused."""
-    a = await welcomed(port, token("a"))
-    b = await welcomed(port, token("b"))
+    a = await welcomed(port, mint("a"))
+    b = await welcomed(port, mint("b"))
     for conn in (a, b):
-        assert (await ask(conn, {"type": "join", "room": "busy"}))["type"] == "joined"
-        assert (await ask(conn, {"type": "join", "room": "quiet"}))["type"] == "joined"
+        assert (await conn.ask({"type": "join", "room": "busy"}))["type"] == "joined"
+        assert (await conn.ask({"type": "join", "room": "quiet"}))["type"] == "joined"
     answers = []
     for n in range(4):
         conn = a if n % 2 else b
-        await conn.write_message(json.dumps({"type": "publish", "room": "busy", "data": n,
-                                             "id": n}))
+        await conn.send({"type": "publish", "room": "busy", "data": n,
+                                             "id": n})
         answers.append(await reply_to(conn, n))
     # Three fit in the room's burst; the fourth is refused, the connection stays.
     assert [r["type"] for r in answers[:3]] == ["message"] * 3
@@ -42,13 +43,13 @@ async def test_a_room_publish_rate_protects_its_readers(port: int) -> None:
     assert refused["type"] == "error" and refused["code"] == "rate_limited"
     assert refused["id"] == 3 and refused["retry_after"] > 0 and "busy" in refused["message"]
     # Another room is not affected, and the refused publish reached nobody.
-    await a.write_message(json.dumps({"type": "publish", "room": "quiet", "data": "x",
-                                      "id": "q"}))
+    await a.send({"type": "publish", "room": "quiet", "data": "x",
+                                      "id": "q"})
     reply = await reply_to(a, "q")
     assert reply["type"] == "message" and reply["room"] == "quiet"
     seen = []
     while True:
-        message = await recv(b)
+        message = await b.recv()
         assert message is not None
         seen.append((message["room"], message["data"]))
         if message["room"] == "quiet":
@@ -59,9 +60,9 @@ async def test_a_room_publish_rate_protects_its_readers(port: int) -> None:
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"max_room_members": "2"}])
 async def test_a_full_room_refuses_one_more_member(port: int) -> None:
-    conns = [await welcomed(port, token(f"u{n}")) for n in range(3)]
+    conns = [await welcomed(port, mint(f"u{n}")) for n in range(3)]
     for conn in conns[:2]:
-        assert (await ask(conn, {"type": "join", "room": "small"}))["type"] == "joined"
-    reply = await ask(conns[2], {"type": "join", "room": "small", "id": 7})
+        assert (await conn.ask({"type": "join", "room": "small"}))["type"] == "joined"
+    reply = await conns[2].ask({"type": "join", "room": "small", "id": 7})
     assert reply["code"] == "room_full" and reply["id"] == 7, json.dumps(reply)
-    assert await ask(conns[2], {"type": "ping"}) == {"type": "pong"}
+    assert await conns[2].ask({"type": "ping"}) == {"type": "pong"}

@@ -5,24 +5,15 @@ room's broadcast goes on for everyone else without waiting for it.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from limits_helpers import (
-    JWT_ENV,
-    OP_TEXT,
-    RunningServer,
-    bearer,
-    open_client,
-    raw_connect,
-    read_metric,
-    recv_json,
-    request,
-    run,
-    text_frame,
-)
-from websockets.asyncio.client import ClientConnection
+from tests.support.aio import run
+from tests.support.clients import AsyncClient, welcomed
+from tests.support.metrics import read
+from tests.support.raw import OP_TEXT, raw_connect, text_frame
+from tests.support.servers import RunningServer
+from tests.support.tokens import EVERY_ROOM, KEYED_ENV, bearer, mint
 
 Start = Callable[..., RunningServer]
 
@@ -47,11 +38,11 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-async def receive_messages(ws: ClientConnection, count: int) -> int:
+async def receive_messages(ws: AsyncClient, count: int) -> int:
     """Read until ``count`` room messages have arrived; how many arrived."""
     got = 0
     while got < count:
-        if (await recv_json(ws))["type"] == "message":
+        if (await ws.recv())["type"] == "message":
             got += 1
     return got
 
@@ -61,21 +52,21 @@ def test_a_stalled_reader_is_closed_4009_and_the_room_goes_on(run_server: Start)
         "--max-write-buffer", str(MAX_WRITE_BUFFER),
         "--message-rate", "100000", "--message-burst", "100000",
         "--room-publish-rate", "100000", "--room-publish-burst", "100000",
-        env=JWT_ENV,
+        env=KEYED_ENV,
     )
 
     async def scenario() -> None:
         # The stalled reader: a tiny receive window, in the room, then it stops reading.
-        stalled = await raw_connect(srv, bearer("stalled"), rcvbuf=4096)
+        stalled = await raw_connect(srv, bearer(mint("stalled", **EVERY_ROOM)), rcvbuf=4096)
         assert stalled.status == 101
         assert (await stalled.read_json())["type"] == "welcome"
         await stalled.send(text_frame({"type": "join", "room": "r"}))
         assert (await stalled.read_json())["type"] == "joined"
 
-        publisher = await open_client(srv, "publisher")
-        member = await open_client(srv, "member")
+        publisher = await welcomed(srv, mint("publisher", **EVERY_ROOM))
+        member = await welcomed(srv, mint("member", **EVERY_ROOM))
         for ws in (publisher, member):
-            assert (await request(ws, {"type": "join", "room": "r"}))["type"] == "joined"
+            assert (await ws.ask({"type": "join", "room": "r"}))["type"] == "joined"
         member_reads = asyncio.ensure_future(receive_messages(member, PUBLISHED))
 
         before = rss_bytes(srv.pid, "VmRSS")
@@ -85,10 +76,10 @@ def test_a_stalled_reader_is_closed_4009_and_the_room_goes_on(run_server: Start)
             # Each publish waits for the publisher's own copy: were the broadcast
             # held up by the stalled member, this would stall too.
             for n in range(PUBLISHED):
-                await publisher.send(json.dumps(
+                await publisher.send(
                     {"type": "publish", "room": "r", "data": MESSAGE_DATA, "id": n}
-                ))
-                copy = await recv_json(publisher)
+                )
+                copy = await publisher.recv()
                 assert (copy["type"], copy["id"]) == ("message", n), copy
 
         publishing = asyncio.ensure_future(publish())
@@ -96,7 +87,7 @@ def test_a_stalled_reader_is_closed_4009_and_the_room_goes_on(run_server: Start)
         assert await asyncio.wait_for(member_reads, 30) == PUBLISHED
         peak_growth = rss_bytes(srv.pid, "VmHWM") - before
         assert peak_growth < RSS_GROWTH_LIMIT, f"server RSS grew {peak_growth >> 20} MiB"
-        assert await read_metric(srv, "wsserver_slow_consumer_disconnects_total") == 1
+        assert await read(srv, "wsserver_slow_consumer_disconnects_total") == 1
 
         # Reading now, the stalled client finds the bounded backlog, then 4009.
         # (Tornado drops the TCP connection 5 s after its close frame if not
@@ -111,11 +102,11 @@ def test_a_stalled_reader_is_closed_4009_and_the_room_goes_on(run_server: Start)
         assert frame.close_code == 4009
         assert received < PUBLISHED
         await stalled.close_cleanly_after_server_close()
-        assert await read_metric(srv, "wsserver_closes_total", code="4009") == 1
+        assert await read(srv, "wsserver_closes_total", code="4009") == 1
 
         # Everyone else is still served.
         for ws in (publisher, member):
-            assert (await request(ws, {"type": "ping"})) == {"type": "pong"}
+            assert (await ws.ask({"type": "ping"})) == {"type": "pong"}
             await ws.close()
 
     run(scenario)

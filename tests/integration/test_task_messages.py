@@ -5,7 +5,7 @@ against an independent computation), ``bad_request``, ``unknown_task``,
 ``busy``, ``timeout`` and ``task_failed``; plus the loop staying responsive
 while the pool is saturated, and no worker process outliving the server.
 
-Misbehaving tasks come from tests/support_tasks.py (``--tasks-module``):
+Misbehaving tasks come from tests/support/tasks.py (``--tasks-module``):
 ``spin`` is a runaway, ``announce`` reports its worker's pid over a Unix socket
 so a test kills exactly the process running a given task.
 """
@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
-from tests.support_tasks import announcements, wait_gone
+from tests.support.aio import run
+from tests.support.clients import AsyncClient, welcomed
+from tests.support.metrics import value
+from tests.support.tasks import announcements, wait_gone
 
 SERVER_OPTIONS = ("--message-rate", "100000", "--message-burst", "100000")
 
@@ -36,16 +38,17 @@ SERVER_OPTIONS = ("--message-rate", "100000", "--message-burst", "100000")
 
 
 class Client:
-    """A WebSocket client that matches replies to requests by ``id``."""
+    """A client that matches replies to requests by ``id`` (many in flight at once)."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: AsyncClient) -> None:
         self.ws = ws
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        async for raw in self.ws:
+        # The library's own iteration: it waits as long as the tasks take.
+        async for raw in self.ws.raw:
             message = json.loads(raw)
             future = self._waiting.pop(message.get("id"), None)
             if future is not None and not future.done():
@@ -56,7 +59,7 @@ class Client:
         request_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        await self.ws.send(json.dumps({**message, "id": request_id}))
+        await self.ws.send({**message, "id": request_id})
         return future
 
     async def ask(self, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -73,17 +76,13 @@ class Client:
 
 @asynccontextmanager
 async def client(srv: Any, user: str = "u1") -> AsyncIterator[Client]:
-    token = srv.demo_token(user)
-    async with connect(
-        srv.ws_url, additional_headers={"Authorization": f"Bearer {token}"}, ping_interval=None
-    ) as ws:
-        welcome = json.loads(await ws.recv())
-        assert welcome["type"] == "welcome"
-        c = Client(ws)
-        try:
-            yield c
-        finally:
-            c.stop_reading()
+    ws = await welcomed(srv, srv.demo_token(user), ping_interval=None)
+    c = Client(ws)
+    try:
+        yield c
+    finally:
+        c.stop_reading()
+        await ws.close()
 
 
 
@@ -116,11 +115,6 @@ def primes_below_by_trial_division(limit: int) -> int:
     return sum(all(n % d for d in range(2, int(n**0.5) + 1)) for n in range(2, limit))
 
 
-def metric(srv: Any, line_start: str) -> float:
-    for line in srv.metrics().splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no metric {line_start}")
 
 
 Start = Callable[..., Any]
@@ -150,8 +144,8 @@ def test_builtin_results_match_an_independent_computation(run_server: Start) -> 
                 assert reply == {"type": "result", "name": name, "value": expected,
                                  "id": reply["id"]}, (name, args)
 
-    asyncio.run(main())
-    assert metric(srv, 'wsserver_tasks_total{name="primes",outcome="ok"}') == 9
+    run(main)
+    assert value(srv, "wsserver_tasks_total", name="primes", outcome="ok") == 9
 
 
 def test_tasks_of_a_tasks_module_are_served(run_server: Start) -> None:
@@ -168,7 +162,7 @@ def test_tasks_of_a_tasks_module_are_served(run_server: Start) -> None:
             reply = await c.ask({"type": "task", "name": "fibonacci", "args": {"n": 79}})
             assert reply["code"] == "bad_request"
 
-    asyncio.run(main())
+    run(main)
 
 
 # --- bad_request and unknown_task ----------------------------------------------------
@@ -199,7 +193,7 @@ def test_each_kind_of_bad_argument_is_bad_request_and_unknown_names_unknown_task
     # One worker, queue of one, busy with a long task: a bad request that got
     # as far as the pool would be answered busy, not bad_request.
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-queue", "1",
-                     "--task-per-connection", "2", "--tasks-module", "tests.support_tasks")
+                     "--task-per-connection", "2", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv, "hog") as hog, client(srv) as c:
@@ -215,7 +209,7 @@ def test_each_kind_of_bad_argument_is_bad_request_and_unknown_names_unknown_task
             # The connection is still open and served.
             assert (await c.ask({"type": "ping"}))["type"] == "pong"
 
-    asyncio.run(main())
+    run(main)
 
 
 # --- busy ------------------------------------------------------------------------------
@@ -223,7 +217,7 @@ def test_each_kind_of_bad_argument_is_bad_request_and_unknown_names_unknown_task
 
 def test_past_the_queue_bound_busy_is_answered_within_a_second(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-queue", "2",
-                     "--task-per-connection", "4", "--tasks-module", "tests.support_tasks")
+                     "--task-per-connection", "4", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv) as c:
@@ -234,15 +228,15 @@ def test_past_the_queue_bound_busy_is_answered_within_a_second(run_server: Start
             elapsed = time.monotonic() - started
             assert reply["code"] == "busy", reply
             assert elapsed < 1.0
-            assert metric(srv, "wsserver_task_queue_depth") == 2
+            assert value(srv, "wsserver_task_queue_depth") == 2
 
-    asyncio.run(main())
-    assert metric(srv, 'wsserver_tasks_total{name="primes",outcome="busy"}') == 1
+    run(main)
+    assert value(srv, "wsserver_tasks_total", name="primes", outcome="busy") == 1
 
 
 def test_one_connection_cannot_take_the_whole_pool(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "3", "--task-queue", "8",
-                     "--task-per-connection", "2", "--tasks-module", "tests.support_tasks")
+                     "--task-per-connection", "2", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv, "greedy") as greedy, client(srv, "other") as other:
@@ -254,13 +248,13 @@ def test_one_connection_cannot_take_the_whole_pool(run_server: Start) -> None:
             reply = await other.ask({"type": "task", "name": "primes", "args": {"limit": 10}})
             assert reply["value"] == 4
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_one_user_cannot_take_the_whole_pool_across_connections(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "3", "--task-queue", "8",
                      "--task-per-connection", "2", "--task-per-user", "2",
-                     "--tasks-module", "tests.support_tasks")
+                     "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv, "greedy") as a, client(srv, "greedy") as b, \
@@ -272,12 +266,12 @@ def test_one_user_cannot_take_the_whole_pool_across_connections(run_server: Star
             reply = await other.ask({"type": "task", "name": "primes", "args": {"limit": 10}})
             assert reply["value"] == 4
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_closing_a_connection_stops_its_tasks_and_frees_the_worker(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-queue", "4",
-                     "--task-timeout", "600", "--tasks-module", "tests.support_tasks")
+                     "--task-timeout", "600", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with announcements() as box:
@@ -286,10 +280,10 @@ def test_closing_a_connection_stops_its_tasks_and_frees_the_worker(run_server: S
                 runaway = await asyncio.wait_for(box.pids.get(), 10)
                 await c.task("spin", {"ms": 600_000})  # waits behind it
                 for _ in range(500):  # until the server has queued it
-                    if metric(srv, "wsserver_task_queue_depth") == 2:
+                    if value(srv, "wsserver_task_queue_depth") == 2:
                         break
                     await asyncio.sleep(0.01)
-                assert metric(srv, "wsserver_task_queue_depth") == 2
+                assert value(srv, "wsserver_task_queue_depth") == 2
             # Its connection is gone: the worker running its task is stopped ...
             assert await asyncio.to_thread(wait_gone, runaway), "the abandoned task still runs"
             async with client(srv, "next") as c:
@@ -299,10 +293,10 @@ def test_closing_a_connection_stops_its_tasks_and_frees_the_worker(run_server: S
                 assert reply["value"] == 4
                 assert time.monotonic() - started < 5
 
-    asyncio.run(main())
-    assert metric(srv, 'wsserver_tasks_total{name="announce",outcome="cancelled"}') == 1
-    assert metric(srv, 'wsserver_tasks_total{name="spin",outcome="cancelled"}') == 1
-    assert metric(srv, "wsserver_task_queue_depth") == 0
+    run(main)
+    assert value(srv, "wsserver_tasks_total", name="announce", outcome="cancelled") == 1
+    assert value(srv, "wsserver_tasks_total", name="spin", outcome="cancelled") == 1
+    assert value(srv, "wsserver_task_queue_depth") == 0
 
 
 # --- timeout -------------------------------------------------------------------------
@@ -312,7 +306,7 @@ def test_a_runaway_task_times_out_and_the_next_task_is_served(run_server: Start)
     # 2 s, not less: the next task waits for the replacement worker to start, and on a
     # loaded machine (two shared cores) a Python process can take over 0.5 s to start.
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1", "--task-timeout", "2",
-                     "--tasks-module", "tests.support_tasks")
+                     "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with announcements() as box, client(srv) as c:
@@ -330,8 +324,8 @@ def test_a_runaway_task_times_out_and_the_next_task_is_served(run_server: Start)
             assert reply["value"] == iterated_sha256_by_hashlib("x", 1000)
             assert time.monotonic() - started < 2
 
-    asyncio.run(main())
-    assert metric(srv, 'wsserver_tasks_total{name="announce",outcome="timeout"}') == 1
+    run(main)
+    assert value(srv, "wsserver_tasks_total", name="announce", outcome="timeout") == 1
 
 
 # --- task_failed -----------------------------------------------------------------------
@@ -339,7 +333,7 @@ def test_a_runaway_task_times_out_and_the_next_task_is_served(run_server: Start)
 
 def test_a_worker_killed_mid_task_costs_that_task_only(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "2", "--task-queue", "6",
-                     "--task-per-connection", "6", "--tasks-module", "tests.support_tasks")
+                     "--task-per-connection", "6", "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with announcements() as box, client(srv) as c:
@@ -362,15 +356,15 @@ def test_a_worker_killed_mid_task_costs_that_task_only(run_server: Start) -> Non
                 reply = await c.ask({"type": "task", "name": "primes", "args": {"limit": 100}})
                 assert reply["value"] == 25
 
-    asyncio.run(main())
-    assert metric(srv, 'wsserver_tasks_total{name="announce",outcome="task_failed"}') == 1
+    run(main)
+    assert value(srv, "wsserver_tasks_total", name="announce", outcome="task_failed") == 1
     assert "Traceback" not in srv.logs()
     assert "a worker process died running task 'announce'" in srv.logs()
 
 
 def test_a_result_for_a_closed_connection_is_dropped_quietly(run_server: Start) -> None:
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "1",
-                     "--tasks-module", "tests.support_tasks")
+                     "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with client(srv) as c:
@@ -380,7 +374,7 @@ def test_a_result_for_a_closed_connection_is_dropped_quietly(run_server: Start) 
             reply = await c.ask({"type": "task", "name": "primes", "args": {"limit": 10}})
             assert reply["value"] == 4
 
-    asyncio.run(main())
+    run(main)
     assert "Traceback" not in srv.logs()
 
 
@@ -410,7 +404,7 @@ def test_pings_are_answered_fast_while_the_pool_is_saturated(run_server: Start) 
             print(f"ping p50 {latencies[len(latencies) // 2] * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")
             assert p99 < 0.050, f"p99 ping {p99 * 1000:.1f} ms while the pool is saturated"
 
-    asyncio.run(main())
+    run(main)
 
 
 # --- shutdown --------------------------------------------------------------------------
@@ -424,7 +418,7 @@ def test_pings_are_answered_fast_while_the_pool_is_saturated(run_server: Start) 
 def test_no_worker_process_outlives_the_server(run_server: Start, sig: int, exit_code: int) -> None:
     """SIGTERM: the server stops its pool. SIGKILL: the workers notice and exit."""
     srv = run_server(*SERVER_OPTIONS, "--task-workers", "2",
-                     "--tasks-module", "tests.support_tasks")
+                     "--tasks-module", "tests.support.tasks")
 
     async def main() -> None:
         async with announcements() as box, client(srv) as c:
@@ -438,4 +432,4 @@ def test_no_worker_process_outlives_the_server(run_server: Start, sig: int, exit
             left = [pid for pid in processes if not wait_gone(pid)]
             assert left == [], f"processes left after signal {sig}: {left}"
 
-    asyncio.run(main())
+    run(main)

@@ -8,19 +8,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tests.support.tokens import SECRET, mint
 from wsserver.auth import DEMO_AUDIENCE, TokenIssuer, TokenVerifier, extract_token
 from wsserver.errors import TokenExpired, TokenInvalid
 from wsserver.rooms import NO_GRANTS
 
-SECRET = "unit-secret-0123456789-0123456789-abc"
+#: Another key than the verifiers': a token signed with it is forged.
 OTHER = "other-secret-0123456789-0123456789-ab"
 
 
-def make(claims: dict[str, Any], key: Any = SECRET, alg: str = "HS256", **kw: Any) -> str:
-    return jwt.encode(claims, key, algorithm=alg, **kw)
-
-
 def good(**extra: Any) -> dict[str, Any]:
+    """The claims :func:`mint` writes by default, plus ``extra``."""
     return {"sub": "alice", "exp": int(time.time()) + 600, **extra}
 
 
@@ -55,7 +53,7 @@ AUD = TokenVerifier(SECRET, ["HS256"], audience="chat", issuer="https://idp", le
 
 
 def test_valid_token() -> None:
-    identity = HS.verify(make(good()))
+    identity = HS.verify(mint())
     assert identity.user == "alice"
     assert identity.expires_at > time.time()
 
@@ -63,21 +61,21 @@ def test_valid_token() -> None:
 @pytest.mark.parametrize(
     ("verifier", "token", "error"),
     [
-        (HS, make({"sub": "a", "exp": int(time.time()) - 5}), TokenExpired),
-        (HS, make(good(), key=OTHER), TokenInvalid),
-        (HS, make(good(), alg="HS512", key=SECRET * 2), TokenInvalid),  # not allowed
-        (HS, make({"exp": int(time.time()) + 60}), TokenInvalid),  # no sub
-        (HS, make({"sub": "a"}), TokenInvalid),  # no exp
-        (HS, make({"sub": 5, "exp": int(time.time()) + 60}), TokenInvalid),
-        (HS, make({"sub": "", "exp": int(time.time()) + 60}), TokenInvalid),
-        (HS, make(good(nbf=int(time.time()) + 300)), TokenInvalid),
-        (HS, make(good(aud="someone-else")), TokenInvalid),  # aud not expected
+        (HS, mint("a", ttl=-5), TokenExpired),
+        (HS, mint(key=OTHER), TokenInvalid),
+        (HS, mint(algorithm="HS512", key=SECRET * 2), TokenInvalid),  # not allowed
+        (HS, mint(None, ttl=60), TokenInvalid),  # no sub
+        (HS, mint("a", ttl=None), TokenInvalid),  # no exp
+        (HS, mint(5, ttl=60), TokenInvalid),
+        (HS, mint("", ttl=60), TokenInvalid),
+        (HS, mint(nbf=int(time.time()) + 300), TokenInvalid),
+        (HS, mint(aud="someone-else"), TokenInvalid),  # aud not expected
         (HS, "not-a-token", TokenInvalid),
         (HS, "a.b.c", TokenInvalid),
-        (HS, jwt.encode(good(), None, algorithm="none"), TokenInvalid),
-        (AUD, make(good()), TokenInvalid),  # aud/iss required
-        (AUD, make(good(aud="chat", iss="https://evil")), TokenInvalid),
-        (AUD, make(good(aud="other", iss="https://idp")), TokenInvalid),
+        (HS, mint(key=None, algorithm="none"), TokenInvalid),
+        (AUD, mint(), TokenInvalid),  # aud/iss required
+        (AUD, mint(aud="chat", iss="https://evil"), TokenInvalid),
+        (AUD, mint(aud="other", iss="https://idp"), TokenInvalid),
     ],
 )
 def test_rejected_tokens(verifier: TokenVerifier, token: str, error: type[Exception]) -> None:
@@ -92,12 +90,12 @@ def test_expired_reason_differs_from_invalid() -> None:
 
 
 def test_audience_and_issuer_accepted_when_right() -> None:
-    assert AUD.verify(make(good(aud="chat", iss="https://idp"))).user == "alice"
+    assert AUD.verify(mint(aud="chat", iss="https://idp")).user == "alice"
 
 
 def test_leeway_accepts_small_skew() -> None:
     verifier = TokenVerifier(SECRET, ["HS256"], leeway=30)
-    assert verifier.verify(make({"sub": "a", "exp": int(time.time()) - 5})).user == "a"
+    assert verifier.verify(mint("a", ttl=-5)).user == "a"
 
 
 def _pem(private: Any) -> tuple[str, str]:
@@ -110,7 +108,7 @@ def _pem(private: Any) -> tuple[str, str]:
 def test_public_key_algorithms_and_confusion() -> None:
     rsa_public, rsa_private = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
     verifier = TokenVerifier(rsa_public, ["RS256"], leeway=0)
-    assert verifier.verify(make(good(), key=rsa_private, alg="RS256")).user == "alice"
+    assert verifier.verify(mint(key=rsa_private, algorithm="RS256")).user == "alice"
     # Key confusion: an HS256 token signed with the public key text as secret.
     forged = jwt.api_jws.PyJWS()
     header = {"alg": "HS256", "typ": "JWT"}
@@ -131,9 +129,9 @@ def test_public_key_algorithms_and_confusion() -> None:
     ec_public, ec_private = _pem(ec.generate_private_key(ec.SECP256R1()))
     # A token of another key type than the configured one.
     with pytest.raises(TokenInvalid):
-        verifier.verify(make(good(), key=ec_private, alg="ES256"))
+        verifier.verify(mint(key=ec_private, algorithm="ES256"))
     es = TokenVerifier(ec_public, ["ES256"], leeway=0)
-    assert es.verify(make(good(), key=ec_private, alg="ES256")).user == "alice"
+    assert es.verify(mint(key=ec_private, algorithm="ES256")).user == "alice"
 
 
 def test_issuer_round_trip() -> None:
@@ -145,15 +143,15 @@ def test_issuer_round_trip() -> None:
 
 
 def test_grants_come_from_the_rooms_and_publish_claims() -> None:
-    identity = HS.verify(make(good(rooms=["chat:*", "lobby"], publish=["lobby"])))
+    identity = HS.verify(mint(rooms=["chat:*", "lobby"], publish=["lobby"]))
     assert identity.grants.can_join("chat:1") and identity.grants.can_join("lobby")
     assert not identity.grants.can_join("chatter")
     assert identity.grants.can_publish("lobby") and not identity.grants.can_publish("chat:1")
 
 
 def test_a_token_without_grant_claims_shares_the_empty_grants() -> None:
-    assert HS.verify(make(good())).grants is NO_GRANTS
-    assert HS.verify(make(good())).grants is HS.verify(make(good(sub="bob"))).grants
+    assert HS.verify(mint()).grants is NO_GRANTS
+    assert HS.verify(mint()).grants is HS.verify(mint(sub="bob")).grants
 
 
 @pytest.mark.parametrize(
@@ -162,7 +160,7 @@ def test_a_token_without_grant_claims_shares_the_empty_grants() -> None:
 )
 def test_malformed_grant_claims_make_the_token_invalid(claims: dict[str, Any]) -> None:
     with pytest.raises(TokenInvalid) as info:
-        HS.verify(make(good(**claims)))
+        HS.verify(mint(**claims))
     assert info.value.code == 4001
     assert "invalid token: '" in info.value.reason
 
@@ -187,11 +185,11 @@ def test_issuer_mints_grants_and_refuses_malformed_ones() -> None:
 )
 def test_sub_with_control_characters_is_invalid(sub: str) -> None:
     with pytest.raises(TokenInvalid):
-        TokenVerifier(SECRET, ["HS256"]).verify(make(good(sub=sub)))
+        TokenVerifier(SECRET, ["HS256"]).verify(mint(sub=sub))
 
 
 def test_sub_with_ordinary_unicode_is_fine() -> None:
-    assert TokenVerifier(SECRET, ["HS256"]).verify(make(good(sub="Zoë 😀"))).user == "Zoë 😀"
+    assert TokenVerifier(SECRET, ["HS256"]).verify(mint(sub="Zoë 😀")).user == "Zoë 😀"
 
 
 @pytest.mark.parametrize(
@@ -202,7 +200,7 @@ def test_sub_with_ordinary_unicode_is_fine() -> None:
 def test_explicit_typ(header_typ: str | None, accepted: bool) -> None:
     verifier = TokenVerifier(SECRET, ["HS256"], typ="at+jwt")
     headers = {"typ": header_typ} if header_typ else None
-    token = make(good(), headers=headers)
+    token = mint(headers=headers)
     if header_typ is None:
         # pyjwt writes typ=JWT unless told otherwise; drop it altogether.
         token = jwt.api_jws.PyJWS().encode(
@@ -217,19 +215,19 @@ def test_explicit_typ(header_typ: str | None, accepted: bool) -> None:
 
 
 def test_without_typ_setting_any_typ_passes() -> None:
-    assert TokenVerifier(SECRET, ["HS256"]).verify(make(good(), headers={"typ": "x"}))
+    assert TokenVerifier(SECRET, ["HS256"]).verify(mint(headers={"typ": "x"}))
 
 
 def test_max_lifetime_requires_iat_and_bounds_exp_minus_iat() -> None:
     verifier = TokenVerifier(SECRET, ["HS256"], max_lifetime=3600)
     now = int(time.time())
-    assert verifier.verify(make(good(iat=now, exp=now + 3600))).user == "alice"
-    ten_years = make(good(iat=now, exp=now + 10 * 365 * 86400))
+    assert verifier.verify(mint(iat=now, exp=now + 3600)).user == "alice"
+    ten_years = mint(iat=now, exp=now + 10 * 365 * 86400)
     with pytest.raises(TokenInvalid) as info:
         verifier.verify(ten_years)
     assert info.value.reason == "invalid token: lifetime too long"
     with pytest.raises(TokenInvalid):
-        verifier.verify(make(good()))  # no iat
+        verifier.verify(mint())  # no iat
     # Without the setting, neither is asked for.
     assert TokenVerifier(SECRET, ["HS256"]).verify(ten_years).user == "alice"
 
@@ -258,4 +256,4 @@ def test_demo_tokens_have_their_own_audience_and_no_issuer() -> None:
     assert here.verify(demo).user == "mallory"
     assert here.verify(issuer.issue("alice", 60)[0]).user == "alice"
     with pytest.raises(TokenInvalid):
-        here.verify(make(good(aud="someone-else", iss="https://idp.example")))
+        here.verify(mint(aud="someone-else", iss="https://idp.example"))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import struct
+import functools
 
 import pytest
 
+from tests.support import raw
+from tests.support.raw import close_payload
 from wsserver import framing
 from wsserver.framing import Close, Failure, FrameParser
 from wsserver.ratelimit import TokenBucket
@@ -13,32 +15,8 @@ from wsserver.ratelimit import TokenBucket
 MASK = b"\x37\xfa\x21\x3d"
 
 
-def client_frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    masked: bool = True,
-    length: int | None = None,
-) -> bytes:
-    """A client frame as a browser sends it (masked), or broken on purpose."""
-    size = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | rsv | opcode
-    mask_bit = 0x80 if masked else 0
-    if size < 126:
-        header = bytes((first, mask_bit | size))
-    elif size <= 0xFFFF:
-        header = struct.pack("!BBH", first, mask_bit | 126, size)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, size)
-    if not masked:
-        return header + payload
-    return header + MASK + framing._mask_python(payload, MASK)
-
-
-def close_payload(code: int, reason: bytes = b"") -> bytes:
-    return struct.pack("!H", code) + reason
+#: Client frames with a fixed masking key, so every run feeds the parser the same bytes.
+client_frame = functools.partial(raw.client_frame, mask=MASK)
 
 
 class FakeClock:

@@ -1,6 +1,6 @@
 """Hub: frame-once fan-out, the publisher's own copy, recovery on join, gap repair.
 
-Sessions over recording transports (see ``session_fakes``) and a MemoryBroker
+Sessions over recording transports (see :mod:`tests.support.sessions`) and a MemoryBroker
 subclass the test controls: it can hold the next history read until the test
 lets it go, drop chosen offsets on their way to the hub (a lost pub/sub
 message), or fail history reads (a broker outage).
@@ -15,16 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.unit.session_fakes import (
-    Client,
-    Scheduler,
-    counter,
-    make_services,
-    run,
-    settle,
-    token,
-    welcomed,
-)
+from tests.support.aio import run
+from tests.support.metrics import value
+from tests.support.sessions import Client, Scheduler, make_services, settle, wall0, welcomed
+from tests.support.tokens import mint
 from wsserver.brokers.base import (
     BrokerSink,
     BrokerUnavailable,
@@ -137,9 +131,9 @@ def test_a_publication_is_one_frame_for_every_member() -> None:
     async def scenario() -> None:
         services, scheduler, broker = make()
         await broker.start(services.hub)
-        clients = [await welcomed(services, scheduler, token(f"u{i}"), f"10.0.0.{i}")
+        clients = [await welcomed(services, scheduler, mint(f"u{i}", now=wall0()), f"10.0.0.{i}")
                    for i in range(4)]
-        outsider = await welcomed(services, scheduler, token("out"), "10.0.1.1")
+        outsider = await welcomed(services, scheduler, mint("out", now=wall0()), "10.0.1.1")
         for client in clients:
             await client.send({"type": "join", "room": "lobby"})
         clients[0].session.on_text('{"type": "publish", "room": "lobby", "data": "hi"}')
@@ -147,7 +141,7 @@ def test_a_publication_is_one_frame_for_every_member() -> None:
         shared = [c.transport.frames[-1] for c in clients]
         assert all(frame is shared[0] for frame in shared)  # the same bytes object
         assert outsider.transport.frames == []
-        assert counter(services.metrics.deliveries) == 4
+        assert value(services.metrics.deliveries) == 4
 
     run(scenario)
 
@@ -156,9 +150,9 @@ def test_only_the_publisher_gets_the_copy_with_its_id() -> None:
     async def scenario() -> None:
         services, scheduler, broker = make()
         await broker.start(services.hub)
-        alice = await welcomed(services, scheduler, token("alice"))
-        bob = await welcomed(services, scheduler, token("bob"), "10.0.0.2")
-        carol = await welcomed(services, scheduler, token("carol"), "10.0.0.3")
+        alice = await welcomed(services, scheduler, mint("alice", now=wall0()))
+        bob = await welcomed(services, scheduler, mint("bob", now=wall0()), "10.0.0.2")
+        carol = await welcomed(services, scheduler, mint("carol", now=wall0()), "10.0.0.3")
         for client in (alice, bob, carol):
             await client.send({"type": "join", "room": "lobby"})
         base = {"type": "message", "room": "lobby", "from": "alice", "data": 1}
@@ -212,7 +206,7 @@ def test_offsets_and_epochs_only_in_history_rooms() -> None:
 async def room_with(services: Services, count: int) -> tuple[str, Client]:
     """A publisher member of ROOM and ``count`` messages published; the epoch."""
     scheduler = Scheduler()
-    publisher = await welcomed(services, scheduler, token("pub"), "10.9.9.9")
+    publisher = await welcomed(services, scheduler, mint("pub", now=wall0()), "10.9.9.9")
     joined = await publisher.ask({"type": "join", "room": ROOM})
     for n in range(1, count + 1):
         await publish_api(services, n)
@@ -247,7 +241,7 @@ def test_recovery_boundaries(since: int, recovered: bool, expected: list[int]) -
             assert message == {"type": "message", "room": ROOM, "from": None, "data": n,
                                "offset": n, "epoch": epoch}
         outcome = "recovered" if recovered else "lost"
-        assert counter(services.metrics.recoveries, outcome=outcome) == 1
+        assert value(services.metrics.recoveries, outcome=outcome) == 1
         await publish_api(services, "live")
         assert client.transport.take() == [{"type": "message", "room": ROOM, "from": None,
                                             "data": "live", "offset": 9, "epoch": epoch}]
@@ -397,7 +391,7 @@ def test_a_close_during_the_join_read_leaves_nothing_and_announces_nothing() -> 
         table["namespaces"]["hist"]["join_leave"] = True
         services, scheduler, broker = make(table)
         await broker.start(services.hub)
-        watcher = await welcomed(services, scheduler, token("watcher"), "10.0.0.9")
+        watcher = await welcomed(services, scheduler, mint("watcher", now=wall0()), "10.0.0.9")
         await watcher.send({"type": "join", "room": ROOM})
         watcher.transport.take()
         client = await welcomed(services, scheduler)
@@ -435,7 +429,7 @@ def test_a_close_during_the_subscribe_leaves_no_subscription() -> None:
 
 async def members_of_room(services: Services, count: int = 2) -> list[Client]:
     scheduler = Scheduler()
-    clients = [await welcomed(services, scheduler, token(f"m{i}"), f"10.1.0.{i}")
+    clients = [await welcomed(services, scheduler, mint(f"m{i}", now=wall0()), f"10.1.0.{i}")
                for i in range(count)]
     for client in clients:
         await client.send({"type": "join", "room": ROOM})
@@ -461,7 +455,7 @@ def test_a_lost_publication_is_read_from_history_once_and_delivered_in_order() -
         for client in clients:
             assert offsets(client) == [1, 2, 3, 4]
         assert broker.history_calls[reads:] == [(ROOM, 1, None)]
-        assert counter(services.metrics.gap_repairs, outcome="repaired") == 1
+        assert value(services.metrics.gap_repairs, outcome="repaired") == 1
 
     run(scenario)
 
@@ -522,7 +516,7 @@ def test_a_range_gone_from_history_tells_the_members() -> None:
                 {"type": "message", "room": ROOM, "from": None, "data": 6, "offset": 6,
                  "epoch": epoch},
             ]
-        assert counter(services.metrics.gap_repairs, outcome="lost") == 1
+        assert value(services.metrics.gap_repairs, outcome="lost") == 1
 
     run(scenario)
 

@@ -1,6 +1,6 @@
 """TaskPool with real worker processes: bounds, timeouts, dead workers, shutdown.
 
-Tasks from tests/support_tasks.py misbehave on purpose; ``announce`` tells the
+Tasks from tests/support/tasks.py misbehave on purpose; ``announce`` tells the
 test which worker runs it, so the test kills exactly that process.
 """
 
@@ -10,15 +10,17 @@ import asyncio
 import multiprocessing
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from tests import support_tasks
-from tests.support_tasks import announcements, wait_gone
+from tests.support import tasks as support_tasks
+from tests.support.aio import run
+from tests.support.metrics import value
+from tests.support.tasks import announcements, wait_gone
 from wsserver.errors import BadRequest, Busy, TaskCancelled, TaskFailed, TaskTimeout, UnknownTask
 from wsserver.metrics import Metrics
 from wsserver.pool import WORKER_NICENESS, TaskPool
@@ -57,10 +59,6 @@ def exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(main())
 
 
 async def outcome(awaitable: Awaitable[Any]) -> Any:
@@ -139,10 +137,8 @@ def test_past_the_queue_bound_busy_is_raised_without_waiting() -> None:
             with pytest.raises(Busy, match="full"):
                 attempt.send(None)
             attempt.close()
-            assert metrics.registry.get_sample_value(
-                "wsserver_tasks_total", {"name": "primes", "outcome": "busy"}
-            ) == 1
-            assert metrics.registry.get_sample_value("wsserver_task_queue_depth") == 2
+            assert value(metrics.registry, "wsserver_tasks_total", name="primes", outcome="busy") == 1
+            assert value(metrics.registry, "wsserver_task_queue_depth") == 2
 
             for task in running:
                 task.cancel()
@@ -171,10 +167,10 @@ def test_a_runaway_task_times_out_and_its_worker_is_replaced() -> None:
             new_pid = await pool.run("pid", {})
             assert new_pid != runaway_pid
             assert pool.worker_pids == [new_pid]
-            sample = metrics.registry.get_sample_value
-            assert sample("wsserver_tasks_total", {"name": "spin", "outcome": "timeout"}) == 1
-            assert sample("wsserver_tasks_total", {"name": "pid", "outcome": "ok"}) == 1
-            assert sample("wsserver_task_duration_seconds_count", {"name": "spin"}) == 1
+            registry = metrics.registry
+            assert value(registry, "wsserver_tasks_total", name="spin", outcome="timeout") == 1
+            assert value(registry, "wsserver_tasks_total", name="pid", outcome="ok") == 1
+            assert value(registry, "wsserver_task_duration_seconds_count", name="spin") == 1
 
     run(main)
 
@@ -224,9 +220,7 @@ def test_a_worker_killed_mid_task_fails_that_task_only() -> None:
             # The pool goes on serving, on both workers.
             values = await asyncio.gather(*(pool.run("primes", {"limit": 100}) for _ in range(4)))
             assert values == [25] * 4
-            assert metrics.registry.get_sample_value(
-                "wsserver_tasks_total", {"name": "announce", "outcome": "task_failed"}
-            ) == 1
+            assert value(metrics.registry, "wsserver_tasks_total", name="announce", outcome="task_failed") == 1
 
     run(main)
 
@@ -384,8 +378,7 @@ def test_per_user_limit_counts_across_owners() -> None:
             assert await asyncio.gather(first, second) == [200, 200]
             # Done tasks free the user's share.
             assert await pool.execute(task, kwargs, user="alice", owner="c1") == 200
-            assert metrics.registry.get_sample_value(
-                "wsserver_tasks_total", {"name": "spin", "outcome": "busy"}) == 1
+            assert value(metrics.registry, "wsserver_tasks_total", name="spin", outcome="busy") == 1
 
     run(main)
 
@@ -413,7 +406,6 @@ def test_cancel_owner_stops_its_running_task_and_drops_its_waiting_ones() -> Non
             assert await neighbour != runaway_pid
             assert pool.in_flight == 0
             assert pool.cancel_owner("c") == 0
-            assert metrics.registry.get_sample_value(
-                "wsserver_tasks_total", {"name": "announce", "outcome": "cancelled"}) == 2
+            assert value(metrics.registry, "wsserver_tasks_total", name="announce", outcome="cancelled") == 2
 
     run(main)

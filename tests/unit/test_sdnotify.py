@@ -3,52 +3,25 @@
 from __future__ import annotations
 
 import os
-import secrets
-import select
-import socket
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
+from tests.support import notify
+from tests.support.notify import NotifySocket
 from wsserver.sdnotify import SystemdNotifier, socket_address, watchdog_interval_from
-
-
-class NotifySocket:
-    """A bound datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self, address: bytes, env_value: str) -> None:
-        self.env_value = env_value
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(5)
-
-    def receive(self) -> list[str]:
-        """The lines of the next datagram."""
-        return self.sock.recv(4096).decode().split("\n")
-
-    def pending(self) -> bool:
-        """True when a datagram waits to be read."""
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable)
 
 
 @pytest.fixture
 def path_socket() -> Iterator[NotifySocket]:
-    # AF_UNIX paths are limited to 108 bytes: keep the directory short.
-    with tempfile.TemporaryDirectory(prefix="sdn-", dir="/tmp") as directory:
-        path = os.path.join(directory, "notify")
-        listener = NotifySocket(os.fsencode(path), path)
+    with notify.path_socket() as listener:
         yield listener
-        listener.sock.close()
 
 
 @pytest.fixture
 def abstract_socket() -> Iterator[NotifySocket]:
-    name = "wsserver-test-" + secrets.token_hex(8)
-    listener = NotifySocket(b"\0" + name.encode(), "@" + name)
-    yield listener
-    listener.sock.close()
+    with notify.abstract_socket() as listener:
+        yield listener
 
 
 @pytest.fixture

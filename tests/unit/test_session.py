@@ -13,24 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.unit.session_fakes import (
-    Client,
-    counter,
-    make_services,
-    run,
-    settle,
-    start,
-    token,
-    wall0,
-    welcomed,
-)
+from tests.support.aio import run
+from tests.support.metrics import value
+from tests.support.sessions import Client, make_services, settle, start, wall0, welcomed
+from tests.support.tokens import mint
 from wsserver import frames
 from wsserver.services import Services
 from wsserver.session import MAX_QUEUED, Session
-
-
-def gauge(family: Any) -> float:
-    return float(next(iter(family.collect())).samples[0].value)
 
 
 def test_every_message_type_has_one_handler() -> None:
@@ -47,7 +36,7 @@ def test_welcome_tells_the_user_its_expiry_and_limits() -> None:
         services, scheduler = make_services(message_rate="5", message_burst="7")
         await start(services)
         client = Client(services, scheduler)
-        assert await client.open(token("alice", ttl=300))
+        assert await client.open(mint("alice", ttl=300, now=wall0()))
         (welcome,) = client.transport.take()
         assert welcome == {
             "type": "welcome", "user": "alice", "expires_at": int(wall0() + 300),
@@ -57,8 +46,8 @@ def test_welcome_tells_the_user_its_expiry_and_limits() -> None:
                        "connections_per_user": 10},
         }
         assert services.registry.authenticated == 1
-        assert gauge(services.metrics.connections) == 1
-        assert counter(services.metrics.connections_accepted) == 1
+        assert value(services.metrics.connections) == 1
+        assert value(services.metrics.connections_accepted) == 1
         assert client.transport.closes == []
 
     run(scenario)
@@ -68,9 +57,9 @@ def test_welcome_tells_the_user_its_expiry_and_limits() -> None:
     "tok",
     [
         "not-a-jwt",
-        token("alice", key="another-secret-0123456789-abcdefghijklmn"),
-        token("alice", ttl=-10),
-        token("alice", rooms="lobby"),  # a malformed grant claim
+        mint("alice", key="another-secret-0123456789-abcdefghijklmn", now=wall0()),
+        mint("alice", ttl=-10, now=wall0()),
+        mint("alice", rooms="lobby", now=wall0()),  # a malformed grant claim
     ],
     ids=["garbage", "wrong-key", "expired", "bad-grants"],
 )
@@ -87,11 +76,11 @@ def test_a_refused_token_closes_4001_and_frames_behind_it_are_never_read(tok: st
         await settle(services)
         assert client.transport.messages() == []
         assert services.hub.members("lobby") == []
-        assert counter(services.metrics.messages, type="echo") == 0
+        assert value(services.metrics.messages, type="echo") == 0
         client.gone()
         assert services.registry.total == 0
-        assert gauge(services.metrics.connections) == 0
-        assert counter(services.metrics.closes, code="4001") == 1
+        assert value(services.metrics.connections) == 0
+        assert value(services.metrics.closes, code="4001") == 1
 
     run(scenario)
 
@@ -102,13 +91,13 @@ def test_the_per_user_cap_closes_4008_and_frees_the_slot() -> None:
         await start(services)
         first = await welcomed(services, scheduler)
         second = Client(services, scheduler, "10.0.0.2")
-        assert not await second.open(token())
+        assert not await second.open(mint(now=wall0()))
         assert second.transport.close_code == 4008
         second.gone()
         first.gone(1000)
         await settle(services)
         third = Client(services, scheduler, "10.0.0.3")
-        assert await third.open(token())
+        assert await third.open(mint(now=wall0()))
         assert (await services.broker.user_connections(["alice"])) == {"alice": 1}
 
     run(scenario)
@@ -127,8 +116,8 @@ def test_ping_and_echo_carry_the_id() -> None:
         data = {"nested": [1, 2.5, None, True, "é", {"deep": []}]}
         assert await client.ask({"type": "echo", "data": data, "id": "e"}) == {
             "type": "echo", "data": data, "id": "e"}
-        assert counter(services.metrics.messages, type="echo") == 1
-        assert counter(services.metrics.messages, type="ping") == 2
+        assert value(services.metrics.messages, type="echo") == 1
+        assert value(services.metrics.messages, type="ping") == 2
 
     run(scenario)
 
@@ -155,9 +144,9 @@ def test_join_publish_leave_follow_the_grants() -> None:
     async def scenario() -> None:
         services, scheduler = make_services(GRANTED_ROOMS)
         await start(services)
-        alice = await welcomed(services, scheduler, token(
-            "alice", rooms=["chat:*"], publish=["chat:general"]))
-        bob = await welcomed(services, scheduler, token("bob", rooms=["chat:general"]))
+        alice = await welcomed(services, scheduler, mint(
+            "alice", rooms=["chat:*"], publish=["chat:general"], now=wall0()))
+        bob = await welcomed(services, scheduler, mint("bob", rooms=["chat:general"], now=wall0()))
         assert await alice.ask({"type": "join", "room": "chat:general", "id": 1}) == {
             "type": "joined", "room": "chat:general", "id": 1}
         assert await bob.ask({"type": "join", "room": "chat:general"}) == {
@@ -186,7 +175,7 @@ def test_join_publish_leave_follow_the_grants() -> None:
         await alice.send({"type": "publish", "room": "chat:general", "data": 2})
         assert bob.transport.take() == []
         assert services.hub.members("chat:general") == [alice.session]
-        assert counter(services.metrics.rejections, reason="forbidden") == 5
+        assert value(services.metrics.rejections, reason="forbidden") == 5
         assert alice.transport.closes == [] and bob.transport.closes == []
 
     run(scenario)
@@ -219,9 +208,9 @@ def test_presence_and_join_leave_events() -> None:
     async def scenario() -> None:
         services, scheduler = make_services(TEAM_ROOMS)
         await start(services)
-        alice = await welcomed(services, scheduler, token("alice"))
-        alice2 = await welcomed(services, scheduler, token("alice"), "10.0.0.2")
-        bob = await welcomed(services, scheduler, token("bob"), "10.0.0.3")
+        alice = await welcomed(services, scheduler, mint("alice", now=wall0()))
+        alice2 = await welcomed(services, scheduler, mint("alice", now=wall0()), "10.0.0.2")
+        bob = await welcomed(services, scheduler, mint("bob", now=wall0()), "10.0.0.3")
         # The user's first connection in the room: one user_joined, seen by members
         # (the joiner included, after its joined).
         assert await alice.send({"type": "join", "room": "team:a"}) == [
@@ -257,8 +246,8 @@ def test_presence_needs_a_grant() -> None:
                  "namespaces": {"team": {"join": "token", "presence": True}}}
         services, scheduler = make_services(rooms)
         await start(services)
-        alice = await welcomed(services, scheduler, token("alice", rooms=["team:a"]))
-        eve = await welcomed(services, scheduler, token("eve"), "10.0.0.2")
+        alice = await welcomed(services, scheduler, mint("alice", rooms=["team:a"], now=wall0()))
+        eve = await welcomed(services, scheduler, mint("eve", now=wall0()), "10.0.0.2")
         await alice.send({"type": "join", "room": "team:a"})
         reply = await eve.ask({"type": "presence", "room": "team:a"})
         assert reply["code"] == "forbidden"
@@ -290,8 +279,8 @@ def test_refresh_moves_the_expiry() -> None:
     async def scenario() -> None:
         services, scheduler = make_services(token_warning="10")
         await start(services)
-        client = await welcomed(services, scheduler, token("alice", ttl=60))
-        reply = await client.ask({"type": "refresh", "token": token("alice", ttl=600), "id": 1})
+        client = await welcomed(services, scheduler, mint("alice", ttl=60, now=wall0()))
+        reply = await client.ask({"type": "refresh", "token": mint("alice", ttl=600, now=wall0()), "id": 1})
         assert reply == {"type": "refreshed", "expires_at": int(wall0() + 600), "id": 1}
         scheduler.advance(120)  # past the first token's exp
         assert client.transport.take() == [] and client.transport.closes == []
@@ -303,7 +292,7 @@ def test_refresh_moves_the_expiry() -> None:
 
 @pytest.mark.parametrize(
     "new_token",
-    [token("mallory"), "garbage", token("alice", ttl=-5)],
+    [mint("mallory", now=wall0()), "garbage", mint("alice", ttl=-5, now=wall0())],
     ids=["another-sub", "garbage", "expired"],
 )
 def test_a_bad_refresh_closes_4001(new_token: str) -> None:
@@ -322,10 +311,10 @@ def test_a_refresh_with_fewer_grants_leaves_those_rooms() -> None:
     async def scenario() -> None:
         services, scheduler = make_services(GRANTED_ROOMS)
         await start(services)
-        client = await welcomed(services, scheduler, token("alice", rooms=["a", "b", "c"]))
+        client = await welcomed(services, scheduler, mint("alice", rooms=["a", "b", "c"], now=wall0()))
         for room in ("a", "b", "c"):
             await client.send({"type": "join", "room": room})
-        replies = await client.send({"type": "refresh", "token": token("alice", rooms=["b"])})
+        replies = await client.send({"type": "refresh", "token": mint("alice", rooms=["b"], now=wall0())})
         assert replies[0]["type"] == "refreshed"
         assert replies[1:] == [{"type": "left", "room": "a", "reason": "forbidden"},
                                {"type": "left", "room": "c", "reason": "forbidden"}]
@@ -372,8 +361,8 @@ def test_bad_input_is_answered_and_the_connection_stays() -> None:
         assert await client.ask({"type": "ping"}) == {"type": "pong"}
         assert client.transport.closes == []
         # Every input but the bad room name fails to parse (the room is checked later).
-        assert counter(services.metrics.messages, type="invalid") == len(BAD_INPUTS) - 1 + 1
-        assert counter(services.metrics.messages, type="join") == 1
+        assert value(services.metrics.messages, type="invalid") == len(BAD_INPUTS) - 1 + 1
+        assert value(services.metrics.messages, type="join") == 1
 
     run(scenario)
 
@@ -413,7 +402,7 @@ def test_strikes_past_the_limit_close_4029_and_are_forgiven_after_a_refill() -> 
         assert client.transport.closes == []
         assert await client.send(ping) == []
         assert client.transport.close_code == 4029
-        assert counter(services.metrics.rejections, reason="rate_limited") == 7
+        assert value(services.metrics.rejections, reason="rate_limited") == 7
 
     run(scenario)
 
@@ -443,7 +432,7 @@ def test_expiry_warns_then_closes_4001() -> None:
     async def scenario() -> None:
         services, scheduler = make_services(token_warning="30")
         await start(services)
-        client = await welcomed(services, scheduler, token("alice", ttl=100))
+        client = await welcomed(services, scheduler, mint("alice", ttl=100, now=wall0()))
         scheduler.advance(69)
         assert client.transport.take() == []
         scheduler.advance(1)
@@ -454,7 +443,7 @@ def test_expiry_warns_then_closes_4001() -> None:
         scheduler.advance(1)
         assert client.transport.close_code == 4001
         client.gone()
-        assert counter(services.metrics.closes, code="4001") == 1
+        assert value(services.metrics.closes, code="4001") == 1
 
     run(scenario)
 
@@ -463,7 +452,7 @@ def test_a_short_token_is_warned_at_half_its_life() -> None:
     async def scenario() -> None:
         services, scheduler = make_services(token_warning="60")
         await start(services)
-        client = await welcomed(services, scheduler, token("alice", ttl=20))
+        client = await welcomed(services, scheduler, mint("alice", ttl=20, now=wall0()))
         scheduler.advance(9.9)
         assert client.transport.take() == []
         scheduler.advance(0.1)
@@ -476,7 +465,7 @@ def test_closing_cancels_the_expiry_timer() -> None:
     async def scenario() -> None:
         services, scheduler = make_services()
         await start(services)
-        client = await welcomed(services, scheduler, token("alice", ttl=100))
+        client = await welcomed(services, scheduler, mint("alice", ttl=100, now=wall0()))
         assert len(scheduler.pending) == 1
         client.gone(1000)
         assert scheduler.pending == []
@@ -504,7 +493,7 @@ def test_keepalive_pings_a_pong_clears_and_silence_closes_1011() -> None:
         session.keepalive(60, 20)
         assert transport.close_code == 1011 and transport.aborted
         client.gone()
-        assert counter(services.metrics.closes, code="1011") == 1
+        assert value(services.metrics.closes, code="1011") == 1
 
     run(scenario)
 
@@ -513,15 +502,15 @@ def test_slow_consumer_closes_4009_before_the_buffer_passes_the_bound() -> None:
     async def scenario() -> None:
         services, scheduler = make_services(max_write_buffer="10000")
         await start(services)
-        reader = await welcomed(services, scheduler, token("reader"))
-        writer = await welcomed(services, scheduler, token("writer"), "10.0.0.2")
+        reader = await welcomed(services, scheduler, mint("reader", now=wall0()))
+        writer = await welcomed(services, scheduler, mint("writer", now=wall0()), "10.0.0.2")
         await reader.send({"type": "join", "room": "r"})
         await writer.send({"type": "join", "room": "r"})
         reader.transport.backlog = 9_990
         await writer.send({"type": "publish", "room": "r", "data": "x" * 10})
         assert reader.transport.close_code == 4009
         assert reader.transport.frames == []
-        assert counter(services.metrics.slow_consumers) == 1
+        assert value(services.metrics.slow_consumers) == 1
         # The publisher and the room go on.
         await writer.send({"type": "publish", "room": "r", "data": 1, "id": 1})
         assert writer.transport.closes == []
@@ -604,8 +593,8 @@ def test_on_closed_forgets_the_session_everywhere() -> None:
         assert services.registry.total == 0 and services.registry.authenticated == 0
         assert "alice" not in services.message_buckets
         assert len(services.hub) == 0 and services.hub.rooms_of(client.session) == set()
-        assert gauge(services.metrics.connections) == 0
-        assert counter(services.metrics.closes, code="1000") == 1
+        assert value(services.metrics.connections) == 0
+        assert value(services.metrics.closes, code="1000") == 1
         assert await services.broker.user_connections(["alice"]) == {"alice": 0}
         assert (await services.broker.presence("team:x")).connections == 0
         assert await services.broker.rooms() == {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -27,16 +26,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.servers import free_port
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 READY = "Ready to accept connections"
 START_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_redis_server() -> None:
@@ -151,7 +145,7 @@ class RedisServer:
 
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
         try:
-            return client.execute_command(*args)
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:
             client.close()
 

@@ -12,11 +12,10 @@ import asyncio
 import json
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-import jwt
-
+from tests.support.tokens import SECRET, mint
 from wsserver.auth import Credentials
 from wsserver.brokers.base import Broker
 from wsserver.config import load_settings
@@ -25,7 +24,7 @@ from wsserver.rooms import RoomPolicy
 from wsserver.services import Services
 from wsserver.session import Session
 
-SECRET = "unit-secret-0123456789-abcdefghijklmnop"
+
 class _Start:
     """The real wall clock at which the newest fake clock started: tokens are
     minted relative to it, so pyjwt (which reads the real clock) accepts them
@@ -159,12 +158,6 @@ class RecordingTransport:
         return sum(1 for frame in self.frames if decode_frame(frame)[0] == 0x9)
 
 
-def token(sub: str = "alice", ttl: float = 600, key: str = SECRET, **claims: Any) -> str:
-    """An HS256 token expiring ``ttl`` seconds after the fake wall clock's start."""
-    body: dict[str, Any] = {"sub": sub, "exp": int(wall0() + ttl), **claims}
-    return jwt.encode(body, key, algorithm="HS256")
-
-
 def make_services(
     rooms: dict[str, Any] | None = None,
     broker: Callable[[Scheduler], Broker] | None = None,
@@ -262,23 +255,7 @@ async def welcomed(
 ) -> Client:
     """A client past its ``welcome`` (which is checked and taken)."""
     client = Client(services, scheduler, address)
-    assert await client.open(tok if tok is not None else token())
+    assert await client.open(tok if tok is not None else mint(now=wall0()))
     (welcome,) = client.transport.take()
     assert welcome["type"] == "welcome", welcome
     return client
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    """Run one test's async scenario on a fresh loop."""
-    asyncio.run(scenario())  # type: ignore[arg-type]
-
-
-def counter(family: Any, **labels: str) -> float:
-    """A Prometheus counter's value (one label set), 0 when never counted."""
-    for metric in family.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total") and all(
-                sample.labels.get(k) == v for k, v in labels.items()
-            ):
-                return float(sample.value)
-    return 0.0

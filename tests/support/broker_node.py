@@ -1,6 +1,6 @@
 """A RedisBroker node in a process of its own, for tests that SIGKILL it.
 
-``python -m tests.brokers.broker_node URL PREFIX NAME ROOM USER`` starts a
+``python -m tests.support.broker_node URL PREFIX NAME ROOM USER`` starts a
 node with short heartbeats, adds USER's presence in ROOM and a connection
 of USER, prints ``ready``, and waits to be killed.
 """

@@ -1,4 +1,4 @@
-"""Helpers for the deployment tests: the shipped files, nginx, tokens, certificates."""
+"""The deployment tests' parts: the shipped files, a real nginx running them, certificates."""
 
 from __future__ import annotations
 
@@ -8,15 +8,12 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-import jwt
+from tests.support.servers import ROOT, free_port, wait_for_port
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
+DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "wsserver.service"
 ENV_EXAMPLE = DEPLOY / "wsserver.env.example"
 NGINX_SITE = DEPLOY / "nginx.conf"
@@ -25,41 +22,6 @@ NGINX = "/usr/sbin/nginx"
 
 #: The interpreter the shipped unit runs, as installed by docs/deploy.md.
 UNIT_PYTHON = "/opt/wsserver/venv/bin/python"
-
-#: A 32+ byte HS256 key, as RFC 7518 section 3.2 asks.
-TEST_SECRET = "deploy-tests-secret-0123456789-abcdefghijklmnop"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Return once ``port`` accepts connections; fail if ``process`` exits first.
-
-    Polling is the only way: nginx sends no readiness signal of its own.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
-def make_token(sub: str, secret: str = TEST_SECRET, ttl: int = 300) -> str:
-    """An HS256 token for ``sub``, as any issuer sharing the key would sign it."""
-    now = int(time.time())
-    return jwt.encode({"sub": sub, "iat": now, "exp": now + ttl}, secret, algorithm="HS256")
-
 
 def unit_service_settings(text: str) -> dict[str, list[str]]:
     """``key -> values`` of the ``[Service]`` section of a unit file's text."""
