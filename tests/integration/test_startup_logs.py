@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from tests.support.clients import welcomed_sync
 from tests.support.http import fetch
 from tests.support.tokens import KEYED_ENV as KEY_ENV
 
@@ -27,10 +28,12 @@ def test_the_event_loop_is_uvloop_by_default_and_asyncio_on_request(
 ) -> None:
     srv = run_server()
     srv.wait_for_log(r"INFO .*broker: memory, .*, event loop: uvloop \d")
-    srv = run_server("--loop", "asyncio")
+    srv = run_server("--loop", "asyncio", env=KEY_ENV)
     srv.wait_for_log(r"INFO .*broker: memory, .*, event loop: asyncio$")
-    # The asyncio loop serves as the default does.
-    get(srv, "/healthz")
+    # The asyncio loop serves a WebSocket session as the default does.
+    client = welcomed_sync(srv)
+    assert client.ask({"type": "echo", "data": [1]})["data"] == [1]
+    client.close()
 
 
 def test_probes_and_polls_are_not_access_logged(run_server: Callable[..., Any]) -> None:
