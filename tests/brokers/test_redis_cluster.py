@@ -319,3 +319,49 @@ def test_sigkilled_node_disappears_with_its_users(redis_harness: Harness) -> Non
         node.wait()
         if node.stdout is not None:
             node.stdout.close()
+
+
+def test_concurrent_publishes_share_round_trips_and_keep_their_order(
+    own_redis: RedisServer,
+) -> None:
+    harness = Harness("redis", own_redis)
+
+    async def scenario() -> None:
+        async with harness.started("a") as (a, sink):
+            await a.subscribe("r")
+            await a.publish("r", b"{}", history=KEEP)
+            own_redis.command("CONFIG", "RESETSTAT")
+            # Handed over in this order, all before the first is answered.
+            results = await asyncio.gather(*(
+                a.publish("r", b'{"n":%d}' % n, history=KEEP) for n in range(50)
+            ))
+            assert [r.offset for r in results] == list(range(2, 52))
+            await sink.wait(lambda: len(sink.publications) == 51)
+            assert [p.offset for p in sink.publications] == list(range(1, 52))
+            assert all(b'"n":%d' % n in payload
+                       for n, payload in enumerate(sink.payloads("r")[1:]))
+            info = own_redis.command("INFO", "commandstats")
+            assert info["cmdstat_evalsha"]["calls"] == 50
+            assert "cmdstat_script|exists" not in info
+
+    run(scenario())
+
+
+def test_a_publish_after_redis_lost_its_scripts_loads_them_again(
+    own_redis: RedisServer,
+) -> None:
+    harness = Harness("redis", own_redis)
+
+    async def scenario() -> None:
+        async with harness.started("a") as (a, sink):
+            await a.subscribe("r")
+            await a.publish("r", b'{"n":1}', history=KEEP)
+            own_redis.command("SCRIPT", "FLUSH")  # as a restart without persistence does
+            results = await asyncio.gather(
+                a.publish("r", b'{"n":2}', history=KEEP), a.publish("r", b'{"n":3}', history=KEEP)
+            )
+            assert [r.offset for r in results] == [2, 3]
+            await sink.wait(lambda: len(sink.publications) == 3)
+            assert [p.offset for p in sink.publications] == [1, 2, 3]
+
+    run(scenario())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wsserver.brokers import redis_scripts as lua
@@ -203,6 +204,9 @@ class RedisBroker(Broker):
         }
         self._sink: BrokerSink | None = None
         self._closing = False
+        # Publishes waiting for the batch in flight (see _submit_publish).
+        self._publishes: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._publishing = False
         self._tasks: list[asyncio.Task[None]] = []
         # Pub/sub state. _rooms is what should be subscribed; _channels maps
         # each subscribed channel back to its room for the reader.
@@ -367,13 +371,87 @@ class RedisBroker(Broker):
             origin or "",
         ]
         started = time.perf_counter()
-        result: bytes = await self._script("PUBLISH", keys, args)
+        result: bytes = await self._submit_publish(keys, args)
         if self._metrics is not None:
             self._metrics.broker_publish.observe(time.perf_counter() - started)
         if not result:
             return PublishResult()
         offset, epoch = result.split(b" ", 1)
         return PublishResult(int(offset), epoch.decode())
+
+    def _submit_publish(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue one PUBLISH script call; its reply, once its batch is answered.
+
+        Auto-pipelining: the publishes made while a batch is in flight go out
+        together as the next one (one round trip, in the order made), so many
+        publishers, or one session's run of publishes, share round trips, and
+        the publications they fan out arrive, and are written to members,
+        together. Queued synchronously, so the order of calls is the order
+        Redis runs them in.
+        """
+        if not self.up:
+            self._count_error()
+            raise BrokerUnavailable("broker unavailable (Redis down)", self.probe_interval)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._publishes.append((keys, args, future))
+        if not self._publishing:
+            self._publishing = True
+            self._spawn(self._publish_batches())
+        return future
+
+    async def _publish_batches(self) -> None:
+        """Send the queued publishes, a batch per round trip, until none are left."""
+        try:
+            while self._publishes:
+                batch, self._publishes = self._publishes, []
+                try:
+                    results = await self._call(
+                        "publish", functools.partial(self._pipelined, batch), gated=False
+                    )
+                except Exception as exc:
+                    _fail(batch, exc)
+                    continue
+                for (_, _, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue  # its publish() was cancelled
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._publishing = False
+            # Cancelled (close()): nothing queued is left waiting.
+            batch, self._publishes = self._publishes, []
+            _fail(batch, BrokerUnavailable("broker closing", self.probe_interval))
+
+    async def _pipelined(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        """EVALSHA for each publish, in one round trip; the script loaded if Redis lost it.
+
+        Not through redis-py's Script in a pipeline: that asks SCRIPT EXISTS
+        first, a second round trip per batch. A NOSCRIPT (Redis restarted)
+        means the command did not run, so it is safe to load and send again.
+        """
+        script = self._scripts["PUBLISH"]
+        results = await self._evalsha_all(script, batch)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            await self._redis.script_load(script.script)
+            again = await self._evalsha_all(script, [batch[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _evalsha_all(
+        self, script: AsyncScript, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            # Per-command errors come back in place; a lost connection raises.
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     async def subscribe(self, room: str) -> None:
         """Subscribe to ``room``'s channel; returns once Redis confirmed it.
@@ -844,6 +922,12 @@ class RedisBroker(Broker):
                 "'unavailable' until it is back; retrying", self.safe_url, reason,
             )
         self._reported_up = up
+
+
+def _fail(batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]], exc: Exception) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
 
 
 def _decrement(counts: Counter[T], key: T) -> None:
