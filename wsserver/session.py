@@ -12,6 +12,7 @@ a recording transport and a fake clock.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -54,6 +55,8 @@ log = logging.getLogger("wsserver.connection")
 #: Client messages queued behind one that waits on the broker (a join, a
 #: publish); the per-user bucket bounds them long before this does.
 MAX_QUEUED = 64
+#: Publishes of one connection handed to the broker and not yet answered.
+MAX_PUBLISHING = 32
 
 Handler = Callable[["Session", ClientMessage], None]
 AsyncHandler = Callable[["Session", ClientMessage], Coroutine[Any, Any, None]]
@@ -213,13 +216,17 @@ class Session:
         self._pong_due = None
 
     def _handle(self, text: str) -> None:
-        msg = self._dispatch(text)
-        if msg is not None:
+        msg = self._accept(text)
+        if msg is None:
+            return
+        if msg.type in self._SYNC:
+            self._serve_sync(msg)
+        else:
             self._queue = deque()
             self.services.spawn(self._serve_async(msg))
 
-    def _dispatch(self, text: str) -> ClientMessage | None:
-        """Serve one message; one that waits on the broker is returned, not served."""
+    def _accept(self, text: str) -> ClientMessage | None:
+        """The message, past the user's bucket and the parser; None once answered."""
         identity = self.identity
         assert identity is not None
         services = self.services
@@ -236,39 +243,61 @@ class Session:
             self.reply_error(error, protocol.salvage_id(text))
             return None
         services.metrics.messages.labels(msg.type).inc()
-        handler = self._SYNC.get(msg.type)
-        if handler is None:
-            return msg
+        return msg
+
+    def _serve_sync(self, msg: ClientMessage) -> None:
+        """Serve a message that needs no broker (ping, echo, task, ...)."""
         try:
-            handler(self, msg)
+            self._SYNC[msg.type](self, msg)
         except MessageError as error:
             self.reply_error(error, msg.id)
         except CloseError as error:
             self.end(error)
         except Exception:
-            log.exception("error serving %s for user=%s", msg.type, escape(identity.user))
+            log.exception("error serving %s for user=%s", msg.type, escape(self.user))
             self.reply_error(InternalError("internal error; the connection stays open"), msg.id)
-        return None
 
     async def _serve_async(self, msg: ClientMessage) -> None:
-        """Serve messages that wait on the broker, one after the other.
+        """Serve a message that waits on the broker, then those queued behind it.
 
-        While one waits, later messages queue behind it (so a publish right
-        after a join sees the join done); this task then serves them too. With
-        a broker that answers at once (the memory broker), a read's worth of
-        publishes is served in one step of the loop, so the frames they fan
-        out leave in one write per member.
+        While one waits, later messages queue (so a publish right after a
+        join sees the join done) and are served in order by this task. A run
+        of publishes is the exception: each is handed to the broker without
+        waiting for the one before to be answered (the broker keeps the order
+        they were handed over in), so they share the broker's round trips
+        (the Redis broker pipelines them) and the frames they fan out to a
+        member leave in one write. Any other message waits for the whole run,
+        so replies keep their order; only a message refused before it was
+        parsed (rate limited, malformed) is answered at once.
         """
+        publishing: list[asyncio.Future[None]] = []
         next_msg: ClientMessage | None = msg
         try:
             while next_msg is not None:
-                await self._serve_one(next_msg)
+                if next_msg.type == "publish":
+                    publishing.append(asyncio.ensure_future(self._serve_one(next_msg)))
+                    if len(publishing) >= MAX_PUBLISHING:
+                        await publishing.pop(0)
+                else:
+                    await _all(publishing)
+                    if self.ended_with is not None:
+                        return
+                    if next_msg.type in self._SYNC:
+                        self._serve_sync(next_msg)
+                    else:
+                        await self._serve_one(next_msg)
                 next_msg = None
-                queued = self._queue
-                while queued and next_msg is None and self.ended_with is None:
-                    next_msg = self._dispatch(queued.popleft())
+                queue = self._queue
+                while queue and next_msg is None and self.ended_with is None:
+                    next_msg = self._accept(queue.popleft())
+                if next_msg is None:
+                    await _all(publishing)
+                    while queue and next_msg is None and self.ended_with is None:
+                        next_msg = self._accept(queue.popleft())
         finally:
             self._queue = None
+            for future in publishing:
+                future.cancel()
 
     async def _serve_one(self, msg: ClientMessage) -> None:
         try:
@@ -527,3 +556,9 @@ class Session:
 #: Every message type has exactly one handler (a unit test checks it too).
 assert set(Session._SYNC) | set(Session._ASYNC) == protocol.MESSAGE_TYPES
 assert not set(Session._SYNC) & set(Session._ASYNC)
+
+
+async def _all(futures: list[asyncio.Future[None]]) -> None:
+    """Wait for every future in ``futures`` (each handles its own errors), emptying it."""
+    while futures:
+        await futures.pop(0)

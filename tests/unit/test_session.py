@@ -7,6 +7,7 @@ registry, buckets, metrics) inside ``asyncio.run``; the timers a session sets
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -642,3 +643,44 @@ def test_services_fixture_is_isolated() -> None:
     two, _ = make_services()
     assert one.metrics is not two.metrics and one.broker is not two.broker
     assert isinstance(one, Services)
+
+
+def test_a_run_of_publishes_reaches_the_broker_at_once_and_what_follows_waits() -> None:
+    from wsserver.brokers.memory import MemoryBroker
+
+    class GatedBroker(MemoryBroker):
+        """Publishes are handed over (recorded) at once and answered on release."""
+
+        def __init__(self) -> None:
+            super().__init__("node")
+            self.handed: list[bytes] = []
+            self.release = asyncio.Event()
+
+        async def publish(self, room: str, message: bytes, **kw: Any) -> Any:
+            self.handed.append(message)
+            await self.release.wait()
+            return await super().publish(room, message, **kw)
+
+    async def scenario() -> None:
+        broker = GatedBroker()
+        services, scheduler = make_services(broker=lambda _: broker)
+        await start(services)
+        client = await welcomed(services, scheduler)
+        client.session.on_text(json.dumps({"type": "join", "room": "r", "id": 0}))
+        await settle(services)
+        client.transport.take()
+        for n in (1, 2, 3):
+            client.session.on_text(json.dumps(
+                {"type": "publish", "room": "r", "data": n, "id": n}))
+        client.session.on_text(json.dumps({"type": "ping", "id": 4}))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        # All three with the broker, none answered: the ping waits behind them.
+        assert [json.loads(m)["data"] for m in broker.handed] == [1, 2, 3]
+        assert client.transport.take() == []
+        broker.release.set()
+        await settle(services)
+        assert [(m["type"], m["id"]) for m in client.transport.take()] == [
+            ("message", 1), ("message", 2), ("message", 3), ("pong", 4)]
+
+    run(scenario())
