@@ -47,6 +47,7 @@ from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
 from wsserver.ratelimit import TokenBucket
 from wsserver.tornado_internals import (
     ServerProtocol13,
+    finish_unwritten,
     is_tls,
     take_socket,
     websocket_params,
@@ -485,18 +486,23 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
         offered = [s.strip() for s in headers.get("Sec-WebSocket-Protocol", "").split(",")]
         offered = [s for s in offered if s]
         self._subprotocol = handler.select_subprotocol(offered)
+        response = [
+            "HTTP/1.1 101 Switching Protocols",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Accept: " + accept_value(key),
+        ]
         if self._subprotocol:
             assert self._subprotocol in offered
-            handler.set_header("Sec-WebSocket-Protocol", self._subprotocol)
+            response.append("Sec-WebSocket-Protocol: " + self._subprotocol)
         # No extension is negotiated: permessage-deflate stays off (RSV1 fails 1002).
-        handler.clear_header("Content-Type")
+        # The 101 goes out with open()'s first frames, in one write (see
+        # connection_made); Tornado's finish() would send it alone.
         handler.set_status(101)
-        handler.set_header("Upgrade", "websocket")
-        handler.set_header("Connection", "Upgrade")
-        handler.set_header("Sec-WebSocket-Accept", accept_value(key))
-        handler.finish()
         stream = handler._detach_stream()
+        finish_unwritten(handler)
         sock, pipelined, unsent = take_socket(stream)
+        unsent += ("\r\n".join(response) + "\r\n\r\n").encode("latin-1")
 
         def on_gone(code: int, reason: str) -> None:
             self.client_terminated = self.server_terminated = True
@@ -514,9 +520,9 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
                 await result
         except Exception:
             handler.log_exception(*sys.exc_info())
-            sock.close()
-            connection.abandon()
-            return
+            # The 101 is not out yet: it goes, then a 1011 close, and the
+            # client learns the server failed rather than seeing a cut.
+            connection.close(CloseCode.INTERNAL, "")
         connection.start(pipelined)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock)

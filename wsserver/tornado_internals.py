@@ -128,6 +128,22 @@ def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
     return socket.socket(old.family, old.type, old.proto, fileno=fd), read, unsent
 
 
+def finish_unwritten(handler: tornado.web.RequestHandler) -> None:
+    """End ``handler``'s request as ``finish()`` would, without writing a response.
+
+    For a 101 that the caller writes itself, after taking the socket, in one
+    write with the connection's first frames: ``finish()`` would format the
+    headers and send them alone (a system call of their own). What finish()
+    does besides is kept: the close callback cleared, the access log line,
+    ``on_finish()``; and it marks the handler finished, so Tornado's
+    ``_execute`` does not finish it again once ``get()`` returns. Call it after
+    ``handler._detach_stream()`` (which ends the HTTP connection's request).
+    """
+    handler._finished = True
+    handler.application.log_request(handler)
+    handler.on_finish()
+
+
 def disconnect_after_response(request: HTTPServerRequest) -> None:
     """Close the HTTP connection once the response to ``request`` is sent.
 

@@ -148,10 +148,11 @@ async def test_uncaught_errors_never_log_the_token(
                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"})
     assert response.code == 500
     state.origins = origins
-    # ... and in open(), after it (Tornado aborts the connection).
+    # ... and in open(), after it: the client gets the 101, then a 1011 close.
     state.registry.authenticate = explode  # type: ignore[method-assign]
     conn = await connect(port, None, query=f"?token={tok}")
     assert await conn.recv() is None
+    assert conn.close_code == 1011
     uncaught = [r for r in caplog.records if "Uncaught exception" in r.getMessage()]
     assert len(uncaught) == 3, [r.getMessage() for r in caplog.records]
     assert all("token=[redacted]" in r.getMessage() for r in uncaught)
