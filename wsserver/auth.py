@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
 
 from wsserver.config import HMAC_ALGORITHMS
 from wsserver.errors import TokenExpired, TokenInvalid
@@ -132,6 +133,8 @@ class TokenVerifier:
             self._key = load_pem_public_key(key.encode("utf-8"))
         required = ["exp", "sub"] + (["iat"] if max_lifetime is not None else [])
         self._jwt = jwt.PyJWT(options={"require": required})
+        if isinstance(self._key, bytes):
+            _prepare_hmac_key_once(self._jwt, self._key, self.algorithms)
 
     def verify(self, token: str) -> Identity:
         """The identity a token carries.
@@ -195,6 +198,49 @@ class TokenVerifier:
             leeway=self.leeway,
         )
         return decoded
+
+
+class _PreparedHMAC(HMACAlgorithm):
+    """HMAC whose check of the server's key ran once, not on every token.
+
+    PyJWT's ``prepare_key`` refuses PEM, SSH, DER and JWK-looking HMAC keys
+    (algorithm-confusion defences) by trying to parse the key each time: two
+    failed ``cryptography`` loads and a failed ``json.loads`` per handshake,
+    about a third of verifying a token. The server's key never changes, so
+    the verdict is kept for that one key object; any other key is checked
+    as PyJWT always does.
+    """
+
+    def __init__(self, hash_alg: Any, key: bytes) -> None:
+        super().__init__(hash_alg)
+        self._key = key
+        self._prepared = super().prepare_key(key)
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        if key is self._key:
+            return self._prepared
+        return super().prepare_key(key)
+
+
+def _prepare_hmac_key_once(decoder: jwt.PyJWT, key: bytes, algorithms: Sequence[str]) -> None:
+    """Register :class:`_PreparedHMAC` for ``algorithms`` on ``decoder``'s own PyJWS.
+
+    Through PyJWS's public ``register_algorithm``; the PyJWS a PyJWT instance
+    uses is its ``_jws`` attribute (pyjwt 2.x), so without it nothing changes.
+    """
+    jws = getattr(decoder, "_jws", None)
+    if not isinstance(jws, jwt.PyJWS):
+        return
+    hashes = {"HS256": HMACAlgorithm.SHA256, "HS384": HMACAlgorithm.SHA384,
+              "HS512": HMACAlgorithm.SHA512}  # fmt: skip
+    for alg in algorithms:
+        if alg in hashes:
+            try:
+                prepared = _PreparedHMAC(hashes[alg], key)
+            except jwt.InvalidKeyError:
+                return  # a key PyJWT refuses keeps being refused, token by token
+            jws.unregister_algorithm(alg)
+            jws.register_algorithm(alg, prepared)
 
 
 def _invalid(detail: str, reason: str | None = None) -> TokenInvalid:

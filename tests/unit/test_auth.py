@@ -257,3 +257,25 @@ def test_demo_tokens_have_their_own_audience_and_no_issuer() -> None:
     assert here.verify(issuer.issue("alice", 60)[0]).user == "alice"
     with pytest.raises(TokenInvalid):
         here.verify(mint(aud="someone-else", iss="https://idp.example"))
+
+
+def test_the_server_key_is_checked_once_and_every_hmac_algorithm_keeps_working() -> None:
+    key = SECRET * 2  # 64+ bytes: enough for HS512
+    verifier = TokenVerifier(key, ["HS256", "HS384", "HS512"])
+    for algorithm in ("HS256", "HS384", "HS512"):
+        assert verifier.verify(mint(algorithm=algorithm, key=key)).user == "alice"
+        with pytest.raises(TokenInvalid):  # another key is still another key
+            verifier.verify(mint(algorithm=algorithm, key=OTHER * 2))
+
+
+def test_a_key_pyjwt_refuses_for_hmac_is_still_refused_on_every_token() -> None:
+    pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    # Built (config refuses such a key first); PyJWT refuses it on each token.
+    verifier = TokenVerifier(pem, ["HS256"])
+    forged = jwt.api_jws.PyJWS().encode(
+        b'{"sub":"mallory","exp":9999999999}', b"k" * 32, algorithm="HS256")
+    for _ in range(2):
+        with pytest.raises(jwt.InvalidKeyError):
+            verifier.verify(forged)
