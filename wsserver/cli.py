@@ -145,7 +145,7 @@ def _uvicorn_hint(args: Sequence[str]) -> str | None:
 
 def _check_runtime_parts(settings: Settings) -> None:
     """What only building the parts can tell: the TLS pair, the tasks module."""
-    from wsserver.server import make_ssl_context
+    from wsserver.edge.server import make_ssl_context
     from wsserver.tasks import load_task_table
 
     problems: list[str] = []
@@ -273,8 +273,8 @@ def _room_list(text: str | None) -> list[str] | None:
 def _supervise(settings: Settings) -> int:
     import os
 
+    from wsserver.edge.supervisor import Supervisor
     from wsserver.sdnotify import SystemdNotifier
-    from wsserver.supervisor import Supervisor
 
     notifier = SystemdNotifier.from_environ(os.environ)
     # The supervisor speaks for the service; workers and task processes must not.
@@ -284,7 +284,7 @@ def _supervise(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from wsserver.server import Server
+    from wsserver.edge.server import Server
 
     logging.basicConfig(
         level=settings.log_level,

@@ -4,7 +4,7 @@
 they mean: a complete text message (``str``), a complete binary message
 (``bytes``), :class:`Ping`, :class:`Pong`, :class:`Close`, or a
 :class:`Failure` carrying the close code the server must send. It does no I/O
-and keeps no timer; the caller (``wsserver.fastpath``) answers pings, sends the
+and keeps no timer; the caller (``wsserver.edge.fastpath``) answers pings, sends the
 close frames and arms the fragment timer from :attr:`FrameParser.fragment_started`.
 
 Messages are returned as the plain ``str``/``bytes`` objects themselves, so the

@@ -3,8 +3,8 @@
 A Session holds one connection's logic and does no I/O of its own: it hands
 pre-built frames to a :class:`Transport` and is told about what arrives
 through a :class:`Receiver`. Two transports implement this: Tornado's
-``IOStream`` (``wsserver.handlers``, used for TLS) and the project's own frame
-layer on an ``asyncio.Protocol`` (``wsserver.fastpath``, plain TCP). Tests use
+``IOStream`` (``wsserver.edge.handlers``, used for TLS) and the project's own frame
+layer on an ``asyncio.Protocol`` (``wsserver.edge.fastpath``, plain TCP). Tests use
 a recording transport and no socket at all.
 """
 

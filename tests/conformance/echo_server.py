@@ -1,6 +1,6 @@
 """A raw echo server on wsserver's own frame layer, for Autobahn|TestSuite and benchmarks.
 
-Tornado answers the HTTP upgrade, ``wsserver.fastpath`` carries the frames after
+Tornado answers the HTTP upgrade, ``wsserver.edge.fastpath`` carries the frames after
 it, and a trivial receiver sends every text and binary message back. Nothing
 else: no token, no JSON, no limits beyond the frame layer's own (set high here,
 since the suite sends 16 MiB messages and 64-byte fragments by the thousand).
@@ -19,7 +19,7 @@ import tornado.web
 import tornado.websocket
 
 from wsserver import framing
-from wsserver.fastpath import FastProtocol, FrameConnection, FrameLimits
+from wsserver.edge.fastpath import FastProtocol, FrameConnection, FrameLimits
 
 #: Limits for the suite: messages up to 16 MiB, fragments without a budget.
 LIMITS = FrameLimits(

@@ -16,8 +16,8 @@ import tornado.web
 
 from tests.support.clients import ORIGIN, aclose_all
 from tests.support.tokens import SECRET
-from wsserver.app import make_app
 from wsserver.config import load_settings
+from wsserver.edge.app import make_app
 from wsserver.rooms import RoomPolicy
 from wsserver.services import Services
 

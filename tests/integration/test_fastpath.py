@@ -27,8 +27,8 @@ from tests.support import aio
 from tests.support.deploy import write_self_signed_cert
 from tests.support.raw import RawConnection, client_frame, close_payload, upgraded
 from wsserver import framing
-from wsserver.fastpath import FastProtocol, FrameConnection, FrameLimits, protocol_for
-from wsserver.tornado_internals import ServerProtocol13, websocket_params
+from wsserver.edge.fastpath import FastProtocol, FrameConnection, FrameLimits, protocol_for
+from wsserver.edge.tornado_internals import ServerProtocol13, websocket_params
 
 TIMEOUT = 5.0
 SMALL = FrameLimits(max_message_size=1000, frame_rate=50, frame_burst=100, fragment_timeout=0.3)

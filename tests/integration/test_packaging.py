@@ -38,7 +38,7 @@ def test_non_editable_install_finds_the_demo_page(tmp_path: Path) -> None:
     # Run from elsewhere so the checkout cannot be found by accident.
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
-        "from wsserver.app import static_dir; print(static_dir())"
+        "from wsserver.edge.app import static_dir; print(static_dir())"
     )
     found = subprocess.run(
         [sys.executable, "-c", probe, str(target)], cwd=tmp_path, check=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from wsserver import framing
-from wsserver.fastpath import FrameConnection, FrameLimits
+from wsserver.edge.fastpath import FrameConnection, FrameLimits
 
 
 class RecordingTransport(asyncio.Transport):

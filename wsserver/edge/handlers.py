@@ -1,6 +1,6 @@
 """The Tornado edge: requests and frames in, core calls, answers out.
 
-With :mod:`wsserver.api`, the only module where HTTP requests meet the core.
+With :mod:`wsserver.edge.api`, the only module where HTTP requests meet the core.
 The handshake runs the contract's checks in the contract's order and
 :meth:`WebSocketHandler._refuse` turns a :class:`~wsserver.errors.Rejection`
 into its HTTP status; after the 101 a :class:`~wsserver.session.Session` holds
@@ -29,6 +29,12 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import app_log, gen_log
 
 from wsserver.auth import Credentials, Identity, extract_token
+from wsserver.edge.fastpath import FastProtocol, FrameLimits, protocol_for
+from wsserver.edge.tornado_internals import (
+    ServerProtocol13,
+    disconnect_after_response,
+    pending_bytes,
+)
 from wsserver.errors import (
     BadHandshake,
     CloseError,
@@ -37,7 +43,6 @@ from wsserver.errors import (
     NoToken,
     Rejection,
 )
-from wsserver.fastpath import FastProtocol, FrameLimits, protocol_for
 from wsserver.logsafe import escape, redact
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
@@ -45,7 +50,6 @@ from wsserver.ratelimit import TokenBucket
 from wsserver.registry import Reservation
 from wsserver.services import Services
 from wsserver.session import Session
-from wsserver.tornado_internals import ServerProtocol13, disconnect_after_response, pending_bytes
 from wsserver.transport import TimerHandle, Transport
 
 log = logging.getLogger("wsserver.connection")

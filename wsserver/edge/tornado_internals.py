@@ -2,7 +2,7 @@
 
 Tornado has no public accessor for these; each use is pinned by ``tornado<7``
 in ``setup.cfg`` and covered by tests that fail if an upgrade moves them.
-``wsserver.listener`` keeps its own two (``TCPServer._sockets``/``_handlers``),
+``wsserver.edge.listener`` keeps its own two (``TCPServer._sockets``/``_handlers``),
 next to the accept loop they replace.
 """
 

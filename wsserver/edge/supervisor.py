@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from wsserver import loops
 from wsserver.config import Settings
+from wsserver.edge.server import BoundSockets, Server, bind
 from wsserver.sdnotify import SystemdNotifier
-from wsserver.server import BoundSockets, Server, bind
 
-log = logging.getLogger("wsserver.supervisor")
+log = logging.getLogger("wsserver.edge.supervisor")
 
 #: Restarts allowed within RESTART_WINDOW seconds before giving up.
 MAX_RESTARTS = 5

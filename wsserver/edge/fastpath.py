@@ -43,18 +43,18 @@ from tornado.httputil import HTTPHeaders
 from wsserver import framing
 from wsserver.closecodes import CloseCode
 from wsserver.config import Settings
-from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
-from wsserver.ratelimit import TokenBucket
-from wsserver.tornado_internals import (
+from wsserver.edge.tornado_internals import (
     ServerProtocol13,
     finish_unwritten,
     is_tls,
     take_socket,
     websocket_params,
 )
+from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
+from wsserver.ratelimit import TokenBucket
 from wsserver.transport import Receiver, TimerHandle
 
-log = logging.getLogger("wsserver.fastpath")
+log = logging.getLogger("wsserver.edge.fastpath")
 
 #: RFC 6455 section 4.2.2: the GUID appended to the client's key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

@@ -24,13 +24,13 @@ from tornado.http1connection import HTTP1Connection
 
 from wsserver import protocol
 from wsserver.brokers.base import BrokerUnavailable, PublishResult
+from wsserver.edge.handlers import RedactedLogging
 from wsserver.errors import BadRequest, WsServerError
-from wsserver.handlers import RedactedLogging
 from wsserver.hub import history_spec
 from wsserver.rooms import validate_room
 from wsserver.services import Services
 
-log = logging.getLogger("wsserver.api")
+log = logging.getLogger("wsserver.edge.api")
 
 MAX_BROADCAST_ROOMS = 1000
 MAX_IDEMPOTENCY_KEY = 128

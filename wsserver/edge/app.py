@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import tornado.web
 
-from wsserver import api, handlers
-from wsserver.fastpath import FrameLimits
+from wsserver.edge import api, handlers
+from wsserver.edge.fastpath import FrameLimits
 from wsserver.logsafe import escape, redact
 from wsserver.services import Services
 
@@ -18,10 +18,10 @@ connection_log = logging.getLogger("wsserver.connection")
 
 def static_dir() -> Path:
     """The demo page's files: inside the installed package, or the checkout's ``static/``."""
-    installed = Path(__file__).resolve().parent / "static"
+    installed = Path(__file__).resolve().parent.parent / "static"
     if (installed / "index.html").is_file():
         return installed
-    return Path(__file__).resolve().parent.parent / "static"
+    return Path(__file__).resolve().parent.parent.parent / "static"
 
 
 #: Paths that probes and pages poll (load balancers, systemd, Prometheus, the demo

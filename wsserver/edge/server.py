@@ -25,16 +25,16 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from wsserver import loops
-from wsserver.app import make_app
 from wsserver.auth import DEMO_AUDIENCE
 from wsserver.config import Settings
+from wsserver.edge.app import make_app
+from wsserver.edge.listener import Listener
 from wsserver.errors import ConfigError
-from wsserver.listener import Listener
 from wsserver.monitor import ConnectionMonitor
 from wsserver.sdnotify import SystemdNotifier
 from wsserver.services import Services
 
-log = logging.getLogger("wsserver.server")
+log = logging.getLogger("wsserver.edge.server")
 
 MAX_BODY_SIZE = 64 * 1024
 #: Descriptors beyond the connections: listeners, the task pool, logs, HTTP requests.
