@@ -87,7 +87,7 @@ def test_demo_beside_a_key_off_loopback_is_a_config_error(
 
 def test_demo_beside_a_key_warns_loudly_at_start(run_server: Any) -> None:
     srv = run_server("--demo", env={"WSSERVER_JWT_SECRET": SECRET})
-    srv.wait_for_log("WARNING wsserver.edge.server: DEMO ENDPOINT ON BESIDE A CONFIGURED KEY")
+    srv.wait_for_log("WARNING wsserver.server: DEMO ENDPOINT ON BESIDE A CONFIGURED KEY")
 
 
 # --- 5: input no reply can carry; tokens in no log --------------------------------------

@@ -30,7 +30,7 @@ from wsserver.hub import history_spec
 from wsserver.rooms import validate_room
 from wsserver.services import Services
 
-log = logging.getLogger("wsserver.edge.api")
+log = logging.getLogger("wsserver.api")
 
 MAX_BROADCAST_ROOMS = 1000
 MAX_IDEMPOTENCY_KEY = 128

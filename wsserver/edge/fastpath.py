@@ -54,7 +54,7 @@ from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
 from wsserver.ratelimit import TokenBucket
 from wsserver.transport import Receiver, TimerHandle
 
-log = logging.getLogger("wsserver.edge.fastpath")
+log = logging.getLogger("wsserver.fastpath")
 
 #: RFC 6455 section 4.2.2: the GUID appended to the client's key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

@@ -22,7 +22,7 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
-log = logging.getLogger("wsserver.edge.listener")
+log = logging.getLogger("wsserver.listener")
 
 #: accept() errors that mean "out of resources for now", not "bad socket".
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})

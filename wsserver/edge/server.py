@@ -34,7 +34,7 @@ from wsserver.monitor import ConnectionMonitor
 from wsserver.sdnotify import SystemdNotifier
 from wsserver.services import Services
 
-log = logging.getLogger("wsserver.edge.server")
+log = logging.getLogger("wsserver.server")
 
 MAX_BODY_SIZE = 64 * 1024
 #: Descriptors beyond the connections: listeners, the task pool, logs, HTTP requests.

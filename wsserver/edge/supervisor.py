@@ -28,7 +28,7 @@ from wsserver.config import Settings
 from wsserver.edge.server import BoundSockets, Server, bind
 from wsserver.sdnotify import SystemdNotifier
 
-log = logging.getLogger("wsserver.edge.supervisor")
+log = logging.getLogger("wsserver.supervisor")
 
 #: Restarts allowed within RESTART_WINDOW seconds before giving up.
 MAX_RESTARTS = 5
