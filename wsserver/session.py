@@ -286,18 +286,23 @@ class Session:
                         self._serve_sync(next_msg)
                     else:
                         await self._serve_one(next_msg)
-                next_msg = None
-                queue = self._queue
-                while queue and next_msg is None and self.ended_with is None:
-                    next_msg = self._accept(queue.popleft())
+                next_msg = self._next_queued()
                 if next_msg is None:
                     await _all(publishing)
-                    while queue and next_msg is None and self.ended_with is None:
-                        next_msg = self._accept(queue.popleft())
+                    next_msg = self._next_queued()
         finally:
             self._queue = None
             for future in publishing:
                 future.cancel()
+
+    def _next_queued(self) -> ClientMessage | None:
+        """The next queued message past the bucket and the parser, if any."""
+        queue = self._queue
+        while queue and self.ended_with is None:
+            msg = self._accept(queue.popleft())
+            if msg is not None:
+                return msg
+        return None
 
     async def _serve_one(self, msg: ClientMessage) -> None:
         try:
