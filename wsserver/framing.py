@@ -425,6 +425,14 @@ def text_frame(text: str) -> bytes:
     return build_frame(OP_TEXT, text.encode("utf-8"))
 
 
+def text_message(payload: bytes) -> bytes:
+    """The text frame carrying ``payload``, UTF-8 already: a server message's
+    WebSocket encoding (a :data:`wsserver.transport.Encoding`). Without
+    compression it is the same bytes for every recipient (servers do not
+    mask, RFC 6455 section 5.1), so a broadcast builds it once."""
+    return build_frame(OP_TEXT, payload)
+
+
 def binary_frame(data: bytes) -> bytes:
     """A binary message frame."""
     return build_frame(OP_BINARY, data)
@@ -438,6 +446,10 @@ def pong_frame(data: bytes) -> bytes:
 def ping_frame(data: bytes = b"") -> bytes:
     """A ping carrying ``data`` (at most 125 bytes)."""
     return build_frame(OP_PING, data)
+
+
+#: An empty ping (RFC 6455 section 5.5.2): the keepalive, the same bytes for every peer.
+PING = ping_frame()
 
 
 def close_frame(code: int | None, reason: str = "") -> bytes:

@@ -3,8 +3,9 @@
 Every join, leave and publish passes through the hub, and every publish goes
 through the :class:`~wsserver.brokers.base.Broker`, even in one process: the
 broker assigns the room's next offset and calls :meth:`Hub.on_publication` on
-every node with members, where the frame is built once and written to each
-local member (as Centrifuge's ``hub.broadcastPublication`` does).
+every node with members, where the message is prepared once (one encoding per
+kind of transport) and handed to each local member (as Centrifuge's
+``hub.broadcastPublication`` does).
 
 Ordering and recovery (rooms with history):
 
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from wsserver import frames, protocol
+from wsserver import protocol
 from wsserver.brokers.base import (
     Broker,
     HistoryPage,
@@ -43,6 +44,7 @@ from wsserver.metrics import Metrics
 from wsserver.protocol import MessageId
 from wsserver.ratelimit import BucketTable
 from wsserver.rooms import NamespacePolicy, RoomPolicy, validate_room
+from wsserver.transport import Prepared
 
 if TYPE_CHECKING:
     from wsserver.session import Session
@@ -69,8 +71,8 @@ class _Gap:
     offset: int
 
 
-def _gap_frame(room: str, epoch: str, offset: int) -> bytes:
-    return frames.text_frame(protocol.encode(
+def _gap_message(room: str, epoch: str, offset: int) -> Prepared:
+    return Prepared(protocol.encode(
         {"type": "gap", "room": room, "epoch": epoch, "offset": offset, "recovered": False}
     ))
 
@@ -103,7 +105,7 @@ class Hub:
         self.metrics = metrics
         self.max_recovery = max_recovery
         self.max_room_members = max_room_members
-        #: Client publishes per room: one publish costs a frame per member, so a
+        #: Client publishes per room: one publish costs a message per member, so a
         #: room's readers are protected from any one (or every) publisher.
         self.room_buckets: BucketTable[str] = BucketTable(
             room_publish_rate, room_publish_burst, clock
@@ -224,17 +226,17 @@ class Hub:
             if isinstance(item, _Gap):
                 if item.epoch == epoch and item.offset <= top:
                     continue  # the answer is already past this gap
-                session.send_frame(_gap_frame(room, item.epoch, item.offset))
+                session.send_prepared(_gap_message(room, item.epoch, item.offset))
                 epoch, top = item.epoch, item.offset
                 continue
             if epoch is not None and item.offset is not None and item.epoch is not None:
                 if item.epoch == epoch and item.offset <= top:
                     continue
                 if item.epoch != epoch:
-                    session.send_frame(_gap_frame(room, item.epoch, item.offset - 1))
+                    session.send_prepared(_gap_message(room, item.epoch, item.offset - 1))
                     epoch = item.epoch
                 top = item.offset
-            session.send_frame(frames.text_frame(item.payload))
+            session.send_prepared(Prepared(item.payload))
 
     def _stop_holding(self, session: Session, room: str) -> None:
         joining = self._joining.get(room)
@@ -437,7 +439,7 @@ class Hub:
         members = self._members.get(room)
         if not members:
             return
-        frame = frames.text_frame(publication.payload)
+        message = Prepared(publication.payload)
         own = self._origins.pop(publication.origin, None) if publication.origin else None
         joining = self._joining.get(room)
         delivered = 0
@@ -445,11 +447,11 @@ class Hub:
             if joining is not None and member in joining:
                 joining[member].append(publication)
             elif own is not None and member is own[0]:
-                delivered += member.send_frame(
-                    frames.text_frame(_with_id(publication.payload, own[1]))
+                delivered += member.send_prepared(
+                    Prepared(_with_id(publication.payload, own[1]))
                 )
             else:
-                delivered += member.send_frame(frame)
+                delivered += member.send_prepared(message)
         self.metrics.deliveries.inc(delivered)
 
     def _note_position(self, room: str, epoch: str, offset: int) -> None:
@@ -511,14 +513,14 @@ class Hub:
         self._deliver(publication)
 
     def _send_gap(self, room: str, epoch: str, offset: int) -> None:
-        frame = _gap_frame(room, epoch, offset)
+        message = _gap_message(room, epoch, offset)
         joining = self._joining.get(room, {})
         for member in self.members(room):
             held = joining.get(member)
             if held is not None:
                 held.append(_Gap(epoch, offset))  # after its joined answer, not before
             else:
-                member.send_frame(frame)
+                member.send_prepared(message)
 
     def on_resubscribed(self, rooms: Sequence[str]) -> None:
         """After an interrupted subscription: repair every room with history."""
@@ -533,11 +535,11 @@ class Hub:
 
     def on_presence_lost(self, room: str, user: str) -> None:
         if self.policy.policy_for(room).join_leave and room in self._members:
-            frame = frames.text_frame(
+            message = Prepared(
                 protocol.encode({"type": "user_left", "room": room, "user": user})
             )
             for member in self.members(room):
-                member.send_frame(frame)
+                member.send_prepared(message)
 
     def node_stats(self) -> NodeStats:
         return self._node_stats()

@@ -1,12 +1,12 @@
 """Session: one connection's logic, after the 101, with no I/O of its own.
 
-A Session takes text frames and a clock, and talks to a
+A Session takes text messages and a clock, and talks to a
 :class:`~wsserver.transport.Transport`: it verifies the token, enforces the
 caps and the message budget, dispatches each message type, keeps the token's
 expiry and the keepalive, and forgets itself everywhere when the connection
 goes. Rooms go through the :class:`~wsserver.hub.Hub`, tasks through the
 :class:`~wsserver.pool.TaskPool`. The Tornado handler and the fast frame path
-only do the handshake and hand frames in; the unit tests drive a Session with
+only do the handshake and hand messages in; the unit tests drive a Session with
 a recording transport and a fake clock.
 """
 
@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from wsserver import frames, protocol
+from wsserver import protocol
 from wsserver.auth import Credentials, Identity
 from wsserver.brokers.base import BrokerUnavailable
 from wsserver.closecodes import metric_label
@@ -45,7 +45,7 @@ from wsserver.errors import (
 from wsserver.logsafe import escape
 from wsserver.protocol import ClientMessage, MessageId
 from wsserver.tasks import Task
-from wsserver.transport import TimerHandle, Transport
+from wsserver.transport import Prepared, TimerHandle, Transport
 
 if TYPE_CHECKING:
     from wsserver.services import Services
@@ -265,7 +265,7 @@ class Session:
         of publishes is the exception: each is handed to the broker without
         waiting for the one before to be answered (the broker keeps the order
         they were handed over in), so they share the broker's round trips
-        (the Redis broker pipelines them) and the frames they fan out to a
+        (the Redis broker pipelines them) and the messages they fan out to a
         member leave in one write. Any other message waits for the whole run,
         so replies keep their order; only a message refused before it was
         parsed (rate limited, malformed) is answered at once.
@@ -337,7 +337,7 @@ class Session:
         def answer(reply: dict[str, Any]) -> None:
             if msg.id is not None:
                 reply["id"] = msg.id
-            self.send_frame(frames.text_frame(protocol.encode_with_raw(reply)))
+            self.send_prepared(Prepared(protocol.encode_with_raw(reply)))
 
         await self.services.hub.join(self, msg.field("room"), msg.body.get("since"), answer)
 
@@ -454,7 +454,7 @@ class Session:
         if now >= self._next_ping:
             self._next_ping = now + interval
             self._pong_due = now + interval
-            self.send_frame(frames.PING)
+            self.transport.ping()
 
     # --- sending ---------------------------------------------------------------
 
@@ -468,10 +468,10 @@ class Session:
             log.warning("cannot encode a %s reply for user=%s", escape(message.get("type")),
                         escape(self.user))
             payload = protocol.encode(InternalError("reply could not be encoded").as_reply())
-        return self.send_frame(frames.text_frame(payload))
+        return self.send_prepared(Prepared(payload))
 
-    def send_frame(self, frame: bytes) -> bool:
-        """Hand a pre-built frame to the transport, or close a slow consumer.
+    def send_prepared(self, message: Prepared) -> bool:
+        """Hand a prepared message to the transport, or close a slow consumer.
 
         A peer whose unsent data would pass ``--max-write-buffer`` is closed
         with 4009, so its backlog never grows past that bound and a broadcast
@@ -480,10 +480,10 @@ class Session:
         if self.ended_with is not None or self.closed:
             return False
         transport = self.transport
-        if transport.buffered() + len(frame) > self._max_write_buffer:
+        if transport.buffered() + len(message) > self._max_write_buffer:
             self.end(SlowConsumer())
             return False
-        return transport.send_frame(frame)
+        return transport.send(message)
 
     def reply(self, msg: ClientMessage, reply: dict[str, Any]) -> bool:
         if msg.id is not None:

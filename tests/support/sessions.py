@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tests.support.tokens import SECRET, mint
+from wsserver import framing
 from wsserver.auth import Credentials
 from wsserver.brokers.base import Broker
 from wsserver.config import load_settings
@@ -23,6 +24,7 @@ from wsserver.ratelimit import BucketTable
 from wsserver.rooms import RoomPolicy
 from wsserver.services import Services
 from wsserver.session import Session
+from wsserver.transport import Prepared
 
 
 class _Start:
@@ -89,7 +91,7 @@ class Scheduler:
 
 
 def decode_frame(frame: bytes) -> tuple[int, bytes]:
-    """A server frame's opcode and payload (final, unmasked, as frames.py builds them)."""
+    """A server frame's opcode and payload (final, unmasked, as framing.py builds them)."""
     assert frame[0] & 0x80, "not a final frame"
     assert not frame[1] & 0x80, "a server frame is never masked"
     length, start = frame[1] & 0x7F, 2
@@ -114,12 +116,26 @@ class RecordingTransport:
         self.aborted = False
         #: What :meth:`buffered` reports: set it to play a slow reader.
         self.backlog = 0
+        #: True between pause_reading() and resume_reading().
+        self.paused = False
 
-    def send_frame(self, frame: bytes) -> bool:
+    kind = "websocket"
+
+    def send(self, message: Prepared) -> bool:
         if self.closes or self.aborted:
             return False
-        self.frames.append(frame)
+        self.frames.append(message.encoded(framing.text_message))
         return True
+
+    def ping(self) -> None:
+        if not (self.closes or self.aborted):
+            self.frames.append(framing.PING)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
 
     def buffered(self) -> int:
         return self.backlog

@@ -27,8 +27,13 @@ class RecordingTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
+    reading = True
+
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
     def can_write_eof(self) -> bool:
         return True
@@ -177,5 +182,59 @@ def test_a_connection_gone_before_the_flush_writes_nothing() -> None:
         connection.connection_lost(None)
         await next_step()
         assert transport.writes == []
+
+    asyncio.run(main())
+
+
+class Pausing(Replier):
+    """Answers like Replier, and pauses the connection after every ``every`` messages."""
+
+    def __init__(self, connection: FrameConnection, every: int) -> None:
+        super().__init__(connection)
+        self.every = every
+        self.seen: list[str] = []
+
+    def on_text(self, text: str) -> None:
+        super().on_text(text)
+        self.seen.append(text)
+        if len(self.seen) % self.every == 0:
+            self.connection.pause_reading()
+
+
+def test_a_paused_connection_holds_the_rest_of_a_read_and_stops_reading() -> None:
+    """Back-pressure: what a read brought after the pause is kept, in order, and the
+    socket is not read again until resume_reading() hands it over."""
+
+    async def main() -> None:
+        connection, transport = await connected()
+        receiver = connection.receiver = Pausing(connection, every=2)
+        connection.data_received(b"".join(client_text(b"%d" % i) for i in range(5)))
+        assert receiver.seen == ["0", "1"]
+        assert not transport.reading
+        connection.resume_reading()  # hands over 2, 3 and pauses again
+        assert receiver.seen == ["0", "1", "2", "3"]
+        assert not transport.reading
+        connection.resume_reading()
+        assert receiver.seen == ["0", "1", "2", "3", "4"]
+        assert transport.reading
+        # Replies left in the order the messages came, nothing lost on the way.
+        await next_step()
+        assert b"".join(transport.writes) == b"".join(text(b"re:%d" % i) for i in range(5))
+
+    asyncio.run(main())
+
+
+def test_a_close_while_paused_still_reads_the_peers_close_frame() -> None:
+    """Once the server closes, held messages are dropped but the peer's close is read."""
+
+    async def main() -> None:
+        connection, transport = await connected()
+        receiver = connection.receiver = Pausing(connection, every=1)
+        close = bytes([0x88, 0x82]) + b"\0\0\0\0" + b"\x03\xe8"
+        connection.data_received(client_text(b"a") + client_text(b"b") + close)
+        assert receiver.seen == ["a"]
+        connection.close(1000, "bye")
+        assert receiver.seen == ["a"]  # "b" came after the pause, and the server closed
+        assert transport.closed  # the peer's close was read and answered: TCP ends
 
     asyncio.run(main())

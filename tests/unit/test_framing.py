@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import struct
 
 import pytest
 
@@ -231,3 +232,25 @@ def test_close_reason_is_cut_on_a_character_boundary() -> None:
 def test_masks_agree() -> None:
     data = bytes(range(256)) * 5 + b"abc"
     assert framing.unmask(data, MASK) == framing._mask_python(data, MASK)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_text_message_header_and_payload(size: int) -> None:
+    """A server message's frame: FIN + text, never masked, the shortest length form."""
+    payload = b"x" * size
+    frame = framing.text_message(payload)
+    assert frame[0] == 0x81
+    length = frame[1]
+    assert length & 0x80 == 0
+    if size < 126:
+        assert length == size
+        offset = 2
+    elif size <= 0xFFFF:
+        assert length == 126
+        assert struct.unpack("!H", frame[2:4])[0] == size
+        offset = 4
+    else:
+        assert length == 127
+        assert struct.unpack("!Q", frame[2:10])[0] == size
+        offset = 10
+    assert frame[offset:] == payload

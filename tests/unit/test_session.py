@@ -18,7 +18,7 @@ from tests.support.aio import run
 from tests.support.metrics import value
 from tests.support.sessions import Client, make_services, settle, start, wall0, welcomed
 from tests.support.tokens import mint
-from wsserver import frames
+from wsserver import framing
 from wsserver.services import Services
 from wsserver.session import MAX_QUEUED, Session
 
@@ -483,7 +483,7 @@ def test_keepalive_pings_a_pong_clears_and_silence_closes_1011() -> None:
         session.keepalive(19.9, 20)
         assert transport.frames == []
         session.keepalive(20, 20)
-        assert transport.frames == [frames.PING]
+        assert transport.frames == [framing.PING]
         session.on_pong(b"")
         session.keepalive(39, 20)
         assert transport.pings() == 1

@@ -52,7 +52,7 @@ from wsserver.edge.tornado_internals import (
 )
 from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
 from wsserver.ratelimit import TokenBucket
-from wsserver.transport import Receiver, TimerHandle
+from wsserver.transport import Prepared, Receiver, TimerHandle
 
 log = logging.getLogger("wsserver.fastpath")
 
@@ -153,9 +153,13 @@ def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
 class FrameConnection(asyncio.BufferedProtocol):
     """One WebSocket connection after the 101: a ``wsserver.transport.Transport``.
 
+    The only place, with Tornado's path for TLS, where messages become frames.
+
     ``receiver`` gets the messages; ``on_gone`` (optional) is called once after
     ``receiver.on_closed``, for whoever must forget the connection too.
     """
+
+    kind = "websocket"
 
     def __init__(
         self,
@@ -190,6 +194,10 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._fragment_timer: asyncio.TimerHandle | None = None
         self._read_view = _read_buffer()
         self._gone = False
+        #: True while the receiver asked not to be handed messages (pause_reading).
+        self._paused = False
+        #: Events parsed but not handed over yet (the receiver paused meanwhile).
+        self._held: list[framing.Event] = []
         #: True once either side sent a close frame, or the connection is gone.
         self.closing = False
 
@@ -219,6 +227,8 @@ class FrameConnection(asyncio.BufferedProtocol):
         if self.closing:
             # open() closed but kept its receiver: wait for the peer's close.
             self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        if self._paused:
+            transport.pause_reading()
         pending, self._pipelined = self._pipelined, b""
         if pending:
             self.data_received(pending)
@@ -254,10 +264,21 @@ class FrameConnection(asyncio.BufferedProtocol):
         if not events:
             self._arm_fragment_timer()
             return
+        if self._paused or self._held:
+            self._held.extend(events)  # read before the pause took effect
+            return
+        self._dispatch(events)
+        self._arm_fragment_timer()
+
+    def _dispatch(self, events: list[framing.Event]) -> None:
+        """Act on ``events`` in order; those after a pause are held for resume_reading()."""
         receiver = self.receiver
         self._reading = True
         try:
-            for event in events:
+            for index, event in enumerate(events):
+                if self._paused:
+                    self._held[:0] = events[index:]
+                    break
                 kind = type(event)
                 if kind is str:
                     if not self.closing and receiver is not None:
@@ -284,7 +305,6 @@ class FrameConnection(asyncio.BufferedProtocol):
         finally:
             self._reading = False
             self._flush_batch()
-        self._arm_fragment_timer()
 
     def eof_received(self) -> bool | None:
         # The peer half-closed: nothing more will come, so close our side too.
@@ -294,6 +314,39 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._transport_gone()
 
     # ---------------------------------------------------- Transport protocol
+
+    def send(self, message: Prepared) -> bool:
+        """Queue one message as a text frame; False when closing (nothing sent)."""
+        return self.send_frame(message.encoded(framing.text_message))
+
+    def ping(self) -> None:
+        """Send the keepalive ping; the peer's pong goes to ``receiver.on_pong``."""
+        self.send_frame(framing.PING)
+
+    def pause_reading(self) -> None:
+        """Hand the receiver nothing more, and stop reading the socket, until
+        :meth:`resume_reading`: the peer is slowed by TCP flow control."""
+        if self._paused or self.closing:
+            return
+        self._paused = True
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Hand over what was held back, in order, then read the socket again."""
+        if not self._paused:
+            return
+        self._paused = False
+        if self._reading:
+            return  # called from inside a dispatch, which goes on with the rest
+        while self._held and not self._paused:
+            events, self._held = self._held, []
+            self._dispatch(events)
+        transport = self._transport
+        if not self._paused and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+        self._arm_fragment_timer()
 
     def send_frame(self, frame: bytes) -> bool:
         """Queue one complete server frame; False when closing (nothing sent)."""
@@ -322,6 +375,8 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._server_first = True
         if self._transport is not None:
             self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        # Messages are dropped from now on; the peer's close frame must be read.
+        self.resume_reading()
         # Not connected yet: connection_made decides (a refused connection is
         # cut at once).
 

@@ -28,6 +28,7 @@ from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import app_log, gen_log
 
+from wsserver import framing
 from wsserver.auth import Credentials, Identity, extract_token
 from wsserver.edge.fastpath import FastProtocol, FrameLimits, protocol_for
 from wsserver.edge.tornado_internals import (
@@ -50,7 +51,7 @@ from wsserver.ratelimit import TokenBucket
 from wsserver.registry import Reservation
 from wsserver.services import Services
 from wsserver.session import Session
-from wsserver.transport import TimerHandle, Transport
+from wsserver.transport import Prepared, TimerHandle, Transport
 
 log = logging.getLogger("wsserver.connection")
 
@@ -280,12 +281,14 @@ class IndexHandler(StaticHandler):
 class TornadoTransport:
     """:class:`~wsserver.transport.Transport` over Tornado's WebSocket protocol.
 
-    Used for TLS connections (the fast path serves plain TCP only). Frames
-    are written straight to the stream; on plain TCP straight to the socket
-    when nothing is queued (see :meth:`send_frame`).
+    Used for TLS connections (the fast path serves plain TCP only). Messages
+    become frames here, written straight to the stream; on plain TCP straight
+    to the socket when nothing is queued (see :meth:`send_frame`).
     """
 
-    __slots__ = ("_handler", "_protocol", "_socket")
+    __slots__ = ("_handler", "_protocol", "_socket", "paused")
+
+    kind = "websocket"
 
     def __init__(self, handler: WebSocketHandler, protocol: ServerProtocol13) -> None:
         self._handler = handler
@@ -293,6 +296,24 @@ class TornadoTransport:
         stream = protocol.stream
         # Exactly IOStream: an SSLIOStream must encrypt.
         self._socket: socket.socket | None = stream.socket if type(stream) is IOStream else None
+        #: Resolved by resume_reading(); returned by ``on_message`` meanwhile,
+        #: which makes Tornado wait before it reads the next frame.
+        self.paused: asyncio.Future[None] | None = None
+
+    def send(self, message: Prepared) -> bool:
+        return self.send_frame(message.encoded(framing.text_message))
+
+    def ping(self) -> None:
+        self.send_frame(framing.PING)
+
+    def pause_reading(self) -> None:
+        if self.paused is None:
+            self.paused = asyncio.get_running_loop().create_future()
+
+    def resume_reading(self) -> None:
+        paused, self.paused = self.paused, None
+        if paused is not None and not paused.done():
+            paused.set_result(None)
 
     def send_frame(self, frame: bytes) -> bool:
         """Write a pre-built frame, skipping ``write_message``'s JSON encoding and
@@ -326,9 +347,11 @@ class TornadoTransport:
         return 0 if stream is None else pending_bytes(stream)
 
     def close(self, code: int, reason: str) -> None:
+        self.resume_reading()  # the peer's close frame must be read
         self._handler.close(code, reason)
 
     def abort(self) -> None:
+        self.resume_reading()
         stream = self._protocol.stream
         if stream is not None:
             stream.close()
@@ -554,14 +577,18 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
 
     # --- frames in ---------------------------------------------------------
 
-    def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
         session = self.session
         if session is None:
-            return
+            return None
         if isinstance(message, bytes):
             session.on_binary(message)
         else:
             session.on_text(message)
+        # Paused (the session's queue is full): Tornado reads the next frame
+        # only once this resolves, so TCP slows the sender down.
+        transport = session.transport
+        return transport.paused if isinstance(transport, TornadoTransport) else None
 
     def on_pong(self, data: bytes) -> None:
         if self.session is not None:
