@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from wsserver.closecodes import CloseCode, valid_on_wire
+from wsserver.deflate import InflateError, Inflater, compressor_encoding
 from wsserver.ratelimit import Clock, TokenBucket
 
 OP_CONTINUATION = 0x0
@@ -34,6 +35,8 @@ OP_PONG = 0xA
 
 _FIN = 0x80
 _RSV = 0x70
+#: RFC 7692 section 6: RSV1 marks the first frame of a compressed message.
+_RSV1 = 0x40
 _MASKED = 0x80
 #: RFC 6455 section 5.5: control frames carry at most 125 bytes.
 MAX_CONTROL_PAYLOAD = 125
@@ -132,6 +135,10 @@ class FrameParser:
             (1008 when a later frame arrives too late; the caller's timer covers
             a peer that goes silent, see :meth:`fragment_expired`).
         clock: monotonic seconds, injected for tests.
+        inflater: set when permessage-deflate was negotiated: a message whose
+            first frame has RSV1 set is inflated, and counts against
+            ``max_message_size`` after inflation (1009 as soon as it passes,
+            without inflating the rest). Without it RSV1 fails with 1002.
 
     After it has returned a :class:`Close` or a :class:`Failure`, the parser
     ignores everything fed to it (RFC 6455 section 5.5.1: nothing follows a close).
@@ -141,12 +148,14 @@ class FrameParser:
         "_budget",
         "_chunks",
         "_clock",
+        "_frag_compressed",
         "_frag_decoder",
         "_frag_opcode",
         "_frag_parts",
         "_frag_size",
         "_frag_text",
         "_have",
+        "_inflater",
         "_max_size",
         "_need",
         "_pv_decoder",
@@ -163,8 +172,10 @@ class FrameParser:
         frame_budget: TokenBucket | None = None,
         fragment_timeout: float | None = None,
         clock: Clock = time.monotonic,
+        inflater: Inflater | None = None,
     ) -> None:
         self._max_size = max_message_size
+        self._inflater = inflater
         self._budget = frame_budget
         self._timeout = fragment_timeout
         self._clock = clock
@@ -180,6 +191,7 @@ class FrameParser:
         self._frag_text: list[str] = []
         self._frag_size = 0
         self._frag_decoder: codecs.IncrementalDecoder | None = None
+        self._frag_compressed = False
         # Validation of a text frame's payload before the frame is complete,
         # so that invalid UTF-8 fails fast (Autobahn 6.4.x).
         self._pv_decoder: codecs.IncrementalDecoder | None = None
@@ -255,10 +267,13 @@ class FrameParser:
             # bad or oversized frame fails before its bytes are buffered.
             if not b1 & _MASKED:
                 return self._fail(events, CloseCode.PROTOCOL_ERROR, "client frames must be masked")
-            if b0 & _RSV:
-                return self._fail(events, CloseCode.PROTOCOL_ERROR, "RSV bits set, no extension")
             opcode = b0 & 0x0F
             fin = b0 & _FIN
+            compressed = b0 & _RSV
+            if compressed and (
+                compressed != _RSV1 or self._inflater is None or not OP_TEXT <= opcode <= OP_BINARY
+            ):
+                return self._fail(events, CloseCode.PROTOCOL_ERROR, "RSV bits set, no extension")
             if opcode & 0x8:
                 if opcode > OP_PONG:
                     return self._fail(events, CloseCode.PROTOCOL_ERROR, "unknown opcode")
@@ -269,7 +284,8 @@ class FrameParser:
             elif opcode == OP_CONTINUATION:
                 if not self._frag_opcode:
                     return self._fail(events, CloseCode.PROTOCOL_ERROR, "nothing to continue")
-                if self._frag_size + length > max_size:
+                # A compressed message is counted as it inflates (below).
+                if (length if self._frag_compressed else self._frag_size + length) > max_size:
                     return self._fail(events, CloseCode.TOO_BIG, "message too big")
             elif opcode <= OP_BINARY:
                 if self._frag_opcode:
@@ -285,6 +301,9 @@ class FrameParser:
             if stop > end:
                 need = header + length
                 text = opcode == OP_TEXT or (opcode == OP_CONTINUATION and self._frag_opcode == 1)
+                # Compressed bytes are validated once inflated, not here.
+                if compressed or (opcode == OP_CONTINUATION and self._frag_compressed):
+                    text = False
                 if text and end > pos + header and not self._start_partial(data, pos + header, end):
                     return self._fail(events, CloseCode.INVALID_DATA, "invalid UTF-8 in text")
                 break
@@ -299,6 +318,13 @@ class FrameParser:
             else:
                 payload = b""
             pos = stop
+            if compressed or (opcode == OP_CONTINUATION and self._frag_compressed):
+                limit = max_size - self._frag_size if opcode == OP_CONTINUATION else max_size
+                inflated = self._inflate(payload, bool(fin), limit)
+                if type(inflated) is Failure:
+                    return self._fail(events, inflated.code, inflated.reason)
+                payload = inflated  # type: ignore[assignment]
+                length = len(payload)
 
             if opcode == OP_TEXT:
                 if fin:
@@ -312,13 +338,13 @@ class FrameParser:
                         self._frag_text = [decoder.decode(payload, False)]
                     except UnicodeDecodeError:
                         return self._fail(events, CloseCode.INVALID_DATA, "invalid UTF-8 in text")
-                    self._begin_fragments(OP_TEXT, length)
+                    self._begin_fragments(OP_TEXT, length, compressed)
             elif opcode == OP_BINARY:
                 if fin:
                     events.append(payload)
                 else:
                     self._frag_parts = [payload]
-                    self._begin_fragments(OP_BINARY, length)
+                    self._begin_fragments(OP_BINARY, length, compressed)
             elif opcode == OP_CONTINUATION:
                 self._frag_size += length
                 if self._frag_opcode == OP_TEXT:
@@ -336,6 +362,7 @@ class FrameParser:
                         events.append(b"".join(self._frag_parts))
                 if fin:
                     self._frag_opcode = 0
+                    self._frag_compressed = False
                     self._frag_parts = []
                     self._frag_text = []
                     self._frag_decoder = None
@@ -360,10 +387,22 @@ class FrameParser:
         self._need = need
         return events
 
-    def _begin_fragments(self, opcode: int, length: int) -> None:
+    def _begin_fragments(self, opcode: int, length: int, compressed: int) -> None:
         self._frag_opcode = opcode
         self._frag_size = length
+        self._frag_compressed = bool(compressed)
         self.fragment_started = self._clock()
+
+    def _inflate(self, payload: bytes, fin: bool, limit: int) -> bytes | Failure:
+        """A compressed frame's payload, inflated to at most ``limit`` bytes."""
+        assert self._inflater is not None
+        try:
+            inflated = self._inflater.inflate(payload, fin, limit)
+        except InflateError:
+            return Failure(CloseCode.INVALID_DATA, "invalid compressed data")
+        if inflated is None:
+            return Failure(CloseCode.TOO_BIG, "message too big once inflated")
+        return inflated
 
     def _start_partial(self, data: bytes, start: int, end: int) -> bool:
         """Validate the UTF-8 of an incomplete text frame's payload so far."""
@@ -410,14 +449,18 @@ def parse_close(payload: bytes) -> Close | Failure:
 # ------------------------------------------------------------------ builders
 
 
-def build_frame(opcode: int, payload: bytes) -> bytes:
-    """A final, unmasked server frame (RFC 6455 section 5.2; servers do not mask)."""
+def build_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+    """A final, unmasked server frame (RFC 6455 section 5.2; servers do not mask).
+
+    ``rsv1`` marks a compressed message (RFC 7692 section 6).
+    """
     length = len(payload)
+    first = _FIN | _RSV1 | opcode if rsv1 else _FIN | opcode
     if length < 126:
-        return bytes((_FIN | opcode, length)) + payload
+        return bytes((first, length)) + payload
     if length <= 0xFFFF:
-        return struct.pack("!BBH", _FIN | opcode, 126, length) + payload
-    return struct.pack("!BBQ", _FIN | opcode, 127, length) + payload
+        return struct.pack("!BBH", first, 126, length) + payload
+    return struct.pack("!BBQ", first, 127, length) + payload
 
 
 def text_frame(text: str) -> bytes:
@@ -431,6 +474,25 @@ def text_message(payload: bytes) -> bytes:
     compression it is the same bytes for every recipient (servers do not
     mask, RFC 6455 section 5.1), so a broadcast builds it once."""
     return build_frame(OP_TEXT, payload)
+
+
+def _compressed_text(data: bytes) -> bytes:
+    return build_frame(OP_TEXT, data, True)
+
+
+def _compressed_binary(data: bytes) -> bytes:
+    return build_frame(OP_BINARY, data, True)
+
+
+#: The compressed text frame of a message, one encoding per server window
+#: (``server_max_window_bits``, 8 to 15), each a :data:`wsserver.transport.Encoding`:
+#: built once per message and window, the same bytes for every member that
+#: negotiated that window (the server keeps no context between messages).
+DEFLATED_TEXT = {bits: compressor_encoding(bits, _compressed_text) for bits in range(8, 16)}
+#: The same for binary messages (the conformance echo server's).
+DEFLATED_BINARY = {bits: compressor_encoding(bits, _compressed_binary) for bits in range(8, 16)}
+#: The compressed text frame with the default window, which browsers negotiate.
+deflated_text_message = DEFLATED_TEXT[15]
 
 
 def binary_frame(data: bytes) -> bytes:

@@ -1,11 +1,13 @@
 """A raw echo server on wsserver's own frame layer, for Autobahn|TestSuite and benchmarks.
 
-Tornado answers the HTTP upgrade, ``wsserver.edge.fastpath`` carries the frames after
-it, and a trivial receiver sends every text and binary message back. Nothing
-else: no token, no JSON, no limits beyond the frame layer's own (set high here,
-since the suite sends 16 MiB messages and 64-byte fragments by the thousand).
+Tornado answers the HTTP upgrade (over TLS with ``--certfile``/``--keyfile``),
+``wsserver.edge.fastpath`` carries the frames after it, and a trivial receiver
+sends every text and binary message back, compressed when the client offered
+permessage-deflate. Nothing else: no token, no JSON, no limits beyond the
+frame layer's own (set high here, since the suite sends 16 MiB messages and
+64-byte fragments by the thousand).
 
-    python -m tests.conformance.echo_server --port N [--uvloop]
+    python -m tests.conformance.echo_server --port N [--certfile F --keyfile F] [--uvloop]
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 
 import tornado.web
 import tornado.websocket
 
-from wsserver import framing
 from wsserver.edge.fastpath import FastProtocol, FrameConnection, FrameLimits
 
 #: Limits for the suite: messages up to 16 MiB, fragments without a budget.
@@ -36,10 +38,10 @@ class EchoReceiver:
         self.transport = transport
 
     def on_text(self, text: str) -> None:
-        self.transport.send_frame(framing.text_frame(text))
+        self.transport.send_data(text.encode("utf-8"))
 
     def on_binary(self, data: bytes) -> None:
-        self.transport.send_frame(framing.binary_frame(data))
+        self.transport.send_data(data, binary=True)
 
     def on_pong(self, data: bytes) -> None:
         pass
@@ -70,14 +72,14 @@ def make_app(limits: FrameLimits = LIMITS) -> tornado.web.Application:
     return tornado.web.Application([(r"/.*", handler)])
 
 
-async def serve(port: int, host: str = "127.0.0.1") -> None:
+async def serve(port: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
     """Serve until SIGINT or SIGTERM."""
-    server = make_app().listen(port, address=host)
+    server = make_app().listen(port, address=host, ssl_options=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"echo server on ws://{host}:{port}/", flush=True)
+    print(f"echo server on {'wss' if tls else 'ws'}://{host}:{port}/", flush=True)
     await stop.wait()
     server.stop()
 
@@ -86,15 +88,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--certfile", help="serve wss:// with this certificate (PEM)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
     args = parser.parse_args()
+    tls = None
+    if args.certfile:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.certfile, args.keyfile)
     if args.uvloop:
         import uvloop
 
-        uvloop.run(serve(args.port, args.host))
+        uvloop.run(serve(args.port, args.host, tls))
     else:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args.port, args.host))
+            asyncio.run(serve(args.port, args.host, tls))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
-"""The fast frame path: after the 101, the socket leaves Tornado for an asyncio.Protocol.
+"""The frame path: after the 101, the socket leaves Tornado for the frame layer.
 
-Tornado's ``IOStream`` costs a future per read and buffer bookkeeping per
-write. Here Tornado still parses the HTTP upgrade and runs the handler's checks;
-:class:`FastProtocol` (what ``WebSocketHandler.get_websocket_protocol()``
-returns) answers the 101 as Tornado's ``WebSocketProtocol13`` does, then takes
-the socket away from the ``IOStream`` and drives it from a
-:class:`FrameConnection`: ``data_received`` parses every complete frame of a
-read with :class:`wsserver.framing.FrameParser`, and what one step of the loop
-sends a connection goes to the asyncio transport in one write: the replies to
-a read at its end, other frames (fan-out, pings) right after the step.
-
-Plain TCP only: a TLS connection keeps Tornado's path (``handler`` chooses with
-``tornado_internals.is_tls``), since its socket cannot leave the ``SSLIOStream``
-without its TLS state. Works on any asyncio loop; uvloop's is faster and is used
-when the process installs it (``wsserver``'s CLI does not, yet).
+Tornado parses the HTTP upgrade and runs the handler's checks, over TCP or
+TLS (its ``SSLIOStream`` does the TLS handshake). :class:`FastProtocol` (what
+``WebSocketHandler.get_websocket_protocol()`` returns) answers the 101 itself,
+negotiating permessage-deflate (:mod:`wsserver.deflate`), then takes the
+socket away from the ``IOStream`` and hands it to a :class:`FrameConnection`:
+a plain socket through the loop's ``connect_accepted_socket``, a TLS one
+(an ``ssl.SSLSocket``, its TLS state inside it) through
+:class:`~wsserver.edge.tlstransport.TLSSocketTransport`. Both schemes then run
+on the same frame layer, with the same limits and close codes:
+``data_received`` feeds the sans-I/O :class:`~wsserver.connection.ServerConnection`,
+which parses and decides, and what one step of the loop sends a connection
+goes to the transport in one write: the replies to a read at its end, other
+frames (fan-out, pings) right after the step. Works on any asyncio loop
+(uvloop's is faster).
 
 The handler's ``open()`` runs after the 101, with ``ws_connection.transport``
 ready; it sets ``transport.receiver`` to accept the connection. Frames are read
@@ -29,6 +29,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -39,17 +40,15 @@ import tornado.escape
 import tornado.websocket
 from tornado.concurrent import Future
 from tornado.httputil import HTTPHeaders
+from tornado.iostream import StreamClosedError
 
-from wsserver import framing
+from wsserver import deflate, framing
 from wsserver.closecodes import CloseCode
 from wsserver.config import Settings
-from wsserver.edge.tornado_internals import (
-    ServerProtocol13,
-    finish_unwritten,
-    is_tls,
-    take_socket,
-    websocket_params,
-)
+from wsserver.connection import Ending, ServerConnection, State
+from wsserver.deflate import Deflate, Inflater
+from wsserver.edge.tlstransport import TLSSocketTransport
+from wsserver.edge.tornado_internals import take_socket
 from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
 from wsserver.ratelimit import TokenBucket
 from wsserver.transport import Prepared, Receiver, TimerHandle
@@ -62,7 +61,7 @@ _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 @dataclass(frozen=True)
 class FrameLimits:
-    """What one connection's frames may do (from ``Settings``)."""
+    """What one connection's frames may do, and how it compresses (from ``Settings``)."""
 
     max_message_size: int = 65536
     #: Frames per second, every kind counted; None: no budget.
@@ -72,6 +71,10 @@ class FrameLimits:
     fragment_timeout: float | None = 10.0
     #: Seconds to wait for the peer's close frame after the server's.
     close_timeout: float = 2.0
+    #: Negotiate permessage-deflate when the client offers it.
+    compression: bool = True
+    #: Messages under this many bytes go uncompressed.
+    compression_threshold: int = 256
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FrameLimits:
@@ -82,14 +85,23 @@ class FrameLimits:
             frame_rate=rate,
             frame_burst=burst,
             fragment_timeout=settings.fragment_timeout,
+            compression=settings.compression == "on",
+            compression_threshold=settings.compression_threshold,
         )
 
-    def parser(self) -> FrameParser:
-        """A fresh parser holding these limits."""
+    def parser(self, negotiated: Deflate | None = None) -> FrameParser:
+        """A fresh parser holding these limits (inflating when ``negotiated``)."""
         budget = None
         if self.frame_rate is not None:
             budget = TokenBucket(self.frame_rate, self.frame_burst)
-        return FrameParser(self.max_message_size, budget, self.fragment_timeout)
+        inflater = None
+        if negotiated is not None:
+            inflater = Inflater(
+                negotiated.client_window_bits, negotiated.client_no_context_takeover
+            )
+        return FrameParser(
+            self.max_message_size, budget, self.fragment_timeout, inflater=inflater
+        )
 
 
 #: Bytes read per ``recv_into``. asyncio's plain ``Protocol`` reads with
@@ -153,7 +165,11 @@ def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
 class FrameConnection(asyncio.BufferedProtocol):
     """One WebSocket connection after the 101: a ``wsserver.transport.Transport``.
 
-    The only place, with Tornado's path for TLS, where messages become frames.
+    The I/O half of the connection, the same for ``ws://`` (asyncio's socket
+    transport) and ``wss://`` (:class:`~wsserver.edge.tlstransport.TLSSocketTransport`):
+    it reads, writes what the sans-I/O :class:`~wsserver.connection.ServerConnection`
+    returns (batched, one write per step), and runs its timers. What a frame
+    means, the state, and the closing handshake are the ServerConnection's.
 
     ``receiver`` gets the messages; ``on_gone`` (optional) is called once after
     ``receiver.on_closed``, for whoever must forget the connection too.
@@ -166,10 +182,13 @@ class FrameConnection(asyncio.BufferedProtocol):
         limits: FrameLimits,
         unsent: bytes = b"",
         on_gone: Callable[[int, str], None] | None = None,
+        deflate: Deflate | None = None,
     ) -> None:
         self.receiver: Receiver | None = None
         self.limits = limits
-        self._parser = limits.parser()
+        self.protocol = ServerConnection(
+            limits.parser(deflate), deflate, limits.compression_threshold
+        )
         self._unsent = unsent
         self._on_gone = on_gone
         self._transport: asyncio.Transport | None = None
@@ -177,7 +196,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         #: True once open() returned (see start()).
         self._started = False
         self._pipelined = b""
-        #: True once our side has ended (see _cut_after_flush): input is dropped.
+        #: True once our side has ended (see _end): input is dropped.
         self._discarding = False
         # Frames not yet written: those sent while a read is processed are
         # written at its end; the others by the flusher, after this step.
@@ -185,21 +204,24 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._batch_size = 0
         self._reading = False
         self._flusher = _flusher(self._loop)
-        # (code, reason) of the first close frame each way.
-        self._sent_close: tuple[int, str] | None = None
-        self._got_close: tuple[int, str] | None = None
-        self._server_first = False
         self._aborted_by_server = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._fragment_timer: asyncio.TimerHandle | None = None
         self._read_view = _read_buffer()
-        self._gone = False
         #: True while the receiver asked not to be handed messages (pause_reading).
         self._paused = False
         #: Events parsed but not handed over yet (the receiver paused meanwhile).
         self._held: list[framing.Event] = []
-        #: True once either side sent a close frame, or the connection is gone.
-        self.closing = False
+
+    @property
+    def state(self) -> State:
+        """The connection's :class:`~wsserver.connection.State`."""
+        return self.protocol.state
+
+    @property
+    def closing(self) -> bool:
+        """True once a close frame went either way, or the connection is gone."""
+        return self.protocol.state >= State.CLOSING
 
     # ------------------------------------------------------- asyncio.Protocol
 
@@ -210,21 +232,20 @@ class FrameConnection(asyncio.BufferedProtocol):
         if self._unsent:
             transport.write(self._unsent)
             self._unsent = b""
-        self._flush_batch()  # what open() sent: the welcome, or a refusal's close
         if not self._started:
             # Only FastProtocol connects, after start(); a connection made
             # any other way has had no open() and cannot be served.
             log.error("connection made before start(); closing with 1011")
-            self.close(CloseCode.INTERNAL, "")
-            self._cut_after_flush()
-            return
-        if self.receiver is None:
-            # A refused connection: nothing it sent is read, and it is cut as
-            # soon as the close frame is out.
+            self.start(b"")
+        self._flush_batch()  # what open() sent: the welcome, or a refusal's close
+        ending = self.protocol.ending
+        if ending is Ending.LINGER:
+            # Refused: nothing it sent is read, and it is cut as soon as the
+            # close frame is out.
             self._pipelined = b""
-            self._cut_after_flush()
+            self._end(ending)
             return
-        if self.closing:
+        if ending is Ending.AWAIT_CLOSE:
             # open() closed but kept its receiver: wait for the peer's close.
             self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
         if self._paused:
@@ -240,14 +261,15 @@ class FrameConnection(asyncio.BufferedProtocol):
         once connected, and only when ``open()`` set a receiver.
         """
         self._started = True
-        if self.receiver is None and not self.closing:
+        accepted = self.receiver is not None
+        if not accepted and not self.closing:
             log.error("open() set no receiver and did not close; closing with 1011")
-            self.close(CloseCode.INTERNAL, "")
+        self._queue_frame(self.protocol.accepted(accepted))
         self._pipelined = pipelined
 
     def abandon(self) -> None:
         """The socket never got connected: the connection is over (1006)."""
-        self._aborted_by_server = self._sent_close is None and self._got_close is None
+        self._aborted_by_server = self.protocol.close_sent is None
         self._transport_gone()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -260,7 +282,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         """Parse ``data`` (the next bytes read) and act on every event in it."""
         if self._discarding:
             return  # our side has ended: what still comes is read and dropped
-        events = self._parser.feed(data)
+        events = self.protocol.receive_data(data)
         if not events:
             self._arm_fragment_timer()
             return
@@ -273,6 +295,7 @@ class FrameConnection(asyncio.BufferedProtocol):
     def _dispatch(self, events: list[framing.Event]) -> None:
         """Act on ``events`` in order; those after a pause are held for resume_reading()."""
         receiver = self.receiver
+        protocol = self.protocol
         self._reading = True
         try:
             for index, event in enumerate(events):
@@ -281,21 +304,23 @@ class FrameConnection(asyncio.BufferedProtocol):
                     break
                 kind = type(event)
                 if kind is str:
-                    if not self.closing and receiver is not None:
+                    if receiver is not None and protocol.delivers:
                         receiver.on_text(event)  # type: ignore[arg-type]
                 elif kind is bytes:
-                    if not self.closing and receiver is not None:
+                    if receiver is not None and protocol.delivers:
                         receiver.on_binary(event)  # type: ignore[arg-type]
                 elif kind is Ping:
-                    self.send_frame(framing.pong_frame(event.data))  # type: ignore[union-attr]
+                    self._queue_frame(protocol.ping_received(event.data))  # type: ignore[union-attr]
                 elif kind is Pong:
-                    if not self.closing and receiver is not None:
+                    if receiver is not None and protocol.delivers:
                         receiver.on_pong(event.data)  # type: ignore[union-attr]
                 elif kind is Close:
-                    self._peer_closed(event)  # type: ignore[arg-type]
+                    self._send_final(protocol.close_received_frame(event))  # type: ignore[arg-type]
                 else:
                     assert isinstance(event, Failure)
-                    self._fail(event.code, event.reason)
+                    # DEBUG: the Session logs the close (one line per connection, throttled).
+                    log.debug("failing the connection with %d: %s", event.code, event.reason)
+                    self._send_final(protocol.failed(event))
         except Exception:
             log.exception("receiver failed; aborting the connection")
             self._batch = None
@@ -316,8 +341,15 @@ class FrameConnection(asyncio.BufferedProtocol):
     # ---------------------------------------------------- Transport protocol
 
     def send(self, message: Prepared) -> bool:
-        """Queue one message as a text frame; False when closing (nothing sent)."""
-        return self.send_frame(message.encoded(framing.text_message))
+        """Queue one message, compressed when negotiated; False when closing."""
+        return self.send_frame(message.encoded(self.protocol.encoding(len(message.payload))))
+
+    def send_data(self, data: bytes, binary: bool = False) -> bool:
+        """Queue one message built for this connection alone (compressed when
+        negotiated); False when closing."""
+        if not self.protocol.can_send:
+            return False
+        return self.send_frame(self.protocol.encode_data(data, binary))
 
     def ping(self) -> None:
         """Send the keepalive ping; the peer's pong goes to ``receiver.on_pong``."""
@@ -350,15 +382,9 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def send_frame(self, frame: bytes) -> bool:
         """Queue one complete server frame; False when closing (nothing sent)."""
-        if self.closing:
+        if self.protocol.state > State.OPEN:
             return False
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = []
-            if not self._reading:
-                self._flusher.add(self)
-        batch.append(frame)
-        self._batch_size += len(frame)
+        self._queue_frame(frame)
         return True
 
     def buffered(self) -> int:
@@ -369,29 +395,37 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; wait ``close_timeout`` for the peer's, then cut."""
-        if self.closing:
+        frame = self.protocol.close(code, reason)
+        if frame is None:
             return
-        self._send_close(code, reason)
-        self._server_first = True
-        if self._transport is not None:
-            self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        self._send_final(frame)
         # Messages are dropped from now on; the peer's close frame must be read.
         self.resume_reading()
-        # Not connected yet: connection_made decides (a refused connection is
-        # cut at once).
 
     def abort(self) -> None:
         """Cut the TCP connection now."""
-        if self._transport is not None and not self._gone:
-            if self._sent_close is None and self._got_close is None:
+        transport = self._transport
+        if transport is not None and self.protocol.state is not State.CLOSED:
+            if self.protocol.close_sent is None and self.protocol.close_received is None:
                 self._aborted_by_server = True
-            self._transport.abort()
+            transport.abort()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         """Run ``callback`` after ``delay`` seconds on this connection's loop."""
         return self._loop.call_later(delay, callback)
 
     # -------------------------------------------------------------- internals
+
+    def _queue_frame(self, frame: bytes | None) -> None:
+        if frame is None:
+            return
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = []
+            if not self._reading and self._transport is not None:
+                self._flusher.add(self)
+        batch.append(frame)
+        self._batch_size += len(frame)
 
     def _flush_batch(self) -> None:
         batch = self._batch
@@ -400,55 +434,33 @@ class FrameConnection(asyncio.BufferedProtocol):
             return  # not connected yet: connection_made writes the batch
         self._batch = None
         self._batch_size = 0
-        if not self._gone:
+        if self.protocol.state is not State.CLOSED:
             transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
-    def _send_close(self, code: int, reason: str) -> None:
-        self.closing = True
-        self._sent_close = (code, reason)
-        # 1005 is never sent (RFC 6455 section 7.4.1): an empty close answers it.
-        frame = framing.close_frame(None if code == 1005 else code, reason)
-        transport = self._transport
-        if transport is None:
-            # Refused in open(): the close frame follows whatever open() sent.
-            if self._batch is None:
-                self._batch = []
-            self._batch.append(frame)
-            self._batch_size += len(frame)
+    def _send_final(self, frame: bytes | None) -> None:
+        """Write ``frame`` (a close frame, or None) behind everything batched,
+        then end TCP as the protocol's :attr:`~ServerConnection.ending` says."""
+        if self._transport is None:
+            # Not connected yet (refused in open()): connection_made decides.
+            self._queue_frame(frame)
             return
-        self._flush_batch()
-        if not transport.is_closing():
-            transport.write(frame)
+        self._queue_frame(frame)
+        if not self._reading:
+            self._flush_batch()
+        ending = self.protocol.ending
+        if ending is Ending.AWAIT_CLOSE:
+            if self._close_timer is None:
+                self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        elif ending is not None:
+            self._flush_batch()
+            self._end(ending)
 
-    def _peer_closed(self, close: Close) -> None:
-        """RFC 6455 section 5.5.1: answer a close with a close, then close TCP."""
-        self._got_close = (close.code, close.reason)
-        if self._sent_close is None:
-            self._send_close(close.code, "")
-        # After its close frame the peer sends nothing more (section 5.5.1), so
-        # no unread input can turn our close into a reset: close TCP now.
-        self._cut_after_flush(linger=False)
-
-    def _fail(self, code: int, reason: str) -> None:
-        """Section 7.1.7: send the close frame, then drop the connection."""
-        # DEBUG: the Session logs the close (one line per connection, throttled).
-        log.debug("failing the connection with %d: %s", code, reason)
-        if self._sent_close is None:
-            self._send_close(code, reason)
-            self._server_first = True
-        self._cut_after_flush()
-
-    def _cut_after_flush(self, *, linger: bool = True) -> None:
-        """End our side once the close frame is out, without losing it.
-
-        Closing a socket that still has unread input makes the kernel answer
-        with a reset, which can destroy the close frame before the peer reads
-        it (and with it the 4001 reason that tells a client to get a new
-        token). So this is a lingering close: a FIN after what is buffered,
-        input read and discarded until the peer's own FIN, and a hard cut
-        after ``close_timeout`` for a peer that never ends.
-        """
+    def _end(self, ending: Ending) -> None:
+        """End our side once the close frame is out, without losing it
+        (:class:`~wsserver.connection.Ending`): at once after the client's
+        close, else a lingering close; a hard cut after ``close_timeout``."""
         transport = self._transport
+        linger = ending is Ending.LINGER
         if transport is None or transport.is_closing() or (linger and self._discarding):
             return
         if self._close_timer is not None:
@@ -456,15 +468,15 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
         if not linger:
             transport.pause_reading()
-            transport.close()  # asyncio writes what is buffered first
+            transport.close()  # the transport writes what is buffered first
         elif transport.can_write_eof():
             self._discarding = True
-            transport.write_eof()  # after the buffered bytes, as asyncio does
+            transport.write_eof()  # after the buffered bytes
         else:
             transport.close()
 
     def _arm_fragment_timer(self) -> None:
-        started = self._parser.fragment_started
+        started = self.protocol.parser.fragment_started
         if started is None or self._fragment_timer is not None or self.closing:
             return
         timeout = self.limits.fragment_timeout
@@ -477,26 +489,23 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._fragment_timer = None
         if self.closing:
             return
-        if self._parser.fragment_expired(self._loop.time()):
-            self._fail(CloseCode.POLICY, "fragmented message not finished in time")
+        frame = self.protocol.fragment_expired(self._loop.time())
+        if frame is not None:
+            self._send_final(frame)
         else:
             self._arm_fragment_timer()
 
     def _transport_gone(self) -> None:
-        if self._gone:
+        if self.protocol.state is State.CLOSED:
             return
-        self._gone = True
-        self.closing = True
+        code, reason, by_server = self.protocol.connection_lost(self._aborted_by_server)
         for timer in (self._close_timer, self._fragment_timer):
             if timer is not None:
                 timer.cancel()
         self._close_timer = self._fragment_timer = None
-        if self._server_first and self._sent_close is not None:
-            code, reason, by_server = self._sent_close[0], self._sent_close[1], True
-        elif self._got_close is not None:
-            code, reason, by_server = self._got_close[0], self._got_close[1], False
-        else:
-            code, reason, by_server = 1006, "", self._aborted_by_server
+        self._batch = None
+        self._batch_size = 0
+        self._held = []
         receiver = self.receiver
         self.receiver = None
         if receiver is not None:
@@ -518,7 +527,7 @@ def accept_value(key: str) -> str:
 
 
 class FastProtocol(tornado.websocket.WebSocketProtocol):
-    """What ``get_websocket_protocol()`` returns to put a connection on the fast path.
+    """What ``get_websocket_protocol()`` returns to put a connection on the frame layer.
 
     ``transport`` (a :class:`FrameConnection`) exists when ``open()`` runs.
     Tornado-style ``write_message``/``close`` keep working for code that uses
@@ -550,14 +559,24 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
         if self._subprotocol:
             assert self._subprotocol in offered
             response.append("Sec-WebSocket-Protocol: " + self._subprotocol)
-        # No extension is negotiated: permessage-deflate stays off (RSV1 fails 1002).
+        negotiated = None
+        if self.limits.compression:
+            accepted = deflate.negotiate(headers.get("Sec-WebSocket-Extensions"))
+            if accepted is not None:
+                negotiated, extension = accepted
+                response.append("Sec-WebSocket-Extensions: " + extension)
         # The 101 goes out with open()'s first frames, in one write (see
         # connection_made); Tornado's finish() would send it alone.
         handler.set_status(101)
-        stream = handler._detach_stream()
-        finish_unwritten(handler)
-        sock, pipelined, unsent = take_socket(stream)
-        unsent += ("\r\n".join(response) + "\r\n\r\n").encode("latin-1")
+        stream = handler.detach()
+        handler.application.log_request(handler)
+        handler.on_finish()
+        try:
+            sock, pipelined = await take_socket(stream)
+        except StreamClosedError:
+            handler.on_ws_connection_close(1006, "")
+            return
+        unsent = ("\r\n".join(response) + "\r\n\r\n").encode("latin-1")
 
         def on_gone(code: int, reason: str) -> None:
             self.client_terminated = self.server_terminated = True
@@ -567,7 +586,7 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
         # welcome, or a refusal's close frame) is written by connection_made,
         # and the socket is registered for reading once, already accepted or
         # refused, with no pause and resume around open().
-        connection = FrameConnection(self.limits, unsent, on_gone)
+        connection = FrameConnection(self.limits, unsent, on_gone, negotiated)
         self.transport = connection
         try:
             result = handler.open(*handler.open_args, **handler.open_kwargs)
@@ -579,8 +598,12 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
             # client learns the server failed rather than seeing a cut.
             connection.close(CloseCode.INTERNAL, "")
         connection.start(pipelined)
+        loop = asyncio.get_running_loop()
+        if isinstance(sock, ssl.SSLSocket):
+            TLSSocketTransport(loop, sock, connection)
+            return
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock)
+            await loop.connect_accepted_socket(lambda: connection, sock)
         except OSError:
             sock.close()
             connection.abandon()
@@ -598,9 +621,8 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
         if isinstance(message, dict):
             message = tornado.escape.json_encode(message)
         payload = message.encode("utf-8") if isinstance(message, str) else message
-        frame = framing.build_frame(framing.OP_BINARY if binary else framing.OP_TEXT, payload)
         future: Future[None] = Future()
-        if self.transport is None or not self.transport.send_frame(frame):
+        if self.transport is None or not self.transport.send_data(payload, binary):
             future.set_exception(tornado.websocket.WebSocketClosedError())
         else:
             future.set_result(None)
@@ -630,13 +652,9 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
 def protocol_for(
     handler: tornado.websocket.WebSocketHandler, limits: FrameLimits
 ) -> tornado.websocket.WebSocketProtocol | None:
-    """What ``handler.get_websocket_protocol()`` should return.
-
-    The fast path on plain TCP; Tornado's own (``ServerProtocol13``) on TLS;
-    None (Tornado answers 426) for a WebSocket version other than 13.
-    """
+    """What ``handler.get_websocket_protocol()`` should return: the frame
+    layer, over TCP or TLS alike; None (Tornado answers 426) for a WebSocket
+    version other than 13."""
     if handler.request.headers.get("Sec-WebSocket-Version") != "13":
         return None
-    if is_tls(handler):
-        return ServerProtocol13(handler, False, websocket_params(handler))
     return FastProtocol(handler, limits)
