@@ -19,9 +19,8 @@ import signal
 import ssl
 
 import tornado.web
-import tornado.websocket
 
-from wsserver.edge.fastpath import FastProtocol, FrameConnection, FrameLimits
+from wsserver.edge.fastpath import FrameConnection, FrameLimits, UpgradeHandler
 
 #: Limits for the suite: messages up to 16 MiB, fragments without a budget.
 LIMITS = FrameLimits(
@@ -50,20 +49,13 @@ class EchoReceiver:
         pass
 
 
-class EchoHandler(tornado.websocket.WebSocketHandler):
-    """The upgrade, then the fast path."""
+class EchoHandler(UpgradeHandler):
+    """The upgrade, then the frame layer."""
 
     limits = LIMITS
 
-    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
-        if self.request.headers.get("Sec-WebSocket-Version") != "13":
-            return None
-        return FastProtocol(self, self.limits)
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        protocol = self.ws_connection
-        assert isinstance(protocol, FastProtocol) and protocol.transport is not None
-        protocol.transport.receiver = EchoReceiver(protocol.transport)
+    def open(self, connection: FrameConnection) -> None:
+        connection.receiver = EchoReceiver(connection)
 
 
 def make_app(limits: FrameLimits = LIMITS) -> tornado.web.Application:

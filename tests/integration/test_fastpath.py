@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import tornado.web
-import tornado.websocket
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from websockets.asyncio.client import connect
@@ -30,7 +29,8 @@ from tests.support import aio
 from tests.support.deploy import write_self_signed_cert
 from tests.support.raw import RawConnection, client_frame, close_payload, upgraded
 from wsserver import framing
-from wsserver.edge.fastpath import FastProtocol, FrameConnection, FrameLimits, protocol_for
+from wsserver.connection import State
+from wsserver.edge.fastpath import FrameConnection, FrameLimits, UpgradeHandler
 
 TIMEOUT = 5.0
 SMALL = FrameLimits(max_message_size=1000, frame_rate=50, frame_burst=100, fragment_timeout=0.3)
@@ -60,30 +60,26 @@ class RecordingReceiver(EchoReceiver):
 class RecordingHandler(EchoHandler):
     closed: list[tuple[int, str, bool]] = []
 
-    def open(self, *args: str, **kwargs: str) -> None:
-        protocol = self.ws_connection
-        assert isinstance(protocol, FastProtocol) and protocol.transport is not None
-        protocol.transport.receiver = RecordingReceiver(protocol.transport, self.closed)
+    def open(self, connection: FrameConnection) -> None:
+        connection.receiver = RecordingReceiver(connection, self.closed)
 
 
 class RefusingHandler(EchoHandler):
     """Refuses every connection in open(), as a bad token is refused."""
 
-    def open(self, *args: str, **kwargs: str) -> None:
-        protocol = self.ws_connection
-        assert isinstance(protocol, FastProtocol) and protocol.transport is not None
-        protocol.transport.close(4001, "token missing, invalid or expired")
+    def open(self, connection: FrameConnection) -> None:
+        connection.close(4001, "token missing, invalid or expired")
 
 
-class ChoosingHandler(RecordingHandler):
-    """Chooses its protocol as wsserver's endpoint does (``protocol_for``)."""
+class TLSReportingHandler(RecordingHandler):
+    """Records, for each connection, whether the frame layer carries it over TLS."""
 
-    chosen: list[str] = []
+    tls: list[bool] = []
 
-    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
-        protocol = protocol_for(self, self.limits)
-        self.chosen.append(type(protocol).__name__)
-        return protocol
+    def open(self, connection: FrameConnection) -> None:
+        super().open(connection)
+        self.tls.append(connection.protocol.state is State.CONNECTING)
+        connection.call_later(0, lambda: self.tls.append(connection.tls))
 
 
 @dataclass(frozen=True)
@@ -112,7 +108,7 @@ def scheme(request: pytest.FixtureRequest, certificate: tuple[Path, Path]) -> Sc
 
 @contextlib.asynccontextmanager
 async def serving(
-    handler: type[tornado.websocket.WebSocketHandler],
+    handler: type[UpgradeHandler],
     limits: FrameLimits = SMALL,
     scheme: Scheme | None = None,
 ) -> AsyncIterator[str]:
@@ -350,13 +346,14 @@ def test_a_legitimate_client_never_meets_the_frame_budget(scheme: Scheme) -> Non
 
 def test_tls_and_plain_tcp_take_the_same_frame_layer(scheme: Scheme) -> None:
     async def scenario() -> None:
-        ChoosingHandler.chosen = []
-        async with serving(ChoosingHandler, scheme=scheme) as address, client(
+        TLSReportingHandler.tls = []
+        async with serving(TLSReportingHandler, scheme=scheme) as address, client(
             scheme, address
         ) as ws:
             await ws.send(f"over {scheme.name}")
             assert await ws.recv() == f"over {scheme.name}"
-        assert ChoosingHandler.chosen == ["FastProtocol"]
+        # open() ran in CONNECTING, then the same FrameConnection carried it.
+        assert TLSReportingHandler.tls == [True, scheme.name == "wss"]
 
     run(scenario)
 
@@ -365,9 +362,9 @@ def test_buffered_counts_what_a_client_that_does_not_read_left_unsent(scheme: Sc
     seen: list[int] = []
 
     class Filling(RecordingHandler):
-        def open(self, *args: str, **kwargs: str) -> None:
-            super().open()
-            transport = self.ws_connection.transport  # type: ignore[union-attr]
+        def open(self, connection: FrameConnection) -> None:
+            super().open(connection)
+            transport = connection
             frame = framing.binary_frame(b"x" * 65536)
             for _ in range(200):  # 12.5 MiB, more than loopback's socket buffers
                 transport.send_frame(frame)

@@ -1,10 +1,10 @@
 """The frame path: after the 101, the socket leaves Tornado for the frame layer.
 
-Tornado parses the HTTP upgrade and runs the handler's checks, over TCP or
-TLS (its ``SSLIOStream`` does the TLS handshake). :class:`FastProtocol` (what
-``WebSocketHandler.get_websocket_protocol()`` returns) answers the 101 itself,
-negotiating permessage-deflate (:mod:`wsserver.deflate`), then takes the
-socket away from the ``IOStream`` and hands it to a :class:`FrameConnection`:
+Tornado parses the HTTP request, over TCP or TLS (its ``SSLIOStream`` does
+the TLS handshake). :class:`UpgradeHandler` checks the upgrade and answers
+the 101 itself, negotiating permessage-deflate (:mod:`wsserver.deflate`),
+then takes the socket away from the ``IOStream`` and hands it to a
+:class:`FrameConnection`:
 a plain socket through the loop's ``connect_accepted_socket``, a TLS one
 (an ``ssl.SSLSocket``, its TLS state inside it) through
 :class:`~wsserver.edge.tlstransport.TLSSocketTransport`. Both schemes then run
@@ -15,12 +15,12 @@ goes to the transport in one write: the replies to a read at its end, other
 frames (fan-out, pings) right after the step. Works on any asyncio loop
 (uvloop's is faster).
 
-The handler's ``open()`` runs after the 101, with ``ws_connection.transport``
-ready; it sets ``transport.receiver`` to accept the connection. Frames are read
-only after ``open()`` returned and only when a receiver is set: a refused
-connection (``open()`` called ``transport.close(4001, ...)`` and set no
-receiver) has its pipelined frames dropped unread and its TCP connection closed
-as soon as the close frame is flushed.
+The handler's ``open(connection)`` runs after the 101; it sets
+``connection.receiver`` to accept the connection. Frames are read only after
+``open()`` returned and only when a receiver is set: a refused connection
+(``open()`` called ``connection.close(4001, ...)`` and set no receiver) has its
+pipelined frames dropped unread and its TCP connection closed as soon as the
+close frame is flushed.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ import logging
 import ssl
 import sys
 import threading
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
-import tornado.escape
-import tornado.websocket
-from tornado.concurrent import Future
-from tornado.httputil import HTTPHeaders
+import tornado.web
 from tornado.iostream import StreamClosedError
+from tornado.util import ObjectDict
 
 from wsserver import deflate, framing
 from wsserver.closecodes import CloseCode
@@ -177,6 +176,11 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     kind = "websocket"
 
+    @property
+    def tls(self) -> bool:
+        """True when the connection came over TLS (``wss://``)."""
+        return isinstance(self._transport, TLSSocketTransport)
+
     def __init__(
         self,
         limits: FrameLimits,
@@ -190,7 +194,9 @@ class FrameConnection(asyncio.BufferedProtocol):
             limits.parser(deflate), deflate, limits.compression_threshold
         )
         self._unsent = unsent
-        self._on_gone = on_gone
+        #: Called once after ``receiver.on_closed`` (also when there was no
+        #: receiver: a refused connection), for whoever must forget it too.
+        self.on_gone = on_gone
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         #: True once open() returned (see start()).
@@ -233,7 +239,7 @@ class FrameConnection(asyncio.BufferedProtocol):
             transport.write(self._unsent)
             self._unsent = b""
         if not self._started:
-            # Only FastProtocol connects, after start(); a connection made
+            # Only UpgradeHandler connects, after start(); a connection made
             # any other way has had no open() and cannot be served.
             log.error("connection made before start(); closing with 1011")
             self.start(b"")
@@ -513,7 +519,7 @@ class FrameConnection(asyncio.BufferedProtocol):
                 receiver.on_closed(code, reason, by_server)
             except Exception:
                 log.exception("receiver.on_closed failed")
-        on_gone, self._on_gone = self._on_gone, None
+        on_gone, self.on_gone = self.on_gone, None
         if on_gone is not None:
             try:
                 on_gone(code, reason)
@@ -526,39 +532,81 @@ def accept_value(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + _ACCEPT_GUID).digest()).decode()
 
 
-class FastProtocol(tornado.websocket.WebSocketProtocol):
-    """What ``get_websocket_protocol()`` returns to put a connection on the frame layer.
+class UpgradeHandler(tornado.web.RequestHandler):
+    """``GET`` with ``Upgrade: websocket``: the 101 (RFC 6455 section 4.2), then the frame layer.
 
-    ``transport`` (a :class:`FrameConnection`) exists when ``open()`` runs.
-    Tornado-style ``write_message``/``close`` keep working for code that uses
-    them.
+    Tornado parses the request (over TCP or TLS); this handler checks the
+    upgrade, answers it itself, negotiating permessage-deflate when
+    ``limits.compression`` allows (:mod:`wsserver.deflate`), and hands the
+    socket to a :class:`FrameConnection`. Subclasses set :attr:`limits` and
+    implement :meth:`open`, which accepts a connection by setting its
+    ``receiver``; :meth:`check_origin` and :meth:`select_subprotocol` are the
+    other hooks. Nothing of Tornado's WebSocket implementation is used.
     """
 
-    def __init__(self, handler: tornado.websocket.WebSocketHandler, limits: FrameLimits) -> None:
-        super().__init__(handler)
-        self.limits = limits
-        self.transport: FrameConnection | None = None
-        self._subprotocol: str | None = None
+    #: The frame limits and compression settings of the connections it opens.
+    limits: FrameLimits = FrameLimits()
 
-    async def accept_connection(self, handler: tornado.websocket.WebSocketHandler) -> None:
-        headers = handler.request.headers
-        key = headers.get("Sec-Websocket-Key")
-        if not (headers.get("Host") and key and headers.get("Sec-Websocket-Version")):
-            handler.set_status(400)
-            handler.finish("Missing/Invalid WebSocket headers")
+    async def get(self, *args: str, **kwargs: str) -> None:
+        problem = self.upgrade_problem()
+        if problem is not None:
+            status, message = problem
+            self.set_status(status)
+            if status == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self.finish(message)
             return
+        await self._upgrade()
+
+    def upgrade_problem(self) -> tuple[int, str] | None:
+        """Why this request cannot be upgraded, as an HTTP status and a message, or None."""
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            return 400, 'Can "Upgrade" only to "WebSocket".'
+        if "upgrade" not in (s.strip().lower() for s in headers.get("Connection", "").split(",")):
+            return 400, '"Connection" must be "Upgrade".'
+        origin = headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            return 403, "Cross origin websockets not allowed"
+        if headers.get("Sec-WebSocket-Version") != "13":
+            return 426, "Upgrade Required"  # section 4.4: the versions we speak follow
+        if not (headers.get("Host") and headers.get("Sec-WebSocket-Key")):
+            return 400, "Missing/Invalid WebSocket headers"
+        return None
+
+    def check_origin(self, origin: str) -> bool:
+        """Whether a browser page from ``origin`` may connect: by default only
+        the same host (as Tornado's default). Browsers apply no same-origin
+        policy to WebSockets, so this check is what keeps other sites' pages
+        from connecting with a visitor's credentials."""
+        netloc = urllib.parse.urlsplit(origin).netloc.lower()
+        return netloc == self.request.headers.get("Host", "").lower()
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        """The subprotocol to answer, one of ``subprotocols``, or None."""
+        return None
+
+    def open(self, connection: FrameConnection) -> Awaitable[None] | None:
+        """After the 101: accept by setting ``connection.receiver``, or refuse
+        with ``connection.close(code, reason)`` and no receiver (what the
+        client pipelined is then never read). Runs before the socket is read;
+        what it sends goes out with the 101."""
+        return None
+
+    async def _upgrade(self) -> None:
+        headers = self.request.headers
         offered = [s.strip() for s in headers.get("Sec-WebSocket-Protocol", "").split(",")]
         offered = [s for s in offered if s]
-        self._subprotocol = handler.select_subprotocol(offered)
+        subprotocol = self.select_subprotocol(offered)
         response = [
             "HTTP/1.1 101 Switching Protocols",
             "Upgrade: websocket",
             "Connection: Upgrade",
-            "Sec-WebSocket-Accept: " + accept_value(key),
+            "Sec-WebSocket-Accept: " + accept_value(headers["Sec-WebSocket-Key"]),
         ]
-        if self._subprotocol:
-            assert self._subprotocol in offered
-            response.append("Sec-WebSocket-Protocol: " + self._subprotocol)
+        if subprotocol:
+            assert subprotocol in offered
+            response.append("Sec-WebSocket-Protocol: " + subprotocol)
         negotiated = None
         if self.limits.compression:
             accepted = deflate.negotiate(headers.get("Sec-WebSocket-Extensions"))
@@ -566,34 +614,31 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
                 negotiated, extension = accepted
                 response.append("Sec-WebSocket-Extensions: " + extension)
         # The 101 goes out with open()'s first frames, in one write (see
-        # connection_made); Tornado's finish() would send it alone.
-        handler.set_status(101)
-        stream = handler.detach()
-        handler.application.log_request(handler)
-        handler.on_finish()
+        # connection_made); finish() would send it alone. detach() ends the
+        # request as finish() would, so the access line and on_finish() are ours.
+        self.set_status(101)
+        stream = self.detach()
+        self.application.log_request(self)
+        self.on_finish()
+        self.ui = ObjectDict()  # drops the reference cycle, as finish() does
         try:
             sock, pipelined = await take_socket(stream)
         except StreamClosedError:
-            handler.on_ws_connection_close(1006, "")
-            return
-        unsent = ("\r\n".join(response) + "\r\n\r\n").encode("latin-1")
-
-        def on_gone(code: int, reason: str) -> None:
-            self.client_terminated = self.server_terminated = True
-            handler.on_ws_connection_close(code, reason)
-
+            return  # the client left during the 101
+        connection = FrameConnection(
+            self.limits, ("\r\n".join(response) + "\r\n\r\n").encode("latin-1"),
+            deflate=negotiated,
+        )
         # open() runs before the socket is connected: what it sends (the
         # welcome, or a refusal's close frame) is written by connection_made,
         # and the socket is registered for reading once, already accepted or
         # refused, with no pause and resume around open().
-        connection = FrameConnection(self.limits, unsent, on_gone, negotiated)
-        self.transport = connection
         try:
-            result = handler.open(*handler.open_args, **handler.open_kwargs)
+            result = self.open(connection)
             if result is not None:
                 await result
         except Exception:
-            handler.log_exception(*sys.exc_info())
+            self.log_exception(*sys.exc_info())
             # The 101 is not out yet: it goes, then a 1011 close, and the
             # client learns the server failed rather than seeing a cut.
             connection.close(CloseCode.INTERNAL, "")
@@ -607,54 +652,3 @@ class FastProtocol(tornado.websocket.WebSocketProtocol):
         except OSError:
             sock.close()
             connection.abandon()
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if self.transport is not None:
-            self.transport.close(code or 1000, reason or "")
-
-    def is_closing(self) -> bool:
-        return self.transport is None or self.transport.closing
-
-    def write_message(
-        self, message: str | bytes | dict[str, Any], binary: bool = False
-    ) -> Future[None]:
-        if isinstance(message, dict):
-            message = tornado.escape.json_encode(message)
-        payload = message.encode("utf-8") if isinstance(message, str) else message
-        future: Future[None] = Future()
-        if self.transport is None or not self.transport.send_data(payload, binary):
-            future.set_exception(tornado.websocket.WebSocketClosedError())
-        else:
-            future.set_result(None)
-        return future
-
-    @property
-    def selected_subprotocol(self) -> str | None:
-        return self._subprotocol
-
-    def write_ping(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.send_frame(framing.ping_frame(data))
-
-    def _process_server_headers(self, key: str | bytes, headers: HTTPHeaders) -> None:
-        raise NotImplementedError("server side only")
-
-    def start_pinging(self) -> None:
-        """Keepalive belongs to the Session (its sweep), not to the frame layer."""
-
-    async def _receive_frame_loop(self) -> None:
-        raise NotImplementedError("frames are read by FrameConnection.data_received")
-
-    def set_nodelay(self, x: bool) -> None:
-        """asyncio sets TCP_NODELAY on every TCP transport already."""
-
-
-def protocol_for(
-    handler: tornado.websocket.WebSocketHandler, limits: FrameLimits
-) -> tornado.websocket.WebSocketProtocol | None:
-    """What ``handler.get_websocket_protocol()`` should return: the frame
-    layer, over TCP or TLS alike; None (Tornado answers 426) for a WebSocket
-    version other than 13."""
-    if handler.request.headers.get("Sec-WebSocket-Version") != "13":
-        return None
-    return FastProtocol(handler, limits)

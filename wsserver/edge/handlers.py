@@ -9,6 +9,7 @@ the connection's logic, on the frame layer (:mod:`wsserver.edge.fastpath`).
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
@@ -18,13 +19,12 @@ from types import TracebackType
 from typing import Any
 
 import tornado.web
-import tornado.websocket
 from prometheus_client import Counter
 from tornado.httputil import HTTPHeaders
 from tornado.log import app_log, gen_log
 
 from wsserver.auth import Credentials, Identity, extract_token
-from wsserver.edge.fastpath import FastProtocol, FrameLimits, protocol_for
+from wsserver.edge.fastpath import FrameConnection, FrameLimits, UpgradeHandler
 from wsserver.edge.tornado_internals import disconnect_after_response
 from wsserver.errors import (
     BadHandshake,
@@ -120,7 +120,10 @@ class BaseHandler(RedactedLogging):
         self.finish(json.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.write_json({"error": self._reason}, status_code)
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        reason = error.reason if isinstance(error, tornado.web.HTTPError) else None
+        self.write_json({"error": reason or http.client.responses.get(status_code, "Unknown")},
+                        status_code)
 
 
 class NotFoundHandler(BaseHandler):
@@ -266,7 +269,7 @@ class IndexHandler(StaticHandler):
 
 
 
-class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
+class WebSocketHandler(RedactedLogging, UpgradeHandler):
     """``GET /ws``: the handshake, then a :class:`~wsserver.session.Session`.
 
     :meth:`get` runs the pre-upgrade checks in CONTRACT.md's order; after the
@@ -279,12 +282,11 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
 
     def initialize(self, services: Services, frame_limits: FrameLimits) -> None:
         self.services = services
-        self.frame_limits = frame_limits
+        self.limits = frame_limits
         self.client_address = _client_address(services, self.request)
         self.limit_key = limit_key(self.client_address)
         self.session: Session | None = None
         self._credentials: Credentials | None = None
-        self._fast: FastProtocol | None = None
         #: The token's verification, done before the upgrade.
         self._verdict: Identity | CloseError | None = None
         #: The registry slot held from the checks until the Session takes it.
@@ -296,7 +298,7 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
-            await super().get(*args, **kwargs)  # Tornado answers 400 / 426
+            await super().get(*args, **kwargs)  # answered 400
             return
         try:
             if self.request.version == "HTTP/1.0":
@@ -392,7 +394,7 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
         Browsers send ``Origin`` on every WebSocket handshake and apply no
         same-origin policy to WebSockets, so this list is what keeps other
         sites' pages from connecting with a visitor's credentials. It has
-        already run in :meth:`_admit`; Tornado asks again in ``get()``.
+        already run in :meth:`_admit`; :class:`UpgradeHandler` asks again.
         """
         return self.services.origins.allows(origin)
 
@@ -402,21 +404,12 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
             return "bearer"
         return None
 
-    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
-        """The frame layer, over TCP and TLS alike (None: Tornado answers 426)."""
-        protocol = protocol_for(self, self.frame_limits)
-        if isinstance(protocol, FastProtocol):
-            self._fast = protocol
-        return protocol
-
-    async def open(self, *args: str, **kwargs: str) -> None:
+    async def open(self, connection: FrameConnection) -> None:
         credentials, self._credentials = self._credentials, None
         verdict, self._verdict = self._verdict, None
         reservation, self._reservation = self._reservation, None
-        assert credentials is not None and self._fast is not None
-        transport = self._fast.transport
-        assert transport is not None
-        session = Session(self.services, transport, self.client_address, self.limit_key)
+        assert credentials is not None
+        session = Session(self.services, connection, self.client_address, self.limit_key)
         self.session = session
         if reservation is not None:
             self.services.registry.transfer(reservation, session)
@@ -424,7 +417,11 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
         if await session.open(credentials, verdict):
             # Frames are parsed only once a receiver is set: those pipelined
             # behind a refused token are dropped unread.
-            transport.receiver = session
+            connection.receiver = session
+        else:
+            # Refused (4001, 4008): no receiver, so the session hears of the
+            # end here (a receiver is told by the connection itself).
+            connection.on_gone = lambda code, reason: session.on_closed(code, reason, False)
 
     def _release_handshake(self) -> None:
         """Drop what only the handshake needed, instead of keeping it for the
@@ -434,12 +431,3 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
         self.request.uri = redact(self.request.uri or "")
         self.request.arguments = {}
         self.request.query_arguments = {}
-        self._headers = _NO_HEADERS
-
-    def on_close(self) -> None:
-        session = self.session
-        if session is not None:
-            # An accepted session heard it from its transport already (this
-            # call then does nothing); a refused one, which never became the
-            # transport's receiver, hears it here.
-            session.on_closed(self.close_code or 1006, self.close_reason or "", False)

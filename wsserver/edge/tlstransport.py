@@ -27,7 +27,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger("wsserver.fastpath")
 
@@ -97,15 +97,15 @@ class TLSSocketTransport:
             self._loop.remove_reader(self._fd)
 
     def _on_readable(self) -> None:
+        if not self._reading:
+            return  # paused or closed since this call was scheduled
         if self._write_wants_read:
             self._write_wants_read = False
             self._on_writable()
         sock = self._sock
         protocol = self._protocol
         for _ in range(READS_PER_EVENT):
-            if self._gone or self._paused or not self._reading:
-                return
-            buffer = memoryview(protocol.get_buffer(-1))
+            buffer = cast(memoryview, protocol.get_buffer(-1))
             try:
                 count = sock.recv_into(buffer)
             except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
@@ -123,10 +123,11 @@ class TLSSocketTransport:
                 self._eof()
                 return
             protocol.buffer_updated(count)
-            if not sock.pending() and count < len(buffer):
+            if not self._reading:
+                return
+            if count < len(buffer) and not sock.pending():
                 return  # most likely all there was; the kernel says if not
-        if not self._gone and self._reading and not self._paused:
-            self._loop.call_soon(self._on_readable)
+        self._loop.call_soon(self._on_readable)
 
     def _eof(self) -> None:
         self._stop_reading()
@@ -163,14 +164,25 @@ class TLSSocketTransport:
         """Send ``data``, or queue what the socket does not take now."""
         if self._gone or self._closing or self._eof_asked or not data:
             return
+        chunk = data if type(data) is bytes else bytes(data)
         if self._pending is None and not self._queue:
-            self._send(bytes(data))
+            try:
+                self._sock.send(chunk)
+                return
+            except OSError:
+                pass  # the usual case's cost stays one call; _send sorts it out
+            self._send(chunk)
             return
-        self._queue.append(bytes(data))
-        self._queued += len(data)
+        self._queue.append(chunk)
+        self._queued += len(chunk)
 
     def _send(self, chunk: bytes) -> bool:
-        """One ``SSL_write`` of ``chunk``; True when all of it went."""
+        """One ``SSL_write`` of ``chunk``; True when all of it went.
+
+        Without SSL_MODE_ENABLE_PARTIAL_WRITE (CPython does not set it), a
+        write either goes whole or raises; the one that raised is retried
+        with the same bytes (OpenSSL requires it).
+        """
         try:
             self._sock.send(chunk)
         except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
