@@ -18,6 +18,7 @@ from wsserver import __version__, loops
 from wsserver.auth import MAX_SUB_LENGTH, TokenIssuer
 from wsserver.config import OPTIONS, Settings, add_arguments, bool_parser, load_settings
 from wsserver.errors import ConfigError
+from wsserver.internals import skip_source_lookup
 
 COMMANDS = ("serve", "token", "check-config", "publish")
 EXIT_RUNTIME = 1
@@ -297,7 +298,7 @@ def _serve(settings: Settings) -> int:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging._srcfile = None
+    skip_source_lookup()
     log = logging.getLogger("wsserver")
     try:
         if settings.workers > 1:

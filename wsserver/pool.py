@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsserver.errors import BadRequest, Busy, TaskCancelled, TaskFailed, TaskTimeout
+from wsserver.internals import executor_manager, executor_processes
 from wsserver.metrics import Metrics
 from wsserver.tasks import Task, TaskTable
 
@@ -108,8 +109,7 @@ class _Worker:
 
     @property
     def pids(self) -> list[int]:
-        processes = self.executor._processes  # the executor keeps no public list
-        return list(processes) if processes else []
+        return list(executor_processes(self.executor))
 
     def submit(self, func: Callable[..., Any], kwargs: dict[str, Any]) -> Future[Any]:
         return self.executor.submit(func, **kwargs)
@@ -121,11 +121,10 @@ class _Worker:
         pending and joins the process; this does not wait for it (see :meth:`join`).
         """
         executor = self.executor
-        manager = executor._executor_manager_thread  # None once shut down
-        if isinstance(manager, threading.Thread):
+        manager = executor_manager(executor)
+        if manager is not None:
             self._manager = manager
-        processes = executor._processes
-        for process in list(processes.values()) if processes else []:
+        for process in executor_processes(executor).values():
             process.kill()
         executor.shutdown(wait=False)
 
