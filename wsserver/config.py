@@ -280,7 +280,14 @@ class Settings:
     )
     max_write_buffer: int = option(
         1024 * 1024, _positive_int,
-        "bytes of unsent data per connection before it is closed as a slow consumer (4009)",
+        "bytes of unsent data per connection: past it a room's messages wait and are sent "
+        "from the history once it drains (the member lags); replies may use as much again "
+        "before the connection is closed as a slow consumer (4009)",
+    )
+    slow_consumer_timeout: float = option(
+        30.0, _non_negative_float,
+        "seconds a connection may read nothing of its backlog before it is closed as a slow "
+        "consumer (4009; 0: never)",
     )
     task_workers: int = option(
         None, _positive_int, "processes in the CPU task pool (default: CPUs)",
@@ -345,9 +352,18 @@ class Settings:
         "client publishes per second into one room (every member receives each one)",
     )
     room_publish_burst: int = option(100, _positive_int, "per-room publish bucket size")
+    room_publish_bytes: int = option(
+        1024 * 1024, _non_negative_int,
+        "bytes per second of client publishes into one room, burst twice that (0: no byte "
+        "limit); what every member's link must carry",
+    )
     max_room_members: int = option(10000, _positive_int, "connections in one room on one node")
     max_recovery: int = option(
         300, _positive_int, "messages at most recovered on a join with 'since'",
+    )
+    max_recovery_bytes: int = option(
+        4 * 1024 * 1024, _positive_int,
+        "bytes at most recovered on a join with 'since' (beyond: recovered false)",
     )
     #: Not in repr: a Redis URL may hold a password.
     broker: str = option(

@@ -152,8 +152,19 @@ class TooManyForUser(CloseError):
 
 
 class SlowConsumer(CloseError):
+    """The peer reads too slowly for its own replies, or reads nothing at all (4009).
+
+    Room traffic never causes it: a member that falls behind a room lags
+    (see :mod:`wsserver.hub`).
+    """
+
     code = 4009
     default_reason = "slow consumer"
+
+    def __init__(self, detail: str = "replies past the write bound", backlog: int = 0) -> None:
+        super().__init__()
+        self.detail = detail
+        self.backlog = backlog
 
 
 class RateLimitExceeded(CloseError):

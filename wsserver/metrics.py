@@ -49,6 +49,12 @@ class Metrics:
             "Connections closed because the client did not read fast enough",
             registry=r,
         )
+        self.lagging = Gauge(
+            "wsserver_lagging_members",
+            "Room members whose live messages wait because their backlog passed "
+            "--max-write-buffer (each catches up from the history once drained)",
+            registry=r,
+        )
         self.tasks = Counter(
             "wsserver_tasks", "Tasks finished, by name and outcome", ["name", "outcome"], registry=r
         )

@@ -19,6 +19,9 @@ from wsserver.errors import BadRequest, UnknownType
 MAX_DEPTH = 32
 MAX_ROOM_LENGTH = 128
 MAX_ID_LENGTH = 128
+#: The largest offset a ``since`` may name: offsets are 64-bit signed in every
+#: broker (Redis stream IDs and counters), so a larger one was never given out.
+MAX_OFFSET = 2**63 - 1
 
 MessageId = str | int | float
 
@@ -189,8 +192,8 @@ def _validate_join(body: dict[str, Any]) -> None:
     if not isinstance(since, dict):
         raise BadRequest("'since' must be an object {\"offset\": O, \"epoch\": E}")
     offset, epoch = since.get("offset"), since.get("epoch")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise BadRequest("'since.offset' must be an integer, 0 or more")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise BadRequest("'since.offset' must be an integer from 0 to 2^63 - 1")
     if not isinstance(epoch, str) or not 1 <= len(epoch) <= 64:
         raise BadRequest("'since.epoch' must be a string of 1 to 64 characters")
 

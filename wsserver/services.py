@@ -121,9 +121,11 @@ class Services:
             sessions_of=self.registry.connections_of,
             spawn=self.spawn,
             max_recovery=settings.max_recovery,
+            max_recovery_bytes=settings.max_recovery_bytes,
             max_room_members=settings.max_room_members,
             room_publish_rate=settings.room_publish_rate,
             room_publish_burst=settings.room_publish_burst,
+            room_publish_bytes=settings.room_publish_bytes,
         )
         #: Futures of background work, held so the loop's weak references suffice.
         self.background: set[asyncio.Future[Any]] = set()
@@ -224,11 +226,16 @@ class Services:
         )
 
     def keepalive(self) -> None:
-        """One keepalive sweep over every connection."""
-        interval = self.settings.ping_interval
+        """One sweep over every connection: keepalive pings, and peers that read nothing."""
+        settings = self.settings
+        interval = settings.ping_interval
+        stall = settings.slow_consumer_timeout
         now = time.monotonic()
         for session in self.registry:
-            session.keepalive(now, interval)
+            if interval:
+                session.keepalive(now, interval)
+            if stall:
+                session.check_stalled(now, stall)
 
     def refresh_gauges(self) -> None:
         """Set the gauges that are read off the registry, the hub and the broker."""

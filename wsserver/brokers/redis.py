@@ -494,7 +494,9 @@ class RedisBroker(Broker):
         limit: int | None = None,
     ) -> HistoryPage:
         p = self._p
-        first = "" if since is None else ("-" if since < 0 else f"{since + 1}-0")
+        # Stream IDs are unsigned 64-bit: a since past any offset ever given reads nothing.
+        first = "" if since is None else (
+            "-" if since < 0 else f"{min(since + 1, 2**64 - 1)}-0")
         count = "" if limit is None or since is None else str(limit + 1)
         answer = await self._script(
             "HISTORY",

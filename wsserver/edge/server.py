@@ -174,11 +174,11 @@ class Server:
         self._jobs.append(
             PeriodicCallback(lambda: _discard(monitor.check()), settings.monitor_interval * 1000)
         )
-        if settings.ping_interval:
-            # Each connection is pinged within a tenth of the interval of its due time.
-            self._jobs.append(
-                PeriodicCallback(services.keepalive, settings.ping_interval * 100)
-            )
+        periods = [p for p in (settings.ping_interval, settings.slow_consumer_timeout) if p]
+        if periods:
+            # Each connection is pinged (and checked for reading nothing) within a
+            # tenth of the interval of its due time.
+            self._jobs.append(PeriodicCallback(services.keepalive, min(periods) * 100))
         if services.broker.kind != "memory":
             self._jobs.append(PeriodicCallback(
                 lambda: services.spawn(services.rebalance_buckets()), BUCKET_REBALANCE * 1000
