@@ -72,6 +72,8 @@ class FrameLimits:
     fragment_timeout: float | None = 10.0
     #: Seconds to wait for the peer's close frame after the server's.
     close_timeout: float = 2.0
+    #: Unsent bytes past which a ping is not answered (None: always answered).
+    max_write_buffer: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FrameLimits:
@@ -82,6 +84,7 @@ class FrameLimits:
             frame_rate=rate,
             frame_burst=burst,
             fragment_timeout=settings.fragment_timeout,
+            max_write_buffer=settings.max_write_buffer,
         )
 
     def parser(self) -> FrameParser:
@@ -287,7 +290,12 @@ class FrameConnection(asyncio.BufferedProtocol):
                     if not self.closing and receiver is not None:
                         receiver.on_binary(event)  # type: ignore[arg-type]
                 elif kind is Ping:
-                    self.send_frame(framing.pong_frame(event.data))  # type: ignore[union-attr]
+                    # A peer that does not read its backlog gets no more pongs
+                    # (RFC 6455 section 5.5.3 lets a pong answer only the latest
+                    # ping): pings must not grow the backlog past the bound.
+                    bound = self.limits.max_write_buffer
+                    if bound is None or self.buffered() < bound:
+                        self.send_frame(framing.pong_frame(event.data))  # type: ignore[union-attr]
                 elif kind is Pong:
                     if not self.closing and receiver is not None:
                         receiver.on_pong(event.data)  # type: ignore[union-attr]
