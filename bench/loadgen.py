@@ -466,6 +466,45 @@ class Member(Connection):
         run.sent += 1
 
 
+class Churner(Connection):
+    """A short-lived member: joins the room, and is closed once it got its ``joined``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "joined" and not self.joined.done():
+            self.joined.set_result(None)
+
+
+async def churn(dialer: Dialer, room: str, rate: float, stop: asyncio.Event) -> int:
+    """Connect, join ``room`` and close, ``rate`` times a second until ``stop``; how many.
+
+    Each joiner's history read races the room's live messages (the join race of
+    issue 19): the members' deliveries must not suffer from it.
+    """
+    count = 0
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one() -> None:
+        conn = await dialer.connect(Churner)
+        conn.send({"type": "join", "room": room})
+        await asyncio.wait_for(conn.joined, 30)
+        await conn.close()
+
+    while not stop.is_set():
+        task = asyncio.ensure_future(one())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        count += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1 / rate)
+    if pending:
+        await asyncio.gather(*pending)
+    return count
+
+
 def split(total: int, parts: int) -> list[int]:
     """``total`` as ``parts`` counts that differ by at most one, the larger ones first."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
@@ -490,6 +529,10 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
     await asyncio.gather(*(conn.joined for conn in conns))
     publisher = conns[0]
     publisher.publisher = True
+    stop_churn = asyncio.Event()
+    churning = None
+    if job.get("churn"):
+        churning = asyncio.ensure_future(churn(dialer, run.room, job["churn"], stop_churn))
     meter = CpuMeter.for_job(job)
     meter.start()
     started = time.perf_counter_ns()
@@ -502,6 +545,8 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
         timed_out = True
     elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
     cpu = meter.stop(run.delivered)
+    stop_churn.set()
+    churned = await churning if churning is not None else 0
     expected = run.members * run.publishes
     await close_all(conns)
     return {
@@ -510,6 +555,7 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
         "members": run.members,
         "publishes": run.publishes,
         "window": run.window,
+        "churned": churned,
         "expected": expected,
         "delivered": run.delivered,
         "all_delivered": run.delivered == expected and run.errors == 0,

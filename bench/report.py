@@ -215,6 +215,13 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
                      _every(single["wsserver"]), _every(single["baseline"]),
                      "wsserver: yes", lambda w, r: w is True),
             ]  # fmt: skip
+        unwindowed = fan.get("no_window", {})
+        if "no_window" in unwindowed and "windowed" in unwindowed:
+            rows += _fanout_pair(
+                "fanout", "all publishes back to back (10 in flight in baseline column)",
+                "ratio >= 1.0", _ratio_at_least(1.0), unwindowed["no_window"],
+                unwindowed["windowed"],
+            )
     loop = scenarios.get("loop", {})
     if "wsserver" in loop and "baseline" in loop:
         ws, base = loop["wsserver"], loop["baseline"]
@@ -297,6 +304,11 @@ def _cluster_checks(scenarios: dict[str, Result]) -> list[Check]:
         rows += _fanout_pair("history", "history on (off in baseline column)", "ratio >= 0.8",
                              _ratio_at_least(0.8), hist["wsserver_history"],
                              hist["wsserver_nohistory"])  # fmt: skip
+    churn = hist.get("churn", {})
+    if "churn" in churn and "no_churn" in churn:
+        rows += _fanout_pair("history", "members joining and leaving at 20/s (none in "
+                             "baseline column)", "ratio >= 0.9", _ratio_at_least(0.9),
+                             churn["churn"], churn["no_churn"])  # fmt: skip
     recovery = hist.get("recovery")
     if recovery:
         count = recovery["messages"]

@@ -59,6 +59,7 @@ class Params:
     loop_in_flight: int
     recovery_messages: int
     recovery_joins: int
+    churn_rate: float
 
 
 FULL = Params(
@@ -67,7 +68,7 @@ FULL = Params(
     fanout_members=1000, fanout_publishes=200, fanout_window=10, fanout_rounds=3,
     loop_warmup=1.0, loop_duration=10.0, loop_interval=0.01,
     loop_primes_limit=50_000_000, loop_taskers=3, loop_in_flight=2,
-    recovery_messages=300, recovery_joins=7,
+    recovery_messages=300, recovery_joins=7, churn_rate=20.0,
 )  # fmt: skip
 
 SMOKE = Params(
@@ -77,7 +78,7 @@ SMOKE = Params(
     loop_warmup=0.2, loop_duration=0.5, loop_interval=0.01,
     loop_primes_limit=5_000_000, loop_taskers=3, loop_in_flight=2,
     # The recovery is the contract's 300 (--max-recovery's default) in both presets.
-    recovery_messages=300, recovery_joins=3,
+    recovery_messages=300, recovery_joins=3, churn_rate=20.0,
 )  # fmt: skip
 
 
@@ -295,6 +296,13 @@ def fanout(bench: Bench) -> Result:
         result["one_in_flight"] = interleaved(
             bench, servers[:2], p.fanout_rounds, one_in_flight, "deliveries_per_s"
         )
+        # Issue 19: the publisher sends all of its messages back to back (no
+        # window): past the session's queue the server stops reading it (TCP
+        # back-pressure) instead of closing it, and every message still arrives.
+        result["no_window"] = alternate(p.fanout_rounds, {
+            "no_window": lambda: job(servers[0], window=p.fanout_publishes),
+            "windowed": lambda: job(servers[0]),
+        }, "deliveries_per_s")  # fmt: skip
         return result
 
 
@@ -467,6 +475,20 @@ def history(bench: Bench) -> Result:
                 )  # fmt: skip
 
             result = interleaved(bench, [on, off], p.fanout_rounds, job, "deliveries_per_s")
+
+            def churned(rate: float) -> Result:
+                return bench.loadgen(
+                    "fanout", on, room="hist:churn", churn=rate,
+                    members=p.fanout_members, publishes=p.fanout_publishes,
+                    window=p.fanout_window, timeout=120, server_pid=on.pid,
+                )  # fmt: skip
+
+            # Issue 19: members join and leave at 20/s beside the fan-out; each
+            # join's history read races the live messages, and costs a read.
+            result["churn"] = alternate(p.fanout_rounds, {
+                "churn": lambda: churned(p.churn_rate),
+                "no_churn": lambda: churned(0),
+            }, "deliveries_per_s")  # fmt: skip
             result["recovery"] = bench.loadgen(
                 "recover", on, room="recover:bench", messages=p.recovery_messages,
                 window=p.fanout_window, joins=p.recovery_joins,
