@@ -40,6 +40,7 @@ WSSERVER_BENCH_FLAGS: tuple[str, ...] = (
     "--message-burst", "1000000000",
     "--room-publish-rate", "1000000000",
     "--room-publish-burst", "1000000000",
+    "--room-publish-bytes", "0",
     "--frame-rate", "1000000000",
     "--frame-burst", "1000000000",
 )  # fmt: skip

@@ -389,19 +389,27 @@ class Hub:
     ) -> None:
         """The recovered messages the ``joined`` answer left out, paced; then go live."""
         for publication in pending:
-            if not await self._send_paced(session, room, self._message_for(session, publication)):
+            message = self._message_for(session, publication)
+            if not await self._send_paced(session, room, seat, message):
                 return
             self.metrics.deliveries.inc()
         self._release(session, room, seat, (page.epoch, page.offset))
 
-    async def _send_paced(self, session: Member, room: str, message: Prepared) -> bool:
+    async def _send_paced(
+        self, session: Member, room: str, seat: _Seat, message: Prepared
+    ) -> bool:
         """Deliver one message read back from the history, waiting for room under
         the write bound; False when the member has gone (or left) meanwhile."""
         while not session.deliver(message):
-            if session.gone or not self.is_member(session, room):
+            if not self._seated(session, room, seat):
                 return False
             await session.drained()
         return True
+
+    def _seated(self, session: Member, room: str, seat: _Seat) -> bool:
+        """True while ``seat`` is still ``session``'s in ``room`` (not left, not gone;
+        a leave and a new join make a new seat)."""
+        return not session.gone and self._members.get(room, {}).get(session) is seat
 
     def _message_for(self, session: Member, publication: Publication) -> Prepared:
         """``publication`` for ``session``: with its message id when it published it."""
@@ -520,7 +528,7 @@ class Hub:
         bound; what the history no longer keeps is told with a ``gap``.
         """
         await session.drained()
-        if session.gone or self._members.get(room, {}).get(session) is not seat:
+        if not self._seated(session, room, seat):
             return
         lag = self._clear_lag(seat)
         if lag is None:
@@ -541,7 +549,7 @@ class Hub:
                     page = await self.broker.history(room, spec, since=0, limit=CATCH_UP_PAGE)
             except BrokerUnavailable:
                 await asyncio.sleep(self.catch_up_retry)
-                if session.gone or self._members.get(room, {}).get(session) is not seat:
+                if not self._seated(session, room, seat):
                     return
                 continue
             lost = page.epoch != epoch
@@ -552,13 +560,15 @@ class Hub:
             if first > after + 1:
                 lost = True
                 after = first - 1
+            if not self._seated(session, room, seat):
+                return
             if lost and not await self._send_paced(
-                session, room, _gap_message(room, epoch, after)
+                session, room, seat, _gap_message(room, epoch, after)
             ):
                 return
             for publication in kept:
                 if not await self._send_paced(
-                    session, room, self._message_for(session, publication)
+                    session, room, seat, self._message_for(session, publication)
                 ):
                     return
                 self.metrics.deliveries.inc()
@@ -751,26 +761,60 @@ class Hub:
     def _deliver(self, publication: Publication) -> None:
         room = publication.room
         members = self._members.get(room)
-        if not members:
-            return
-        message = Prepared(publication.payload)
-        own = self._origins.pop(publication.origin, None) if publication.origin else None
+        tag = publication.origin
+        own = self._origins.get(tag) if tag is not None else None
+        keep_tag = False
         delivered = 0
-        for member, seat in list(members.items()):
-            if seat is not None and not self._admits(member, room, seat, publication):
-                continue
-            if own is not None and member is own[0]:
-                sent = member.deliver(Prepared(_with_id(publication.payload, own[1])))
-            else:
-                sent = member.deliver(message)
-            if sent:
-                delivered += 1
-            elif not member.gone:
-                if own is not None and member is own[0] and publication.offset is not None:
-                    # Its copy comes from the history, with its id, when it catches up.
-                    self._origins[publication.origin or ""] = own
-                self._start_lag(member, room, publication)
+        if members:
+            message = Prepared(publication.payload)
+            publisher = own[0] if own is not None else None
+            for member, seat in list(members.items()):
+                if member is publisher:
+                    assert own is not None
+                    sent, keep_tag = self._deliver_own(member, room, seat, publication, own[1])
+                    delivered += sent
+                    continue
+                if seat is not None and not self._admits(member, room, seat, publication):
+                    continue
+                if member.deliver(message):
+                    delivered += 1
+                elif not member.gone:
+                    self._start_lag(member, room, publication)
+        if own is not None and not keep_tag:
+            self._origins.pop(tag or "", None)
         self.metrics.deliveries.inc(delivered)
+
+    def _deliver_own(
+        self, member: Member, room: str, seat: _Seat | None, publication: Publication,
+        msg_id: MessageId,
+    ) -> tuple[bool, bool]:
+        """The publisher's own copy, which carries its message ``id`` (its reply).
+
+        Returns (sent, keep the origin tag): a copy that waits (held for a
+        join, or read back by a catch-up) finds its id by the tag later. In a
+        room without history nothing reads it back, so a publisher past its
+        write bound still gets its copy, as a reply.
+        """
+        copy = Prepared(_with_id(publication.payload, msg_id))
+        history = publication.offset is not None
+        if seat is not None:
+            if seat.holding is not None:
+                seat.holding.append(publication)
+                return False, True
+            if seat.lag is not None:
+                if history:
+                    return False, True
+                return member.send_prepared(copy), False
+            if not self._admits(member, room, seat, publication):
+                return False, False
+        if member.deliver(copy):
+            return True, False
+        if member.gone:
+            return False, False
+        if history:
+            self._start_lag(member, room, publication)
+            return False, True
+        return member.send_prepared(copy), False
 
     def _admits(self, member: Member, room: str, seat: _Seat, publication: Publication) -> bool:
         """Whether a live ``publication`` goes to ``member`` now (see :class:`_Seat`)."""
@@ -781,6 +825,10 @@ class Hub:
         if lag is not None:
             if publication.offset is None:
                 lag.dropped += 1
+            elif lag.epoch is None and publication.epoch is not None:
+                # It lagged on a message without an offset: the catch-up reads the
+                # history from the first one with an offset it skipped.
+                lag.epoch, lag.offset = publication.epoch, publication.offset - 1
             return False  # with an offset, the catch-up reads it back
         floor = seat.floor
         if floor is not None and publication.offset is not None:

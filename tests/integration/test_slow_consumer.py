@@ -31,7 +31,8 @@ PUBLISHED = 400  # 12.5 MiB in all, far past every buffer between server and rea
 #: holding the stalled reader's backlog would take.
 RSS_GROWTH_LIMIT = 12 * 1024 * 1024
 UNLIMITED = ("--message-rate", "100000", "--message-burst", "100000",
-             "--room-publish-rate", "100000", "--room-publish-burst", "100000")
+             "--room-publish-rate", "100000", "--room-publish-burst", "100000",
+             "--room-publish-bytes", "0")
 ROOMS = """
 [rooms]
 join = "token"

@@ -746,3 +746,18 @@ def test_a_run_of_publishes_reaches_the_broker_at_once_and_what_follows_waits() 
             ("message", 1), ("message", 2), ("message", 3), ("pong", 4)]
 
     run(scenario())
+
+
+def test_a_lagging_publisher_in_a_room_without_history_still_gets_its_reply() -> None:
+    """Its own copy (with its id) answers its publish: nothing would read it back."""
+    async def scenario() -> None:
+        services, scheduler = make_services(max_write_buffer="10000")
+        await start(services)
+        publisher = await welcomed(services, scheduler)
+        await publisher.send({"type": "join", "room": "r"})
+        publisher.transport.backlog = 9_990
+        replies = await publisher.send({"type": "publish", "room": "r", "data": "x", "id": 7})
+        assert [(m["type"], m["id"]) for m in replies] == [("message", 7)]
+        assert services.hub._origins == {}
+
+    run(scenario)
