@@ -34,7 +34,6 @@ TOKEN_OPTIONS = (
 UVICORN_FLAGS = {
     "--workers": "one wsserver process serves many connections; run several behind nginx",
     "--reload": "no reload: restart the process (systemctl restart wsserver)",
-    "--proxy-headers": "use --trusted-proxies ADDRESSES (X-Forwarded-For believed from them only)",
     "--forwarded-allow-ips": "use --trusted-proxies ADDRESSES",
     "--ssl-certfile": "use --certfile",
     "--ssl-keyfile": "use --keyfile",

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wsserver import frames, protocol
+from wsserver.access import RoomAccess
 from wsserver.brokers.base import (
     Broker,
     HistoryPage,
@@ -88,6 +89,7 @@ class Hub:
         broker: Broker,
         policy: RoomPolicy,
         metrics: Metrics,
+        access: RoomAccess,
         *,
         node_stats: Callable[[], NodeStats],
         sessions_of: Callable[[str], Sequence[Session]],
@@ -101,6 +103,8 @@ class Hub:
         self.broker = broker
         self.policy = policy
         self.metrics = metrics
+        #: The join and publish checks (policy, subscription tokens, the backend).
+        self.access = access
         self.max_recovery = max_recovery
         self.max_room_members = max_room_members
         #: Client publishes per room: one publish costs a frame per member, so a
@@ -146,8 +150,13 @@ class Hub:
         room: str,
         since: dict[str, Any] | None,
         answer: Callable[[dict[str, Any]], None],
+        token: str | None = None,
+        data: Any = None,
     ) -> None:
         """Make ``session`` a member of ``room`` and ``answer`` it ``joined``.
+
+        ``token`` (a subscription token) and ``data`` go to the permission
+        check (:meth:`RoomAccess.check_join`).
 
         ``answer`` sends the reply; the publications held for the session during
         the join follow it at once, in order, before any later live one.
@@ -155,13 +164,13 @@ class Hub:
         Raises:
             BadRequest: a malformed room name, or too many rooms.
             Forbidden: nothing grants the join.
+            BackendError, Unavailable: the subscribe proxy refused, or did not answer.
             BrokerUnavailable: the broker cannot be reached (nothing changed).
         """
         validate_room(room)
         identity = session.identity
         assert identity is not None
-        if not self.policy.can_join(identity.user, identity.grants, room):
-            raise session.forbidden(f"not allowed to join {room!r}")
+        await self.access.check_join(session, room, token, data)
         spec = history_spec(self.policy.policy_for(room))
         rooms = self._rooms_of.get(session, set())
         if room in rooms:
@@ -309,7 +318,7 @@ class Hub:
         if identity is None:
             return
         for room in sorted(self.rooms_of(session)):
-            if not self.policy.can_join(identity.user, identity.grants, room):
+            if not self.access.may_stay(session, room):
                 self._remove(session, room)
                 session.send({"type": "left", "room": room, "reason": "forbidden"})
                 await _quietly(self._after_leave(session, room))
@@ -323,6 +332,7 @@ class Hub:
         if not rooms or room not in rooms:
             return False
         rooms.discard(room)
+        self.access.forget_room(session, room)
         if not rooms:
             del self._rooms_of[session]
         members = self._members[room]
@@ -367,8 +377,7 @@ class Hub:
         assert identity is not None
         if not self.is_member(session, room):
             raise BadRequest(f"join room {room!r} before publishing to it")
-        if not self.policy.can_publish(identity.user, identity.grants, room, True):
-            raise session.forbidden(f"not allowed to publish to {room!r}")
+        data = await self.access.check_publish(session, room, data)
         wait = self.room_buckets.take(room)
         if wait:
             self.metrics.rejections.labels("room_rate").inc()

@@ -19,6 +19,7 @@ from wsserver.errors import BadRequest, UnknownType
 MAX_DEPTH = 32
 MAX_ROOM_LENGTH = 128
 MAX_ID_LENGTH = 128
+MAX_METHOD_LENGTH = 128
 
 MessageId = str | int | float
 
@@ -183,6 +184,9 @@ def _validate_nothing(body: dict[str, Any]) -> None:
 
 def _validate_join(body: dict[str, Any]) -> None:
     _require_room(body)
+    token = body.get("token")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise BadRequest("'token' (a subscription token) must be a non-empty string")
     since = body.get("since")
     if since is None:
         return
@@ -198,6 +202,12 @@ def _validate_join(body: dict[str, Any]) -> None:
 def _validate_publish(body: dict[str, Any]) -> None:
     _require_room(body)
     _require_data(body)
+
+
+def _validate_rpc(body: dict[str, Any]) -> None:
+    method = body.get("method")
+    if not isinstance(method, str) or not 1 <= len(method) <= MAX_METHOD_LENGTH:
+        raise BadRequest(f"'method' is required: a string of 1 to {MAX_METHOD_LENGTH} characters")
 
 
 def _validate_task(body: dict[str, Any]) -> None:
@@ -224,6 +234,7 @@ MESSAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "presence": _require_room,
     "task": _validate_task,
     "refresh": _validate_refresh,
+    "rpc": _validate_rpc,
 }
 MESSAGE_TYPES = frozenset(MESSAGES)
 

@@ -197,11 +197,11 @@ def test_rooms_table_wins_over_demo_mode(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ('[rooms]\njoin = "everyone"\n',
-         "rooms.join: unknown value 'everyone' (use token, anyone, owner or none)"),
+         "rooms.join: unknown value 'everyone' (use token, anyone, owner, proxy or none)"),
         ('[rooms.namespaces.chat]\njoin = "everyone"\n',
          "rooms.namespaces.chat.join: unknown value 'everyone'"),
         ('[rooms.namespaces.chat]\npublish = "anyone"\n',
-         "rooms.namespaces.chat.publish: unknown value 'anyone' (use token, members or none)"),
+         "rooms.namespaces.chat.publish: unknown value 'anyone' (use token, members, proxy or none)"),
         ("[rooms]\nhistory_size = '100'\n", "rooms.history_size: expected an integer"),
         ("[rooms]\npresence = 1\n", "rooms.presence: expected true or false"),
         ("[rooms]\nhistroy_size = 1\n", "rooms.histroy_size: unknown setting"),
