@@ -70,6 +70,8 @@ class AiohttpClient:
                 # keep-alive is shorter than ours): the request never reached
                 # the application. Once more, on a fresh connection.
                 return await self._once(method, url, body, headers, timeout)
+        except TimeoutError:
+            raise  # aiohttp's own timeouts are TimeoutErrors too: the caller's outcome
         except aiohttp.ClientError as exc:
             # The exception's text names the host and the error, never the body.
             raise HttpFailure(type(exc).__name__ + _detail(exc)) from None
