@@ -684,3 +684,18 @@ def test_a_run_of_publishes_reaches_the_broker_at_once_and_what_follows_waits() 
             ("message", 1), ("message", 2), ("message", 3), ("pong", 4)]
 
     run(scenario())
+
+
+def test_rpc_without_a_backend_is_an_unknown_type_that_says_why() -> None:
+    async def scenario() -> None:
+        services, scheduler = make_services()
+        await start(services)
+        client = await welcomed(services, scheduler)
+        reply = await client.ask({"type": "rpc", "method": "whoami", "id": 3})
+        assert reply == {"type": "error", "code": "unknown_type",
+                         "message": "rpc is not enabled on this server (no --proxy-rpc-url)",
+                         "id": 3}
+        assert value(services.metrics.messages, type="rpc") == 1
+        assert client.transport.closes == []
+
+    run(scenario)
