@@ -17,6 +17,7 @@ import pytest
 from tests.support.backend import AppBackend
 from tests.support.clients import ORIGIN, connect, refused, welcomed, welcomed_without_token
 from tests.support.metrics import value
+from tests.support.raw import RawConnection, upgrade_request
 from tests.support.tokens import mint
 from tests.support.waiting import until
 from wsserver.backend import PROXY_KEY_HEADER
@@ -221,3 +222,30 @@ async def test_beyond_the_concurrency_bound_503_at_once_not_a_queue(
     for future in waiting:
         assert (await future).status == 503
     assert state.registry.total == 1
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("extra_flags", [{"proxy_timeout": "5"}])
+@pytest.mark.parametrize("answer", ["accepts", "fails"])
+async def test_a_client_that_leaves_while_the_backend_decides_leaves_nothing_behind(
+    port: int, app_backend: AppBackend, state: Services, answer: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # "accepts": the backend answers a second later with the user; "fails": it
+    # hangs until released, then answers 500.
+    app_backend.fault("connect", 1.0 if answer == "accepts" else "hang")
+    conn = await RawConnection.open(port, upgrade_request(cookie(app_backend, "alice")))
+    await until(lambda: app_backend.waiting.get("connect", 0) == 1)
+    assert state.registry.count_for_address("127.0.0.1") == 1  # its slot is held meanwhile
+    conn.drop()
+    await asyncio.sleep(0.05)  # the server sees the FIN
+    if answer == "fails":
+        app_backend.release_hanging()
+    await until(lambda: app_backend.waiting.get("connect", 0) == 0)
+    await until(lambda: state.registry.count_for_address("127.0.0.1") == 0)
+    assert state.registry.total == 0 and state.registry.authenticated == 0
+    assert "Traceback" not in caplog.text and "Uncaught" not in caplog.text
+    # And the next one is served.
+    app_backend.fault("connect", None)
+    alice = await welcomed_without_token(port, "alice", headers=cookie(app_backend, "alice"))
+    assert await alice.ask({"type": "ping"}) == {"type": "pong"}
