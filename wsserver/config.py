@@ -394,24 +394,26 @@ class Settings:
         "seconds without a heartbeat after which a node counts as dead and its users leave "
         "presence (at least twice --broker-heartbeat; the two add up to at most 60)",
     )
+    #: The proxy and JWKS URLs are not in repr: a URL may hold credentials.
     proxy_connect_url: str | None = option(
         None, _http_url,
         "POST here to authenticate connections that carry no JWT (cookies, sessions); "
         "see docs/backend.md",
-        "URL",
+        "URL", repr=False,
     )
     proxy_subscribe_url: str | None = option(
         None, _http_url, "POST here to decide joins in namespaces with join = \"proxy\"", "URL",
+        repr=False,
     )
     proxy_publish_url: str | None = option(
         None, _http_url,
         "POST here to decide (and possibly rewrite) publishes in namespaces with "
         "publish = \"proxy\"",
-        "URL",
+        "URL", repr=False,
     )
     proxy_rpc_url: str | None = option(
         None, _http_url, "POST here the client's rpc messages; the answer goes back as rpc_result",
-        "URL",
+        "URL", repr=False,
     )
     proxy_headers: tuple[str, ...] = option(
         ("Cookie", "Authorization"), _header_names,
@@ -434,7 +436,7 @@ class Settings:
         None, _http_url,
         "verify tokens against this JSON Web Key Set (keys chosen by 'kid'); instead of a key "
         "file",
-        "URL",
+        "URL", repr=False,
     )
     jwks_refresh_min: float = option(
         30.0, _positive_float,

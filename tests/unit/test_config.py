@@ -379,10 +379,11 @@ def test_the_proxy_key_file_is_read_and_checked(tmp_path: Path) -> None:
 
 
 def test_a_connect_proxy_alone_is_not_demo_mode() -> None:
-    settings = load_settings({"proxy_connect_url": "http://127.0.0.1:9000/c", "host": "0.0.0.0"},
-                             {})
+    settings = load_settings({"proxy_connect_url": "http://app:pw@127.0.0.1:9000/c",
+                              "host": "0.0.0.0"}, {})
     assert not settings.demo_mode and not settings.demo
     assert settings.verify_key is None
+    assert "app:pw" not in repr(settings)  # a URL may hold credentials
 
 
 def test_a_jwks_url_takes_rs256_by_default_and_no_other_key() -> None:
