@@ -203,6 +203,8 @@ class Dialer:
     url: str
     jwt_user: str | None
     source_addresses: Sequence[str]
+    #: More handshake headers (a session cookie, for the connect proxy).
+    extra_headers: dict[str, str] = field(default_factory=dict)
     _secret: str = field(default_factory=lambda: os.environ.get("BENCH_JWT_SECRET", ""))
     _sources: Iterator[str] = field(init=False)
     _serial: Iterator[int] = field(default_factory=itertools.count)
@@ -211,13 +213,15 @@ class Dialer:
         self._sources = itertools.cycle(self.source_addresses or ["127.0.0.1"])
 
     def headers(self) -> dict[str, str]:
-        """The handshake headers: a bearer token for wsserver, none for the others."""
+        """The handshake headers: a bearer token for wsserver, none for the others
+        (plus the job's ``extra_headers``)."""
         if self.jwt_user is None:
-            return {}
+            return dict(self.extra_headers)
         # Grants for every room: the fan-out scenario joins and publishes.
         claims = {"sub": f"{self.jwt_user}-{next(self._serial)}", "exp": int(time.time()) + 3600,
                   "rooms": ["*"], "publish": ["*"]}
-        return {"Authorization": "Bearer " + jwt.encode(claims, self._secret, algorithm="HS256")}
+        token = jwt.encode(claims, self._secret, algorithm="HS256")
+        return {**self.extra_headers, "Authorization": "Bearer " + token}
 
     async def connect(self, factory: Callable[[], C]) -> C:
         """One connection, returned once the server's welcome has arrived."""
@@ -813,7 +817,8 @@ SCENARIOS = {
 
 
 async def run(job: Job) -> Result:
-    dialer = Dialer(job["url"], job.get("jwt_user"), job.get("source_addresses", []))
+    dialer = Dialer(job["url"], job.get("jwt_user"), job.get("source_addresses", []),
+                    job.get("extra_headers", {}))
     return await SCENARIOS[job["scenario"]](job, dialer)
 
 

@@ -237,6 +237,22 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
                  base["median"]["tasks_per_s"]),
         ]  # fmt: skip
     rows += _cluster_checks(scenarios)
+    proxy = scenarios.get("connect_proxy", {})
+    if "wsserver_proxy" in proxy and "wsserver_jwt" in proxy:
+        via, jwt_run = proxy["wsserver_proxy"]["median"], proxy["wsserver_jwt"]["median"]
+        rows += [
+            _row("connect_proxy", "connects/s, connect proxy (JWT in baseline column)",
+                 via["connects_per_s"], jwt_run["connects_per_s"]),
+            _row("connect_proxy", "server CPU µs per connect", via["server_cpu_us_per_unit"],
+                 jwt_run["server_cpu_us_per_unit"]),
+            _row("connect_proxy", "handshake p50 ms", via["handshake"]["p50_ms"],
+                 jwt_run["handshake"]["p50_ms"]),
+            _row("connect_proxy", "backend CPU µs per connect",
+                 via.get("backend_cpu_us_per_connect"), None),
+            _row("connect_proxy", "connections open at the end", via["still_open"],
+                 jwt_run["still_open"], f"= {via['connections']}",
+                 lambda w, r: w == via["connections"]),
+        ]  # fmt: skip
     return rows
 
 

@@ -9,6 +9,7 @@ shared machine hits both alike, and keeps the median round of each.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import itertools
@@ -22,12 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import cpu_seconds
 from bench.servers import (
     RedisProcess,
     ServerKind,
     ServerProcess,
     baseline_kind,
     baseline_uvloop_kind,
+    proxy_backend_kind,
     renamed,
     uvicorn_kind,
     wsserver_kind,
@@ -60,6 +63,8 @@ class Params:
     recovery_messages: int
     recovery_joins: int
     churn_rate: float
+    proxy_connections: int
+    proxy_rounds: int
 
 
 FULL = Params(
@@ -69,6 +74,7 @@ FULL = Params(
     loop_warmup=1.0, loop_duration=10.0, loop_interval=0.01,
     loop_primes_limit=50_000_000, loop_taskers=3, loop_in_flight=2,
     recovery_messages=300, recovery_joins=7, churn_rate=20.0,
+    proxy_connections=3000, proxy_rounds=3,
 )  # fmt: skip
 
 SMOKE = Params(
@@ -79,6 +85,7 @@ SMOKE = Params(
     loop_primes_limit=5_000_000, loop_taskers=3, loop_in_flight=2,
     # The recovery is the contract's 300 (--max-recovery's default) in both presets.
     recovery_messages=300, recovery_joins=3, churn_rate=20.0,
+    proxy_connections=200, proxy_rounds=1,
 )  # fmt: skip
 
 
@@ -496,6 +503,53 @@ def history(bench: Bench) -> Result:
     return result
 
 
+def connect_proxy(bench: Bench) -> Result:
+    """Connects/s and server CPU per connect: the connect proxy against JWTs.
+
+    ``wsserver_jwt`` verifies an HS256 token per connection (as ``idle``);
+    ``wsserver_proxy`` gets no token, so it POSTs each handshake's cookie to a
+    local backend that answers at once (:mod:`bench.proxy_backend`), over
+    aiohttp's keep-alive pool: the price of one round trip per connect. The
+    backend runs on the generator's CPU (it is the application's cost, not
+    the server's); its CPU per connect is reported apart. Fresh servers each
+    round, rounds alternating.
+    """
+    p = bench.params
+    jwt_kind = renamed(wsserver_kind(bench.secret), "wsserver_jwt")
+    with bench.start(proxy_backend_kind(), bench.generator_cpus) as backend:
+        proxy_kind = dataclasses.replace(
+            renamed(wsserver_kind(bench.secret), "wsserver_proxy",
+                    ["--proxy-connect-url", f"http://127.0.0.1:{backend.port}/connect"]),
+            jwt_user=None,
+        )  # fmt: skip
+        runs: dict[str, list[Result]] = {jwt_kind.name: [], proxy_kind.name: []}
+        for _ in range(p.proxy_rounds):
+            for kind in (jwt_kind, proxy_kind):
+                with bench.start(kind, bench.server_cpus) as srv:
+                    backend_before = cpu_seconds(backend.pid)
+                    run = bench.loadgen(
+                        "idle", srv, also=[backend],
+                        connections=p.proxy_connections,
+                        warmup_connections=p.idle_warmup_connections,
+                        server_pid=srv.pid,
+                        extra_headers={"Cookie": "session=bench-session-cookie"},
+                    )  # fmt: skip
+                    backend_cpu = cpu_seconds(backend.pid) - backend_before
+                if kind is proxy_kind:
+                    # Warm-up connects went through the backend too.
+                    calls = p.proxy_connections + p.idle_warmup_connections
+                    run["backend_cpu_us_per_connect"] = 1e6 * backend_cpu / calls
+                runs[kind.name].append(run)
+    result: Result = {
+        name: {"median": median_round(rounds, "connects_per_s"), "rounds": rounds}
+        for name, rounds in runs.items()
+    }
+    jwt_rate = result[jwt_kind.name]["median"]["connects_per_s"]
+    proxy_rate = result[proxy_kind.name]["median"]["connects_per_s"]
+    result["proxy_to_jwt_connects"] = proxy_rate / jwt_rate if jwt_rate else None
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "echo": echo,
     "idle": idle,
@@ -505,6 +559,7 @@ SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "redis_echo": redis_echo,
     "two_nodes": two_nodes,
     "history": history,
+    "connect_proxy": connect_proxy,
 }
 
 

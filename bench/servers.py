@@ -94,6 +94,11 @@ def uvicorn_kind() -> ServerKind:
     return ServerKind("uvicorn", (sys.executable, "-m", "bench.uvicorn_app", "--port"))
 
 
+def proxy_backend_kind() -> ServerKind:
+    """The connect-proxy backend of :mod:`bench.proxy_backend` (answers at once)."""
+    return ServerKind("proxy_backend", (sys.executable, "-m", "bench.proxy_backend", "--port"))
+
+
 def new_secret() -> str:
     """A fresh HS256 key for one benchmark run (64 characters, above RFC 7518's 32 bytes)."""
     return secrets.token_urlsafe(48)

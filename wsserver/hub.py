@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wsserver import protocol
+from wsserver.access import RoomAccess
 from wsserver.brokers.base import (
     Broker,
     BrokerUnavailable,
@@ -193,6 +194,7 @@ class Hub:
         broker: Broker,
         policy: RoomPolicy,
         metrics: Metrics,
+        access: RoomAccess,
         *,
         node_stats: Callable[[], NodeStats],
         sessions_of: Callable[[str], Sequence[Member]],
@@ -208,6 +210,8 @@ class Hub:
         self.broker = broker
         self.policy = policy
         self.metrics = metrics
+        #: The join and publish checks (policy, subscription tokens, the backend).
+        self.access = access
         self.max_recovery = max_recovery
         self.max_recovery_bytes = max_recovery_bytes
         self.max_room_members = max_room_members
@@ -268,8 +272,13 @@ class Hub:
         room: str,
         since: dict[str, Any] | None,
         answer: Callable[[dict[str, Any]], None],
+        token: str | None = None,
+        data: Any = None,
     ) -> None:
         """Make ``session`` a member of ``room`` and ``answer`` it ``joined``.
+
+        ``token`` (a subscription token) and ``data`` go to the permission
+        check (:meth:`RoomAccess.check_join`).
 
         ``answer`` sends the reply; what the answer leaves pending and the
         publications held for the session during the join follow it, in order,
@@ -278,13 +287,13 @@ class Hub:
         Raises:
             BadRequest: a malformed room name, or too many rooms.
             Forbidden: nothing grants the join.
+            BackendError, Unavailable: the subscribe proxy refused, or did not answer.
             BrokerUnavailable: the broker cannot be reached (nothing changed).
         """
         validate_room(room)
         identity = session.identity
         assert identity is not None
-        if not self.policy.can_join(identity.user, identity.grants, room):
-            raise session.forbidden(f"not allowed to join {room!r}")
+        await self.access.check_join(session, room, token, data)
         spec = history_spec(self.policy.policy_for(room))
         rooms = self._rooms_of.get(session, set())
         if room in rooms:
@@ -611,7 +620,7 @@ class Hub:
         if identity is None:
             return
         for room in sorted(self.rooms_of(session)):
-            if not self.policy.can_join(identity.user, identity.grants, room):
+            if not self.access.may_stay(session, room):
                 self._remove(session, room)
                 session.send_prepared(Prepared(protocol.encode(
                     {"type": "left", "room": room, "reason": "forbidden"})))
@@ -626,6 +635,7 @@ class Hub:
         if not rooms or room not in rooms:
             return False
         rooms.discard(room)
+        self.access.forget_room(session, room)
         if not rooms:
             del self._rooms_of[session]
         members = self._members[room]
@@ -672,8 +682,7 @@ class Hub:
         assert identity is not None
         if not self.is_member(session, room):
             raise BadRequest(f"join room {room!r} before publishing to it")
-        if not self.policy.can_publish(identity.user, identity.grants, room, True):
-            raise session.forbidden(f"not allowed to publish to {room!r}")
+        data = await self.access.check_publish(session, room, data)
         message = protocol.encode(
             {"type": "message", "room": room, "from": identity.user, "data": data}
         )

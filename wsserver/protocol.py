@@ -22,6 +22,7 @@ MAX_ID_LENGTH = 128
 #: The largest offset a ``since`` may name: offsets are 64-bit signed in every
 #: broker (Redis stream IDs and counters), so a larger one was never given out.
 MAX_OFFSET = 2**63 - 1
+MAX_METHOD_LENGTH = 128
 
 MessageId = str | int | float
 
@@ -186,6 +187,9 @@ def _validate_nothing(body: dict[str, Any]) -> None:
 
 def _validate_join(body: dict[str, Any]) -> None:
     _require_room(body)
+    token = body.get("token")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise BadRequest("'token' (a subscription token) must be a non-empty string")
     since = body.get("since")
     if since is None:
         return
@@ -201,6 +205,12 @@ def _validate_join(body: dict[str, Any]) -> None:
 def _validate_publish(body: dict[str, Any]) -> None:
     _require_room(body)
     _require_data(body)
+
+
+def _validate_rpc(body: dict[str, Any]) -> None:
+    method = body.get("method")
+    if not isinstance(method, str) or not 1 <= len(method) <= MAX_METHOD_LENGTH:
+        raise BadRequest(f"'method' is required: a string of 1 to {MAX_METHOD_LENGTH} characters")
 
 
 def _validate_task(body: dict[str, Any]) -> None:
@@ -227,6 +237,7 @@ MESSAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "presence": _require_room,
     "task": _validate_task,
     "refresh": _validate_refresh,
+    "rpc": _validate_rpc,
 }
 MESSAGE_TYPES = frozenset(MESSAGES)
 

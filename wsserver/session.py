@@ -41,6 +41,7 @@ from wsserver.errors import (
     TokenInvalid,
     TooManyForUser,
     Unavailable,
+    UnknownType,
 )
 from wsserver.logsafe import escape
 from wsserver.protocol import ClientMessage, MessageId
@@ -173,7 +174,8 @@ class Session:
             {
                 "type": "welcome",
                 "user": identity.user,
-                "expires_at": int(identity.expires_at),
+                # null: the connect proxy's session has no end.
+                "expires_at": _unix(identity.expires_at),
                 "limits": {
                     "message_rate": settings.message_rate,
                     "message_burst": settings.message_burst,
@@ -360,7 +362,8 @@ class Session:
                 reply["id"] = msg.id
             self.send_prepared(Prepared(protocol.encode_with_raw(reply)))
 
-        await self.services.hub.join(self, msg.field("room"), msg.body.get("since"), answer)
+        await self.services.hub.join(self, msg.field("room"), msg.body.get("since"), answer,
+                                     msg.body.get("token"), msg.body.get("data"))
 
     async def _on_leave(self, msg: ClientMessage) -> None:
         room = msg.field("room")
@@ -375,6 +378,15 @@ class Session:
         presence = await self.services.hub.presence_for(self, room)
         self.reply(msg, {"type": "presence", "room": room, "users": presence.users,
                          "connections": presence.connections})
+
+    async def _on_rpc(self, msg: ClientMessage) -> None:
+        """Forward the call to the application's backend (``--proxy-rpc-url``)."""
+        assert self.identity is not None
+        backend = self.services.backend
+        if backend is None or not backend.enabled("rpc"):
+            raise UnknownType("rpc is not enabled on this server (no --proxy-rpc-url)")
+        data = await backend.rpc(self.identity.user, msg.field("method"), msg.body.get("data"))
+        self.reply(msg, {"type": "rpc_result", "data": data})
 
     def _on_task(self, msg: ClientMessage) -> None:
         # Validated first, so unknown names and bad arguments are answered as
@@ -428,6 +440,7 @@ class Session:
         "leave": _on_leave,
         "publish": _on_publish,
         "presence": _on_presence,
+        "rpc": _on_rpc,
     }
 
     # --- live tokens -----------------------------------------------------------
@@ -436,6 +449,8 @@ class Session:
         """``token_expiring`` before ``exp``, then close 4001 at ``exp`` (+ leeway)."""
         assert self.identity is not None
         self._cancel_timer()
+        if self.identity.expires_at == math.inf:
+            return  # a connect proxy's session without an end
         remaining = self.identity.expires_at - self._wall()
         warning = min(self.services.settings.token_warning, max(remaining, 0.0) / 2)
         self._timer = self.transport.call_later(max(0.0, remaining - warning),
@@ -647,6 +662,11 @@ class Session:
 #: Every message type has exactly one handler (a unit test checks it too).
 assert set(Session._SYNC) | set(Session._ASYNC) == protocol.MESSAGE_TYPES
 assert not set(Session._SYNC) & set(Session._ASYNC)
+
+
+def _unix(expires_at: float) -> int | None:
+    """``expires_at`` as whole Unix seconds; None for no end."""
+    return None if expires_at == math.inf else int(expires_at)
 
 
 async def _all(futures: list[asyncio.Future[None]]) -> None:

@@ -761,3 +761,18 @@ def test_a_lagging_publisher_in_a_room_without_history_still_gets_its_reply() ->
         assert services.hub._origins == {}
 
     run(scenario)
+
+
+def test_rpc_without_a_backend_is_an_unknown_type_that_says_why() -> None:
+    async def scenario() -> None:
+        services, scheduler = make_services()
+        await start(services)
+        client = await welcomed(services, scheduler)
+        reply = await client.ask({"type": "rpc", "method": "whoami", "id": 3})
+        assert reply == {"type": "error", "code": "unknown_type",
+                         "message": "rpc is not enabled on this server (no --proxy-rpc-url)",
+                         "id": 3}
+        assert value(services.metrics.messages, type="rpc") == 1
+        assert client.transport.closes == []
+
+    run(scenario)
