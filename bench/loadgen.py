@@ -203,6 +203,8 @@ class Dialer:
     url: str
     jwt_user: str | None
     source_addresses: Sequence[str]
+    #: More handshake headers (a session cookie, for the connect proxy).
+    extra_headers: dict[str, str] = field(default_factory=dict)
     _secret: str = field(default_factory=lambda: os.environ.get("BENCH_JWT_SECRET", ""))
     _sources: Iterator[str] = field(init=False)
     _serial: Iterator[int] = field(default_factory=itertools.count)
@@ -211,13 +213,15 @@ class Dialer:
         self._sources = itertools.cycle(self.source_addresses or ["127.0.0.1"])
 
     def headers(self) -> dict[str, str]:
-        """The handshake headers: a bearer token for wsserver, none for the others."""
+        """The handshake headers: a bearer token for wsserver, none for the others
+        (plus the job's ``extra_headers``)."""
         if self.jwt_user is None:
-            return {}
+            return dict(self.extra_headers)
         # Grants for every room: the fan-out scenario joins and publishes.
         claims = {"sub": f"{self.jwt_user}-{next(self._serial)}", "exp": int(time.time()) + 3600,
                   "rooms": ["*"], "publish": ["*"]}
-        return {"Authorization": "Bearer " + jwt.encode(claims, self._secret, algorithm="HS256")}
+        token = jwt.encode(claims, self._secret, algorithm="HS256")
+        return {**self.extra_headers, "Authorization": "Bearer " + token}
 
     async def connect(self, factory: Callable[[], C]) -> C:
         """One connection, returned once the server's welcome has arrived."""
@@ -466,6 +470,45 @@ class Member(Connection):
         run.sent += 1
 
 
+class Churner(Connection):
+    """A short-lived member: joins the room, and is closed once it got its ``joined``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "joined" and not self.joined.done():
+            self.joined.set_result(None)
+
+
+async def churn(dialer: Dialer, room: str, rate: float, stop: asyncio.Event) -> int:
+    """Connect, join ``room`` and close, ``rate`` times a second until ``stop``; how many.
+
+    Each joiner's history read races the room's live messages (the join race of
+    issue 19): the members' deliveries must not suffer from it.
+    """
+    count = 0
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one() -> None:
+        conn = await dialer.connect(Churner)
+        conn.send({"type": "join", "room": room})
+        await asyncio.wait_for(conn.joined, 30)
+        await conn.close()
+
+    while not stop.is_set():
+        task = asyncio.ensure_future(one())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        count += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1 / rate)
+    if pending:
+        await asyncio.gather(*pending)
+    return count
+
+
 def split(total: int, parts: int) -> list[int]:
     """``total`` as ``parts`` counts that differ by at most one, the larger ones first."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
@@ -490,6 +533,10 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
     await asyncio.gather(*(conn.joined for conn in conns))
     publisher = conns[0]
     publisher.publisher = True
+    stop_churn = asyncio.Event()
+    churning = None
+    if job.get("churn"):
+        churning = asyncio.ensure_future(churn(dialer, run.room, job["churn"], stop_churn))
     meter = CpuMeter.for_job(job)
     meter.start()
     started = time.perf_counter_ns()
@@ -502,6 +549,8 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
         timed_out = True
     elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
     cpu = meter.stop(run.delivered)
+    stop_churn.set()
+    churned = await churning if churning is not None else 0
     expected = run.members * run.publishes
     await close_all(conns)
     return {
@@ -510,6 +559,7 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
         "members": run.members,
         "publishes": run.publishes,
         "window": run.window,
+        "churned": churned,
         "expected": expected,
         "delivered": run.delivered,
         "all_delivered": run.delivered == expected and run.errors == 0,
@@ -767,7 +817,8 @@ SCENARIOS = {
 
 
 async def run(job: Job) -> Result:
-    dialer = Dialer(job["url"], job.get("jwt_user"), job.get("source_addresses", []))
+    dialer = Dialer(job["url"], job.get("jwt_user"), job.get("source_addresses", []),
+                    job.get("extra_headers", {}))
     return await SCENARIOS[job["scenario"]](job, dialer)
 
 

@@ -215,6 +215,13 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
                      _every(single["wsserver"]), _every(single["baseline"]),
                      "wsserver: yes", lambda w, r: w is True),
             ]  # fmt: skip
+        unwindowed = fan.get("no_window", {})
+        if "no_window" in unwindowed and "windowed" in unwindowed:
+            rows += _fanout_pair(
+                "fanout", "all publishes back to back (10 in flight in baseline column)",
+                "ratio >= 1.0", _ratio_at_least(1.0), unwindowed["no_window"],
+                unwindowed["windowed"],
+            )
     loop = scenarios.get("loop", {})
     if "wsserver" in loop and "baseline" in loop:
         ws, base = loop["wsserver"], loop["baseline"]
@@ -230,6 +237,22 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
                  base["median"]["tasks_per_s"]),
         ]  # fmt: skip
     rows += _cluster_checks(scenarios)
+    proxy = scenarios.get("connect_proxy", {})
+    if "wsserver_proxy" in proxy and "wsserver_jwt" in proxy:
+        via, jwt_run = proxy["wsserver_proxy"]["median"], proxy["wsserver_jwt"]["median"]
+        rows += [
+            _row("connect_proxy", "connects/s, connect proxy (JWT in baseline column)",
+                 via["connects_per_s"], jwt_run["connects_per_s"]),
+            _row("connect_proxy", "server CPU µs per connect", via["server_cpu_us_per_unit"],
+                 jwt_run["server_cpu_us_per_unit"]),
+            _row("connect_proxy", "handshake p50 ms", via["handshake"]["p50_ms"],
+                 jwt_run["handshake"]["p50_ms"]),
+            _row("connect_proxy", "backend CPU µs per connect",
+                 via.get("backend_cpu_us_per_connect"), None),
+            _row("connect_proxy", "connections open at the end", via["still_open"],
+                 jwt_run["still_open"], f"= {via['connections']}",
+                 lambda w, r: w == via["connections"]),
+        ]  # fmt: skip
     return rows
 
 
@@ -297,6 +320,11 @@ def _cluster_checks(scenarios: dict[str, Result]) -> list[Check]:
         rows += _fanout_pair("history", "history on (off in baseline column)", "ratio >= 0.8",
                              _ratio_at_least(0.8), hist["wsserver_history"],
                              hist["wsserver_nohistory"])  # fmt: skip
+    churn = hist.get("churn", {})
+    if "churn" in churn and "no_churn" in churn:
+        rows += _fanout_pair("history", "members joining and leaving at 20/s (none in "
+                             "baseline column)", "ratio >= 0.9", _ratio_at_least(0.9),
+                             churn["churn"], churn["no_churn"])  # fmt: skip
     recovery = hist.get("recovery")
     if recovery:
         count = recovery["messages"]

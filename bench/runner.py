@@ -9,6 +9,7 @@ shared machine hits both alike, and keeps the median round of each.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import itertools
@@ -22,12 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import cpu_seconds
 from bench.servers import (
     RedisProcess,
     ServerKind,
     ServerProcess,
     baseline_kind,
     baseline_uvloop_kind,
+    proxy_backend_kind,
     renamed,
     uvicorn_kind,
     wsserver_kind,
@@ -59,6 +62,9 @@ class Params:
     loop_in_flight: int
     recovery_messages: int
     recovery_joins: int
+    churn_rate: float
+    proxy_connections: int
+    proxy_rounds: int
 
 
 FULL = Params(
@@ -67,7 +73,8 @@ FULL = Params(
     fanout_members=1000, fanout_publishes=200, fanout_window=10, fanout_rounds=3,
     loop_warmup=1.0, loop_duration=10.0, loop_interval=0.01,
     loop_primes_limit=50_000_000, loop_taskers=3, loop_in_flight=2,
-    recovery_messages=300, recovery_joins=7,
+    recovery_messages=300, recovery_joins=7, churn_rate=20.0,
+    proxy_connections=3000, proxy_rounds=3,
 )  # fmt: skip
 
 SMOKE = Params(
@@ -77,7 +84,8 @@ SMOKE = Params(
     loop_warmup=0.2, loop_duration=0.5, loop_interval=0.01,
     loop_primes_limit=5_000_000, loop_taskers=3, loop_in_flight=2,
     # The recovery is the contract's 300 (--max-recovery's default) in both presets.
-    recovery_messages=300, recovery_joins=3,
+    recovery_messages=300, recovery_joins=3, churn_rate=20.0,
+    proxy_connections=200, proxy_rounds=1,
 )  # fmt: skip
 
 
@@ -295,6 +303,13 @@ def fanout(bench: Bench) -> Result:
         result["one_in_flight"] = interleaved(
             bench, servers[:2], p.fanout_rounds, one_in_flight, "deliveries_per_s"
         )
+        # Issue 19: the publisher sends all of its messages back to back (no
+        # window): past the session's queue the server stops reading it (TCP
+        # back-pressure) instead of closing it, and every message still arrives.
+        result["no_window"] = alternate(p.fanout_rounds, {
+            "no_window": lambda: job(servers[0], window=p.fanout_publishes),
+            "windowed": lambda: job(servers[0]),
+        }, "deliveries_per_s")  # fmt: skip
         return result
 
 
@@ -467,10 +482,71 @@ def history(bench: Bench) -> Result:
                 )  # fmt: skip
 
             result = interleaved(bench, [on, off], p.fanout_rounds, job, "deliveries_per_s")
+
+            def churned(rate: float) -> Result:
+                return bench.loadgen(
+                    "fanout", on, room="hist:churn", churn=rate,
+                    members=p.fanout_members, publishes=p.fanout_publishes,
+                    window=p.fanout_window, timeout=120, server_pid=on.pid,
+                )  # fmt: skip
+
+            # Issue 19: members join and leave at 20/s beside the fan-out; each
+            # join's history read races the live messages, and costs a read.
+            result["churn"] = alternate(p.fanout_rounds, {
+                "churn": lambda: churned(p.churn_rate),
+                "no_churn": lambda: churned(0),
+            }, "deliveries_per_s")  # fmt: skip
             result["recovery"] = bench.loadgen(
                 "recover", on, room="recover:bench", messages=p.recovery_messages,
                 window=p.fanout_window, joins=p.recovery_joins,
             )  # fmt: skip
+    return result
+
+
+def connect_proxy(bench: Bench) -> Result:
+    """Connects/s and server CPU per connect: the connect proxy against JWTs.
+
+    ``wsserver_jwt`` verifies an HS256 token per connection (as ``idle``);
+    ``wsserver_proxy`` gets no token, so it POSTs each handshake's cookie to a
+    local backend that answers at once (:mod:`bench.proxy_backend`), over
+    aiohttp's keep-alive pool: the price of one round trip per connect. The
+    backend runs on the generator's CPU (it is the application's cost, not
+    the server's); its CPU per connect is reported apart. Fresh servers each
+    round, rounds alternating.
+    """
+    p = bench.params
+    jwt_kind = renamed(wsserver_kind(bench.secret), "wsserver_jwt")
+    with bench.start(proxy_backend_kind(), bench.generator_cpus) as backend:
+        proxy_kind = dataclasses.replace(
+            renamed(wsserver_kind(bench.secret), "wsserver_proxy",
+                    ["--proxy-connect-url", f"http://127.0.0.1:{backend.port}/connect"]),
+            jwt_user=None,
+        )  # fmt: skip
+        runs: dict[str, list[Result]] = {jwt_kind.name: [], proxy_kind.name: []}
+        for _ in range(p.proxy_rounds):
+            for kind in (jwt_kind, proxy_kind):
+                with bench.start(kind, bench.server_cpus) as srv:
+                    backend_before = cpu_seconds(backend.pid)
+                    run = bench.loadgen(
+                        "idle", srv, also=[backend],
+                        connections=p.proxy_connections,
+                        warmup_connections=p.idle_warmup_connections,
+                        server_pid=srv.pid,
+                        extra_headers={"Cookie": "session=bench-session-cookie"},
+                    )  # fmt: skip
+                    backend_cpu = cpu_seconds(backend.pid) - backend_before
+                if kind is proxy_kind:
+                    # Warm-up connects went through the backend too.
+                    calls = p.proxy_connections + p.idle_warmup_connections
+                    run["backend_cpu_us_per_connect"] = 1e6 * backend_cpu / calls
+                runs[kind.name].append(run)
+    result: Result = {
+        name: {"median": median_round(rounds, "connects_per_s"), "rounds": rounds}
+        for name, rounds in runs.items()
+    }
+    jwt_rate = result[jwt_kind.name]["median"]["connects_per_s"]
+    proxy_rate = result[proxy_kind.name]["median"]["connects_per_s"]
+    result["proxy_to_jwt_connects"] = proxy_rate / jwt_rate if jwt_rate else None
     return result
 
 
@@ -483,6 +559,7 @@ SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "redis_echo": redis_echo,
     "two_nodes": two_nodes,
     "history": history,
+    "connect_proxy": connect_proxy,
 }
 
 

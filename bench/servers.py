@@ -40,6 +40,7 @@ WSSERVER_BENCH_FLAGS: tuple[str, ...] = (
     "--message-burst", "1000000000",
     "--room-publish-rate", "1000000000",
     "--room-publish-burst", "1000000000",
+    "--room-publish-bytes", "0",
     "--frame-rate", "1000000000",
     "--frame-burst", "1000000000",
 )  # fmt: skip
@@ -91,6 +92,11 @@ def baseline_uvloop_kind() -> ServerKind:
 def uvicorn_kind() -> ServerKind:
     """FastAPI under uvicorn[standard], :mod:`bench.uvicorn_app`."""
     return ServerKind("uvicorn", (sys.executable, "-m", "bench.uvicorn_app", "--port"))
+
+
+def proxy_backend_kind() -> ServerKind:
+    """The connect-proxy backend of :mod:`bench.proxy_backend` (answers at once)."""
+    return ServerKind("proxy_backend", (sys.executable, "-m", "bench.proxy_backend", "--port"))
 
 
 def new_secret() -> str:

@@ -41,7 +41,7 @@ echo "== pip install -e .[test,bench]"
 .venv/bin/python -m pip install -q -e '.[test,bench]'
 
 echo "== ruff"
-.venv/bin/ruff check wsserver tests bench
+.venv/bin/ruff check wsserver tests bench examples
 echo "== mypy"
 .venv/bin/mypy wsserver
 echo "== node --test"

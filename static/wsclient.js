@@ -139,8 +139,14 @@ export function joinedOutcome(position, reply, asked) {
     current = verdict.position;
     if (verdict.deliver) messages.push(msg);
   }
+  // "pending": N more recovered messages follow the reply as ordinary messages
+  // (they did not fit in it), so the position stays at the last one given here.
+  const pending = Number.isInteger(reply.pending) && reply.pending > 0;
+  if (pending && !current) current = position;
   // Never move back: a live message may already be past the reply's top.
-  if (!current || current.epoch !== top.epoch || current.offset < top.offset) current = top;
+  if (!pending && (!current || current.epoch !== top.epoch || current.offset < top.offset)) {
+    current = top;
+  }
   return { position: current, messages, recovered: true };
 }
 
@@ -150,8 +156,11 @@ export function joinedOutcome(position, reply, asked) {
  * Returns {position, lost}: lost is false (and nothing moves) when the client
  * already has everything up to there (same epoch, offset at or below its own);
  * otherwise the position jumps to the gap's, so what follows is delivered.
+ * A gap with `dropped` (messages without offsets were skipped while the client
+ * read too slowly) is a loss that moves nothing.
  */
 export function gapOutcome(position, gap) {
+  if (Number.isInteger(gap.dropped) && gap.dropped > 0) return { position, lost: true };
   if (typeof gap.epoch !== 'string' || !Number.isInteger(gap.offset)) {
     return { position, lost: false };
   }
@@ -231,9 +240,11 @@ export class WsError extends Error {
  *              recovered room messages follow their "joined" reply, in order
  *   "left"     {room, reason}: the client is no longer in `room` although it did
  *              not leave (reason "forbidden": its new token no longer grants it)
- *   "recovery" {room, recovered, missed}: after a re-join that asked for missed
- *              messages, and after a `gap` (recovered false, missed 0); recovered
- *              false means messages are lost: reload the room
+ *   "recovery" {room, recovered, missed, dropped?}: after a re-join that asked for
+ *              missed messages (missed counts those still "pending" too, which
+ *              follow as "message" events), and after a `gap` (recovered false,
+ *              missed 0; dropped N when N messages without offsets were skipped);
+ *              recovered false means messages are lost: reload the room
  *   "publish_error" {room, id, error}: a publish was refused (a WsError)
  *   "user_joined", "user_left", "presence": those server messages
  */
@@ -522,7 +533,7 @@ export class WsClient extends EventTarget {
     if (!this.rooms.has(msg.room)) return []; // left meanwhile
     const asked = join ? join.asked : false;
     const outcome = joinedOutcome(this.positions.get(msg.room) || null, msg, asked);
-    const missed = outcome.messages.length;
+    const missed = outcome.messages.length + (Number.isInteger(msg.pending) ? msg.pending : 0);
     // Live messages that came while the join was answered follow the recovered ones;
     // a held gap keeps its place among them, and is reported there.
     let position = outcome.position;
@@ -561,7 +572,8 @@ export class WsClient extends EventTarget {
   /** Tell the application that messages of the gap's room were lost. */
   reportGap(msg) {
     this.dispatchEvent(new CustomEvent('recovery', {
-      detail: { room: msg.room, recovered: false, missed: 0 },
+      detail: { room: msg.room, recovered: false, missed: 0,
+                ...(msg.dropped ? { dropped: msg.dropped } : {}) },
     }));
     if (this.onRecoveryFailed) this.onRecoveryFailed(msg.room, msg);
   }

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from tornado.ioloop import IOLoop
 
+from tests.support.backend import AppBackend, running_backend
 from tests.support.clients import close_all
 from tests.support.redis_server import RedisServer, require_redis_server
 from tests.support.servers import ServerFactory
@@ -27,6 +28,14 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     require_redis_server()
     with RedisServer(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture
+def app_backend() -> Iterator[AppBackend]:
+    """The application's backend (cookie sessions, the proxies, a JWKS) on a free
+    loopback port, in a thread of its own (:mod:`tests.support.backend`)."""
+    with running_backend() as backend:
+        yield backend
 
 
 @pytest.fixture

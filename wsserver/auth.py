@@ -13,20 +13,26 @@ same key and checking its own ``aud`` never takes one for a production token.
 
 from __future__ import annotations
 
+import binascii
+import json
 import logging
 import time
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
+from jwt.utils import base64url_decode
 
 from wsserver.config import HMAC_ALGORITHMS
 from wsserver.errors import TokenExpired, TokenInvalid
 from wsserver.internals import pyjwt_jws
 from wsserver.rooms import NO_GRANTS, Grants, compile_patterns
+
+if TYPE_CHECKING:
+    from wsserver.jwks import KeySet
 
 log = logging.getLogger("wsserver.auth")
 
@@ -34,7 +40,8 @@ BEARER_SUBPROTOCOL = "bearer"
 MAX_SUB_LENGTH = 256
 #: The ``aud`` of demo tokens; only a server with ``--demo`` on accepts it.
 DEMO_AUDIENCE = "wsserver-demo"
-TokenSource = Literal["header", "subprotocol", "query"]
+#: Where a connection's credentials came from: a token's place, or the connect proxy.
+TokenSource = Literal["header", "subprotocol", "query", "proxy"]
 
 
 @dataclass(frozen=True)
@@ -68,12 +75,34 @@ def extract_token(
     return None
 
 
+def looks_like_jwt(token: str) -> bool:
+    """True when ``token`` has the shape of a JWT (a compact JWS, RFC 7515 section 7.1):
+    three base64url parts, the first a JSON object naming an ``alg``.
+
+    With the connect proxy on, an ``Authorization: Bearer`` value of any other
+    shape (an application's own session token) is not verified as a JWT: it
+    goes to the backend with the other headers.
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0]:
+        return False
+    try:
+        header = json.loads(base64url_decode(parts[0]))
+    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error):
+        return False
+    return isinstance(header, dict) and isinstance(header.get("alg"), str)
+
+
 def bearer_subprotocol_token(subprotocols: Sequence[str]) -> str | None:
     """The token of a ``bearer, <jwt>`` subprotocol pair, if offered."""
     for index, name in enumerate(subprotocols[:-1]):
         if name == BEARER_SUBPROTOCOL:
             return subprotocols[index + 1] or None
     return None
+
+
+class UnknownKey(TokenInvalid):
+    """The token's ``kid`` is not in the key set (yet): a rotation, or a forgery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +116,8 @@ class Identity:
     """
 
     user: str
+    #: Unix seconds; ``math.inf`` when nothing ends it (a connect proxy's
+    #: answer without ``expires_at``).
     expires_at: float
     grants: Grants = NO_GRANTS
 
@@ -95,17 +126,21 @@ class TokenVerifier:
     """Verifies JWTs against one key and a fixed list of algorithms.
 
     Args:
-        key: the HMAC secret, or the PEM text of a public key.
+        key: the HMAC secret, or the PEM text of a public key; None with
+            ``key_set``, or when no token can be valid (a server whose
+            connections all come through the connect proxy).
         algorithms: the accepted algorithms, all of one family.
+        key_set: keys by ``kid`` from a JWKS URL (:class:`~wsserver.jwks.KeySet`).
         audience, issuer: required ``aud`` / ``iss`` values, when not None.
         leeway: seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``.
     """
 
     def __init__(
         self,
-        key: str,
+        key: str | None,
         algorithms: Iterable[str],
         *,
+        key_set: KeySet | None = None,
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = 0.0,
@@ -124,8 +159,11 @@ class TokenVerifier:
         self.max_lifetime = max_lifetime
         self.accept_demo = accept_demo
         self._clock = clock
-        self._key: Any
-        if all(alg in HMAC_ALGORITHMS for alg in self.algorithms):
+        self.key_set = key_set
+        self._key: Any = None
+        if key is None:
+            pass  # the key set's keys, or none at all (a connect proxy alone)
+        elif all(alg in HMAC_ALGORITHMS for alg in self.algorithms):
             self._key = key.encode("utf-8")
         else:
             from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -144,8 +182,57 @@ class TokenVerifier:
             TokenExpired: the token is past ``exp`` (plus leeway).
             TokenInvalid: anything else wrong: malformed, bad signature, algorithm
                 not allowed, wrong ``aud``/``iss``/``typ``, not yet valid, no
-                ``sub`` or a ``sub`` with control characters, lived too long.
+                ``sub`` or a ``sub`` with control characters, lived too long, a
+                ``room`` claim (a subscription token). :class:`UnknownKey` when
+                its ``kid`` is not in the key set (yet).
         """
+        claims = self._claims(token)
+        if "room" in claims:
+            # A subscription token grants one room; it must not open a connection.
+            raise _invalid("a 'room' claim: a subscription token",
+                           "invalid token: a subscription token cannot open a connection")
+        try:
+            grants = Grants.from_claims(claims)
+        except TokenInvalid as exc:
+            log.info("token rejected: %s", exc.reason)
+            raise
+        return Identity(user=claims["sub"], expires_at=float(claims["exp"]), grants=grants)
+
+    async def verify_fresh(self, token: str) -> Identity:
+        """:meth:`verify`, refetching the key set once when the ``kid`` is unknown
+        (rate-limited by the key set; never blocks the loop)."""
+        try:
+            return self.verify(token)
+        except UnknownKey:
+            if self.key_set is None or not await self.key_set.refresh():
+                raise
+        return self.verify(token)
+
+    async def verify_subscription(self, token: str, user: str, room: str) -> bool:
+        """Check a subscription token for ``user`` and ``room``; True when it also
+        grants publishing (``"publish": true``).
+
+        Raises:
+            TokenInvalid: invalid, expired, another user's, another room's; its
+                ``reason`` says which (for a ``forbidden`` answer).
+        """
+        try:
+            claims = self._claims(token)
+        except UnknownKey:
+            if self.key_set is None or not await self.key_set.refresh():
+                raise
+            claims = self._claims(token)
+        if claims["sub"] != user:
+            raise TokenInvalid("subscription token issued for another user")
+        claimed = claims.get("room")
+        if claimed is None:
+            raise TokenInvalid("not a subscription token: it has no 'room' claim")
+        if claimed != room:
+            raise TokenInvalid("subscription token issued for another room")
+        return claims.get("publish") is True
+
+    def _claims(self, token: str) -> dict[str, Any]:
+        """The verified claims of ``token``, with a usable ``sub`` and ``exp``."""
         try:
             try:
                 decoded = self._decode(token, self.audience, self.issuer)
@@ -163,42 +250,62 @@ class TokenVerifier:
         except (ValueError, TypeError) as exc:
             # Keys or tokens that the crypto layer chokes on.
             raise _invalid(type(exc).__name__) from None
-        header, claims = decoded["header"], decoded["payload"]
+        header = decoded["header"]
+        claims: dict[str, Any] = decoded["payload"]
         if self.typ is not None:
             typ = header.get("typ")
             if not isinstance(typ, str) or _media_type(typ) != self.typ:
                 raise _invalid(f"typ is not {self.typ!r}")
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH:
-            raise _invalid("sub missing, empty or too long")
-        if _has_control(sub):
-            # A newline or an escape sequence in a user name would forge log lines.
-            raise _invalid("sub holds control characters")
-        exp = claims.get("exp")
+        problem = user_problem(sub)
+        if problem is not None:
+            raise _invalid(f"sub {problem}")
+        exp: Any = claims.get("exp")
         if not _is_number(exp):
             raise _invalid("exp is not a number")
         if self.max_lifetime is not None:
-            iat = claims.get("iat")
+            iat: Any = claims.get("iat")
             if not _is_number(iat) or exp - iat > self.max_lifetime:
                 raise _invalid(f"no iat, or lifetime above {self.max_lifetime:g}s",
                                "invalid token: lifetime too long")
-        try:
-            grants = Grants.from_claims(claims)
-        except TokenInvalid as exc:
-            log.info("token rejected: %s", exc.reason)
-            raise
-        return Identity(user=sub, expires_at=float(exp), grants=grants)
+        return claims
 
     def _decode(self, token: str, audience: str | None, issuer: str | None) -> dict[str, Any]:
+        key, algorithms = self._key_for(token)
         decoded: dict[str, Any] = self._jwt.decode_complete(
             token,
-            self._key,
-            algorithms=self.algorithms,
+            key,
+            algorithms=algorithms,
             audience=audience,
             issuer=issuer,
             leeway=self.leeway,
         )
         return decoded
+
+    def _key_for(self, token: str) -> tuple[Any, list[str]]:
+        """The key that verifies ``token``, and the algorithms it may be signed with.
+
+        From a key set, the key is chosen by the token's ``kid`` and binds its
+        own algorithm (never the one the token names, RFC 8725 section 3.1).
+        """
+        if self.key_set is None:
+            if self._key is None:
+                raise _invalid("no key is configured for tokens",
+                               "invalid token: this server accepts no tokens")
+            return self._key, self.algorithms
+        kid = jwt.get_unverified_header(token).get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise _invalid("no 'kid' in its header (the key set is chosen by kid)")
+        found = self.key_set.get(kid)
+        if found is None:
+            # Fetched again in the background (rate-limited): a synchronous
+            # caller (a refresh) fails this once; the next one finds the key.
+            self.key_set.refresh_soon()
+            error = UnknownKey()
+            error.detail = f"unknown kid {kid[:64]!r}"
+            raise error
+        key, algorithm = found
+        return key, [algorithm]
 
 
 class _PreparedHMAC(HMACAlgorithm):
@@ -242,6 +349,17 @@ def _prepare_hmac_key_once(decoder: jwt.PyJWT, key: bytes, algorithms: Sequence[
                 return  # a key PyJWT refuses keeps being refused, token by token
             jws.unregister_algorithm(alg)
             jws.register_algorithm(alg, prepared)
+
+
+def user_problem(user: object) -> str | None:
+    """What makes ``user`` unfit as a user name (a token's ``sub``, a backend's
+    ``user``), or None."""
+    if not isinstance(user, str) or not user or len(user) > MAX_SUB_LENGTH:
+        return f"missing, empty or longer than {MAX_SUB_LENGTH} characters"
+    if _has_control(user):
+        # A newline or an escape sequence in a user name would forge log lines.
+        return "holds control characters"
+    return None
 
 
 def _invalid(detail: str, reason: str | None = None) -> TokenInvalid:

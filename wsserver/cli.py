@@ -35,7 +35,6 @@ TOKEN_OPTIONS = (
 UVICORN_FLAGS = {
     "--workers": "one wsserver process serves many connections; run several behind nginx",
     "--reload": "no reload: restart the process (systemctl restart wsserver)",
-    "--proxy-headers": "use --trusted-proxies ADDRESSES (X-Forwarded-For believed from them only)",
     "--forwarded-allow-ips": "use --trusted-proxies ADDRESSES",
     "--ssl-certfile": "use --certfile",
     "--ssl-keyfile": "use --keyfile",
@@ -163,7 +162,16 @@ def _check_runtime_parts(settings: Settings) -> None:
 
 
 def _check_config(settings: Settings) -> int:
-    mode = "demo mode (no JWT key)" if settings.demo_mode else "JWT key configured"
+    if settings.demo_mode:
+        mode = "demo mode (no JWT key)"
+    elif settings.jwt_jwks_url:
+        mode = "tokens verified against a JWKS"
+    elif settings.verify_key is None:
+        mode = "no JWT key: connections through the connect proxy only"
+    else:
+        mode = "JWT key configured"
+    if settings.proxy_urls:
+        mode += "; proxies: " + ", ".join(settings.proxy_urls)
     origins = ",".join(settings.allowed_origins) or (
         "loopback" if settings.default_origins else "none"
     )

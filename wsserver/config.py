@@ -168,6 +168,23 @@ def _broker(text: str) -> str:
     return text
 
 
+def _http_url(text: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host (a backend's endpoint)."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("use an http:// or https:// URL with a host")
+    return text.strip()
+
+
+def _header_names(text: str) -> tuple[str, ...]:
+    names = _csv(text)
+    for name in names:
+        # RFC 9110 section 5.6.2: a field name is a token.
+        if not all(ch.isalnum() or ch in "!#$%&'*+-.^_`|~" for ch in name) or not name.isascii():
+            raise ValueError(f"{name!r} is not an HTTP header name")
+    return names
+
+
 def _node_name(text: str) -> str:
     if not text or "\0" in text or len(text) > 128 or not text.isprintable():
         raise ValueError("1 to 128 printable characters")
@@ -295,7 +312,14 @@ class Settings:
     )
     max_write_buffer: int = option(
         1024 * 1024, _positive_int,
-        "bytes of unsent data per connection before it is closed as a slow consumer (4009)",
+        "bytes of unsent data per connection: past it a room's messages wait and are sent "
+        "from the history once it drains (the member lags); replies may use as much again "
+        "before the connection is closed as a slow consumer (4009)",
+    )
+    slow_consumer_timeout: float = option(
+        30.0, _non_negative_float,
+        "seconds a connection may read nothing of its backlog before it is closed as a slow "
+        "consumer (4009; 0: never)",
     )
     task_workers: int = option(
         None, _positive_int, "processes in the CPU task pool (default: CPUs)",
@@ -360,9 +384,18 @@ class Settings:
         "client publishes per second into one room (every member receives each one)",
     )
     room_publish_burst: int = option(100, _positive_int, "per-room publish bucket size")
+    room_publish_bytes: int = option(
+        1024 * 1024, _non_negative_int,
+        "bytes per second of client publishes into one room, burst twice that (0: no byte "
+        "limit); what every member's link must carry",
+    )
     max_room_members: int = option(10000, _positive_int, "connections in one room on one node")
     max_recovery: int = option(
         300, _positive_int, "messages at most recovered on a join with 'since'",
+    )
+    max_recovery_bytes: int = option(
+        4 * 1024 * 1024, _positive_int,
+        "bytes at most recovered on a join with 'since' (beyond: recovered false)",
     )
     #: Not in repr: a Redis URL may hold a password.
     broker: str = option(
@@ -392,6 +425,54 @@ class Settings:
         "seconds without a heartbeat after which a node counts as dead and its users leave "
         "presence (at least twice --broker-heartbeat; the two add up to at most 60)",
     )
+    #: The proxy and JWKS URLs are not in repr: a URL may hold credentials.
+    proxy_connect_url: str | None = option(
+        None, _http_url,
+        "POST here to authenticate connections that carry no JWT (cookies, sessions); "
+        "see docs/backend.md",
+        "URL", repr=False,
+    )
+    proxy_subscribe_url: str | None = option(
+        None, _http_url, "POST here to decide joins in namespaces with join = \"proxy\"", "URL",
+        repr=False,
+    )
+    proxy_publish_url: str | None = option(
+        None, _http_url,
+        "POST here to decide (and possibly rewrite) publishes in namespaces with "
+        "publish = \"proxy\"",
+        "URL", repr=False,
+    )
+    proxy_rpc_url: str | None = option(
+        None, _http_url, "POST here the client's rpc messages; the answer goes back as rpc_result",
+        "URL", repr=False,
+    )
+    proxy_headers: tuple[str, ...] = option(
+        ("Cookie", "Authorization"), _header_names,
+        "comma list of handshake headers passed to the connect proxy (never logged)",
+    )
+    proxy_key_file: str | None = option(
+        None, _text,
+        "file holding the key sent as X-Wsserver-Proxy-Key on every proxy call (32+ bytes)",
+        "FILE",
+    )
+    proxy_timeout: float = option(
+        3.0, _positive_float, "seconds a proxy call may take before the client gets unavailable",
+    )
+    proxy_max_concurrency: int = option(
+        64, _positive_int,
+        "proxy calls in flight at once per kind (connect, subscribe, publish, rpc); beyond it "
+        "the client gets unavailable at once",
+    )
+    jwt_jwks_url: str | None = option(
+        None, _http_url,
+        "verify tokens against this JSON Web Key Set (keys chosen by 'kid'); instead of a key "
+        "file",
+        "URL", repr=False,
+    )
+    jwks_refresh_min: float = option(
+        30.0, _positive_float,
+        "seconds at least between two fetches of the JWKS (an unknown 'kid' triggers one)",
+    )
     demo_mode: bool = False
     #: True when the allowed origins are demo mode's loopback defaults.
     default_origins: bool = False
@@ -403,6 +484,15 @@ class Settings:
     rooms: RoomPolicy = field(default_factory=RoomPolicy)
     #: True when ``rooms`` came from the config file's ``[rooms]`` table.
     rooms_from_file: bool = False
+    #: The key sent as ``X-Wsserver-Proxy-Key``, read from ``--proxy-key-file``.
+    proxy_key: Secret | None = field(default=None, repr=False)
+
+    @property
+    def proxy_urls(self) -> dict[str, str]:
+        """The configured proxies, by kind (``connect``, ``subscribe``, ``publish``, ``rpc``)."""
+        urls = {"connect": self.proxy_connect_url, "subscribe": self.proxy_subscribe_url,
+                "publish": self.proxy_publish_url, "rpc": self.proxy_rpc_url}
+        return {kind: url for kind, url in urls.items() if url}
 
     @property
     def scheme(self) -> str:
@@ -596,9 +686,15 @@ def _build(
     # Later checks look only at real algorithms: 'none' or a typo is reported once, above.
     known = tuple(alg for alg in algorithms if alg in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS)
 
+    if merged["jwt_jwks_url"] and "jwt_algorithms" not in sources:
+        # Identity providers sign with RS256 unless told otherwise (Keycloak, Auth0,
+        # Okta, Azure AD); HS256, the default beside a secret, never comes from a JWKS.
+        known = merged["jwt_algorithms"] = ("RS256",)
     verify_key = _load_key(merged, known, problems, where, check_files=check_files)
+    # A JWKS URL or a connect proxy authenticates connections too: no demo mode.
     demo_mode = verify_key is None and not any(
-        merged[name] for name in ("jwt_secret", "jwt_secret_file", "jwt_public_key_file")
+        merged[name] for name in ("jwt_secret", "jwt_secret_file", "jwt_public_key_file",
+                                  "jwt_jwks_url", "proxy_connect_url")
     )
     if demo_mode:
         if not _is_loopback(merged["host"]):
@@ -666,6 +762,7 @@ def _build(
     elif merged["loop"] == "uvloop" and importlib.util.find_spec("uvloop") is None:
         problems.append(f"{where('loop')} uvloop: uvloop is not installed (pip install uvloop)")
     merged["api_key"] = _load_api_key(merged, problems, check_files=check_files)
+    proxy_key = _load_proxy_key(merged, problems, check_files=check_files)
     if merged["workers"] > 1 and merged["broker"] == "memory":
         problems.append(
             f"--workers {merged['workers']}: more than one worker needs a Redis broker "
@@ -692,10 +789,49 @@ def _build(
     if rooms is None:
         rooms = RoomPolicy.demo() if demo_mode else RoomPolicy()
     merged["rooms"] = rooms
+    problems.extend(_proxy_policy_problems(rooms, merged))
 
     if problems:
         raise ConfigError(problems)
-    return Settings(**merged, demo_mode=demo_mode, verify_key=verify_key)
+    return Settings(**merged, demo_mode=demo_mode, verify_key=verify_key, proxy_key=proxy_key)
+
+
+def _proxy_policy_problems(rooms: RoomPolicy, merged: Mapping[str, Any]) -> list[str]:
+    """A ``proxy`` rule in ``[rooms]`` without the URL that decides it: one line each."""
+    problems = []
+    tables = [("rooms", rooms.default),
+              *((f"rooms.namespaces.{name}", policy) for name, policy in rooms.namespaces.items())]
+    for key, policy in tables:
+        if policy.join == "proxy" and not merged["proxy_subscribe_url"]:
+            problems.append(f'{key}.join = "proxy" needs --proxy-subscribe-url')
+        if policy.publish == "proxy" and not merged["proxy_publish_url"]:
+            problems.append(f'{key}.publish = "proxy" needs --proxy-publish-url')
+    return problems
+
+
+def _load_proxy_key(
+    merged: dict[str, Any], problems: list[str], *, check_files: bool
+) -> Secret | None:
+    path = merged["proxy_key_file"]
+    if not path:
+        return None
+    if not check_files:
+        return Secret("x" * MIN_API_KEY_BYTES)
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"--proxy-key-file {path}: cannot read the key: {exc}")
+        return None
+    if len(key.encode()) < MIN_API_KEY_BYTES:
+        problems.append(
+            f"--proxy-key-file {path}: the key is {len(key.encode())} bytes; at least "
+            f"{MIN_API_KEY_BYTES} are needed (openssl rand -base64 48)"
+        )
+        return None
+    if not key.isprintable():
+        problems.append(f"--proxy-key-file {path}: the key must be printable (it is a header)")
+        return None
+    return Secret(key)
 
 
 #: An API key must be as hard to guess as an HS256 secret.
@@ -749,11 +885,22 @@ def _load_key(
     *,
     check_files: bool,
 ) -> Secret | None:
-    given = [n for n in ("jwt_secret", "jwt_secret_file", "jwt_public_key_file") if merged[n]]
+    names = ("jwt_secret", "jwt_secret_file", "jwt_public_key_file", "jwt_jwks_url")
+    given = [n for n in names if merged[n]]
     if len(given) > 1:
-        problems.append("give only one of --jwt-secret, --jwt-secret-file, --jwt-public-key-file")
+        problems.append(
+            "give only one of --jwt-secret, --jwt-secret-file, --jwt-public-key-file, "
+            "--jwt-jwks-url"
+        )
         return None
     if not given:
+        return None
+    if given == ["jwt_jwks_url"]:
+        if any(alg in HMAC_ALGORITHMS for alg in algorithms):
+            problems.append(
+                f"{where('jwt_jwks_url')}: a JWKS holds public keys: give RS*/PS*/ES*/EdDSA in "
+                "--jwt-algorithms (RS256 when not given)"
+            )
         return None
     source = given[0]
     flag = where(source)

@@ -86,6 +86,25 @@ class Draining(Rejection):
     reason = "draining"
 
 
+class BackendRefused(Rejection):
+    """The connect proxy answered ``disconnect``: HTTP 403, with the backend's code."""
+
+    status = 403
+    reason = "backend_refused"
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        #: The backend's close code (4000-4999), passed on in the answer's body.
+        self.code = code
+
+
+class BackendUnavailable(Rejection):
+    """The connect proxy failed, timed out or is at its concurrency bound: 503."""
+
+    status = 503
+    reason = "backend_unavailable"
+
+
 # --- after the upgrade: close codes ----------------------------------------
 
 
@@ -152,8 +171,19 @@ class TooManyForUser(CloseError):
 
 
 class SlowConsumer(CloseError):
+    """The peer reads too slowly for its own replies, or reads nothing at all (4009).
+
+    Room traffic never causes it: a member that falls behind a room lags
+    (see :mod:`wsserver.hub`).
+    """
+
     code = 4009
     default_reason = "slow consumer"
+
+    def __init__(self, detail: str = "replies past the write bound", backlog: int = 0) -> None:
+        super().__init__()
+        self.detail = detail
+        self.backlog = backlog
 
 
 class RateLimitExceeded(CloseError):
@@ -244,6 +274,14 @@ class Unavailable(MessageError):
     def __init__(self, message: str = "the broker is unavailable; retry later",
                  retry_after: float = 2.0) -> None:
         super().__init__(message, retry_after=round(retry_after, 3))
+
+
+class BackendError(MessageError):
+    """The application's backend refused a join, publish or rpc, with its own code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class InternalError(MessageError):

@@ -49,6 +49,12 @@ class Metrics:
             "Connections closed because the client did not read fast enough",
             registry=r,
         )
+        self.lagging = Gauge(
+            "wsserver_lagging_members",
+            "Room members whose live messages wait because their backlog passed "
+            "--max-write-buffer (each catches up from the history once drained)",
+            registry=r,
+        )
         self.tasks = Counter(
             "wsserver_tasks", "Tasks finished, by name and outcome", ["name", "outcome"], registry=r
         )
@@ -94,6 +100,30 @@ class Metrics:
             "Server API requests, by endpoint and outcome",
             ["endpoint", "outcome"],
             registry=r,
+        )
+
+        self.proxy_requests = Counter(
+            "wsserver_proxy_requests",
+            "Calls to the application's backend, by kind (connect, subscribe, publish, rpc) "
+            "and outcome (ok, refused, error, timeout, invalid, overloaded)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.proxy_seconds = Histogram(
+            "wsserver_proxy_request_seconds",
+            "Time for one call to the application's backend, by kind",
+            ["kind"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.jwks_fetches = Counter(
+            "wsserver_jwks_fetches",
+            "Fetches of the JSON Web Key Set, by outcome (ok, error, invalid)",
+            ["outcome"],
+            registry=r,
+        )
+        self.jwks_keys = Gauge(
+            "wsserver_jwks_keys", "Signing keys held from the JSON Web Key Set", registry=r
         )
 
     def render(self) -> bytes:

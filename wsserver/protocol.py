@@ -19,6 +19,10 @@ from wsserver.errors import BadRequest, UnknownType
 MAX_DEPTH = 32
 MAX_ROOM_LENGTH = 128
 MAX_ID_LENGTH = 128
+#: The largest offset a ``since`` may name: offsets are 64-bit signed in every
+#: broker (Redis stream IDs and counters), so a larger one was never given out.
+MAX_OFFSET = 2**63 - 1
+MAX_METHOD_LENGTH = 128
 
 MessageId = str | int | float
 
@@ -183,14 +187,17 @@ def _validate_nothing(body: dict[str, Any]) -> None:
 
 def _validate_join(body: dict[str, Any]) -> None:
     _require_room(body)
+    token = body.get("token")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise BadRequest("'token' (a subscription token) must be a non-empty string")
     since = body.get("since")
     if since is None:
         return
     if not isinstance(since, dict):
         raise BadRequest("'since' must be an object {\"offset\": O, \"epoch\": E}")
     offset, epoch = since.get("offset"), since.get("epoch")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise BadRequest("'since.offset' must be an integer, 0 or more")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise BadRequest("'since.offset' must be an integer from 0 to 2^63 - 1")
     if not isinstance(epoch, str) or not 1 <= len(epoch) <= 64:
         raise BadRequest("'since.epoch' must be a string of 1 to 64 characters")
 
@@ -198,6 +205,12 @@ def _validate_join(body: dict[str, Any]) -> None:
 def _validate_publish(body: dict[str, Any]) -> None:
     _require_room(body)
     _require_data(body)
+
+
+def _validate_rpc(body: dict[str, Any]) -> None:
+    method = body.get("method")
+    if not isinstance(method, str) or not 1 <= len(method) <= MAX_METHOD_LENGTH:
+        raise BadRequest(f"'method' is required: a string of 1 to {MAX_METHOD_LENGTH} characters")
 
 
 def _validate_task(body: dict[str, Any]) -> None:
@@ -224,6 +237,7 @@ MESSAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "presence": _require_room,
     "task": _validate_task,
     "refresh": _validate_refresh,
+    "rpc": _validate_rpc,
 }
 MESSAGE_TYPES = frozenset(MESSAGES)
 

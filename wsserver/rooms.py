@@ -35,8 +35,8 @@ MAX_HISTORY_SIZE = 10_000
 
 _NAMESPACE = re.compile(r"[a-z0-9_-]{1,32}")
 
-JoinRule = Literal["token", "anyone", "owner", "none"]
-PublishRule = Literal["token", "members", "none"]
+JoinRule = Literal["token", "anyone", "owner", "proxy", "none"]
+PublishRule = Literal["token", "members", "proxy", "none"]
 JOIN_RULES: tuple[str, ...] = get_args(JoinRule)
 PUBLISH_RULES: tuple[str, ...] = get_args(PublishRule)
 
@@ -218,8 +218,10 @@ class NamespacePolicy:
 
     ``join``: ``token`` (the token's ``rooms`` grants), ``anyone`` (any
     authenticated user), ``owner`` (the user whose ``sub`` is the part after
-    ``ns:``) or ``none`` (nobody; the server API only). ``publish``: ``token``
-    (the ``publish`` grants), ``members`` (any member) or ``none``.
+    ``ns:``), ``proxy`` (the application's backend, asked per join) or ``none``
+    (nobody; the server API only). ``publish``: ``token`` (the ``publish``
+    grants), ``members`` (any member), ``proxy`` (the backend, asked per
+    publish) or ``none``.
     """
 
     join: JoinRule = "token"
@@ -347,7 +349,8 @@ class RoomPolicy:
         if rule == "owner":
             _, colon, owner = room.partition(":")
             return bool(colon) and bool(owner) and owner == user
-        return False  # "none": the server API only
+        # "proxy": only the backend decides (wsserver.access); "none": the server API only.
+        return False
 
     def can_publish(self, user: str, grants: Grants, room: str, is_member: bool) -> bool:
         """True when ``user`` may publish to ``room``; joining first is always required."""
@@ -358,7 +361,8 @@ class RoomPolicy:
             return True
         if rule == "token":
             return grants.can_publish(room)
-        return False  # "none": the server API only
+        # "proxy": only the backend decides (wsserver.access); "none": the server API only.
+        return False
 
     def describe(self) -> str:
         """One line for ``check-config`` and the start-up log."""

@@ -15,17 +15,21 @@ import time
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from wsserver.access import RoomAccess
 from wsserver.auth import TokenIssuer, TokenVerifier
+from wsserver.backend import Backend
 from wsserver.brokers import Broker, make_broker
 from wsserver.brokers.base import NodeStats
 from wsserver.config import Settings
 from wsserver.hub import Hub
+from wsserver.jwks import KeySet
 from wsserver.logsafe import escape
 from wsserver.logthrottle import LogThrottle
 from wsserver.metrics import Metrics
 from wsserver.monitor import Snapshot
 from wsserver.netaddr import TrustedProxies
 from wsserver.origin import OriginPolicy
+from wsserver.outbound import HttpClient
 from wsserver.pool import TaskPool
 from wsserver.ratelimit import BucketTable
 from wsserver.registry import ConnectionRegistry
@@ -53,16 +57,31 @@ class Services:
         port: int | None = None,
         metrics: Metrics | None = None,
         broker: Broker | None = None,
+        http: HttpClient | None = None,
     ) -> None:
+        """``http``: the outbound HTTP client (the edge's), needed with a proxy
+        URL or a JWKS URL."""
         self.settings = settings
         self.metrics = metrics = metrics or Metrics()
         self.started_at = time.time()
         self.draining = False
-        assert settings.verify_key is not None
-        key = settings.verify_key.reveal()
+        if http is None and (settings.proxy_urls or settings.jwt_jwks_url):
+            raise ValueError("the proxies and --jwt-jwks-url need an HTTP client")
+        self.http = http
+        #: Keys from --jwt-jwks-url, by kid; None with a key (or no key at all).
+        self.key_set: KeySet | None = None
+        if settings.jwt_jwks_url and http is not None:
+            self.key_set = KeySet(
+                settings.jwt_jwks_url, http, metrics, algorithms=settings.jwt_algorithms,
+                refresh_min=settings.jwks_refresh_min,
+            )
+        # None with a JWKS URL, or with a connect proxy and no key: then no
+        # static key verifies tokens.
+        key = settings.verify_key.reveal() if settings.verify_key is not None else None
         self.verifier = TokenVerifier(
             key,
             settings.jwt_algorithms,
+            key_set=self.key_set,
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
             leeway=settings.jwt_leeway,
@@ -71,7 +90,7 @@ class Services:
             accept_demo=settings.demo,
         )
         self.issuer: TokenIssuer | None = None
-        if settings.can_sign:
+        if settings.can_sign and key is not None:
             self.issuer = TokenIssuer(
                 key,
                 settings.jwt_algorithms[0],
@@ -113,17 +132,28 @@ class Services:
             probe_interval=settings.broker_probe_interval,
             heartbeat_interval=settings.broker_heartbeat, node_ttl=settings.broker_node_ttl,
         )
+        #: The application's backend (the proxies), when any proxy URL is set.
+        self.backend: Backend | None = None
+        if settings.proxy_urls and http is not None:
+            self.backend = Backend(
+                settings.proxy_urls, http, metrics, key=settings.proxy_key,
+                timeout=settings.proxy_timeout, max_concurrency=settings.proxy_max_concurrency,
+                header_names=settings.proxy_headers,
+            )
         self.hub = Hub(
             self.broker,
             settings.rooms,
             metrics,
+            RoomAccess(settings.rooms, self.verifier, metrics, self.backend),
             node_stats=self.node_stats,
             sessions_of=self.registry.connections_of,
             spawn=self.spawn,
             max_recovery=settings.max_recovery,
+            max_recovery_bytes=settings.max_recovery_bytes,
             max_room_members=settings.max_room_members,
             room_publish_rate=settings.room_publish_rate,
             room_publish_burst=settings.room_publish_burst,
+            room_publish_bytes=settings.room_publish_bytes,
         )
         #: Futures of background work, held so the loop's weak references suffice.
         self.background: set[asyncio.Future[Any]] = set()
@@ -135,16 +165,28 @@ class Services:
     # --- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the task pool and connect the broker."""
+        """Start the task pool, connect the broker, fetch the key set (if any)."""
         self.pool.start()
         await self.broker.start(self.hub)
+        if self.key_set is not None:
+            # A failure is logged and /readyz says so; the server serves anyway
+            # (connect proxies, and the keys once the provider answers).
+            await self.key_set.refresh()
 
     async def close(self) -> None:
-        """Disconnect the broker and stop the task workers."""
+        """Disconnect the broker, stop the task workers, close the HTTP client."""
         try:
             await self.broker.close()
         finally:
             self.pool.shutdown()
+            await self.close_http()
+
+    async def close_http(self) -> None:
+        """Stop the key set's fetch and close the outbound HTTP client's connections."""
+        if self.key_set is not None:
+            await self.key_set.close()
+        if self.http is not None:
+            await self.http.close()
 
     @property
     def ready(self) -> str | None:
@@ -153,6 +195,10 @@ class Services:
             return "draining"
         if not self.broker.up:
             return "broker_unavailable"
+        if self.key_set is not None and not self.key_set.ready:
+            # Never fetched: no token can be verified. Once fetched, an
+            # unreachable URL keeps the last good keys and readiness.
+            return "jwks_unavailable"
         return None
 
     # --- background work -------------------------------------------------------
@@ -224,11 +270,16 @@ class Services:
         )
 
     def keepalive(self) -> None:
-        """One keepalive sweep over every connection."""
-        interval = self.settings.ping_interval
+        """One sweep over every connection: keepalive pings, and peers that read nothing."""
+        settings = self.settings
+        interval = settings.ping_interval
+        stall = settings.slow_consumer_timeout
         now = time.monotonic()
         for session in self.registry:
-            session.keepalive(now, interval)
+            if interval:
+                session.keepalive(now, interval)
+            if stall:
+                session.check_stalled(now, stall)
 
     def refresh_gauges(self) -> None:
         """Set the gauges that are read off the registry, the hub and the broker."""

@@ -41,6 +41,7 @@ from wsserver.errors import (
     TokenInvalid,
     TooManyForUser,
     Unavailable,
+    UnknownType,
 )
 from wsserver.logsafe import escape
 from wsserver.protocol import ClientMessage, MessageId
@@ -53,10 +54,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsserver.connection")
 
 #: Client messages queued behind one that waits on the broker (a join, a
-#: publish); the per-user bucket bounds them long before this does.
+#: publish). Past it the connection is not read until the queue is half
+#: empty: TCP slows a fast sender down (back-pressure, never a close).
 MAX_QUEUED = 64
 #: Publishes of one connection handed to the broker and not yet answered.
 MAX_PUBLISHING = 32
+#: Seconds between looks at a lagging connection's backlog (see drained()).
+DRAIN_POLL = 0.05
 
 Handler = Callable[["Session", ClientMessage], None]
 AsyncHandler = Callable[["Session", ClientMessage], Coroutine[Any, Any, None]]
@@ -104,9 +108,17 @@ class Session:
         self._strike_memory = settings.message_burst / settings.message_rate
         self._last_refused = -math.inf
         self._max_write_buffer = settings.max_write_buffer
+        #: Room traffic stops at --max-write-buffer; replies may use as much again.
+        self._max_reply_buffer = 2 * settings.max_write_buffer
         self.tasks_in_flight = 0
         #: Messages that arrived while one of this session's broker calls ran.
         self._queue: deque[str] | None = None
+        #: True while the transport holds messages back (the queue was full).
+        self._paused = False
+        #: Resolved once the backlog is back under a quarter of the write bound.
+        self._drained: asyncio.Future[None] | None = None
+        #: (since when, bytes) the backlog has not shrunk: the slow-consumer clock.
+        self._stalled: tuple[float, int] | None = None
 
     # --- start ---------------------------------------------------------------
 
@@ -162,7 +174,8 @@ class Session:
             {
                 "type": "welcome",
                 "user": identity.user,
-                "expires_at": int(identity.expires_at),
+                # null: the connect proxy's session has no end.
+                "expires_at": _unix(identity.expires_at),
                 "limits": {
                     "message_rate": settings.message_rate,
                     "message_burst": settings.message_burst,
@@ -200,11 +213,13 @@ class Session:
             # Not authenticated, or already closing: frames pipelined behind
             # the handshake of a rejected token are dropped unread.
             return
-        if self._queue is not None:
-            if len(self._queue) >= MAX_QUEUED:
-                self.end(RateLimitExceeded("too many messages waiting for the broker"))
-                return
-            self._queue.append(text)
+        queue = self._queue
+        if queue is not None:
+            queue.append(text)
+            if len(queue) >= MAX_QUEUED and not self._paused:
+                # Not a close: stop reading until the queue has drained.
+                self._paused = True
+                self.transport.pause_reading()
             return
         self._handle(text)
 
@@ -294,15 +309,23 @@ class Session:
             self._queue = None
             for future in publishing:
                 future.cancel()
+            self._resume()
 
     def _next_queued(self) -> ClientMessage | None:
         """The next queued message past the bucket and the parser, if any."""
         queue = self._queue
         while queue and self.ended_with is None:
             msg = self._accept(queue.popleft())
+            if self._paused and len(queue) <= MAX_QUEUED // 2:
+                self._resume()  # may queue more, read from behind the pause
             if msg is not None:
                 return msg
         return None
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
 
     async def _serve_one(self, msg: ClientMessage) -> None:
         try:
@@ -339,7 +362,8 @@ class Session:
                 reply["id"] = msg.id
             self.send_prepared(Prepared(protocol.encode_with_raw(reply)))
 
-        await self.services.hub.join(self, msg.field("room"), msg.body.get("since"), answer)
+        await self.services.hub.join(self, msg.field("room"), msg.body.get("since"), answer,
+                                     msg.body.get("token"), msg.body.get("data"))
 
     async def _on_leave(self, msg: ClientMessage) -> None:
         room = msg.field("room")
@@ -354,6 +378,15 @@ class Session:
         presence = await self.services.hub.presence_for(self, room)
         self.reply(msg, {"type": "presence", "room": room, "users": presence.users,
                          "connections": presence.connections})
+
+    async def _on_rpc(self, msg: ClientMessage) -> None:
+        """Forward the call to the application's backend (``--proxy-rpc-url``)."""
+        assert self.identity is not None
+        backend = self.services.backend
+        if backend is None or not backend.enabled("rpc"):
+            raise UnknownType("rpc is not enabled on this server (no --proxy-rpc-url)")
+        data = await backend.rpc(self.identity.user, msg.field("method"), msg.body.get("data"))
+        self.reply(msg, {"type": "rpc_result", "data": data})
 
     def _on_task(self, msg: ClientMessage) -> None:
         # Validated first, so unknown names and bad arguments are answered as
@@ -407,6 +440,7 @@ class Session:
         "leave": _on_leave,
         "publish": _on_publish,
         "presence": _on_presence,
+        "rpc": _on_rpc,
     }
 
     # --- live tokens -----------------------------------------------------------
@@ -415,6 +449,8 @@ class Session:
         """``token_expiring`` before ``exp``, then close 4001 at ``exp`` (+ leeway)."""
         assert self.identity is not None
         self._cancel_timer()
+        if self.identity.expires_at == math.inf:
+            return  # a connect proxy's session without an end
         remaining = self.identity.expires_at - self._wall()
         warning = min(self.services.settings.token_warning, max(remaining, 0.0) / 2)
         self._timer = self.transport.call_later(max(0.0, remaining - warning),
@@ -456,6 +492,27 @@ class Session:
             self._pong_due = now + interval
             self.transport.ping()
 
+    # --- slow consumers ----------------------------------------------------------
+
+    def check_stalled(self, now: float, timeout: float) -> None:
+        """Close a peer whose backlog has not shrunk for ``timeout`` seconds (4009).
+
+        The server calls this from its periodic sweep. A lagging member gets no
+        more room traffic, so a backlog that stays put means the peer reads
+        nothing at all.
+        """
+        if self.ended_with is not None or self.closed:
+            return
+        backlog = self.transport.buffered()
+        stalled = self._stalled
+        if not backlog:
+            self._stalled = None
+        elif stalled is None or backlog < stalled[1]:
+            self._stalled = (now, backlog)
+        elif now - stalled[0] >= timeout:
+            self.end(SlowConsumer(f"read nothing for {timeout:g} s", backlog=backlog))
+            self.transport.abort()  # nothing it is sent will be read, a close frame neither
+
     # --- sending ---------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> bool:
@@ -471,19 +528,60 @@ class Session:
         return self.send_prepared(Prepared(payload))
 
     def send_prepared(self, message: Prepared) -> bool:
-        """Hand a prepared message to the transport, or close a slow consumer.
+        """Send a reply (or an answer, an error, a notice) to this connection.
 
-        A peer whose unsent data would pass ``--max-write-buffer`` is closed
-        with 4009, so its backlog never grows past that bound and a broadcast
-        never waits for it.
+        Replies may take the backlog up to twice ``--max-write-buffer`` (room
+        traffic stops at once the bound, see :meth:`deliver`); a peer whose
+        replies would pass that is closed with 4009, so its backlog never
+        grows without bound.
         """
         if self.ended_with is not None or self.closed:
             return False
         transport = self.transport
-        if transport.buffered() + len(message) > self._max_write_buffer:
-            self.end(SlowConsumer())
+        if transport.buffered() + len(message) > self._max_reply_buffer:
+            self.end(SlowConsumer(backlog=transport.buffered()))
             return False
         return transport.send(message)
+
+    @property
+    def gone(self) -> bool:
+        """True once the connection is closing or closed."""
+        return self.ended_with is not None or self.closed
+
+    def room_budget(self) -> int:
+        """Bytes of room traffic this connection can still take (``--max-write-buffer``)."""
+        return max(0, self._max_write_buffer - self.transport.buffered())
+
+    def deliver(self, message: Prepared) -> bool:
+        """Room traffic: sent, or False (nothing sent) when the backlog would pass
+        ``--max-write-buffer``, or when the connection is gone. The hub then
+        lets the member lag (see :mod:`wsserver.hub`): it is never closed for it."""
+        if self.ended_with is not None or self.closed:
+            return False
+        transport = self.transport
+        if transport.buffered() + len(message) > self._max_write_buffer:
+            return False
+        return transport.send(message)
+
+    def drained(self) -> asyncio.Future[None]:
+        """Resolves once the backlog is under a quarter of ``--max-write-buffer``
+        (or the connection is gone)."""
+        future = self._drained
+        if future is None:
+            future = self._drained = asyncio.get_running_loop().create_future()
+            self._poll_drained()
+        return future
+
+    def _poll_drained(self) -> None:
+        future = self._drained
+        if future is None:
+            return
+        if self.gone or self.transport.buffered() <= self._max_write_buffer // 4:
+            self._drained = None
+            if not future.done():
+                future.set_result(None)
+            return
+        self.transport.call_later(DRAIN_POLL, self._poll_drained)
 
     def reply(self, msg: ClientMessage, reply: dict[str, Any]) -> bool:
         if msg.id is not None:
@@ -510,8 +608,10 @@ class Session:
         self.ended_with = error
         if isinstance(error, SlowConsumer):
             self.services.metrics.slow_consumers.inc()
-            log.warning("slow consumer user=%s addr=%s: over %d bytes unsent; closing 4009",
-                        escape(self.user), escape(self.address), self._max_write_buffer)
+            log.warning("slow consumer user=%s addr=%s: %s, %d bytes unsent; closing 4009",
+                        escape(self.user), escape(self.address), error.detail,
+                        error.backlog)
+        self._resume()  # the peer's close frame must still be read
         self.transport.close(error.code, error.reason)
 
     def shut_down(self) -> None:
@@ -525,6 +625,7 @@ class Session:
         self.closed = True
         services = self.services
         self._cancel_timer()
+        self._poll_drained()  # whoever waits for the backlog learns it is gone
         # Nobody will read the answers: free the workers for others.
         services.pool.cancel_owner(self)
         identity = self.identity
@@ -561,6 +662,11 @@ class Session:
 #: Every message type has exactly one handler (a unit test checks it too).
 assert set(Session._SYNC) | set(Session._ASYNC) == protocol.MESSAGE_TYPES
 assert not set(Session._SYNC) & set(Session._ASYNC)
+
+
+def _unix(expires_at: float) -> int | None:
+    """``expires_at`` as whole Unix seconds; None for no end."""
+    return None if expires_at == math.inf else int(expires_at)
 
 
 async def _all(futures: list[asyncio.Future[None]]) -> None:

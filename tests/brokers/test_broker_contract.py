@@ -165,6 +165,38 @@ def test_expired_history_gets_a_new_epoch(harness: Harness) -> None:
     run(scenario())
 
 
+def test_reads_do_not_extend_the_history_ttl(harness: Harness) -> None:
+    """The TTL counts from the room's last message: a join (a position read) or a
+    recovery read every half TTL must not keep the history forever."""
+    short = HistorySpec(size=5, ttl=0.6)
+
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            first = await broker.publish("r", msg(1), history=short)
+            for _ in range(3):
+                await harness.elapse(0.25)
+                await broker.history("r", short)
+                await broker.history("r", short, since=0)
+            page = await broker.history("r", short, since=1)
+            assert page.epoch != first.epoch
+            assert (page.offset, page.publications, page.complete) == (0, [], False)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("since", [2**63 - 1, 2**64 - 1, 2**64, 10**30])
+def test_a_since_past_any_offset_is_not_complete_and_no_error(
+    harness: Harness, since: int
+) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            await broker.publish("r", msg(1), history=KEEP5)
+            page = await broker.history("r", KEEP5, since=since, limit=301)
+            assert (page.offset, list(page.publications), page.complete) == (1, [], False)
+
+    run(scenario())
+
+
 def test_idempotency_key_publishes_once(harness: Harness) -> None:
     async def scenario() -> None:
         async with harness.started() as (broker, sink):

@@ -17,7 +17,8 @@ from tests.support.aio import run
 from tests.support.brokers import Harness, RecordingSink
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import until
-from wsserver.brokers.base import Broker, BrokerUnavailable, HistorySpec
+from wsserver.brokers.base import Broker, BrokerUnavailable, HistorySpec, Presence
+from wsserver.brokers.redis import MAX_CONNECTIONS, RedisBroker
 
 T = TypeVar("T")
 PROBE = 0.5
@@ -183,3 +184,32 @@ async def until_async(
             return value
         assert time.monotonic() - started < timeout, f"still {value!r}"
         await asyncio.sleep(0.05)
+
+
+def clients_of(redis: RedisServer, name: str) -> int:
+    """Connections on ``redis`` named ``wsserver:NAME`` (pub/sub included)."""
+    listing = redis.command("CLIENT", "LIST")
+    text = listing.decode() if isinstance(listing, bytes) else str(listing)
+    return sum(1 for line in text.splitlines() if f"name=wsserver:{name} " in line + " ")
+
+
+def test_a_burst_of_commands_is_bounded_and_its_connections_go(
+    harness: Harness, own_redis: RedisServer
+) -> None:
+    """Issue 20: a thousand members leaving at once grew the pool to 31 connections
+    that stayed open forever. The pool is bounded, and after the burst the idle
+    connections are closed (by the heartbeat loop's shed_idle)."""
+    async def scenario() -> None:
+        async with harness.started("burst", probe_interval=PROBE, heartbeat_interval=30,
+                                   node_ttl=90) as (broker, _sink):
+            await asyncio.gather(*(broker.presence_add("room", f"u{n}") for n in range(500)))
+            await asyncio.gather(*(broker.presence_remove("room", f"u{n}") for n in range(500)))
+            during = clients_of(own_redis, "burst")
+            assert 4 < during <= MAX_CONNECTIONS + 1, during  # + the pub/sub connection
+            assert await broker.presence("room") == Presence([], 0)
+            assert isinstance(broker, RedisBroker)
+            await broker.shed_idle()
+            await until(lambda: clients_of(own_redis, "burst") <= 1, 2)  # pub/sub only
+            assert (await broker.presence("room")).connections == 0  # and it still works
+
+    run(scenario())

@@ -18,6 +18,7 @@ from tests.support.clients import ORIGIN, aclose_all
 from tests.support.tokens import SECRET
 from wsserver.config import load_settings
 from wsserver.edge.app import make_app
+from wsserver.edge.httpclient import AiohttpClient
 from wsserver.rooms import RoomPolicy
 from wsserver.services import Services
 
@@ -47,10 +48,13 @@ def state(
     flags.update(server_flags)
     settings = load_settings(flags, {})
     settings = settings.replace(rooms=RoomPolicy.from_table(rooms_table))
-    services = Services(settings)
+    services = Services(settings, http=AiohttpClient())
     io_loop.run_sync(lambda: services.broker.start(services.hub))
+    if services.key_set is not None:
+        io_loop.run_sync(services.key_set.refresh)
     yield services
     io_loop.run_sync(services.broker.close)
+    io_loop.run_sync(services.close_http)
     services.pool.shutdown()
 
 

@@ -25,7 +25,8 @@ from tests.support.redis_server import require_redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("wsserver", "baseline")
-SCENARIOS = {"echo", "idle", "fanout", "loop", "redis_fanout", "redis_echo", "two_nodes", "history"}
+SCENARIOS = {"echo", "idle", "fanout", "loop", "redis_fanout", "redis_echo", "two_nodes", "history",
+             "connect_proxy"}
 BROKERS = ("wsserver_redis", "wsserver_memory")
 
 pytestmark = pytest.mark.slow
@@ -184,3 +185,13 @@ def test_history_fanout_and_recovery(result: dict[str, Any]) -> None:
     assert 0 < recovery["recover"]["p50_ms"] <= recovery["recover"]["max_ms"]
     assert positive(recovery["plain_join"]["p50_ms"])
     assert recovery["close_codes"] == {}
+
+
+def test_connect_proxy_connects_every_client_through_the_backend(result: dict[str, Any]) -> None:
+    scenario = result["scenarios"]["connect_proxy"]
+    for server in ("wsserver_jwt", "wsserver_proxy"):
+        run = scenario[server]["median"]
+        assert run["connections"] == run["still_open"] == result["params"]["proxy_connections"]
+        assert positive(run["connects_per_s"]) and run["close_codes"] == {}
+    assert positive(scenario["wsserver_proxy"]["median"]["backend_cpu_us_per_connect"])
+    assert positive(scenario["proxy_to_jwt_connects"])

@@ -109,7 +109,7 @@ def test_check_config_rejects_a_bad_room_policy_naming_the_key(tmp_path: Path) -
     assert result.returncode == 2
     assert (
         f"wsserver: {config}: rooms.namespaces.chat.join: unknown value 'everyone' "
-        "(use token, anyone, owner or none)"
+        "(use token, anyone, owner, proxy or none)"
     ) in result.stderr.splitlines()
     assert f"{config}: rooms.namespaces.chat.colour: unknown setting" in result.stderr
     assert result.stdout == ""
@@ -148,7 +148,6 @@ def test_token_refuses_a_sub_the_server_would_refuse(sub: str) -> None:
     ("flag", "pointer"),
     [
         ("--reload", "restart"),
-        ("--proxy-headers", "--trusted-proxies"),
         ("--forwarded-allow-ips=127.0.0.1", "--trusted-proxies"),
         ("--ssl-certfile", "--certfile"),
     ],

@@ -647,3 +647,59 @@ def test_a_freeze_longer_than_the_node_ttl_reaps_no_live_node(
     control.close()
     listener.close()
     assert not [m for m in announced if b'"lost"' in m], announced
+
+
+# --- round 3: nothing lost silently ---------------------------------------------------
+
+
+def test_members_miss_nothing_while_others_join_and_leave(start_node: StartNode) -> None:
+    """The join race (issue 19): a join's history read sees messages whose pub/sub
+    delivery has not reached this node yet. It must not make the node skip them
+    for the members already in the room. Two nodes on one Redis; members on
+    both; a loop that connects, joins and closes beside a steady API publisher."""
+    import asyncio
+    import threading
+
+    from tests.support.aio import run
+    from tests.support.clients import welcomed
+
+    unlimited = ("--handshake-rate", "1000", "--handshake-burst", "1000")
+    a, b = start_node("a", *unlimited), start_node("b", *unlimited)
+    room, total = "chat:race", 300
+
+    async def scenario() -> None:
+        members = [await welcomed(node, mint(f"member-{i}")) for i, node in
+                   enumerate([a, b] * 4)]
+        for member in members:
+            await member.join(room)
+        stop = threading.Event()
+
+        def publish_steadily() -> None:
+            for n in range(1, total + 1):
+                api(a if n % 2 else b, "/api/publish", {"room": room, "data": n})
+            stop.set()
+
+        async def join_loop(node: RunningServer, who: str) -> int:
+            loops = 0
+            while not stop.is_set():
+                churner = await welcomed(node, mint(f"{who}-{loops}"))
+                await churner.join(room)
+                await churner.close()
+                loops += 1
+            return loops
+
+        publisher = asyncio.ensure_future(asyncio.to_thread(publish_steadily))
+        loops = await asyncio.gather(join_loop(a, "churn-a"), join_loop(b, "churn-b"))
+        await publisher
+        assert min(loops) > 5, loops  # the joins really ran beside the publishes
+        api(a, "/api/publish", {"room": room, "data": "end"})
+        for member in members:
+            got = await member.messages_until("end", timeout=20)
+            offsets = [m["offset"] for m in got if m["type"] == "message"]
+            gaps = [m for m in got if m["type"] == "gap"]
+            assert gaps == [], gaps
+            assert offsets == list(range(1, total + 1)), sorted(
+                set(range(1, total + 1)) - set(offsets))
+            await member.close()
+
+    run(scenario, timeout=120)

@@ -213,6 +213,28 @@ test('a gap moves the position to its offset and means messages were lost', () =
     { position: { epoch: 'e1', offset: 3 }, lost: true });
 });
 
+test('a gap of dropped messages (a room without history) is a loss that moves nothing', () => {
+  const position = { epoch: 'e1', offset: 9 };
+  assert.deepEqual(gapOutcome(position, { type: 'gap', room: 'r', dropped: 3 }),
+    { position, lost: true });
+  assert.deepEqual(gapOutcome(null, { type: 'gap', room: 'r', dropped: 1 }),
+    { position: null, lost: true });
+  assert.deepEqual(gapOutcome(position, { type: 'gap', room: 'r', dropped: 0 }),
+    { position, lost: false });
+});
+
+test('a recovery with "pending" keeps the position at the last message given', () => {
+  // The rest follows as ordinary messages: they must not be dropped as repeats.
+  const reply = { type: 'joined', room: 'chat:1', epoch: 'e1', offset: 9, recovered: true,
+                  messages: [msgAt(6), msgAt(7)], pending: 2 };
+  const outcome = joinedOutcome({ epoch: 'e1', offset: 5 }, reply, true);
+  assert.deepEqual(outcome.position, { epoch: 'e1', offset: 7 });
+  assert.equal(acceptMessage(outcome.position, msgAt(8)).deliver, true);
+  const none = joinedOutcome({ epoch: 'e1', offset: 5 },
+    { ...reply, messages: [], pending: 4 }, true);
+  assert.deepEqual(none.position, { epoch: 'e1', offset: 5 });
+});
+
 test('a gap at or below what the client already has loses nothing', () => {
   const position = { epoch: 'e1', offset: 9 };
   assert.deepEqual(gapOutcome(position, gapAt(9)), { position, lost: false });

@@ -371,6 +371,18 @@ async def welcomed(target: Target, tok: str | None = None, **kw: Any) -> AsyncCl
     return client
 
 
+async def welcomed_without_token(target: Target, user: str, **kw: Any) -> AsyncClient:
+    """A connection that sends no JWT (the connect proxy vouches for it, from the
+    cookies or headers in ``kw``), past its ``welcome``, which must name ``user``."""
+    client = await connect(target, None, **kw)
+    first = await client.recv()
+    if first is None:
+        raise ClosedBeforeWelcome(client.close_code, client.close_reason)
+    assert first["type"] == "welcome" and first["user"] == user, first
+    client.welcome = first
+    return client
+
+
 @dataclass
 class Refusal:
     """The HTTP answer to a handshake refused before the upgrade."""

@@ -233,6 +233,13 @@ async def settle(services: Services) -> None:
             raise AssertionError("background work raised") from future.exception()
 
 
+async def turns(count: int = 20) -> None:
+    """Let the loop run ``count`` steps, for work that waits on purpose (a lagging
+    member's catch-up waits for its backlog to drain, which :func:`settle` would not)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 class Client:
     """One Session over a RecordingTransport, driven like a peer would."""
 

@@ -9,7 +9,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.support.tokens import SECRET, mint
-from wsserver.auth import DEMO_AUDIENCE, TokenIssuer, TokenVerifier, extract_token
+from wsserver.auth import (
+    DEMO_AUDIENCE,
+    TokenIssuer,
+    TokenVerifier,
+    extract_token,
+    looks_like_jwt,
+)
 from wsserver.errors import TokenExpired, TokenInvalid
 from wsserver.rooms import NO_GRANTS
 
@@ -280,3 +286,38 @@ def test_a_key_pyjwt_refuses_for_hmac_is_still_refused_on_every_token() -> None:
     for _ in range(2):
         with pytest.raises(jwt.InvalidKeyError):
             verifier.verify(forged)
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        (mint("alice"), True),
+        ("eyJhbGciOiJub25lIn0.e30.", True),  # {"alg":"none"}: a JWT (refused later)
+        ("not.a.jwt", False),
+        ("3f9a0c6e2b7d4e1f", False),          # an application's session id
+        ("a.b", False),
+        ("e30.e30.x", False),                 # {} as a header: no alg
+        ("!!!.e30.x", False),
+        ("", False),
+    ],
+)
+def test_looks_like_jwt(token: str, expected: bool) -> None:
+    assert looks_like_jwt(token) is expected
+
+
+def test_subscription_tokens_are_checked_for_user_and_room_and_never_open_a_connection() -> None:
+    import asyncio
+
+    verifier = TokenVerifier(SECRET, ["HS256"])
+    token = mint("alice", room="chat:1", publish=True)
+    assert asyncio.run(verifier.verify_subscription(token, "alice", "chat:1")) is True
+    assert asyncio.run(verifier.verify_subscription(mint("alice", room="chat:1"), "alice",
+                                                    "chat:1")) is False
+    for user, room, reason in (("bob", "chat:1", "another user"),
+                               ("alice", "chat:2", "another room")):
+        with pytest.raises(TokenInvalid) as caught:
+            asyncio.run(verifier.verify_subscription(token, user, room))
+        assert reason in caught.value.reason
+    with pytest.raises(TokenInvalid) as caught:
+        verifier.verify(token)
+    assert caught.value.reason == "invalid token: a subscription token cannot open a connection"

@@ -197,11 +197,11 @@ def test_rooms_table_wins_over_demo_mode(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ('[rooms]\njoin = "everyone"\n',
-         "rooms.join: unknown value 'everyone' (use token, anyone, owner or none)"),
+         "rooms.join: unknown value 'everyone' (use token, anyone, owner, proxy or none)"),
         ('[rooms.namespaces.chat]\njoin = "everyone"\n',
          "rooms.namespaces.chat.join: unknown value 'everyone'"),
         ('[rooms.namespaces.chat]\npublish = "anyone"\n',
-         "rooms.namespaces.chat.publish: unknown value 'anyone' (use token, members or none)"),
+         "rooms.namespaces.chat.publish: unknown value 'anyone' (use token, members, proxy or none)"),
         ("[rooms]\nhistory_size = '100'\n", "rooms.history_size: expected an integer"),
         ("[rooms]\npresence = 1\n", "rooms.presence: expected true or false"),
         ("[rooms]\nhistroy_size = 1\n", "rooms.histroy_size: unknown setting"),
@@ -327,3 +327,76 @@ def test_broker_options() -> None:
     assert (settings.broker, settings.workers, settings.node_name) == (url, 4, "edge-1")
     assert "hunter2" not in repr(settings)
     assert load_settings({"broker": "unix:///run/redis.sock"}, {}).broker.startswith("unix:")
+
+
+# --- the backend: proxies and JWKS ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rooms", "expected"),
+    [
+        ('[rooms]\njoin = "proxy"\n', 'rooms.join = "proxy" needs --proxy-subscribe-url'),
+        ('[rooms.namespaces.mod]\npublish = "proxy"\n',
+         'rooms.namespaces.mod.publish = "proxy" needs --proxy-publish-url'),
+    ],
+)
+def test_a_proxy_rule_needs_its_url(tmp_path: Path, rooms: str, expected: str) -> None:
+    config = tmp_path / "rooms.toml"
+    config.write_text(rooms)
+    assert problems(flags={"config": str(config)}, environ={"WSSERVER_JWT_SECRET": KEY}) == [
+        expected]
+    kind = "subscribe" if "join" in rooms else "publish"
+    settings = load_settings({"config": str(config),
+                              f"proxy_{kind}_url": "http://127.0.0.1:9000/ws"},
+                             {"WSSERVER_JWT_SECRET": KEY})
+    assert settings.proxy_urls == {kind: "http://127.0.0.1:9000/ws"}
+
+
+@pytest.mark.parametrize("url", ["ftp://x/y", "127.0.0.1:9000/ws", "http:///path"])
+def test_proxy_urls_are_http_urls_with_a_host(url: str) -> None:
+    found = problems(flags={"proxy_rpc_url": url}, environ={"WSSERVER_JWT_SECRET": KEY})
+    assert found == [f"--proxy-rpc-url: invalid value {url!r}: use an http:// or https:// URL "
+                     "with a host"]
+
+
+def test_proxy_headers_are_header_names() -> None:
+    settings = load_settings({"proxy_headers": "Cookie, X-Session"}, {"WSSERVER_JWT_SECRET": KEY})
+    assert settings.proxy_headers == ("Cookie", "X-Session")
+    assert problems(flags={"proxy_headers": "Cookie,Bad Header"},
+                    environ={"WSSERVER_JWT_SECRET": KEY})[0].endswith(
+        "'Bad Header' is not an HTTP header name")
+
+
+def test_the_proxy_key_file_is_read_and_checked(tmp_path: Path) -> None:
+    good, short = tmp_path / "good.key", tmp_path / "short.key"
+    good.write_text("p" * 40 + "\n")
+    short.write_text("p" * 10)
+    settings = load_settings({"proxy_key_file": str(good)}, {"WSSERVER_JWT_SECRET": KEY})
+    assert settings.proxy_key is not None and settings.proxy_key.reveal() == "p" * 40
+    assert "p" * 40 not in repr(settings)
+    found = problems(flags={"proxy_key_file": str(short)}, environ={"WSSERVER_JWT_SECRET": KEY})
+    assert "the key is 10 bytes; at least 32 are needed" in found[0]
+
+
+def test_a_connect_proxy_alone_is_not_demo_mode() -> None:
+    settings = load_settings({"proxy_connect_url": "http://app:pw@127.0.0.1:9000/c",
+                              "host": "0.0.0.0"}, {})
+    assert not settings.demo_mode and not settings.demo
+    assert settings.verify_key is None
+    assert "app:pw" not in repr(settings)  # a URL may hold credentials
+
+
+def test_a_jwks_url_takes_rs256_by_default_and_no_other_key() -> None:
+    settings = load_settings({"jwt_jwks_url": "https://idp.example/certs"}, {})
+    assert settings.jwt_algorithms == ("RS256",) and not settings.demo_mode
+    assert settings.verify_key is None
+    settings = load_settings({"jwt_jwks_url": "https://idp.example/certs",
+                              "jwt_algorithms": "ES256,RS256"}, {})
+    assert settings.jwt_algorithms == ("ES256", "RS256")
+    assert problems(flags={"jwt_jwks_url": "https://idp.example/certs"},
+                    environ={"WSSERVER_JWT_SECRET": KEY}) == [
+        "give only one of --jwt-secret, --jwt-secret-file, --jwt-public-key-file, --jwt-jwks-url"]
+    found = problems(flags={"jwt_jwks_url": "https://idp.example/certs",
+                            "jwt_algorithms": "HS256"}, environ={})
+    assert found == ["--jwt-jwks-url: a JWKS holds public keys: give RS*/PS*/ES*/EdDSA in "
+                     "--jwt-algorithms (RS256 when not given)"]

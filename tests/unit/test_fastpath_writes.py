@@ -24,8 +24,11 @@ class RecordingTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closed
 
+    #: What the kernel has not taken yet (set by a test playing a peer that does not read).
+    backlog = 0
+
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.backlog
 
     reading = True
 
@@ -237,5 +240,25 @@ def test_a_close_while_paused_still_reads_the_peers_close_frame() -> None:
         connection.close(1000, "bye")
         assert receiver.seen == ["a"]  # "b" came after the pause, and the server closed
         assert transport.closed  # the peer's close was read and answered: TCP ends
+
+    asyncio.run(main())
+
+
+def test_pings_are_not_answered_past_the_write_bound() -> None:
+    """Issue 20: with --ping-interval 0 a peer could ping without reading and grow its
+    backlog without end; past --max-write-buffer its pings go unanswered."""
+
+    async def main() -> None:
+        connection = FrameConnection(FrameLimits(max_write_buffer=1000))
+        connection.receiver = Replier(connection)
+        connection.start(b"")
+        transport = RecordingTransport()
+        connection.connection_made(transport)
+        ping = bytes([0x89, 0x80 | 2]) + b"\0\0\0\0" + b"hi"
+        connection.data_received(ping)
+        assert transport.writes == [framing.pong_frame(b"hi")]
+        transport.backlog = 1000
+        connection.data_received(ping * 3)
+        assert transport.writes == [framing.pong_frame(b"hi")]  # nothing more
 
     asyncio.run(main())

@@ -17,7 +17,16 @@ import pytest
 
 from tests.support.aio import run
 from tests.support.metrics import value
-from tests.support.sessions import Client, Scheduler, make_services, settle, wall0, welcomed
+from tests.support.sessions import (
+    Client,
+    Scheduler,
+    make_services,
+    settle,
+    start,
+    turns,
+    wall0,
+    welcomed,
+)
 from tests.support.tokens import mint
 from wsserver.brokers.base import (
     BrokerSink,
@@ -50,6 +59,9 @@ class _DroppingSink:
     def on_publication(self, publication: Publication) -> None:
         if publication.offset in self._broker.drop:
             return
+        if self._broker.delayed is not None:
+            self._broker.delayed.append(publication)
+            return
         self._sink.on_publication(publication)
 
     def on_disconnect(self, user: str, code: int, reason: str) -> None:
@@ -71,6 +83,8 @@ class ControlledBroker(MemoryBroker):
     def __init__(self, clock: Callable[[], float]) -> None:
         super().__init__("test-node", clock)
         self.drop: set[int] = set()
+        #: Publications stored but not delivered yet (a slow pub/sub), when not None.
+        self.delayed: list[Publication] | None = None
         self.fail_history = False
         self.history_calls: list[tuple[str, int | None, int | None]] = []
         #: Set by :meth:`hold_next_read`: the next read waits on ``release``.
@@ -87,7 +101,14 @@ class ControlledBroker(MemoryBroker):
         return reading, release
 
     async def start(self, sink: BrokerSink) -> None:
+        self.sink = sink
         await super().start(_DroppingSink(sink, self))
+
+    def deliver_delayed(self) -> None:
+        """Hand the hub the delayed publications, in order, and stop delaying."""
+        delayed, self.delayed = self.delayed or [], None
+        for publication in delayed:
+            self.sink.on_publication(publication)
 
     async def history(
         self, room: str, history: HistorySpec, *, since: int | None = None,
@@ -113,6 +134,7 @@ def make(
     services, scheduler = make_services(
         rooms_table or rooms(), lambda s: ControlledBroker(s.monotonic), **flags)
     assert isinstance(services.broker, ControlledBroker)
+    services.hub.repair_retry = services.hub.catch_up_retry = 0
     return services, scheduler, services.broker
 
 
@@ -344,7 +366,8 @@ def test_an_epoch_change_during_the_join_is_not_hidden_by_the_answer(with_member
         client = await welcomed(services, scheduler)
         if with_member:
             (member,) = await members_of_room(services, 1)
-        old = (await broker.publish(ROOM, b'{"type":"message","data":0}', history=SPEC)).epoch
+        old = (await broker.publish(ROOM, b'{"type":"message","data":0}',
+                                    history=HistorySpec(5, 10))).epoch
         reading, release = broker.hold_next_read("after")
         client.session.on_text(json.dumps({"type": "join", "room": ROOM}))
         await reading.wait()
@@ -498,7 +521,8 @@ def test_publications_during_a_repair_are_held_and_delivered_once() -> None:
     run(scenario)
 
 
-def test_a_range_gone_from_history_tells_the_members() -> None:
+def test_a_range_gone_from_history_tells_the_members_only_what_is_gone() -> None:
+    """The gap covers 2 and 3 (trimmed); 4 and 5, still kept, are delivered."""
     async def scenario() -> None:
         services, _, broker = make(rooms(size=2))
         await broker.start(services.hub)
@@ -511,10 +535,10 @@ def test_a_range_gone_from_history_tells_the_members() -> None:
         await settle(services)
         await publish_api(services, 6)
         for client in clients:
-            assert client.transport.take()[-2:] == [
-                {"type": "gap", "room": ROOM, "epoch": epoch, "offset": 5, "recovered": False},
-                {"type": "message", "room": ROOM, "from": None, "data": 6, "offset": 6,
-                 "epoch": epoch},
+            assert client.transport.take()[-4:] == [
+                {"type": "gap", "room": ROOM, "epoch": epoch, "offset": 3, "recovered": False},
+                *({"type": "message", "room": ROOM, "from": None, "data": n, "offset": n,
+                   "epoch": epoch} for n in (4, 5, 6)),
             ]
         assert value(services.metrics.gap_repairs, outcome="lost") == 1
 
@@ -530,6 +554,7 @@ def test_an_epoch_change_tells_the_members() -> None:
         old = client.transport.take()[-1]["epoch"]
         scheduler.advance(11)
         await publish_api(services, 2)
+        await settle(services)  # the new epoch's history is read: what it kept is not lost
         gap, message = client.transport.take()
         new = message["epoch"]
         assert new != old
@@ -572,5 +597,243 @@ def test_a_failed_repair_read_is_retried_by_the_next_publication() -> None:
         await publish_api(services, 3)
         await settle(services)
         assert offsets(client) == [1, 2, 3]
+
+    run(scenario)
+
+
+# --- round 3: nothing lost silently -------------------------------------------------
+
+
+def test_a_join_does_not_hide_messages_from_the_members_already_there() -> None:
+    """The join race: a message is in the history before its pub/sub delivery. A
+    join's read sees it; the members already in the room must still get it (and
+    the joiner, whose answer covered it, must not get it twice)."""
+    async def scenario() -> None:
+        services, scheduler, broker = make()
+        await broker.start(services.hub)
+        (member,) = await members_of_room(services, 1)
+        await publish_api(services, 1)
+        broker.delayed = []  # the pub/sub lags behind the history
+        await publish_api(services, 2)
+        await publish_api(services, 3)
+        joiner = await welcomed(services, scheduler, mint("joiner", now=wall0()), "10.2.0.1")
+        answer = await joiner.ask({"type": "join", "room": ROOM})
+        assert answer["offset"] == 3
+        broker.deliver_delayed()
+        await publish_api(services, 4)
+        await settle(services)
+        assert offsets(member) == [1, 2, 3, 4]
+        assert offsets(joiner) == [4]
+
+    run(scenario)
+
+
+def test_a_lagging_member_catches_up_from_the_history_in_order() -> None:
+    """Past the write bound a member is not closed: once drained it gets what it
+    skipped, read from the history, then live messages, each once, in order."""
+    async def scenario() -> None:
+        services, _, broker = make(rooms(size=50), max_write_buffer="4000")
+        await broker.start(services.hub)
+        reader, other = await members_of_room(services, 2)
+        await publish_api(services, "a")
+        reader.transport.backlog = 3_990  # the reader stops reading
+        for _ in range(2, 8):
+            await publish_api(services, "b")
+        await turns()
+        assert reader.transport.closes == []
+        assert offsets(reader) == [1]
+        assert offsets(other) == [1, 2, 3, 4, 5, 6, 7]
+        assert services.hub.lagging(reader.session, ROOM)
+        reader.transport.backlog = 0
+        reader.transport.scheduler.advance(0.1)
+        await settle(services)
+        await publish_api(services, "live")
+        assert offsets(reader) == [2, 3, 4, 5, 6, 7, 8]
+        assert not services.hub.lagging(reader.session, ROOM)
+        assert value(services.metrics.slow_consumers) == 0
+
+    run(scenario)
+
+
+def test_a_lagging_member_is_told_what_the_history_no_longer_has() -> None:
+    async def scenario() -> None:
+        services, _, broker = make(rooms(size=3), max_write_buffer="4000")
+        await broker.start(services.hub)
+        (reader,) = await members_of_room(services, 1)
+        await publish_api(services, 1)
+        epoch = reader.transport.messages()[-1]["epoch"]
+        reader.transport.backlog = 3_990
+        for n in range(2, 9):  # 2..8; the history keeps 6, 7, 8
+            await publish_api(services, n)
+        reader.transport.take()
+        reader.transport.backlog = 0
+        reader.transport.scheduler.advance(0.1)
+        await settle(services)
+        got = reader.transport.take()
+        assert got[0] == {"type": "gap", "room": ROOM, "epoch": epoch, "offset": 5,
+                          "recovered": False}
+        assert [m["offset"] for m in got[1:]] == [6, 7, 8]
+
+    run(scenario)
+
+
+def test_a_lagging_publisher_gets_its_own_copy_with_its_id_from_the_history() -> None:
+    async def scenario() -> None:
+        services, _, broker = make(rooms(size=50), max_write_buffer="4000")
+        await broker.start(services.hub)
+        (publisher,) = await members_of_room(services, 1)
+        publisher.transport.backlog = 3_990
+        publisher.session.on_text(json.dumps(
+            {"type": "publish", "room": ROOM, "data": "mine", "id": "p1"}))
+        await turns()
+        assert publisher.transport.frames == []
+        publisher.transport.backlog = 0
+        publisher.transport.scheduler.advance(0.1)
+        await settle(services)
+        (copy,) = publisher.transport.take()
+        assert (copy["data"], copy["id"], copy["offset"]) == ("mine", "p1", 1)
+
+    run(scenario)
+
+
+def test_a_recovery_larger_than_the_write_bound_is_paced_not_closed() -> None:
+    """The answer carries what fits with "pending"; the rest follows as messages,
+    each under the bound, before any live one."""
+    async def scenario() -> None:
+        services, scheduler, broker = make(rooms(size=100), max_write_buffer="2000")
+        await broker.start(services.hub)
+        epoch, _ = await room_with(services, 0)
+        for _ in range(1, 41):
+            await publish_api(services, "x" * 100)
+        client = await welcomed(services, scheduler)
+        sent: list[int] = []
+        real_send = client.transport.send
+
+        def counting_send(message: Any) -> bool:
+            sent.append(client.transport.backlog)
+            client.transport.backlog += len(message.payload)
+            return real_send(message)
+
+        client.transport.send = counting_send  # type: ignore[method-assign]
+        client.session.on_text(json.dumps(
+            {"type": "join", "room": ROOM, "since": {"offset": 0, "epoch": epoch}}))
+        await turns()
+        (answer,) = client.transport.take()
+        assert answer["recovered"] is True and answer["offset"] == 40
+        inline = len(answer["messages"])
+        assert 0 < inline < 40 and answer["pending"] == 40 - inline
+        for _ in range(100):
+            if len(client.transport.messages()) + inline >= 40:
+                break
+            client.transport.backlog = 0  # the client reads
+            scheduler.advance(0.1)
+            await turns()
+        await publish_api(services, "live")
+        await settle(services)
+        rest = client.transport.take()
+        assert [m["offset"] for m in answer["messages"] + rest] == list(range(1, 42))
+        assert client.transport.closes == []
+        assert max(sent) <= 2000
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("since", "recovered"), [(7, True), (5, False)])
+def test_a_recovery_past_max_recovery_bytes_is_not_recovered(since: int, recovered: bool) -> None:
+    """Each message is about 260 bytes: 3 fit in 1000 bytes, 5 do not."""
+    async def scenario() -> None:
+        services, scheduler, broker = make(rooms(size=100), max_recovery_bytes="1000")
+        await broker.start(services.hub)
+        epoch, _ = await room_with(services, 0)
+        for _ in range(10):
+            await publish_api(services, "x" * 200)
+        client = await welcomed(services, scheduler)
+        answer = await client.ask({"type": "join", "room": ROOM,
+                                   "since": {"offset": since, "epoch": epoch}})
+        assert answer["recovered"] is recovered
+        assert len(answer["messages"]) == (10 - since if recovered else 0)
+
+    run(scenario)
+
+
+def test_after_a_history_loss_the_gap_covers_only_what_is_gone() -> None:
+    """Redis restarted without persistence while this node's subscription was down:
+    the new epoch's messages still in the history are delivered, and the gap only
+    says that the old epoch's tail is gone (offset 0 of the new one)."""
+    async def scenario() -> None:
+        services, scheduler, broker = make(rooms(size=10, ttl=10))
+        await broker.start(services.hub)
+        (member,) = await members_of_room(services, 1)
+        await publish_api(services, 1)
+        old = member.transport.take()[-1]["epoch"]
+        scheduler.advance(11)  # the history is lost: the next publish starts a new epoch
+        broker.drop = {1, 2}  # and this node misses its first two messages
+        for n in (1, 2, 3):
+            await publish_api(services, n)
+        await settle(services)
+        got = member.transport.take()
+        new = got[-1]["epoch"]
+        assert new != old
+        assert got[0] == {"type": "gap", "room": ROOM, "epoch": new, "offset": 0,
+                          "recovered": False}
+        assert [(m["offset"], m["epoch"]) for m in got[1:]] == [(1, new), (2, new), (3, new)]
+
+    run(scenario)
+
+
+def test_presence_checks_the_grant_before_saying_it_is_not_enabled() -> None:
+    """A user who may not join a room learns nothing of its namespace's settings."""
+    async def scenario() -> None:
+        table = {"join": "token", "publish": "token",
+                 "namespaces": {"secret": {"join": "none", "presence": False}}}
+        services, scheduler = make_services(table)
+        await start(services)
+        client = await welcomed(services, scheduler)
+        reply = await client.ask({"type": "presence", "room": "secret:x"})
+        assert reply["code"] == "forbidden"
+
+    run(scenario)
+
+
+def test_a_rooms_publishes_are_also_bounded_in_bytes() -> None:
+    """One publisher of big messages within the message rate still cannot push more
+    than --room-publish-bytes (burst twice that) into every member's link."""
+    async def scenario() -> None:
+        services, _, broker = make(room_publish_bytes="10000")
+        await broker.start(services.hub)
+        (publisher,) = await members_of_room(services, 1)
+        replies = []
+        for n in range(5):
+            replies += await publisher.send(
+                {"type": "publish", "room": ROOM, "data": "x" * 5000, "id": n})
+        errors = [r for r in replies if r["type"] == "error"]
+        assert len(replies) - len(errors) == 3  # 20,000 bytes of burst: three of ~5.1 kB
+        assert errors[0]["code"] == "rate_limited" and errors[0]["retry_after"] > 0
+        assert value(services.metrics.rejections, reason="room_rate") == 2
+
+    run(scenario)
+
+
+def test_join_and_leave_events_are_charged_to_the_rooms_bucket() -> None:
+    """A join/leave loop must not flood a big room: past the room's publish bucket
+    the events are shed (counted), the joins themselves go on."""
+    async def scenario() -> None:
+        table = rooms()
+        table["namespaces"]["hist"]["join_leave"] = True
+        services, scheduler, broker = make(table, room_publish_rate="1",
+                                           room_publish_burst="4")
+        await broker.start(services.hub)
+        (watcher,) = await members_of_room(services, 1)
+        watcher.transport.take()
+        for n in range(6):
+            churner = await welcomed(services, scheduler, mint(f"c{n}", now=wall0()),
+                                     f"10.3.0.{n}")
+            assert (await churner.send({"type": "join", "room": ROOM}))[0]["type"] == "joined"
+            await churner.send({"type": "leave", "room": ROOM})
+        await settle(services)
+        events = [m["type"] for m in watcher.transport.take()]
+        # The burst of 4 less the watcher's own user_joined: 3 of the 12, then shed.
+        assert events == ["user_joined", "user_left", "user_joined"]
+        assert value(services.metrics.rejections, reason="room_event_shed") == 9
 
     run(scenario)

@@ -25,6 +25,12 @@ VERY_DEEP = "[" * 100_000 + "]" * 100_000
         ('{"type": "task", "name": "primes"}', "task", None),
         ('{"type": "refresh", "token": "a.b.c"}', "refresh", None),
         ('{"type": "ping", "extra": "ignored"}', "ping", None),
+        ('{"type": "join", "room": "r", "since": {"offset": 0, "epoch": "e"}}', "join", None),
+        ('{"type": "join", "room": "r", "since": {"offset": 9223372036854775807, "epoch": "e"}}',
+         "join", None),
+        ('{"type": "rpc", "method": "orders.list", "data": {"page": 2}, "id": 9}', "rpc", 9),
+        ('{"type": "rpc", "method": "m"}', "rpc", None),
+        ('{"type": "join", "room": "r", "token": "a.b.c", "data": [1]}', "join", None),
     ],
 )
 def test_valid_messages(text: str, expected_type: str, expected_id: object) -> None:
@@ -38,6 +44,12 @@ def test_valid_messages(text: str, expected_type: str, expected_id: object) -> N
     [
         "",
         "not json",
+        '{"type": "rpc"}',
+        '{"type": "rpc", "method": ""}',
+        '{"type": "rpc", "method": 5}',
+        '{"type": "rpc", "method": "' + "m" * 129 + '"}',
+        '{"type": "join", "room": "r", "token": 5}',
+        '{"type": "join", "room": "r", "token": ""}',
         "{",
         '{"type": "ping"',
         "[]",
@@ -58,6 +70,12 @@ def test_valid_messages(text: str, expected_type: str, expected_id: object) -> N
         '{"type": "echo", "data": ' + DEEP + "}",
         VERY_DEEP,
         '{"type": "join"}',
+        # History offsets are 64-bit signed in every broker: beyond is no position.
+        '{"type": "join", "room": "r", "since": {"offset": 9223372036854775808, "epoch": "e"}}',
+        '{"type": "join", "room": "r", "since": {"offset": 18446744073709551616, "epoch": "e"}}',
+        '{"type": "join", "room": "r", "since": {"offset": -1, "epoch": "e"}}',
+        '{"type": "join", "room": "r", "since": {"offset": 1.5, "epoch": "e"}}',
+        '{"type": "join", "room": "r", "since": {"offset": "1", "epoch": "e"}}',
         '{"type": "join", "room": 5}',
         '{"type": "join", "room": ""}',
         '{"type": "join", "room": "' + "r" * 129 + '"}',

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.aio import run
 from tests.support.metrics import value
-from tests.support.sessions import Client, make_services, settle, start, wall0, welcomed
+from tests.support.sessions import Client, make_services, settle, start, turns, wall0, welcomed
 from tests.support.tokens import mint
 from wsserver import framing
 from wsserver.services import Services
@@ -499,7 +499,10 @@ def test_keepalive_pings_a_pong_clears_and_silence_closes_1011() -> None:
     run(scenario)
 
 
-def test_slow_consumer_closes_4009_before_the_buffer_passes_the_bound() -> None:
+def test_a_member_past_the_write_bound_lags_and_is_told_what_was_dropped() -> None:
+    """Room traffic never closes a slow reader (4009 is for its own replies): it
+    stops getting the room's messages, and once its backlog has drained it gets a
+    ``gap`` saying how many it missed (a room without history), then live ones."""
     async def scenario() -> None:
         services, scheduler = make_services(max_write_buffer="10000")
         await start(services)
@@ -508,15 +511,68 @@ def test_slow_consumer_closes_4009_before_the_buffer_passes_the_bound() -> None:
         await reader.send({"type": "join", "room": "r"})
         await writer.send({"type": "join", "room": "r"})
         reader.transport.backlog = 9_990
-        await writer.send({"type": "publish", "room": "r", "data": "x" * 10})
+        writer.session.on_text(json.dumps({"type": "publish", "room": "r", "data": "x" * 10}))
+        writer.session.on_text(json.dumps({"type": "publish", "room": "r", "data": "y"}))
+        await turns()  # served; the reader's catch-up now waits for its backlog
+        assert reader.transport.closes == [] and reader.transport.frames == []
+        assert services.hub.lagging(reader.session, "r")
+        assert value(services.metrics.lagging) == 1
+        # Its own replies still go, up to twice the bound.
+        reader.session.on_text('{"type": "ping", "id": 1}')
+        assert reader.transport.take() == [{"type": "pong", "id": 1}]
+        scheduler.advance(0.1)  # looked again: not drained yet
+        await turns()
+        assert reader.transport.frames == []
+        reader.transport.backlog = 2_000  # drained under a quarter of the bound
+        scheduler.advance(0.1)
+        await settle(services)
+        assert reader.transport.take() == [{"type": "gap", "room": "r", "dropped": 2}]
+        assert not services.hub.lagging(reader.session, "r")
+        await writer.send({"type": "publish", "room": "r", "data": "z"})
+        assert [m["data"] for m in reader.transport.take()] == ["z"]
+        assert value(services.metrics.slow_consumers) == 0
+        assert value(services.metrics.lagging) == 0
+
+    run(scenario)
+
+
+def test_replies_past_twice_the_write_bound_close_4009() -> None:
+    async def scenario() -> None:
+        services, scheduler = make_services(max_write_buffer="10000")
+        await start(services)
+        reader = await welcomed(services, scheduler)
+        reader.transport.backlog = 19_990
+        await reader.send({"type": "echo", "data": "x" * 20})
         assert reader.transport.close_code == 4009
         assert reader.transport.frames == []
         assert value(services.metrics.slow_consumers) == 1
-        # The publisher and the room go on.
-        await writer.send({"type": "publish", "room": "r", "data": 1, "id": 1})
-        assert writer.transport.closes == []
-        reader.gone()
-        assert services.hub.members("r") == [writer.session]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("backlogs", "closed_at"),
+    [
+        ([100, 100, 100, 100], 30.0),  # nothing read for 30 s
+        ([100, 120, 150, 150], 30.0),  # only growing: still nothing read
+        ([100, 90, 90, 90], None),  # read something at 10 s: the clock restarts
+        ([100, 0, 100, 100], None),  # emptied at 10 s
+    ],
+)
+def test_a_peer_that_reads_nothing_for_the_timeout_is_closed_4009(
+    backlogs: list[int], closed_at: float | None
+) -> None:
+    async def scenario() -> None:
+        services, scheduler = make_services()
+        await start(services)
+        client = await welcomed(services, scheduler)
+        for step, backlog in enumerate(backlogs):
+            client.transport.backlog = backlog
+            client.session.check_stalled(step * 10.0, 30.0)
+        if closed_at is None:
+            assert client.transport.closes == [] and not client.transport.aborted
+        else:
+            assert client.transport.close_code == 4009 and client.transport.aborted
 
     run(scenario)
 
@@ -545,18 +601,24 @@ def test_messages_behind_a_join_are_served_after_it_in_order() -> None:
     run(scenario)
 
 
-def test_too_many_messages_queued_behind_the_broker_close_4029() -> None:
+def test_a_full_queue_pauses_reading_instead_of_closing() -> None:
+    """Back-pressure: past MAX_QUEUED the transport stops reading; it reads again once
+    the queue is half empty, and every message is answered, in order."""
     async def scenario() -> None:
         services, scheduler = make_services(message_burst="1000")
         await start(services)
         client = await welcomed(services, scheduler)
         client.session.on_text(json.dumps({"type": "join", "room": "r"}))
-        for _ in range(MAX_QUEUED):
-            client.session.on_text('{"type": "ping"}')
+        for n in range(MAX_QUEUED):
+            assert not client.transport.paused
+            client.session.on_text(json.dumps({"type": "ping", "id": n}))
+        assert client.transport.paused
         assert client.transport.closes == []
-        client.session.on_text('{"type": "ping"}')
-        assert client.transport.close_code == 4029
         await settle(services)
+        assert not client.transport.paused
+        replies = client.transport.take()
+        assert [m["type"] for m in replies] == ["joined"] + ["pong"] * MAX_QUEUED
+        assert [m["id"] for m in replies[1:]] == list(range(MAX_QUEUED))
 
     run(scenario)
 
@@ -684,3 +746,33 @@ def test_a_run_of_publishes_reaches_the_broker_at_once_and_what_follows_waits() 
             ("message", 1), ("message", 2), ("message", 3), ("pong", 4)]
 
     run(scenario())
+
+
+def test_a_lagging_publisher_in_a_room_without_history_still_gets_its_reply() -> None:
+    """Its own copy (with its id) answers its publish: nothing would read it back."""
+    async def scenario() -> None:
+        services, scheduler = make_services(max_write_buffer="10000")
+        await start(services)
+        publisher = await welcomed(services, scheduler)
+        await publisher.send({"type": "join", "room": "r"})
+        publisher.transport.backlog = 9_990
+        replies = await publisher.send({"type": "publish", "room": "r", "data": "x", "id": 7})
+        assert [(m["type"], m["id"]) for m in replies] == [("message", 7)]
+        assert services.hub._origins == {}
+
+    run(scenario)
+
+
+def test_rpc_without_a_backend_is_an_unknown_type_that_says_why() -> None:
+    async def scenario() -> None:
+        services, scheduler = make_services()
+        await start(services)
+        client = await welcomed(services, scheduler)
+        reply = await client.ask({"type": "rpc", "method": "whoami", "id": 3})
+        assert reply == {"type": "error", "code": "unknown_type",
+                         "message": "rpc is not enabled on this server (no --proxy-rpc-url)",
+                         "id": 3}
+        assert value(services.metrics.messages, type="rpc") == 1
+        assert client.transport.closes == []
+
+    run(scenario)

@@ -4,8 +4,8 @@ Everything lives in this process: a bounded ring of publications per room
 with history, presence counts, user counts. Delivery to the sink is
 synchronous, inside :meth:`publish`, which keeps every room in offset order.
 A room's history and its offset counter expire ``ttl`` seconds after its last
-message; a room recreated after that gets a new epoch, so a client holding an
-old position is told that its history is gone.
+message (reads do not extend it); a room recreated after that gets a new
+epoch, so a client holding an old position is told that its history is gone.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class MemoryBroker(Broker):
             if seen is not None:
                 return seen[1]
         if history is not None and history.size > 0:
-            stream = self._stream(room, now, history.ttl)
+            stream = self._stream(room, now, history.ttl, write=True)
             stream.top += 1
             publication = Publication(
                 room, with_position(message, stream.top, stream.epoch), stream.top,
@@ -110,16 +110,18 @@ class MemoryBroker(Broker):
             self._sink.on_publication(publication)
         return result
 
-    def _stream(self, room: str, now: float, ttl: float) -> _Stream:
+    def _stream(self, room: str, now: float, ttl: float, *, write: bool) -> _Stream:
         """The room's live stream, made anew (new epoch) when it has expired.
 
-        Reading a position counts as activity, as writing does: a client told
-        an epoch can come back within ``ttl`` and still find it.
+        Only a message extends its life: the history is kept ``ttl`` seconds
+        after the room's last message, however often it is read (joins,
+        recoveries and reads must not keep a room's history forever).
         """
         stream = self._streams.get(room)
         if stream is None or stream.expires_at <= now:
-            stream = self._streams[room] = _Stream(new_epoch())
-        stream.expires_at = now + ttl
+            stream = self._streams[room] = _Stream(new_epoch(), expires_at=now + ttl)
+        if write:
+            stream.expires_at = now + ttl
         return stream
 
     def _forget_idempotency(self, now: float) -> None:
@@ -146,7 +148,7 @@ class MemoryBroker(Broker):
         self, room: str, history: HistorySpec, *, since: int | None = None,
         limit: int | None = None,
     ) -> HistoryPage:
-        stream = self._stream(room, self._clock(), history.ttl)
+        stream = self._stream(room, self._clock(), history.ttl, write=False)
         if since is None:
             return HistoryPage(stream.epoch, stream.top)
         kept = [p for p in stream.kept if p.offset is not None and p.offset > since]

@@ -81,6 +81,12 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
+#: Command connections per node at most: a burst (a thousand members leaving at
+#: once) waits its turn for one (bounded by command_timeout), never piles up more.
+MAX_CONNECTIONS = 16
+#: Concurrent commands a node needs in steady state; past that, the burst's
+#: idle connections are closed at the next heartbeat.
+STEADY_CONNECTIONS = 2
 
 
 def redact_url(url: str) -> str:
@@ -157,7 +163,7 @@ class RedisBroker(Broker):
         heartbeat_interval: float = 5.0,
         node_ttl: float = 15.0,
         prefix: str = "wsserver",
-        max_connections: int = 64,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         super().__init__(node_name)
         if "\0" in node_name or not node_name:
@@ -204,6 +210,9 @@ class RedisBroker(Broker):
         }
         self._sink: BrokerSink | None = None
         self._closing = False
+        # Commands in flight now, and the most at once since the last shed_idle().
+        self._active = 0
+        self._peak = 0
         # Publishes waiting for the batch in flight (see _submit_publish).
         self._publishes: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._publishing = False
@@ -312,6 +321,8 @@ class RedisBroker(Broker):
         if gated and not self.up:
             self._count_error()
             raise BrokerUnavailable("broker unavailable (Redis down)", self.probe_interval)
+        self._active += 1
+        self._peak = max(self._peak, self._active)
         try:
             return await command()
         except UNAVAILABLE_ERRORS as exc:
@@ -320,6 +331,22 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(
                 f"broker unavailable ({type(exc).__name__})", retry_after=self.probe_interval
             ) from exc
+        finally:
+            self._active -= 1
+
+    async def shed_idle(self) -> None:
+        """After a burst of concurrent commands, close the pool's idle connections.
+
+        redis-py's pool keeps every connection it ever opened; without this a
+        thousand members leaving at once would leave MAX_CONNECTIONS sockets
+        open on Redis for good. Called by the heartbeat loop; the next command
+        reconnects one connection.
+        """
+        peak, self._peak = self._peak, self._active
+        if peak <= STEADY_CONNECTIONS or self._active:
+            return
+        await self._pool.disconnect(inuse_connections=False)
+        log.debug("broker: closed idle Redis connections after %d commands at once", peak)
 
     async def _script(
         self, name: str, keys: list[str], args: list[Any], *, gated: bool = True
@@ -494,7 +521,9 @@ class RedisBroker(Broker):
         limit: int | None = None,
     ) -> HistoryPage:
         p = self._p
-        first = "" if since is None else ("-" if since < 0 else f"{since + 1}-0")
+        # Stream IDs are unsigned 64-bit: a since past any offset ever given reads nothing.
+        first = "" if since is None else (
+            "-" if since < 0 else f"{min(since + 1, 2**64 - 1)}-0")
         count = "" if limit is None or since is None else str(limit + 1)
         answer = await self._script(
             "HISTORY",
@@ -682,6 +711,7 @@ class RedisBroker(Broker):
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self.heartbeat()
+                await self.shed_idle()
             except BrokerUnavailable:
                 pass  # the probe reports Redis down; heartbeats resume with it
             except Exception:

@@ -82,13 +82,12 @@ if not epoch then
   epoch = ARGV[2]
   redis.call("DEL", KEYS[2])
   redis.call("HSET", KEYS[1], "epoch", epoch, "offset", 0)
+  redis.call("PEXPIRE", KEYS[1], ARGV[1])
 else
   top = tonumber(meta[2])
 end
--- Reading a position counts as activity: a client told this epoch can come
--- back within the TTL and still find it.
-redis.call("PEXPIRE", KEYS[1], ARGV[1])
-redis.call("PEXPIRE", KEYS[2], ARGV[1])
+-- Only a publish extends the TTL: the history is kept for history_ttl after
+-- the room's last message, however often it is read.
 if ARGV[3] == "" then return {epoch, top} end
 local entries
 if ARGV[4] == "" then

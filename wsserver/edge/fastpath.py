@@ -70,6 +70,8 @@ class FrameLimits:
     fragment_timeout: float | None = 10.0
     #: Seconds to wait for the peer's close frame after the server's.
     close_timeout: float = 2.0
+    #: Unsent bytes past which a ping is not answered (None: always answered).
+    max_write_buffer: int | None = None
     #: Negotiate permessage-deflate when the client offers it.
     compression: bool = True
     #: Messages under this many bytes go uncompressed.
@@ -84,6 +86,7 @@ class FrameLimits:
             frame_rate=rate,
             frame_burst=burst,
             fragment_timeout=settings.fragment_timeout,
+            max_write_buffer=settings.max_write_buffer,
             compression=settings.compression == "on",
             compression_threshold=settings.compression_threshold,
         )
@@ -316,7 +319,12 @@ class FrameConnection(asyncio.BufferedProtocol):
                     if receiver is not None and protocol.delivers:
                         receiver.on_binary(event)  # type: ignore[arg-type]
                 elif kind is Ping:
-                    self._queue_frame(protocol.ping_received(event.data))  # type: ignore[union-attr]
+                    # A peer that does not read its backlog gets no more pongs
+                    # (RFC 6455 section 5.5.3 lets a pong answer only the latest
+                    # ping): pings must not grow the backlog past the bound.
+                    bound = self.limits.max_write_buffer
+                    if bound is None or self.buffered() < bound:
+                        self._queue_frame(protocol.ping_received(event.data))  # type: ignore[union-attr]
                 elif kind is Pong:
                     if receiver is not None and protocol.delivers:
                         receiver.on_pong(event.data)  # type: ignore[union-attr]

@@ -23,10 +23,11 @@ from prometheus_client import Counter
 from tornado.httputil import HTTPHeaders
 from tornado.log import app_log, gen_log
 
-from wsserver.auth import Credentials, Identity, extract_token
+from wsserver.auth import Credentials, Identity, extract_token, looks_like_jwt
 from wsserver.edge.fastpath import FrameConnection, FrameLimits, UpgradeHandler
 from wsserver.edge.tornado_internals import disconnect_after_response
 from wsserver.errors import (
+    BackendRefused,
     BadHandshake,
     CloseError,
     Draining,
@@ -51,6 +52,12 @@ CONTENT_SECURITY_POLICY = (
 MAX_DEMO_USER_LENGTH = 64
 #: Shared by every upgraded connection once its handshake headers are dropped.
 _NO_HEADERS = HTTPHeaders()
+
+
+def _gone(connection: Any) -> bool:
+    """True when the client of an HTTP/1 connection has closed it."""
+    stream = getattr(connection, "stream", None)
+    return stream is None or stream.closed()
 
 
 def _client_address(services: Services, request: Any) -> str:
@@ -304,9 +311,14 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
             if self.request.version == "HTTP/1.0":
                 # RFC 6455 section 4.2.1: "an HTTP/1.1 or higher GET request".
                 raise BadHandshake("a WebSocket upgrade needs HTTP/1.1 or higher")
-            self._credentials = self._admit()
+            self._credentials = await self._admit()
         except Rejection as rejection:
+            self._release_reservation()
             self._refuse(rejection)
+            return
+        if self.request.connection is None or _gone(self.request.connection):
+            # Left while the backend or the key set answered: nothing to upgrade.
+            self._release_reservation()
             return
         try:
             await super().get(*args, **kwargs)
@@ -316,8 +328,20 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
                 self.services.registry.release(self._reservation)
                 self._reservation = None
 
-    def _admit(self) -> Credentials:
-        """The checks before the upgrade; each raises its :class:`Rejection`."""
+    def _release_reservation(self) -> None:
+        if self._reservation is not None:
+            self.services.registry.release(self._reservation)
+            self._reservation = None
+
+    async def _admit(self) -> Credentials:
+        """The checks before the upgrade; each raises its :class:`Rejection`.
+
+        A connection without a JWT goes to the connect proxy, when there is
+        one, after the caps (its slot is held while the backend answers): the
+        backend's ``disconnect`` is a 403, its failure a 503, both before the
+        upgrade. A token whose ``kid`` the key set does not hold waits for one
+        (rate-limited) refetch of the key set.
+        """
         services = self.services
         address = self.limit_key
         if services.draining:
@@ -331,16 +355,30 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
             self._offered_subprotocols(),
             self.get_query_argument("token", None),
         )
+        backend = services.backend
+        proxied = backend is not None and backend.enabled("connect")
+        if (proxied and credentials is not None and credentials.source == "header"
+                and not looks_like_jwt(credentials.token)):
+            credentials = None  # the application's own bearer: the backend reads it
         # Verified before the upgrade (answered after it, with 4001), so that a
         # bad token is counted in the registry's small unverified pool and can
         # never crowd verified users out of --max-connections.
         if credentials is not None:
             try:
-                self._verdict = services.verifier.verify(credentials.token)
+                self._verdict = await services.verifier.verify_fresh(credentials.token)
             except CloseError as error:
                 self._verdict = error
         verified = not isinstance(self._verdict, CloseError)
         services.registry.check_admission(address, verified=verified)
+        if credentials is None and proxied:
+            assert backend is not None
+            # Counted before the call, in the same callback as the check.
+            self._reservation = services.registry.reserve(address, True)
+            self._verdict = await backend.connect(
+                "websocket", self.client_address, self.request.headers.get("Origin"),
+                self.request.headers.get,
+            )
+            return Credentials("", "proxy")
         if credentials is None:
             raise NoToken(
                 "no token: send 'Authorization: Bearer <jwt>', the subprotocols "
@@ -379,7 +417,10 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
             self.set_header("Retry-After", str(max(1, math.ceil(rejection.retry_after))))
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps({"error": rejection.reason, "message": rejection.message}))
+        body: dict[str, Any] = {"error": rejection.reason, "message": rejection.message}
+        if isinstance(rejection, BackendRefused):
+            body["code"] = rejection.code  # the backend's close code (4000-4999)
+        self.finish(json.dumps(body))
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")  # no version banner (see BaseHandler)

@@ -31,6 +31,7 @@ from wsserver.edge.app import make_app
 from wsserver.edge.listener import Listener
 from wsserver.errors import ConfigError
 from wsserver.monitor import ConnectionMonitor
+from wsserver.outbound import HttpClient, display_url
 from wsserver.sdnotify import SystemdNotifier
 from wsserver.services import Services
 
@@ -147,7 +148,7 @@ class Server:
         self.port = bound.port
         self.internal_port = bound.internal_port
         # Built after binding, so demo mode's origins carry the real port.
-        services = self.services = Services(settings, port=self.port)
+        services = self.services = Services(settings, port=self.port, http=_http_client(settings))
         await services.start()
         self.http_server = Listener(
             make_app(services),
@@ -174,15 +175,21 @@ class Server:
         self._jobs.append(
             PeriodicCallback(lambda: _discard(monitor.check()), settings.monitor_interval * 1000)
         )
-        if settings.ping_interval:
-            # Each connection is pinged within a tenth of the interval of its due time.
-            self._jobs.append(
-                PeriodicCallback(services.keepalive, settings.ping_interval * 100)
-            )
+        periods = [p for p in (settings.ping_interval, settings.slow_consumer_timeout) if p]
+        if periods:
+            # Each connection is pinged (and checked for reading nothing) within a
+            # tenth of the interval of its due time.
+            self._jobs.append(PeriodicCallback(services.keepalive, min(periods) * 100))
         if services.broker.kind != "memory":
             self._jobs.append(PeriodicCallback(
                 lambda: services.spawn(services.rebalance_buckets()), BUCKET_REBALANCE * 1000
             ))
+        key_set = services.key_set
+        if key_set is not None:
+            # Fetches only when no set is held yet, or the held one is old.
+            self._jobs.append(
+                PeriodicCallback(key_set.refresh_if_stale, settings.jwks_refresh_min * 1000)
+            )
         interval = self.notifier.watchdog_interval
         if interval:
             notifier = self.notifier
@@ -229,6 +236,7 @@ class Server:
                      _display_host(settings.internal_host), self.internal_port)
         if settings.api_key is None:
             log.info("server API off (no --api-key): /api/ answers 404")
+        _log_backend(settings)
         _tune_gc()
         if self.worker is None:
             log.info("listening on %s://%s:%d/", settings.scheme, _display_host(settings.host),
@@ -329,6 +337,34 @@ def _raise_file_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _http_client(settings: Settings) -> HttpClient | None:
+    """The outbound HTTP client, when a proxy or a JWKS URL needs one."""
+    if not settings.proxy_urls and not settings.jwt_jwks_url:
+        return None
+    from wsserver.edge.httpclient import AiohttpClient
+
+    return AiohttpClient()
+
+
+def _log_backend(settings: Settings) -> None:
+    """Start-up lines for the proxies and the key set (URLs without credentials)."""
+    urls = settings.proxy_urls
+    if urls:
+        log.info("backend proxies: %s; timeout %gs, at most %d in flight per kind",
+                 ", ".join(f"{kind} {display_url(url)}" for kind, url in urls.items()),
+                 settings.proxy_timeout, settings.proxy_max_concurrency)
+        if settings.proxy_key is None:
+            log.warning("backend proxies without --proxy-key-file: the backend cannot tell "
+                        "this server's calls (X-Wsserver-Proxy-Key) from anyone else's")
+    if settings.verify_key is None and not settings.jwt_jwks_url:
+        log.info("no JWT key: connections authenticate through the connect proxy only; "
+                 "tokens are refused (4001)")
+    if settings.jwt_jwks_url:
+        log.info("tokens verified against the JWKS %s (%s), refetched at most every %gs",
+                 display_url(settings.jwt_jwks_url), ",".join(settings.jwt_algorithms),
+                 settings.jwks_refresh_min)
 
 
 def _display_host(host: str) -> str:
