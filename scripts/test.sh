@@ -47,8 +47,9 @@ echo "== mypy"
 echo "== node --test"
 node --test tests/js/
 if [ "${SKIP_CONFORMANCE:-0}" != 1 ]; then
-    echo "== conformance (Autobahn|TestSuite, sections 1-10)"
+    echo "== conformance (Autobahn|TestSuite, sections 1-13, ws:// and wss://)"
     scripts/conformance.sh
+    SCHEME=wss scripts/conformance.sh
 fi
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@"

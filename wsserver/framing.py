@@ -4,8 +4,11 @@
 they mean: a complete text message (``str``), a complete binary message
 (``bytes``), :class:`Ping`, :class:`Pong`, :class:`Close`, or a
 :class:`Failure` carrying the close code the server must send. It does no I/O
-and keeps no timer; the caller (``wsserver.edge.fastpath``) answers pings, sends the
-close frames and arms the fragment timer from :attr:`FrameParser.fragment_started`.
+and keeps no timer; the caller (``wsserver.connection.ServerConnection``) answers
+pings and closes, and the I/O layer arms the fragment timer from
+:attr:`FrameParser.fragment_started`. With permessage-deflate negotiated it
+inflates compressed messages (RSV1), bounded by the message size limit
+(:class:`wsserver.deflate.Inflater`).
 
 Messages are returned as the plain ``str``/``bytes`` objects themselves, so the
 common case allocates nothing beyond the payload.
