@@ -92,6 +92,10 @@ async def test_the_threshold_is_a_setting(port: int) -> None:
     await conn.send(client_frame(OP_TEXT, json.dumps({"type": "echo", "data": BIG}).encode()))
     compressed, reply = await next_message(conn)
     assert not compressed and reply["data"] == BIG  # about 640 bytes: under 2000
+    bigger = BIG * 4
+    await conn.send(client_frame(OP_TEXT, json.dumps({"type": "echo", "data": bigger}).encode()))
+    compressed, reply = await next_message(conn)
+    assert compressed and reply["data"] == bigger  # about 2,430 bytes: over it
 
 
 @pytest.mark.gen_test

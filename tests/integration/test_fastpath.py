@@ -381,3 +381,52 @@ def test_buffered_counts_what_a_client_that_does_not_read_left_unsent(scheme: Sc
         assert seen and seen[0] > 1 << 20
 
     run(scenario)
+
+
+class PausingReceiver(EchoReceiver):
+    """Echoes, pausing reading after every 10th message for a moment."""
+
+    def __init__(self, connection: FrameConnection, during_pause: list[str]) -> None:
+        super().__init__(connection)
+        self.count = 0
+        self.paused = False
+        self.during_pause = during_pause
+
+    def on_text(self, text: str) -> None:
+        if self.paused:
+            self.during_pause.append(text)  # must never happen
+        super().on_text(text)
+        self.count += 1
+        if self.count % 10 == 0:
+            self.paused = True
+            self.transport.pause_reading()
+            self.transport.call_later(0.02, self.resume)
+
+    def resume(self) -> None:
+        self.paused = False
+        self.transport.resume_reading()
+
+
+def test_paused_reading_holds_messages_in_order_then_resumes(scheme: Scheme) -> None:
+    """Back-pressure: while the receiver has paused, nothing reaches it; what
+    was read (over TLS also what OpenSSL decrypted and holds) comes after,
+    in order."""
+    during_pause: list[str] = []
+
+    class Pausing(EchoHandler):
+        def open(self, connection: FrameConnection) -> None:
+            connection.receiver = PausingReceiver(connection, during_pause)
+
+    async def scenario() -> None:
+        limits = FrameLimits(max_message_size=1000, frame_rate=None)
+        messages = [f"{i:04d}" + "x" * 200 for i in range(200)]  # 40 kB: several TLS records
+        wire = b"".join(client_frame(framing.OP_TEXT, m.encode()) for m in messages)
+        async with serving(Pausing, limits, scheme=scheme) as address, await raw(
+            address, pipelined=wire, scheme=scheme
+        ) as conn:
+            got = [(await conn.read_frame()).payload.decode() for _ in messages]
+            await conn.close_cleanly()  # read once the last pause ends
+        assert got == messages
+        assert during_pause == []
+
+    run(scenario)
