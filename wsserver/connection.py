@@ -16,6 +16,7 @@ compressed as the handshake negotiated (RFC 7692).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 from wsserver import framing
 from wsserver.closecodes import CloseCode
@@ -37,6 +38,11 @@ class State(enum.IntEnum):
     CLOSING = 2
     #: TCP is gone.
     CLOSED = 3
+
+
+#: The members as module constants (looked up on the class, a member costs a
+#: few hundred nanoseconds; the per-frame paths compare with these).
+CONNECTING, OPEN, CLOSING, CLOSED = State.CONNECTING, State.OPEN, State.CLOSING, State.CLOSED
 
 
 class Ending(enum.Enum):
@@ -76,6 +82,7 @@ class ServerConnection:
         "compressed_encoding",
         "ending",
         "parser",
+        "receive_data",
         "server_closed_first",
         "state",
     )
@@ -87,7 +94,14 @@ class ServerConnection:
         compression_threshold: int = 256,
     ) -> None:
         self.parser = parser
-        self.state = State.CONNECTING
+        #: ``receive_data(data)``: the frames the bytes read complete (nothing
+        #: once a close is received or the connection failed). The caller hands
+        #: each event, in order, to :meth:`ping_received`,
+        #: :meth:`close_received_frame`, :meth:`failed`, or, for a message or a
+        #: pong while :attr:`delivers`, to the application. The parser's own
+        #: ``feed``, bound here: no call in between on the per-read path.
+        self.receive_data: Callable[[bytes], list[Event]] = parser.feed
+        self.state = CONNECTING
         #: What to do with TCP once the output is written (None: keep it open).
         self.ending: Ending | None = None
         #: (code, reason) of the close frame sent, and of the one received.
@@ -107,7 +121,7 @@ class ServerConnection:
     @property
     def can_send(self) -> bool:
         """True while messages may be sent (CONNECTING or OPEN)."""
-        return self.state <= State.OPEN
+        return self.state <= OPEN
 
     def encoding(self, size: int) -> Encoding:
         """How a text message of ``size`` bytes goes out on this connection:
@@ -127,22 +141,14 @@ class ServerConnection:
 
     # ------------------------------------------------------------- receiving
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """The frames ``data`` completes (nothing once a close is received or
-        the connection failed). The caller hands each event, in order, to
-        :meth:`ping_received`, :meth:`close_received_frame`, :meth:`failed`,
-        or, for a message or a pong while :attr:`delivers`, to the application.
-        """
-        return self.parser.feed(data)
-
     @property
     def delivers(self) -> bool:
         """True while messages and pongs go to the application (OPEN only)."""
-        return self.state is State.OPEN
+        return self.state is OPEN
 
     def ping_received(self, data: bytes) -> bytes | None:
         """The pong to send (RFC 6455 section 5.5.3), or None once closing."""
-        if self.state > State.OPEN:
+        if self.state > OPEN:
             return None
         return framing.pong_frame(data)
 
@@ -154,7 +160,7 @@ class ServerConnection:
         frame = None
         if self.close_sent is None:
             frame = self._send_close(close.code, "")
-        self.state = max(self.state, State.CLOSING)
+        self.state = max(self.state, CLOSING)
         self.ending = Ending.CLOSE
         return frame
 
@@ -172,7 +178,7 @@ class ServerConnection:
     def fragment_expired(self, now: float) -> bytes | None:
         """The fragment timer fired at ``now``: the close frame of a failure
         (1008) when the fragmented message is still unfinished, else None."""
-        if self.state > State.OPEN or not self.parser.fragment_expired(now):
+        if self.state > OPEN or not self.parser.fragment_expired(now):
             return None
         self.parser.done = True
         return self.failed(Failure(CloseCode.POLICY, "fragmented message not finished in time"))
@@ -183,7 +189,7 @@ class ServerConnection:
         """The server closes (section 7.1.2): the close frame to send, or None
         when a close frame already went either way. Then :attr:`ending` is
         AWAIT_CLOSE: the client's close frame is read as usual."""
-        if self.state > State.OPEN:
+        if self.state > OPEN:
             return None
         frame = self._send_close(code, reason)
         self.server_closed_first = True
@@ -199,11 +205,11 @@ class ServerConnection:
         """
         frame = None
         if not accepted:
-            frame = self.close(CloseCode.INTERNAL, "") if self.state is State.CONNECTING else None
+            frame = self.close(CloseCode.INTERNAL, "") if self.state is CONNECTING else None
             self.ending = Ending.LINGER
             return frame
-        if self.state is State.CONNECTING:
-            self.state = State.OPEN
+        if self.state is CONNECTING:
+            self.state = OPEN
         return frame
 
     def connection_lost(self, aborted_by_server: bool) -> tuple[int, str, bool]:
@@ -212,7 +218,7 @@ class ServerConnection:
         The server's code when it closed first; else the client's; else 1006
         (no close frame either way), by the server when it cut the connection.
         """
-        self.state = State.CLOSED
+        self.state = CLOSED
         if self.server_closed_first and self.close_sent is not None:
             return self.close_sent[0], self.close_sent[1], True
         if self.close_received is not None:
@@ -221,6 +227,6 @@ class ServerConnection:
 
     def _send_close(self, code: int, reason: str) -> bytes:
         self.close_sent = (code, reason)
-        self.state = State.CLOSING
+        self.state = CLOSING
         # 1005 is never sent (RFC 6455 section 7.4.1): an empty close answers it.
         return framing.close_frame(None if code == 1005 else code, reason)

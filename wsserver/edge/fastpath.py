@@ -54,6 +54,13 @@ from wsserver.transport import Prepared, Receiver, TimerHandle
 
 log = logging.getLogger("wsserver.fastpath")
 
+# Module constants: an enum member looked up on its class costs a few hundred
+# nanoseconds, which the per-message paths below would pay every time.
+_OPEN = State.OPEN
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
+_text_message = framing.text_message
+
 #: RFC 6455 section 4.2.2: the GUID appended to the client's key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -230,7 +237,7 @@ class FrameConnection(asyncio.BufferedProtocol):
     @property
     def closing(self) -> bool:
         """True once a close frame went either way, or the connection is gone."""
-        return self.protocol.state >= State.CLOSING
+        return self.protocol.state >= _CLOSING
 
     # ------------------------------------------------------- asyncio.Protocol
 
@@ -313,10 +320,10 @@ class FrameConnection(asyncio.BufferedProtocol):
                     break
                 kind = type(event)
                 if kind is str:
-                    if receiver is not None and protocol.delivers:
+                    if receiver is not None and protocol.state is _OPEN:
                         receiver.on_text(event)  # type: ignore[arg-type]
                 elif kind is bytes:
-                    if receiver is not None and protocol.delivers:
+                    if receiver is not None and protocol.state is _OPEN:
                         receiver.on_binary(event)  # type: ignore[arg-type]
                 elif kind is Ping:
                     # A peer that does not read its backlog gets no more pongs
@@ -326,7 +333,7 @@ class FrameConnection(asyncio.BufferedProtocol):
                     if bound is None or self.buffered() < bound:
                         self._queue_frame(protocol.ping_received(event.data))  # type: ignore[union-attr]
                 elif kind is Pong:
-                    if receiver is not None and protocol.delivers:
+                    if receiver is not None and protocol.state is _OPEN:
                         receiver.on_pong(event.data)  # type: ignore[union-attr]
                 elif kind is Close:
                     self._send_final(protocol.close_received_frame(event))  # type: ignore[arg-type]
@@ -356,7 +363,10 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def send(self, message: Prepared) -> bool:
         """Queue one message, compressed when negotiated; False when closing."""
-        return self.send_frame(message.encoded(self.protocol.encoding(len(message.payload))))
+        protocol = self.protocol
+        if protocol.compressed_encoding is None:
+            return self.send_frame(message.encoded(_text_message))
+        return self.send_frame(message.encoded(protocol.encoding(len(message.payload))))
 
     def send_data(self, data: bytes, binary: bool = False) -> bool:
         """Queue one message built for this connection alone (compressed when
@@ -396,9 +406,15 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def send_frame(self, frame: bytes) -> bool:
         """Queue one complete server frame; False when closing (nothing sent)."""
-        if self.protocol.state > State.OPEN:
+        if self.protocol.state > _OPEN:
             return False
-        self._queue_frame(frame)
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = []
+            if not self._reading and self._transport is not None:
+                self._flusher.add(self)
+        batch.append(frame)
+        self._batch_size += len(frame)
         return True
 
     def buffered(self) -> int:
@@ -419,7 +435,7 @@ class FrameConnection(asyncio.BufferedProtocol):
     def abort(self) -> None:
         """Cut the TCP connection now."""
         transport = self._transport
-        if transport is not None and self.protocol.state is not State.CLOSED:
+        if transport is not None and self.protocol.state is not _CLOSED:
             if self.protocol.close_sent is None and self.protocol.close_received is None:
                 self._aborted_by_server = True
             transport.abort()
@@ -448,7 +464,7 @@ class FrameConnection(asyncio.BufferedProtocol):
             return  # not connected yet: connection_made writes the batch
         self._batch = None
         self._batch_size = 0
-        if self.protocol.state is not State.CLOSED:
+        if self.protocol.state is not _CLOSED:
             transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def _send_final(self, frame: bytes | None) -> None:
@@ -510,7 +526,7 @@ class FrameConnection(asyncio.BufferedProtocol):
             self._arm_fragment_timer()
 
     def _transport_gone(self) -> None:
-        if self.protocol.state is State.CLOSED:
+        if self.protocol.state is _CLOSED:
             return
         code, reason, by_server = self.protocol.connection_lost(self._aborted_by_server)
         for timer in (self._close_timer, self._fragment_timer):
