@@ -430,3 +430,28 @@ def test_paused_reading_holds_messages_in_order_then_resumes(scheme: Scheme) -> 
         assert during_pause == []
 
     run(scenario)
+
+
+def test_both_schemes_run_on_uvloop_too(scheme: Scheme) -> None:
+    """The server's default loop (``--loop auto``): uvloop's transports, and
+    the TLS transport on uvloop's add_reader/add_writer."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        RecordingHandler.closed = []
+        limits = FrameLimits(max_message_size=1 << 20)
+        async with serving(RecordingHandler, limits, scheme=scheme) as address:
+            async with client(scheme, address) as ws:
+                await ws.send("a" * 5000)  # compressed both ways
+                assert await ws.recv() == "a" * 5000
+                await ws.send(b"\x00" * 70000)  # several TLS records
+                assert await ws.recv() == b"\x00" * 70000
+                await ws.send("close-me")
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), TIMEOUT)
+            assert ws.close_code == 4000
+            await asyncio.sleep(0.05)
+            assert RecordingHandler.closed == [(4000, "asked to", True)]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(scenario(), 4 * TIMEOUT))
