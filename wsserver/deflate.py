@@ -9,8 +9,8 @@ decompressor per connection, made when its first compressed message
 arrives (an idle connection holds no zlib state), and inflation stops as
 soon as a message passes ``--max-message-size`` (:class:`Inflater`).
 
-Only zlib from the standard library: measured here it compresses a 1.7 kB
-JSON update in about 11 us at level 6, to 0.28 of its size.
+Only zlib from the standard library: measured here it compresses a 1.5 kB
+JSON dashboard update in 7 to 14 us at level 6, to 0.22 of its size.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from dataclasses import dataclass
 NAME = "permessage-deflate"
 #: zlib's compression level for server messages (its own default).
 LEVEL = 6
+#: zlib's memLevel: a hash table of 2**(5+7) entries, cleared by every full
+#: flush; measured here as small as the default 8's output on messages of a
+#: few kilobytes, and faster (as python-websockets chooses too).
+MEM_LEVEL = 5
 #: The client's window we agree to at most when it offers
 #: ``client_max_window_bits`` (RFC 7692 section 7.1.2.2): 2**15 bytes,
 #: allocated only when the client sends its first compressed message.
@@ -166,7 +170,7 @@ def _compressor(wbits: int) -> zlib._Compress:
         # zlib refuses a raw window of 8 bits; a 9-bit one never reaches back
         # more than 2**9 - 262 bytes (zlib's MAX_DIST), within a 2**8 window.
         compressor = compressors[wbits] = zlib.compressobj(
-            LEVEL, zlib.DEFLATED, -max(wbits, 9)
+            LEVEL, zlib.DEFLATED, -max(wbits, 9), MEM_LEVEL
         )
     return compressor
 
