@@ -25,7 +25,7 @@
 #   --max-non-strict N  NON-STRICT cases allowed (default 4)
 #   --min-cases N       fewer cases run is a failure (default 301 for sections
 #                       1-10, else 1)
-# Environment: PYTHON (default .venv-test/bin/python, else .venv/bin/python),
+# Environment: PYTHON (default .venv-test/bin/python, made when missing),
 # WSSERVER_AUTOBAHN_HOME (where the suite is built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +63,12 @@ if [ -z "$MIN_CASES" ]; then
 fi
 if [ -z "${PYTHON:-}" ]; then
     PYTHON="$ROOT/.venv-test/bin/python"
-    [ -x "$PYTHON" ] || PYTHON="$ROOT/.venv/bin/python"
+    if [ ! -x "$PYTHON" ]; then
+        # A fresh clone: the tests' venv, as scripts/test.sh makes it.
+        echo "== creating .venv-test"
+        python3 -m venv "$ROOT/.venv-test"
+        "$PYTHON" -m pip install -q -e "$ROOT[test,bench]"
+    fi
 fi
 
 echo "== Autobahn|TestSuite (scripts/autobahn/build.sh)"
