@@ -30,6 +30,7 @@ from wsserver.config import Settings
 from wsserver.edge.app import make_app
 from wsserver.edge.listener import Listener
 from wsserver.errors import ConfigError
+from wsserver.metrics import Metrics
 from wsserver.monitor import ConnectionMonitor
 from wsserver.sdnotify import SystemdNotifier
 from wsserver.services import Services
@@ -42,6 +43,8 @@ FILE_LIMIT_HEADROOM = 256
 LISTEN_BACKLOG = 1024
 #: Seconds between refreshes of the per-user bucket shares across nodes.
 BUCKET_REBALANCE = 1.0
+#: Seconds between refreshes of a worker's gauges, which other workers' scrapes read.
+WORKER_GAUGES_REFRESH = 1.0
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -100,6 +103,7 @@ class Server:
             :meth:`start` binds them.
         worker: this process's number under the supervisor, or None alone.
         on_ready: called once serving (the supervisor's readiness pipe).
+        metrics: the metrics to use (a worker's, written to shared files).
     """
 
     def __init__(
@@ -110,8 +114,10 @@ class Server:
         bound: BoundSockets | None = None,
         worker: int | None = None,
         on_ready: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self._metrics = metrics
         self.services: Services | None = None
         self._bound = bound
         self.worker = worker
@@ -147,7 +153,7 @@ class Server:
         self.port = bound.port
         self.internal_port = bound.internal_port
         # Built after binding, so demo mode's origins carry the real port.
-        services = self.services = Services(settings, port=self.port)
+        services = self.services = Services(settings, port=self.port, metrics=self._metrics)
         await services.start()
         self.http_server = Listener(
             make_app(services),
@@ -179,6 +185,11 @@ class Server:
             # Each connection is pinged (and checked for reading nothing) within a
             # tenth of the interval of its due time.
             self._jobs.append(PeriodicCallback(services.keepalive, min(periods) * 100))
+        if services.metrics.workers is not None:
+            # A scrape on another worker reads these from the shared files.
+            self._jobs.append(
+                PeriodicCallback(services.refresh_gauges, WORKER_GAUGES_REFRESH * 1000)
+            )
         if services.broker.kind != "memory":
             self._jobs.append(PeriodicCallback(
                 lambda: services.spawn(services.rebalance_buckets()), BUCKET_REBALANCE * 1000

@@ -19,13 +19,16 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 from wsserver import loops
 from wsserver.config import Settings
 from wsserver.edge.server import BoundSockets, Server, bind
+from wsserver.metrics import Metrics, WorkerFiles, forget_worker
 from wsserver.sdnotify import SystemdNotifier
 
 log = logging.getLogger("wsserver.supervisor")
@@ -56,9 +59,19 @@ class Supervisor:
     workers: dict[int, _Worker] = field(default_factory=dict)
     _stopping: bool = False
     _restarts: list[float] = field(default_factory=list)
+    #: The workers' metric files (every scrape reads them all).
+    _metrics_dir: str = ""
+    _started_at: float = field(default_factory=time.time)
 
     def run(self) -> int:
         """Serve until a signal; the exit code."""
+        self._metrics_dir = tempfile.mkdtemp(prefix="wsserver-metrics-")
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         settings = self.settings
         self.bound = bind(settings)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,7 +109,10 @@ class Supervisor:
             os.close(read_fd)
             code = 1
             try:
-                code = _run_worker(self.settings, self.bound, number, write_fd)
+                files = WorkerFiles(self._metrics_dir, number, self._started_at)
+                code = _run_worker(self.settings, self.bound, number, write_fd, files)
+            except BaseException:
+                log.exception("worker %d failed", number)
             finally:
                 os._exit(code)
         os.close(write_fd)
@@ -145,6 +161,7 @@ class Supervisor:
             if worker is None:
                 continue
             os.close(worker.ready_fd)
+            forget_worker(self._metrics_dir, worker.number)
             code = os.waitstatus_to_exitcode(status)
             if not restart:
                 log.info("worker %d (pid %d) exited with %d", worker.number, pid, code)
@@ -170,7 +187,8 @@ class Supervisor:
                 os.kill(worker.pid, signal.SIGKILL)
 
 
-def _run_worker(settings: Settings, bound: BoundSockets, number: int, ready_fd: int) -> int:
+def _run_worker(settings: Settings, bound: BoundSockets, number: int, ready_fd: int,
+                files: WorkerFiles) -> int:
     """In a forked worker: serve on the inherited sockets until SIGTERM."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
@@ -183,6 +201,7 @@ def _run_worker(settings: Settings, bound: BoundSockets, number: int, ready_fd: 
             os.close(ready_fd)
 
     # The supervisor speaks to systemd; a worker never does.
-    server = Server(settings, SystemdNotifier(None), bound=bound, worker=number, on_ready=ready)
+    server = Server(settings, SystemdNotifier(None), bound=bound, worker=number, on_ready=ready,
+                    metrics=Metrics(files))
     loops.run(server.serve(), settings.loop)
     return 0
