@@ -376,6 +376,11 @@ class Settings:
         1, _positive_int,
         "processes serving the same port on this machine; more than 1 needs a Redis broker",
     )
+    worker_timeout: float = option(
+        30.0, _positive_float,
+        "seconds a worker's event loop may go without a heartbeat before the supervisor "
+        "kills and replaces it (--workers above 1)",
+    )
     node_name: str = option(
         None, _node_name,
         "this node in /api/nodes, logs and metrics (default: host name and pid)",

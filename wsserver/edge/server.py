@@ -104,6 +104,9 @@ class Server:
         worker: this process's number under the supervisor, or None alone.
         on_ready: called once serving (the supervisor's readiness pipe).
         metrics: the metrics to use (a worker's, written to shared files).
+        heartbeat: ``(beat, seconds)``: call ``beat`` from the event loop
+            every ``seconds`` (a worker proving to the supervisor that its
+            loop runs).
     """
 
     def __init__(
@@ -115,9 +118,11 @@ class Server:
         worker: int | None = None,
         on_ready: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
+        heartbeat: tuple[Callable[[], None], float] | None = None,
     ) -> None:
         self.settings = settings
         self._metrics = metrics
+        self._heartbeat = heartbeat
         self.services: Services | None = None
         self._bound = bound
         self.worker = worker
@@ -194,6 +199,9 @@ class Server:
             self._jobs.append(PeriodicCallback(
                 lambda: services.spawn(services.rebalance_buckets()), BUCKET_REBALANCE * 1000
             ))
+        if self._heartbeat is not None:
+            beat, every = self._heartbeat
+            self._jobs.append(PeriodicCallback(beat, every * 1000))
         interval = self.notifier.watchdog_interval
         if interval:
             notifier = self.notifier
