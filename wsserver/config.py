@@ -317,6 +317,11 @@ class Settings:
     drain_timeout: float = option(
         10.0, _non_negative_float, "seconds to wait for connections to close on shutdown",
     )
+    drain_rate: float | None = option(
+        None, _positive_float,
+        "on shutdown, close connections with 1012 at this many per second (for the whole "
+        "machine under --workers) instead of all at once with 1001",
+    )
     header_timeout: float = option(
         10.0, _positive_float, "seconds a client has to send its request headers",
     )
