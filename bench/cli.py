@@ -18,7 +18,7 @@ DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 SERVER_NAMES = frozenset({
     "wsserver", "baseline", "baseline_uvloop", "uvicorn", "redis",
     "wsserver_memory", "wsserver_redis", "wsserver_node1", "wsserver_node2",
-    "wsserver_history", "wsserver_nohistory",
+    "wsserver_history", "wsserver_nohistory", "wsserver_draining", "wsserver_next",
 })  # fmt: skip
 
 
