@@ -26,6 +26,8 @@ command -v ps >/dev/null || packages+=(procps)
 command -v gcc >/dev/null || packages+=(gcc)
 dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'ok installed' \
     || packages+=(python3-venv)
+# The Sentinel tests run the same binary as `redis-server CONF --sentinel`
+# (Debian's redis-sentinel package only adds a service for it).
 [ -x /usr/bin/redis-server ] || packages+=(redis-server)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "== apt-get install ${packages[*]}"
