@@ -52,6 +52,7 @@ export const CLOSE_CODES = Object.freeze({
   1008: { reconnect: 'fix_client', text: 'policy violation' },
   1009: { reconnect: 'fix_client', text: 'message too big' },
   1011: { reconnect: 'backoff', text: 'server error' },
+  1012: { reconnect: 'backoff', text: 'server restarting' },
   4001: { reconnect: 'new_token', text: 'token invalid or expired' },
   4003: { reconnect: 'never', text: 'not permitted' },
   4008: { reconnect: 'backoff', text: 'too many connections for this user' },

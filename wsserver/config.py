@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from wsserver.brokers.redis_urls import check_url, redact_url
 from wsserver.errors import ConfigError
 from wsserver.origin import origin_problem
 from wsserver.rooms import RoomPolicy
@@ -144,21 +145,10 @@ def _text(text: str) -> str:
     return text
 
 
-#: Schemes ``--broker`` accepts besides ``memory``.
-BROKER_SCHEMES = ("redis", "rediss", "unix")
-
-
 def _broker(text: str) -> str:
     if text == "memory":
         return text
-    parts = urlsplit(text)
-    if parts.scheme not in BROKER_SCHEMES:
-        raise ValueError("use 'memory' or a redis://, rediss:// or unix:// URL")
-    if parts.scheme == "unix" and not parts.path:
-        raise ValueError("a unix:// URL needs the socket's path (unix:///run/redis.sock)")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("a Redis URL needs a host (redis://127.0.0.1:6379/0)")
-    return text
+    return check_url(text)
 
 
 def _http_url(text: str) -> str:
@@ -334,6 +324,11 @@ class Settings:
     drain_timeout: float = option(
         10.0, _non_negative_float, "seconds to wait for connections to close on shutdown",
     )
+    drain_rate: float | None = option(
+        None, _positive_float,
+        "on shutdown, close connections with 1012 at this many per second (for the whole "
+        "machine under --workers) instead of all at once with 1001",
+    )
     header_timeout: float = option(
         10.0, _positive_float, "seconds a client has to send its request headers",
     )
@@ -386,12 +381,18 @@ class Settings:
     broker: str = option(
         "memory", _broker,
         "'memory' (this process only) or a Redis URL shared by every node "
-        "(redis://host:port/db, rediss://..., unix:///path)",
+        "(redis://host:port/db, rediss://..., unix:///path, "
+        "redis+sentinel://host:port,host:port/MASTER/db)",
         "URL", repr=False,
     )
     workers: int = option(
         1, _positive_int,
         "processes serving the same port on this machine; more than 1 needs a Redis broker",
+    )
+    worker_timeout: float = option(
+        30.0, _positive_float,
+        "seconds a worker's event loop may go without a heartbeat before the supervisor "
+        "kills and replaces it (--workers above 1)",
     )
     node_name: str = option(
         None, _node_name,
@@ -601,7 +602,13 @@ def _parse_into(
     try:
         values[option.name] = option.parse(raw)
     except ValueError as exc:
-        shown = "<hidden>" if option.parse is _secret else repr(raw)
+        if option.parse is _secret:
+            shown = "<hidden>"
+        elif option.parse is _broker:
+            # A Redis URL may carry a password.
+            shown = repr(redact_url(raw))
+        else:
+            shown = repr(raw)
         problems.append(f"{source}: invalid value {shown}: {exc}")
 
 

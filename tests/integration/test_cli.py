@@ -163,3 +163,18 @@ def test_uvicorn_flags_point_to_the_mapping(flag: str, pointer: str) -> None:
 def test_no_access_log_is_a_wsserver_flag() -> None:
     result = run("check-config", "--no-access-log")
     assert result.returncode == 0, result.stderr
+
+
+def test_check_config_accepts_a_sentinel_url_and_hides_its_password() -> None:
+    url = "redis+sentinel://:hunter2@127.0.0.1:26379,127.0.0.1:26380/mymaster/0"
+    result = run("check-config", "--broker", url, "--workers", "2", env=KEYED_ENV)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_check_config_refuses_a_sentinel_url_without_a_master() -> None:
+    result = run("check-config", "--broker", "redis+sentinel://:hunter2@127.0.0.1:26379",
+                 env=KEYED_ENV)
+    assert result.returncode == 2
+    assert "--broker" in result.stderr and "names the master" in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr

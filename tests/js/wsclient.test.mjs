@@ -253,6 +253,15 @@ test('the close-code table says what the client does for every code', () => {
   assert.equal(closeDecision(1002).action, 'stop');
 });
 
+test('1012 (a paced restart) reconnects with backoff and jitter, never at once', () => {
+  assert.equal(CLOSE_CODES[1012].reconnect, 'backoff');
+  assert.equal(describeClose(1012), 'server restarting');
+  assert.deepEqual(closeDecision(1012), { action: 'reconnect', delay: 'backoff', newToken: false });
+  // Full jitter: each client picks its own moment in the window.
+  const delays = [0, 0.25, 0.5, 0.99].map((r) => reconnectDelay('backoff', 0, () => r));
+  assert.deepEqual(delays, [0, 125, 250, 495]);
+});
+
 // --- the client over a scripted socket ---------------------------------------------------
 
 /** A WebSocket stand-in: records what the client sends; the test plays the server. */
