@@ -194,6 +194,7 @@ class RedisBroker(Broker):
             for name in (
                 "PUBLISH", "HISTORY", "PRESENCE_ADD", "PRESENCE_REMOVE", "ROOMS",
                 "USER_CONNECT", "USER_DISCONNECT", "HEARTBEAT", "LEAVE", "NODES", "RESYNC",
+                "RESET_EPOCH",
             )
         }
         self._sink: BrokerSink | None = None
@@ -535,6 +536,14 @@ class RedisBroker(Broker):
             kept = kept[:limit]
             complete = False
         return HistoryPage(epoch, top, kept, complete and since <= top)
+
+    async def reset_epoch(self, room: str, history: HistorySpec, stale: str) -> str:
+        p = self._p
+        answer = await self._script(
+            "RESET_EPOCH", [f"{p}:meta:{room}", f"{p}:stream:{room}"],
+            [stale, new_epoch(), _ms(history.ttl)],
+        )
+        return str(answer.decode() if isinstance(answer, bytes) else answer)
 
     # --- presence -------------------------------------------------------------
 
