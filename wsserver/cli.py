@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from wsserver import __version__, loops
+from wsserver import __version__, logconfig, loops
 from wsserver.auth import MAX_SUB_LENGTH, TokenIssuer
 from wsserver.config import OPTIONS, Settings, add_arguments, bool_parser, load_settings
 from wsserver.errors import ConfigError
@@ -143,7 +143,8 @@ def _uvicorn_hint(args: Sequence[str]) -> str | None:
 
 
 def _check_runtime_parts(settings: Settings) -> None:
-    """What only building the parts can tell: the TLS pair, the tasks module."""
+    """What only building the parts can tell: the TLS pair, the tasks module, the
+    logging configuration."""
     from wsserver.edge.server import make_ssl_context
     from wsserver.tasks import load_task_table
 
@@ -152,6 +153,11 @@ def _check_runtime_parts(settings: Settings) -> None:
         make_ssl_context(settings)
     except ConfigError as error:
         problems.extend(error.problems)
+    if settings.log_config:
+        try:
+            logconfig.apply_config_file(settings.log_config)
+        except ConfigError as error:
+            problems.extend(error.problems)
     try:
         load_task_table(settings.tasks_module)
     except Exception as exc:
@@ -294,11 +300,12 @@ def _supervise(settings: Settings) -> int:
 def _serve(settings: Settings) -> int:
     from wsserver.edge.server import Server
 
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logconfig.configure(settings.log_format, settings.log_level, settings.log_config)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"wsserver: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     # The format shows no thread, process or source line: skip working them
     # out for every record (the logging HOWTO's "Optimization" section). Two
     # lines per connection make this a measurable part of a connect.

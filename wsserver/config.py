@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from wsserver.brokers.redis_urls import check_url, redact_url
 from wsserver.errors import ConfigError
+from wsserver.logconfig import LOG_FORMATS
 from wsserver.origin import origin_problem
 from wsserver.rooms import RoomPolicy
 
@@ -166,6 +167,13 @@ def _header_names(text: str) -> tuple[str, ...]:
         if not all(ch.isalnum() or ch in "!#$%&'*+-.^_`|~" for ch in name) or not name.isascii():
             raise ValueError(f"{name!r} is not an HTTP header name")
     return names
+
+
+def _log_format(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered not in LOG_FORMATS:
+        raise ValueError("use text or json")
+    return lowered
 
 
 def _node_name(text: str) -> str:
@@ -348,6 +356,16 @@ class Settings:
         True, _bool, "one INFO line per HTTP request; probes, polls and upgrades only at DEBUG",
     )
     log_level: str = option("INFO", _text, "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = option(
+        "text", _log_format,
+        "text, or json: one object per line with ts, level, logger, msg and the line's fields",
+    )
+    log_config: str | None = option(
+        None, _text,
+        "logging configuration file: .json or .toml for dictConfig, else INI for fileConfig; "
+        "it then decides handlers, formats and levels (--log-level, --log-format unused)",
+        "FILE",
+    )
     loop: str = option(
         "auto", _text, "event loop: auto (uvloop when installed), asyncio or uvloop",
     )
@@ -738,7 +756,7 @@ def _build(
     if bool(merged["certfile"]) != bool(merged["keyfile"]):
         problems.append("--certfile and --keyfile go together: give both or neither")
     if check_files:
-        for name in ("certfile", "keyfile"):
+        for name in ("certfile", "keyfile", "log_config"):
             if merged[name] and not os.access(merged[name], os.R_OK):
                 problems.append(f"{where(name)} {merged[name]}: cannot read the file")
     if merged["task_queue"] < merged["task_workers"]:
