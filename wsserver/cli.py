@@ -239,6 +239,8 @@ def _check_runtime_parts(settings: Settings) -> None:
             problems.extend(error.problems)
     try:
         load_task_table(settings.tasks_module)
+    except ConfigError as error:
+        problems.extend(error.problems)
     except Exception as exc:
         problems.append(f"--tasks-module {settings.tasks_module}: cannot load: {exc}")
     if problems:
