@@ -535,7 +535,7 @@ async function runTask(name, args) {
 
 // --- live server statistics --------------------------------------------------
 
-const chart = new StatsChart($('stats-chart'));
+const chart = new StatsChart($('stats-chart'), { conn: $('axis-conn'), rate: $('axis-rate') });
 let lastSample = null;
 
 function formatUptime(seconds) {
@@ -545,9 +545,21 @@ function formatUptime(seconds) {
   return h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
 }
 
+/** Said once, in place of the chart, when this server does not serve /stats here. */
+const STATS_ELSEWHERE = 'Live statistics are not served to this page (HTTP 404): a server '
+  + 'started with --internal-port serves /stats only on that port, for operators. '
+  + 'The chat and tasks work as usual.';
+
 async function pollStats() {
   try {
     const response = await fetch('/stats', { cache: 'no-store' });
+    if (response.status === 404) {
+      // Not a passing failure: asking every second would only fill the server's log.
+      $('stats-error').textContent = STATS_ELSEWHERE;
+      $('stats-error').classList.replace('error', 'detail');
+      document.querySelector('#stats .chart-box').hidden = true;
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const stats = await response.json();
     const sample = { at: performance.now(), messages: stats.messages };
@@ -564,9 +576,8 @@ async function pollStats() {
   } catch (err) {
     lastSample = null;
     $('stats-error').textContent = `Statistics unavailable (${err.message}).`;
-  } finally {
-    setTimeout(pollStats, STATS_EVERY_MS);
   }
+  setTimeout(pollStats, STATS_EVERY_MS);
 }
 
 // --- start -------------------------------------------------------------------

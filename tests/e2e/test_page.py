@@ -682,3 +682,40 @@ publish = "none"
     expect(page.locator("#chat-log li.unsent")).to_have_text(
         f'Not sent to #user:{user} (forbidden): "me too"')
     assert pages.errors == []
+
+
+def test_the_chart_has_a_scale_on_each_side(run_server: Any, pages: Any) -> None:
+    srv = run_server("--port", "0")
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+    expect(page.locator("#stat-connections")).to_have_text("1")
+    # One connection: the left scale tops at 1; no messages yet: the right one at 1 too.
+    expect(page.locator("#axis-conn [data-tick]")).to_have_text(["1", "0.5", "0"])
+    expect(page.locator("#axis-rate [data-tick]")).to_have_text(["1", "0.5", "0"])
+    # Twelve messages in a second or two: the rate's scale grows to a round number.
+    for n in range(12):
+        say(page, f"m{n}")
+    expect(page.locator("#axis-rate [data-tick]").first).to_have_text(re.compile(r"^(2|5|10|20)$"))
+    top = page.locator("#axis-conn").bounding_box()
+    chart = page.locator("#stats-chart").bounding_box()
+    assert top is not None and chart is not None
+    assert abs(top["y"] - chart["y"]) < 2 and abs(top["height"] - chart["height"]) < 2
+    assert pages.errors == []
+
+
+def test_stats_on_the_internal_port_are_asked_for_once(run_server: Any, pages: Any) -> None:
+    """With --internal-port the page says where the statistics went, and does not
+    poll /stats into a 404 WARNING line every second."""
+    srv = run_server("--port", "0", "--internal-port", "0")
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+    expect(page.locator("#stats-error")).to_contain_text("--internal-port")
+    expect(page.locator("#stats .chart-box")).to_be_hidden()
+    # The page polled every second before: three seconds would have shown three more.
+    page.wait_for_timeout(3000)
+    polls = [line for line in srv.logs().splitlines() if "GET /stats" in line]
+    assert len(polls) == 1, polls
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    # Chromium's own line for the one 404, and nothing from the page's code.
+    assert [text for _, text in pages.errors] == [
+        "Failed to load resource: the server responded with a status of 404 (Not Found)"]
