@@ -59,9 +59,25 @@ async function getToken() {
     body: JSON.stringify({ user: userName }),
     cache: 'no-store',
   });
-  if (!response.ok) throw new Error(`demo token refused: HTTP ${response.status}`);
+  if (!response.ok) {
+    const refusal = await response.json().catch(() => ({}));
+    if (refusal.error === 'origin') {
+      // The same check as the handshake's: asking again cannot help. The client stops.
+      throw Object.assign(new Error(`the server refused this page's origin (HTTP ${response.status})`),
+                          { final: true });
+    }
+    throw new Error(`demo token refused: HTTP ${response.status}`);
+  }
   const body = await response.json();
   return body.token;
+}
+
+/** What to check when the server is up but refuses this page: said instead of a bare 1006. */
+function refusalAdvice() {
+  return `The server is up but refuses this page's connection. Check that its `
+    + `--allowed-origins includes this page's origin, ${window.location.origin} (its log then `
+    + 'says "handshake refused: origin not allowed"), and that it is not full (503) or '
+    + 'limiting this address (429). Then press Connect (or Use token) to try again.';
 }
 
 /** Key mode: wait for a pasted token, saying why one is needed now. */
@@ -125,6 +141,7 @@ client.addEventListener('state', ({ detail }) => {
     default:
       badge.textContent = 'disconnected';
       $('conn-detail').textContent = `Stopped${reason}.`;
+      if (detail.refused) $('conn-error').textContent = refusalAdvice();
   }
   if (typeof detail.code === 'number' && detail.state !== 'open') showClose(detail);
   if (detail.state !== 'open' && joinedRooms.size) {
