@@ -20,6 +20,7 @@ loggers stay enabled unless the file says ``disable_existing_loggers``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import logging.config
@@ -61,26 +62,42 @@ def message_fields(msg: object, args: object) -> dict[str, Any]:
     """
     if not isinstance(msg, str) or "=%" not in msg or not args:
         return {}
+    plan = _fields_of(msg)
     fields: dict[str, Any] = {}
+    for key, index, name, conversion in plan:
+        if name is not None:
+            # Mapping style, "%(user)s": the argument is the mapping's value.
+            value = args.get(name) if isinstance(args, Mapping) else None
+        elif isinstance(args, tuple) and index < len(args):
+            value = args[index]
+        else:
+            return {}
+        fields[key] = _json_value(value, conversion)
+    return fields
+
+
+@functools.lru_cache(maxsize=512)
+def _fields_of(msg: str) -> tuple[tuple[str, int, str | None, str], ...]:
+    """(key, argument index, mapping name, conversion) of each ``key=%x`` in ``msg``.
+
+    Worked out once per format string: log calls use a handful of constant ones.
+    """
+    plan = []
     position = 0
     for match in _CONVERSION.finditer(msg):
         conversion = match.group("type")
         if conversion == "%":
             continue
         name = match.group("name")
-        if name is not None:
-            # Mapping style, "%(user)s": the argument is the mapping's value.
-            value = args.get(name) if isinstance(args, Mapping) else None
-        else:
-            position += (match.group("width") == "*") + (match.group("precision") == "*")
-            if not isinstance(args, tuple) or position >= len(args):
-                return {}
-            value = args[position]
-            position += 1
+        index = position
+        if name is None:
+            # A "*" width or precision takes an argument of its own first.
+            index += (match.group("width") == "*") + (match.group("precision") == "*")
+            position = index + 1
         key = _KEY_BEFORE.search(msg, 0, match.start())
-        if key is not None and key.end() == match.start() and key.group(1) not in RESERVED:
-            fields[key.group(1)] = _json_value(value, conversion)
-    return fields
+        if key is not None and key.group(1) not in RESERVED:
+            plan.append((key.group(1), index, name, conversion))
+    return tuple(plan)
 
 
 def _json_value(value: object, conversion: str) -> Any:
