@@ -100,8 +100,12 @@ def _fields_of(msg: str) -> tuple[tuple[str, int, str | None, str], ...]:
     return tuple(plan)
 
 
+#: Values a JSON line carries as they are.
+_JSON_SCALARS = (bool, int, float, str)
+
+
 def _json_value(value: object, conversion: str) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
+    if value is None or isinstance(value, _JSON_SCALARS):
         return value
     return repr(value) if conversion == "r" else str(value)
 
