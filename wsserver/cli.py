@@ -200,6 +200,9 @@ def _unknown_command(word: str, prog: str) -> str:
     """"unknown command 'tokne'; did you mean 'token'?" and where the commands are listed."""
     close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.6)
     guess = f"; did you mean '{close[0]}'?" if close else ""
+    if not close and ":" in word:
+        # uvicorn's "main:app": wsserver is the application, there is none to name.
+        guess = " (wsserver is the server and the application: it takes no APP argument)"
     return (f"{prog}: unknown command '{word}'{guess} (commands: {', '.join(COMMANDS)}; "
             f"serve is the default; see '{prog} --help')")
 

@@ -213,6 +213,12 @@ def test_a_mistyped_command_is_named_with_a_guess(word: str, guess: str) -> None
     assert "not a loopback" not in result.stderr
 
 
+def test_an_asgi_app_argument_is_explained() -> None:
+    result = run("main:app", "--port", "8000")
+    assert result.returncode == 2
+    assert "unknown command 'main:app'" in result.stderr and "no APP argument" in result.stderr
+
+
 def test_usage_names_the_command_as_it_was_run() -> None:
     module = run("--help")
     assert module.stdout.startswith("usage: python -m wsserver ")
