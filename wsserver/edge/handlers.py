@@ -541,6 +541,7 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
             log.info(
                 "handshake refused: %s (%d) addr=%s", escape(rejection.message),
                 rejection.status, escape(self.client_address),
+                extra={"status": rejection.status, "reason": rejection.reason},
             )
         # The line above (or its summary) stands for the access log line.
         self.quiet_access_log = True

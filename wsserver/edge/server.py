@@ -30,6 +30,7 @@ from wsserver.auth import DEMO_AUDIENCE
 from wsserver.config import Settings
 from wsserver.edge.app import make_app
 from wsserver.edge.listener import Listener
+from wsserver.edge.malformed import MalformedRequestLog
 from wsserver.errors import ConfigError, ServiceRestart
 from wsserver.metrics import Metrics
 from wsserver.monitor import ConnectionMonitor
@@ -147,6 +148,7 @@ class Server:
         self.port = settings.port
         self.internal_port: int | None = None
         self._jobs: list[PeriodicCallback] = []
+        self._malformed_log: MalformedRequestLog | None = None
         self._stop_requested: asyncio.Event | None = None
 
     async def start(self) -> None:
@@ -170,6 +172,8 @@ class Server:
             settings, port=self.port, metrics=self._metrics, http=_http_client(settings)
         )
         await services.start()
+        self._malformed_log = MalformedRequestLog(services)
+        self._malformed_log.install()
         self.http_server = Listener(
             make_app(services),
             ssl_options=ssl_context,
@@ -346,6 +350,8 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(listener.close_all_connections(), 1.0)
         await services.close()
+        if self._malformed_log is not None:
+            self._malformed_log.remove()
         self.notifier.close()
         log.info("stopped")
 
