@@ -19,6 +19,7 @@ SERVER_NAMES = frozenset({
     "wsserver", "baseline", "baseline_uvloop", "uvicorn", "redis",
     "wsserver_memory", "wsserver_redis", "wsserver_node1", "wsserver_node2",
     "wsserver_history", "wsserver_nohistory", "wsserver_jwt", "wsserver_proxy", "proxy_backend",
+    "wsserver_draining", "wsserver_next",
 })  # fmt: skip
 
 

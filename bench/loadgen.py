@@ -23,7 +23,9 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import resource
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -811,8 +813,99 @@ async def loop_latency(job: Job, dialer: Dialer) -> Result:
     }
 
 
+
+
+# --- drain: reconnects during a rolling deploy ----------------------------------
+
+#: What static/wsclient.js waits before it reconnects (ms): after 1001 a random
+#: delay in [0, SOON_MS); after 1012 (and 1006) the first backoff window
+#: [0, BACKOFF_BASE_MS), each with full jitter.
+SOON_MS = 1000
+BACKOFF_BASE_MS = 500
+#: The histogram's bucket: reconnects per this many seconds.
+BUCKET = 0.1
+
+
+class Drained(Connection):
+    """A client of the node being stopped: notes when and how it was closed."""
+
+    def __init__(self, closed: Callable[[Drained], None]) -> None:
+        super().__init__()
+        self._closed = closed
+        self.closed_at: float | None = None
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        super().on_ws_disconnected(transport)
+        if self.closed_at is None and self.welcome.done():
+            self.closed_at = time.perf_counter()
+            self._closed(self)
+
+
+async def drain(job: Job, dialer: Dialer) -> Result:
+    """``connections`` clients on the draining node; SIGTERM it; each client
+    reconnects to the next node (``job["url"]``) as wsclient.js would after its
+    close code. The peak reconnects per 100 ms is what the next node must absorb.
+    """
+    draining = Dialer(job["draining_url"], job.get("jwt_user"), job.get("source_addresses", []))
+    loop = asyncio.get_running_loop()
+    moved: list[Connection] = []
+    reconnected_at: list[float] = []
+    handshake_ns: list[int] = []
+    failures: list[str] = []
+    all_back = loop.create_future()
+    count = job["connections"]
+    start = 0.0
+
+    async def reconnect(code: int | None) -> None:
+        window = SOON_MS if code == 1001 else BACKOFF_BASE_MS
+        await asyncio.sleep(random.random() * window / 1000)
+        began = time.perf_counter_ns()
+        try:
+            moved.append(await dialer.connect(Connection))
+        except Exception as exc:  # counted, not raised: the figure must show it
+            failures.append(f"{type(exc).__name__}: {exc}")
+        else:
+            handshake_ns.append(time.perf_counter_ns() - began)
+            reconnected_at.append(time.perf_counter() - start)
+        if len(reconnected_at) + len(failures) == count and not all_back.done():
+            all_back.set_result(None)
+
+    pending: set[asyncio.Task[None]] = set()
+
+    def closed(conn: Drained) -> None:
+        task = loop.create_task(reconnect(conn.close_code))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    conns = await draining.connect_many(count, lambda: Drained(closed))
+    start = time.perf_counter()
+    os.kill(job["draining_pid"], signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_back, job["timeout"])
+    closes = sorted(c.closed_at - start for c in conns if c.closed_at is not None)
+    buckets: dict[int, int] = {}
+    for t in reconnected_at:
+        buckets[int(t / BUCKET)] = buckets.get(int(t / BUCKET), 0) + 1
+    await close_all(moved)
+    return {
+        "connections": count,
+        "close_codes": close_codes(conns),
+        "closed": len(closes),
+        "first_close_s": closes[0] if closes else None,
+        "last_close_s": closes[-1] if closes else None,
+        "reconnected": len(reconnected_at),
+        "failed": len(failures),
+        "first_failure": failures[0] if failures else None,
+        "last_reconnect_s": max(reconnected_at, default=None),
+        "peak_reconnects_per_100ms": max(buckets.values(), default=0),
+        "reconnects_per_100ms": [buckets.get(i, 0) for i in range(max(buckets, default=-1) + 1)],
+        "handshake_on_next_node": percentiles_ms(handshake_ns),
+    }
+
+
 SCENARIOS = {
     "echo": echo, "idle": idle, "fanout": fanout, "recover": recover, "loop": loop_latency,
+    "drain": drain,
 }  # fmt: skip
 
 

@@ -9,8 +9,8 @@ second of server CPU, and the ratios. The servers take turns, ``--rounds``
 times, and the median of each is reported: on a shared machine the load of
 others moves single runs a lot, and per CPU-second is the steadier figure.
 Servers: ``tests/conformance/echo_server.py`` (wsserver's frame layer, on the
-default asyncio loop and on uvloop), and the reference echo servers in
-``../shared/tools/autobahn/servers`` (Tornado, uvicorn[standard]).
+default asyncio loop and on uvloop), and the plain reference echo servers in
+``bench/echo/`` (Tornado, uvicorn[standard] with a raw ASGI app).
 No JSON and no token: this measures the frame path alone.
 """
 
@@ -30,7 +30,6 @@ from pathlib import Path
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ROOT.parent / "shared" / "tools" / "autobahn" / "servers"
 
 
 class Echo(WSListener):  # type: ignore[misc]
@@ -101,8 +100,8 @@ def commands(port: int) -> dict[str, list[str]]:
                                            "--port", str(port)],
         "wsserver frame layer (uvloop)": [py, "-m", "tests.conformance.echo_server",
                                           "--port", str(port), "--uvloop"],
-        "tornado": [py, str(SERVERS / "tornado_echo.py"), "--port", str(port)],
-        "uvicorn[standard]": [py, "-m", "uvicorn", "--app-dir", str(SERVERS), "uvicorn_echo:app",
+        "tornado": [py, "-m", "bench.echo.tornado_echo", "--port", str(port)],
+        "uvicorn[standard]": [py, "-m", "uvicorn", "bench.echo.uvicorn_echo:app",
                               "--host", "127.0.0.1", "--port", str(port), "--log-level",
                               "warning"],
     }

@@ -337,6 +337,22 @@ def _cluster_checks(scenarios: dict[str, Result]) -> list[Check]:
                  min(counts) if counts else None, None, f"= {count}, in order",
                  lambda w, r: recovery["all_recovered"] is True),
         ]  # fmt: skip
+    drained = scenarios.get("drain", {})
+    if "all_at_once" in drained and "paced" in drained:
+        paced, burst = drained["paced"], drained["all_at_once"]
+        rate = drained["drain_rate_per_s"]
+        rows += [
+            _row("drain", f"peak reconnects per 100 ms on the next node, --drain-rate {rate} "
+                 "(all at once in baseline column)",
+                 paced["peak_reconnects_per_100ms"], burst["peak_reconnects_per_100ms"],
+                 "ratio <= 0.5", lambda w, r: r is not None and r <= 0.5),
+            _row("drain", "seconds until the last client is back",
+                 paced["last_reconnect_s"], burst["last_reconnect_s"]),
+            _row("drain", "clients back on the next node (all of them)",
+                 paced["reconnected"], burst["reconnected"], "= connections",
+                 lambda w, r: w == paced["connections"]
+                 and burst["reconnected"] == burst["connections"]),
+        ]  # fmt: skip
     return rows
 
 

@@ -65,6 +65,8 @@ class Params:
     churn_rate: float
     proxy_connections: int
     proxy_rounds: int
+    drain_connections: int
+    drain_rate: int
 
 
 FULL = Params(
@@ -75,6 +77,7 @@ FULL = Params(
     loop_primes_limit=50_000_000, loop_taskers=3, loop_in_flight=2,
     recovery_messages=300, recovery_joins=7, churn_rate=20.0,
     proxy_connections=3000, proxy_rounds=3,
+    drain_connections=2000, drain_rate=500,
 )  # fmt: skip
 
 SMOKE = Params(
@@ -86,6 +89,7 @@ SMOKE = Params(
     # The recovery is the contract's 300 (--max-recovery's default) in both presets.
     recovery_messages=300, recovery_joins=3, churn_rate=20.0,
     proxy_connections=200, proxy_rounds=1,
+    drain_connections=200, drain_rate=100,
 )  # fmt: skip
 
 
@@ -550,6 +554,38 @@ def connect_proxy(bench: Bench) -> Result:
     return result
 
 
+def drain(bench: Bench) -> Result:
+    """A rolling deploy: clients of a node that stops reconnect to the next node.
+
+    ``all_at_once``: SIGTERM with the default drain (every connection gets
+    1001 at once; clients wait a random delay under 1 s, as wsclient.js
+    does). ``paced``: the same with ``--drain-rate`` (1012 at that
+    pace; clients wait a random delay in the first backoff window, 0.5 s).
+    The figure is the peak of reconnects per 100 ms on the next node.
+    """
+    p = bench.params
+    plain = wsserver_kind(bench.secret)
+    variants = {
+        "all_at_once": [],
+        "paced": ["--drain-rate", str(p.drain_rate)],
+    }
+    result: Result = {"drain_rate_per_s": p.drain_rate}
+    for name, flags in variants.items():
+        stopping = renamed(plain, "wsserver_draining", ["--drain-timeout", "60", *flags])
+        with bench.start(renamed(plain, "wsserver_next"), bench.server_cpus) as after:
+            before = bench.start(stopping, bench.server_cpus)
+            try:
+                run = bench.loadgen(
+                    "drain", after, draining_url=before.url, draining_pid=before.pid,
+                    connections=p.drain_connections, timeout=60,
+                )  # fmt: skip
+            finally:
+                run_exit = before.stop()
+            run["draining_exit_code"] = run_exit
+        result[name] = run
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "echo": echo,
     "idle": idle,
@@ -560,6 +596,7 @@ SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "two_nodes": two_nodes,
     "history": history,
     "connect_proxy": connect_proxy,
+    "drain": drain,
 }
 
 

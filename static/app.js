@@ -59,9 +59,25 @@ async function getToken() {
     body: JSON.stringify({ user: userName }),
     cache: 'no-store',
   });
-  if (!response.ok) throw new Error(`demo token refused: HTTP ${response.status}`);
+  if (!response.ok) {
+    const refusal = await response.json().catch(() => ({}));
+    if (refusal.error === 'origin') {
+      // The same check as the handshake's: asking again cannot help. The client stops.
+      throw Object.assign(new Error(`the server refused this page's origin (HTTP ${response.status})`),
+                          { final: true });
+    }
+    throw new Error(`demo token refused: HTTP ${response.status}`);
+  }
   const body = await response.json();
   return body.token;
+}
+
+/** What to check when the server is up but refuses this page: said instead of a bare 1006. */
+function refusalAdvice() {
+  return `The server is up but refuses this page's connection. Check that its `
+    + `--allowed-origins includes this page's origin, ${window.location.origin} (its log then `
+    + 'says "handshake refused: origin not allowed"), and that it is not full (503) or '
+    + 'limiting this address (429). Then press Connect (or Use token) to try again.';
 }
 
 /** Key mode: wait for a pasted token, saying why one is needed now. */
@@ -125,6 +141,7 @@ client.addEventListener('state', ({ detail }) => {
     default:
       badge.textContent = 'disconnected';
       $('conn-detail').textContent = `Stopped${reason}.`;
+      if (detail.refused) $('conn-error').textContent = refusalAdvice();
   }
   if (typeof detail.code === 'number' && detail.state !== 'open') showClose(detail);
   if (detail.state !== 'open' && joinedRooms.size) {
@@ -535,7 +552,7 @@ async function runTask(name, args) {
 
 // --- live server statistics --------------------------------------------------
 
-const chart = new StatsChart($('stats-chart'));
+const chart = new StatsChart($('stats-chart'), { conn: $('axis-conn'), rate: $('axis-rate') });
 let lastSample = null;
 
 function formatUptime(seconds) {
@@ -545,9 +562,21 @@ function formatUptime(seconds) {
   return h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
 }
 
+/** Said once, in place of the chart, when this server does not serve /stats here. */
+const STATS_ELSEWHERE = 'Live statistics are not served to this page (HTTP 404): a server '
+  + 'started with --internal-port serves /stats only on that port, for operators. '
+  + 'The chat and tasks work as usual.';
+
 async function pollStats() {
   try {
     const response = await fetch('/stats', { cache: 'no-store' });
+    if (response.status === 404) {
+      // Not a passing failure: asking every second would only fill the server's log.
+      $('stats-error').textContent = STATS_ELSEWHERE;
+      $('stats-error').classList.replace('error', 'detail');
+      document.querySelector('#stats .chart-box').hidden = true;
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const stats = await response.json();
     const sample = { at: performance.now(), messages: stats.messages };
@@ -564,9 +593,8 @@ async function pollStats() {
   } catch (err) {
     lastSample = null;
     $('stats-error').textContent = `Statistics unavailable (${err.message}).`;
-  } finally {
-    setTimeout(pollStats, STATS_EVERY_MS);
   }
+  setTimeout(pollStats, STATS_EVERY_MS);
 }
 
 // --- start -------------------------------------------------------------------

@@ -32,11 +32,34 @@ export function polylinePoints(values, width, height, max, slots = HISTORY) {
     .join(' ');
 }
 
-/** Keeps the series and redraws the chart's two lines. */
+/**
+ * The top of the scale for a series whose highest value is `max`: the smallest
+ * 1, 2 or 5 times a power of ten at or above it, and at least 1, so the axis
+ * reads in round numbers and a flat zero line sits on the bottom.
+ */
+export function niceCeiling(max) {
+  if (!(max > 1)) return 1;
+  const power = 10 ** Math.floor(Math.log10(max));
+  for (const step of [1, 2, 5]) if (step * power >= max) return step * power;
+  return 10 * power;
+}
+
+/** An axis's labels for a scale topped at `top`: its top, its middle and zero. */
+export function axisLabels(top) {
+  const label = (v) => (Number.isInteger(v) ? String(v) : v.toFixed(1));
+  return [label(top), label(top / 2), '0'];
+}
+
+/** Keeps the series and redraws the chart's two lines and their axes. */
 export class StatsChart {
-  /** @param {SVGSVGElement} svg  has polylines .conn and .rate and a 0 0 W H viewBox */
-  constructor(svg) {
+  /**
+   * @param {SVGSVGElement} svg  has polylines .conn and .rate and a 0 0 W H viewBox
+   * @param {{conn?: Element, rate?: Element}} axes  each holds three [data-tick]
+   *   elements (top, middle, bottom) for that line's scale
+   */
+  constructor(svg, axes = {}) {
     this.svg = svg;
+    this.axes = axes;
     this.connections = [];
     this.rates = [];
     const box = svg.viewBox.baseVal;
@@ -54,12 +77,15 @@ export class StatsChart {
   }
 
   draw() {
-    // Each line on its own scale: a handful of connections next to hundreds of messages/s.
-    const lines = [['.conn', this.connections], ['.rate', this.rates]];
-    for (const [selector, values] of lines) {
-      const max = Math.max(...values, 0) * 1.1;
-      this.svg.querySelector(selector)
-        .setAttribute('points', polylinePoints(values, this.width, this.height, max));
+    // Each line on its own scale (a handful of connections next to hundreds of
+    // messages/s), read off its own axis: connections on the left, rate on the right.
+    const lines = [['conn', this.connections], ['rate', this.rates]];
+    for (const [name, values] of lines) {
+      const top = niceCeiling(Math.max(...values, 0));
+      this.svg.querySelector(`.line.${name}`)
+        .setAttribute('points', polylinePoints(values, this.width, this.height, top));
+      const ticks = this.axes[name] ? this.axes[name].querySelectorAll('[data-tick]') : [];
+      axisLabels(top).forEach((text, i) => { if (ticks[i]) ticks[i].textContent = text; });
     }
   }
 }

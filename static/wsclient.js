@@ -52,6 +52,7 @@ export const CLOSE_CODES = Object.freeze({
   1008: { reconnect: 'fix_client', text: 'policy violation' },
   1009: { reconnect: 'fix_client', text: 'message too big' },
   1011: { reconnect: 'backoff', text: 'server error' },
+  1012: { reconnect: 'backoff', text: 'server restarting' },
   4001: { reconnect: 'new_token', text: 'token invalid or expired' },
   4003: { reconnect: 'never', text: 'not permitted' },
   4008: { reconnect: 'backoff', text: 'too many connections for this user' },
@@ -203,6 +204,38 @@ export function tokenUsable(expiresAt, nowMs, marginMs = TOKEN_MARGIN_MS) {
   return expiresAt === null || expiresAt * 1000 - nowMs > marginMs;
 }
 
+/**
+ * Handshakes in a row that fail before the socket opens while the server's
+ * health check answers 200, after which the client stops: the server is up
+ * and refusing this client (its origin, most often), so retrying cannot help.
+ */
+export const MAX_REFUSALS = 5;
+
+/**
+ * The count of refused handshakes after one more failed before opening.
+ * `serverAnswers` is the health probe's verdict: true (up: the handshake was
+ * refused), false or null (down, or cannot be told: an outage, not a refusal).
+ */
+export function refusalsAfter(refusals, serverAnswers) {
+  return serverAnswers === true ? refusals + 1 : 0;
+}
+
+/**
+ * Whether the server behind `socketUrl` answers `GET /healthz` with 200 (true),
+ * with something else (false), or cannot be asked (null: unreachable, or another
+ * origin, whose answer the browser hides).
+ */
+export async function healthProbe(socketUrl, fetchImpl = globalThis.fetch) {
+  if (typeof fetchImpl !== 'function') return null;
+  try {
+    const url = new URL('/healthz', socketUrl.replace(/^ws/, 'http'));
+    const response = await fetchImpl(url, { cache: 'no-store', signal: AbortSignal.timeout(5000) });
+    return response.ok;
+  } catch {
+    return null;
+  }
+}
+
 /** The WebSocket URL of `path` on the page's own host: ws: for http:, wss: for https:. */
 export function socketUrl(location, path = '/ws') {
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -231,8 +264,11 @@ export class WsError extends Error {
  * A connection to wsserver that survives network and server failures.
  *
  * Events (CustomEvent, payload in `detail`):
- *   "state"    {state, code?, reason?, delay?, attempt?}; state is one of
- *              "connecting", "open", "waiting" (reconnect scheduled), "stopped"
+ *   "state"    {state, code?, reason?, delay?, attempt?, refused?}; state is one of
+ *              "connecting", "open", "waiting" (reconnect scheduled), "stopped";
+ *              refused: true when it stopped because a server that is up keeps
+ *              refusing the handshake (MAX_REFUSALS), or getToken() rejected with
+ *              an error whose `final` is true
  *   "welcome"  the server's welcome message
  *   "token"    {expiresAt} (unix seconds) after welcome and after each refresh
  *   "message"  every message the server sends, except repeated room messages
@@ -258,12 +294,17 @@ export class WsClient extends EventTarget {
    * @param {(room: string, reply: object) => void} [options.onRecoveryFailed]  called when
    *   a re-join could not recover what was missed in `room`, or the server sent a `gap`
  *   (`reply` is then that message): the app must reload it
+   * @param {number} [options.maxRefusals]  handshakes refused in a row by a server
+   *   that is up (see MAX_REFUSALS) before the client stops; Infinity never stops
+   * @param {(url: string) => Promise<boolean|null>} [options.probe]  asks whether the
+   *   server is up after a handshake failed before opening (default healthProbe)
    * @param {() => number} [options.random]  jitter source (tests pin it)
    * @param {typeof WebSocket} [options.WebSocket]  constructor to use
    */
   constructor({ url, getToken, maxQueue = DEFAULT_MAX_QUEUE,
                 requestTimeoutMs = DEFAULT_REQUEST_TIMEOUT_MS, random = Math.random,
-                onRecoveryFailed = null, WebSocket: Socket = globalThis.WebSocket }) {
+                onRecoveryFailed = null, maxRefusals = MAX_REFUSALS, probe = healthProbe,
+                WebSocket: Socket = globalThis.WebSocket }) {
     super();
     if (!url || typeof getToken !== 'function') {
       throw new TypeError('WsClient needs a url and an async getToken()');
@@ -275,6 +316,10 @@ export class WsClient extends EventTarget {
     this.random = random;
     this.Socket = Socket;
     this.onRecoveryFailed = onRecoveryFailed;
+    this.maxRefusals = maxRefusals;
+    this.probe = probe;
+    /** Handshakes refused in a row by a server that is up. */
+    this.refusals = 0;
 
     this.state = 'stopped';
     this.user = null;
@@ -454,6 +499,12 @@ export class WsClient extends EventTarget {
         token = await this.getToken();
       } catch (err) {
         if (generation !== this.generation) return; // close() was called meanwhile
+        if (err && err.final === true) {
+          // getToken() knows asking again cannot help (the server refused this origin).
+          this.failAll('stopped', err.message, true);
+          this.setState({ state: 'stopped', code: null, refused: true, reason: err.message });
+          return;
+        }
         this.scheduleReconnect('backoff', { code: null, reason: `no token: ${err.message}` });
         return;
       }
@@ -470,6 +521,8 @@ export class WsClient extends EventTarget {
     }
     this.ws = ws;
     this.openedAt = null;
+    this.socketOpened = false;
+    ws.onopen = () => { if (ws === this.ws) this.socketOpened = true; };
     ws.onmessage = (event) => { if (ws === this.ws) this.onMessage(event.data); };
     ws.onclose = (event) => { if (ws === this.ws) this.onClose(event.code, event.reason); };
     // Every failure is followed by a close event, which does the work.
@@ -731,7 +784,44 @@ export class WsClient extends EventTarget {
     }
     if (decision.newToken) this.token = null;
     this.attempt = attemptAfterClose(this.attempt, openFor);
-    this.scheduleReconnect(decision.delay, { code, reason: reason || describeClose(code) });
+    const why = reason || describeClose(code);
+    if (code === 1006 && openFor === null && !this.socketOpened) {
+      this.afterFailedHandshake(decision.delay, why);
+      return;
+    }
+    this.refusals = 0;
+    this.scheduleReconnect(decision.delay, { code, reason: why });
+  }
+
+  /**
+   * The socket failed before it opened: a server that is up refused the handshake
+   * (browsers show only 1006 for a 403), or the server is away. The health probe
+   * tells them apart; after maxRefusals refusals in a row, stop instead of retrying.
+   */
+  async afterFailedHandshake(kind, reason) {
+    const generation = this.generation;
+    let answers = null;
+    if (this.maxRefusals !== Infinity) {
+      try {
+        answers = await this.probe(this.url);
+      } catch {
+        answers = null;
+      }
+      if (generation !== this.generation) return; // close() was called meanwhile
+    }
+    this.refusals = refusalsAfter(this.refusals, answers);
+    if (this.refusals >= this.maxRefusals) {
+      const refusals = this.refusals;
+      this.refusals = 0;
+      this.failAll('stopped', 'the server refused the connection', true);
+      this.setState({
+        state: 'stopped', code: 1006, refused: true,
+        reason: `refused before opening, ${refusals} times in a row, by a server that is up `
+          + '(its origin check, most often: browsers show only 1006)',
+      });
+      return;
+    }
+    this.scheduleReconnect(kind, { code: 1006, reason });
   }
 
   scheduleReconnect(kind, { code, reason }) {

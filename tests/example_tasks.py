@@ -2,7 +2,7 @@
 
 Run the server with them (from the repository root)::
 
-    python -m wsserver --tasks-module tests.example_tasks
+    PYTHONPATH=. .venv/bin/wsserver --tasks-module tests.example_tasks
 
 docs/tasks.md walks through this file; tests/unit/test_tasks.py and
 tests/integration/test_task_messages.py run it, so the example cannot rot.

@@ -1,4 +1,5 @@
-"""Command line: ``serve`` (the default), ``token`` and ``check-config``.
+"""Command line: ``serve`` (the default), ``token``, ``check-config``, ``publish``
+and ``genconfig``.
 
 Exit codes: 0 success; 1 the server failed at run time; 2 the configuration
 or the command line is wrong, or the server cannot start (for example the
@@ -9,29 +10,57 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from wsserver import __version__, loops
+from wsserver import __version__, logconfig, loops
 from wsserver.auth import MAX_SUB_LENGTH, TokenIssuer
-from wsserver.config import OPTIONS, Settings, add_arguments, bool_parser, load_settings
+from wsserver.config import (
+    OPTIONS,
+    Settings,
+    add_arguments,
+    api_key_of,
+    bool_parser,
+    load_options,
+    load_settings,
+)
 from wsserver.errors import ConfigError
 from wsserver.internals import skip_source_lookup
 
-COMMANDS = ("serve", "token", "check-config", "publish")
+COMMANDS = ("serve", "token", "check-config", "publish", "genconfig")
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+#: ``token --ttl`` when not given (capped to ``--max-token-lifetime``).
+DEFAULT_TOKEN_TTL = 3600
 
 #: The options ``token`` reads: the key, and the claims it puts in the token.
 TOKEN_OPTIONS = (
     "jwt_secret", "jwt_secret_file", "jwt_algorithms",
-    "jwt_audience", "jwt_issuer",
+    "jwt_audience", "jwt_issuer", "jwt_typ", "max_token_lifetime",
 )
 
+#: The options ``publish`` reads: where the server's API is, and its key.
+PUBLISH_OPTIONS = (
+    "host", "port", "internal_host", "internal_port", "certfile", "api_key", "api_key_file",
+)
+#: What those flags mean to ``publish``, a client of the server.
+PUBLISH_HELPS = {
+    "host": "the server's address (its --host; 0.0.0.0 or :: mean this machine)",
+    "port": "the server's port (its --port)",
+    "internal_host": "the server's --internal-host",
+    "internal_port": "the server's --internal-port: the API is there when it is set",
+    "certfile": "set when the server serves TLS on --port (https)",
+    "api_key": "the server's API key (prefer --api-key-file)",
+    "api_key_file": "file holding the server's API key",
+}
+
 #: uvicorn flags people try first, and what wsserver has instead (docs/deploy.md,
-#: "Coming from uvicorn"). Flags wsserver itself defines are never answered from here.
+#: "Mapping the uvicorn recipe's knobs"). Flags wsserver itself defines are never
+#: answered from here.
 UVICORN_FLAGS = {
     "--workers": "one wsserver process serves many connections; run several behind nginx",
     "--reload": "no reload: restart the process (systemctl restart wsserver)",
@@ -40,24 +69,37 @@ UVICORN_FLAGS = {
     "--ssl-keyfile": "use --keyfile",
     "--ws-max-size": "use --max-message-size",
     "--ws-ping-interval": "use --ping-interval",
+    "--ws-ping-timeout": "use --ping-interval: a peer that has not answered a ping by the "
+                         "next one is closed",
+    "--timeout-keep-alive": "use --header-timeout (seconds an idle HTTP connection may wait "
+                            "for its next request)",
+    "--timeout-graceful-shutdown": "use --drain-timeout (seconds connections get to close "
+                                   "on SIGTERM)",
+    "--backlog": "none: the listen backlog is fixed at 1024 (the kernel caps it at "
+                 "net.core.somaxconn)",
+    "--limit-max-requests": "none: nothing grows per request, and a restart drops every "
+                            "connection",
     "--limit-concurrency": "use --max-connections",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser for every subcommand; options also come from env and file."""
+def build_parser(prog: str = "wsserver") -> argparse.ArgumentParser:
+    """The parser for every subcommand; options also come from env and file.
+
+    ``prog`` is how the user ran it, for usage lines and hints.
+    """
     parser = argparse.ArgumentParser(
-        prog="python -m wsserver",
+        prog=prog,
         description=(
             "A WebSocket server, secure by default. Every option can also be set as "
             "WSSERVER_<OPTION> in the environment or in a TOML file given with --config; "
             "precedence: flag > environment > file > default. Without a JWT key it runs "
             "in demo mode on loopback."
         ),
-        epilog="Run 'python -m wsserver serve --help' for every server option.",
+        epilog=f"Run '{prog} serve --help' for every server option.",
     )
     parser.add_argument("--version", action="version", version=f"wsserver {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,token,check-config,publish}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
 
     serve = sub.add_parser("serve", help="serve WebSocket connections (the default)")
     add_arguments(serve)
@@ -68,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a JWT for SUB signed with the configured HMAC secret.",
     )
     token.add_argument("sub", metavar="SUB", help="the token's subject (user)")
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument(
+        "--ttl", type=int, default=None,
+        help=f"lifetime in seconds (default {DEFAULT_TOKEN_TTL}, or --max-token-lifetime "
+             "when that is lower; above it the server would refuse the token)",
+    )
     token.add_argument("--rooms", metavar="LIST", default=None,
                        help="comma list for the 'rooms' claim (join): room names or prefix*")
     token.add_argument("--publish", metavar="LIST", default=None,
@@ -79,26 +125,46 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(check)
 
     publish = sub.add_parser(
-        "publish", help="publish JSON to a room through the server API (exit 0 on 200, else 1)"
+        "publish",
+        help="publish JSON to a room through the server API (exit 0 on 200, else 1)",
+        description="POST /api/publish to a running server with its API key. The server "
+                    "is found from the same configuration it runs with (--config, "
+                    "WSSERVER_* or these flags), or at --url.",
     )
     publish.add_argument("room", metavar="ROOM", help="the room")
     publish.add_argument("data", metavar="JSON", help="the message's data, as JSON")
     publish.add_argument(
         "--url", default=None,
-        help="the server's API base URL (default: http://HOST:PORT, the internal port if set)",
+        help="the server's API base URL (default: http://HOST:PORT, or the internal "
+             "listener when --internal-port is set)",
     )
     publish.add_argument("--idempotency-key", default=None, dest="idempotency_key",
                          help="publish once per key within 5 minutes")
-    add_arguments(publish)
+    add_arguments(publish, only=PUBLISH_OPTIONS, helps=PUBLISH_HELPS)
+
+    sub.add_parser(
+        "genconfig",
+        help="print a commented TOML configuration with every option and its default",
+        description="Print a TOML configuration file with every option, its help and its "
+                    "default (commented out), and the [rooms] table; "
+                    "check-config --config accepts it as printed.",
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit code."""
+def main(argv: Sequence[str] | None = None, prog: str = "wsserver") -> int:
+    """Run the command line; returns the process exit code.
+
+    ``prog``: how the user ran it (``python -m wsserver`` from ``__main__``).
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
+        # The server takes no positional argument: this was meant as a command.
+        print(_unknown_command(args_list[0], prog), file=sys.stderr)
+        return EXIT_CONFIG
     if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help", "--version"):
         args_list.insert(0, "serve")
-    parser = build_parser()
+    parser = build_parser(prog)
     hint = _uvicorn_hint(args_list)
     if hint:
         print(hint, file=sys.stderr)
@@ -107,9 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if args.command == "genconfig":
+        from wsserver.genconfig import render
+
+        print(render(), end="")
+        return 0
     own = ("command", "sub", "ttl", "rooms", "publish", "room", "data", "url", "idempotency_key")
     flags = {key: value for key, value in vars(args).items() if key not in own}
     try:
+        if args.command == "publish":
+            return _publish(load_options(PUBLISH_OPTIONS, flags), args)
         settings = load_settings(flags)
         if args.command == "check-config":
             _check_runtime_parts(settings)
@@ -121,9 +194,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token(settings, args)
     if args.command == "check-config":
         return _check_config(settings)
-    if args.command == "publish":
-        return _publish(settings, args)
     return _serve(settings)
+
+
+def _unknown_command(word: str, prog: str) -> str:
+    """"unknown command 'tokne'; did you mean 'token'?" and where the commands are listed."""
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.6)
+    guess = f"; did you mean '{close[0]}'?" if close else ""
+    if not close and ":" in word:
+        # uvicorn's "main:app": wsserver is the application, there is none to name.
+        guess = " (wsserver is the server and the application: it takes no APP argument)"
+    return (f"{prog}: unknown command '{word}'{guess} (commands: {', '.join(COMMANDS)}; "
+            f"serve is the default; see '{prog} --help')")
 
 
 def _uvicorn_hint(args: Sequence[str]) -> str | None:
@@ -144,7 +226,8 @@ def _uvicorn_hint(args: Sequence[str]) -> str | None:
 
 
 def _check_runtime_parts(settings: Settings) -> None:
-    """What only building the parts can tell: the TLS pair, the tasks module."""
+    """What only building the parts can tell: the TLS pair, the tasks module, the
+    logging configuration."""
     from wsserver.edge.server import make_ssl_context
     from wsserver.tasks import load_task_table
 
@@ -153,8 +236,15 @@ def _check_runtime_parts(settings: Settings) -> None:
         make_ssl_context(settings)
     except ConfigError as error:
         problems.extend(error.problems)
+    if settings.log_config:
+        try:
+            logconfig.apply_config_file(settings.log_config)
+        except ConfigError as error:
+            problems.extend(error.problems)
     try:
         load_task_table(settings.tasks_module)
+    except ConfigError as error:
+        problems.extend(error.problems)
     except Exception as exc:
         problems.append(f"--tasks-module {settings.tasks_module}: cannot load: {exc}")
     if problems:
@@ -204,8 +294,8 @@ def _token(settings: Settings, args: Any) -> int:
         print(f"wsserver: SUB is longer than {MAX_SUB_LENGTH} characters; the server "
               "would refuse the token", file=sys.stderr)
         return EXIT_CONFIG
-    if args.ttl < 1:
-        print("wsserver: --ttl must be at least 1 second", file=sys.stderr)
+    ttl = _token_ttl(args.ttl, settings.max_token_lifetime)
+    if ttl is None:
         return EXIT_CONFIG
     issuer = TokenIssuer(
         settings.verify_key.reveal(),
@@ -216,7 +306,7 @@ def _token(settings: Settings, args: Any) -> int:
     )
     try:
         token, _ = issuer.issue(
-            args.sub, args.ttl, rooms=_room_list(args.rooms), publish=_room_list(args.publish)
+            args.sub, ttl, rooms=_room_list(args.rooms), publish=_room_list(args.publish)
         )
     except ValueError as exc:
         print(f"wsserver: --rooms/--publish: {exc}", file=sys.stderr)
@@ -225,13 +315,40 @@ def _token(settings: Settings, args: Any) -> int:
     return 0
 
 
-def _publish(settings: Settings, args: Any) -> int:
-    """``publish ROOM JSON``: one ``POST /api/publish`` with the configured key."""
+def _token_ttl(asked: int | None, max_lifetime: float | None) -> int | None:
+    """The token's lifetime: ``--ttl``, or the default capped to ``--max-token-lifetime``.
+
+    None (after saying why) for a ``--ttl`` the server would refuse: a token
+    living longer than ``--max-token-lifetime`` is refused at connect (4001).
+    """
+    if asked is not None and asked < 1:
+        print("wsserver: --ttl must be at least 1 second", file=sys.stderr)
+        return None
+    longest = None if max_lifetime is None else math.floor(max_lifetime)
+    if longest is not None and longest < 1:
+        print(f"wsserver: --max-token-lifetime {max_lifetime:g} is under a second: "
+              "no token can satisfy it", file=sys.stderr)
+        return None
+    if asked is None:
+        return DEFAULT_TOKEN_TTL if longest is None else min(DEFAULT_TOKEN_TTL, longest)
+    if longest is not None and asked > longest:
+        print(f"wsserver: --ttl {asked} is above --max-token-lifetime {max_lifetime:g}: the "
+              f"server would refuse the token; give --ttl {longest} or less", file=sys.stderr)
+        return None
+    return asked
+
+
+def _publish(options: dict[str, Any], args: Any) -> int:
+    """``publish ROOM JSON``: one ``POST /api/publish`` with the configured key.
+
+    ``options``: :data:`PUBLISH_OPTIONS`, resolved as the server resolves them.
+    """
     import json
     import urllib.error
     import urllib.request
 
-    if settings.api_key is None:
+    api_key = api_key_of(options)
+    if api_key is None:
         print("wsserver: publish needs the server's API key: give --api-key-file "
               "(or WSSERVER_API_KEY)", file=sys.stderr)
         return EXIT_CONFIG
@@ -240,15 +357,7 @@ def _publish(settings: Settings, args: Any) -> int:
     except ValueError as exc:
         print(f"wsserver: JSON is not valid JSON: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    url = args.url
-    if url is None:
-        host, port = settings.host, settings.port
-        if settings.internal_port is not None:
-            host, port = settings.internal_host, settings.internal_port
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        url = f"{settings.scheme if settings.internal_port is None else 'http'}://" \
-              f"{'[' + host + ']' if ':' in host else host}:{port}"
+    url = args.url or _api_url(options)
     body: dict[str, Any] = {"room": args.room, "data": data}
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
@@ -256,7 +365,7 @@ def _publish(settings: Settings, args: Any) -> int:
         url.rstrip("/") + "/api/publish",
         data=json.dumps(body).encode(),
         method="POST",
-        headers={"Authorization": f"apikey {settings.api_key.reveal()}",
+        headers={"Authorization": f"apikey {api_key.reveal()}",
                  "Content-Type": "application/json"},
     )
     try:
@@ -268,10 +377,29 @@ def _publish(settings: Settings, args: Any) -> int:
         with contextlib.suppress(ValueError, AttributeError):
             detail = json.loads(detail).get("message", detail)
         print(f"wsserver: publish failed: {exc.code}: {detail}", file=sys.stderr)
+        if exc.code == 404:
+            print(f"wsserver: {url} serves no API: a server with --internal-port serves "
+                  "/api/ only there (give the same --internal-port, or --url "
+                  "http://127.0.0.1:PORT), and one without --api-key-file has no API",
+                  file=sys.stderr)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         print(f"wsserver: cannot reach {url}: {reason}", file=sys.stderr)
     return EXIT_RUNTIME
+
+
+def _api_url(options: dict[str, Any]) -> str:
+    """The server API's base URL: the internal listener when there is one."""
+    if options["internal_port"] is not None:
+        scheme, host, port = "http", options["internal_host"], options["internal_port"]
+    else:
+        scheme = "https" if options["certfile"] else "http"
+        host, port = options["host"], options["port"]
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
 def _room_list(text: str | None) -> list[str] | None:
     """A ``--rooms``/``--publish`` comma list (so a room name with ',' cannot be given)."""
     if text is None:
@@ -295,18 +423,21 @@ def _supervise(settings: Settings) -> int:
 def _serve(settings: Settings) -> int:
     from wsserver.edge.server import Server
 
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The format shows no thread, process or source line: skip working them
-    # out for every record (the logging HOWTO's "Optimization" section). Two
-    # lines per connection make this a measurable part of a connect.
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    skip_source_lookup()
+    try:
+        logconfig.configure(settings.log_format, settings.log_level, settings.log_config)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"wsserver: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not settings.log_config:
+        # Our formats show no thread, process or source line: skip working them
+        # out for every record (the logging HOWTO's "Optimization" section). Two
+        # lines per connection make this a measurable part of a connect. A
+        # --log-config file may show them.
+        logging.logThreads = False
+        logging.logProcesses = False
+        logging.logMultiprocessing = False
+        skip_source_lookup()
     log = logging.getLogger("wsserver")
     try:
         if settings.workers > 1:

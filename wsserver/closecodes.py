@@ -37,6 +37,7 @@ class CloseCode(IntEnum):
     POLICY = 1008, "policy violation", FIX_CLIENT
     TOO_BIG = 1009, "message too big", FIX_CLIENT
     INTERNAL = 1011, "internal error or keepalive timeout", BACKOFF
+    SERVICE_RESTART = 1012, "service restart (a paced drain, --drain-rate)", BACKOFF
     TOKEN = 4001, "token missing, invalid or expired", NEW_TOKEN
     FORBIDDEN = 4003, "disconnected by the server, or not permitted", NEVER
     TOO_MANY_FOR_USER = 4008, "too many connections for this user", BACKOFF

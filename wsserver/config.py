@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from wsserver.brokers.redis_urls import check_url, redact_url
 from wsserver.errors import ConfigError
+from wsserver.logconfig import LOG_FORMATS
 from wsserver.origin import origin_problem
 from wsserver.rooms import RoomPolicy
 
@@ -151,21 +153,10 @@ def _text(text: str) -> str:
     return text
 
 
-#: Schemes ``--broker`` accepts besides ``memory``.
-BROKER_SCHEMES = ("redis", "rediss", "unix")
-
-
 def _broker(text: str) -> str:
     if text == "memory":
         return text
-    parts = urlsplit(text)
-    if parts.scheme not in BROKER_SCHEMES:
-        raise ValueError("use 'memory' or a redis://, rediss:// or unix:// URL")
-    if parts.scheme == "unix" and not parts.path:
-        raise ValueError("a unix:// URL needs the socket's path (unix:///run/redis.sock)")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("a Redis URL needs a host (redis://127.0.0.1:6379/0)")
-    return text
+    return check_url(text)
 
 
 def _http_url(text: str) -> str:
@@ -183,6 +174,13 @@ def _header_names(text: str) -> tuple[str, ...]:
         if not all(ch.isalnum() or ch in "!#$%&'*+-.^_`|~" for ch in name) or not name.isascii():
             raise ValueError(f"{name!r} is not an HTTP header name")
     return names
+
+
+def _log_format(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered not in LOG_FORMATS:
+        raise ValueError("use text or json")
+    return lowered
 
 
 def _node_name(text: str) -> str:
@@ -349,6 +347,11 @@ class Settings:
     drain_timeout: float = option(
         10.0, _non_negative_float, "seconds to wait for connections to close on shutdown",
     )
+    drain_rate: float | None = option(
+        None, _positive_float,
+        "on shutdown, close connections with 1012 at this many per second (for the whole "
+        "machine under --workers) instead of all at once with 1001",
+    )
     header_timeout: float = option(
         10.0, _positive_float, "seconds a client has to send its request headers",
     )
@@ -368,6 +371,16 @@ class Settings:
         True, _bool, "one INFO line per HTTP request; probes, polls and upgrades only at DEBUG",
     )
     log_level: str = option("INFO", _text, "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = option(
+        "text", _log_format,
+        "text, or json: one object per line with ts, level, logger, msg and the line's fields",
+    )
+    log_config: str | None = option(
+        None, _text,
+        "logging configuration file: .json or .toml for dictConfig, else INI for fileConfig; "
+        "it then decides handlers, formats and levels (--log-level, --log-format unused)",
+        "FILE",
+    )
     loop: str = option(
         "auto", _text, "event loop: auto (uvloop when installed), asyncio or uvloop",
     )
@@ -401,12 +414,18 @@ class Settings:
     broker: str = option(
         "memory", _broker,
         "'memory' (this process only) or a Redis URL shared by every node "
-        "(redis://host:port/db, rediss://..., unix:///path)",
+        "(redis://host:port/db, rediss://..., unix:///path, "
+        "redis+sentinel://host:port,host:port/MASTER/db)",
         "URL", repr=False,
     )
     workers: int = option(
         1, _positive_int,
         "processes serving the same port on this machine; more than 1 needs a Redis broker",
+    )
+    worker_timeout: float = option(
+        30.0, _positive_float,
+        "seconds a worker's event loop may go without a heartbeat before the supervisor "
+        "kills and replaces it (--workers above 1)",
     )
     node_name: str = option(
         None, _node_name,
@@ -535,9 +554,14 @@ OPTIONS: tuple[Option, ...] = tuple(
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
 
-def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    only: Sequence[str] | None = None,
+    helps: Mapping[str, str] | None = None,
+) -> None:
     """Add one flag per option (or per option named in ``only``); unset flags stay
-    absent so precedence works."""
+    absent so precedence works. ``helps`` replaces the help of the options it
+    names (what a flag means to a command that is not the server)."""
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="TOML config file (keys as the flags, without '--')")
     for option in OPTIONS:
@@ -552,7 +576,8 @@ def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = 
         if isinstance(default, tuple):
             default = ",".join(default) or "none"
         suffix = f" (default: {default})" if default is not None else ""
-        parser.add_argument(option.flag, help=option.help + suffix, **kwargs)
+        text = (helps or {}).get(option.name, option.help)
+        parser.add_argument(option.flag, help=text + suffix, **kwargs)
 
 
 def load_settings(
@@ -572,24 +597,62 @@ def load_settings(
     Raises:
         ConfigError: listing every problem found, one line each.
     """
-    flags = dict(flags or {})
-    environ = os.environ if environ is None else environ
     problems: list[str] = []
-    values: dict[str, Any] = {}
     # Where each value came from, so a problem names the flag, variable or file key to fix.
     sources: dict[str, str] = {}
+    values = _collect(flags, environ, problems, sources)
+    return _build(values, problems, sources, check_files=check_files)
+
+
+def load_options(
+    names: Sequence[str],
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Only the options in ``names``, from the same sources and with the same
+    precedence as :func:`load_settings`, defaults filled in; for a command that
+    is a client of a server (``publish``), not the server: the server's own
+    checks (demo mode on loopback, keys, origins) do not apply, and settings
+    it does not read are not looked at.
+
+    Raises:
+        ConfigError: a value of one of ``names`` does not parse.
+    """
+    problems: list[str] = []
+    values = _collect(flags, environ, problems, {}, only=frozenset(names))
+    if problems:
+        raise ConfigError(problems)
+    return {name: values.get(name, OPTIONS_BY_NAME[name].default) for name in names}
+
+
+def _collect(
+    flags: Mapping[str, Any] | None,
+    environ: Mapping[str, str] | None,
+    problems: list[str],
+    sources: dict[str, str],
+    only: frozenset[str] | None = None,
+) -> dict[str, Any]:
+    """The parsed values of file, environment and flags, later ones winning.
+
+    With ``only``, every other setting is skipped unread (unknown ones too).
+    """
+    flags = dict(flags or {})
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
 
     config_path = flags.pop("config", None)
     config_source = "--config"
     if not config_path and environ.get(ENV_PREFIX + "CONFIG"):
         config_path, config_source = environ[ENV_PREFIX + "CONFIG"], ENV_PREFIX + "CONFIG"
     if config_path:
-        values.update(_read_config_file(config_path, config_source, problems, sources))
+        values.update(_read_config_file(config_path, config_source, problems, sources, only))
 
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         name = key[len(ENV_PREFIX):].lower()
+        if only is not None and name not in only:
+            continue
         option = OPTIONS_BY_NAME.get(name)
         if option is None:
             problems.append(f"{key}: unknown setting")
@@ -599,15 +662,28 @@ def load_settings(
 
     for name, raw in flags.items():
         option = OPTIONS_BY_NAME.get(name)
-        if option is None:
+        if option is None or (only is not None and name not in only):
             continue
         if isinstance(raw, bool) or not isinstance(raw, str):
             values[name] = raw
         else:
             _parse_into(values, option, raw, option.flag, problems)
         sources[name] = option.flag
+    return values
 
-    return _build(values, problems, sources, check_files=check_files)
+
+def api_key_of(values: Mapping[str, Any]) -> Secret | None:
+    """The server API key that ``values`` (``api_key``, ``api_key_file``) give, read
+    and checked as the server does.
+
+    Raises:
+        ConfigError: both given, the file unreadable, or the key too short.
+    """
+    problems: list[str] = []
+    key = _load_api_key(dict(values), problems, check_files=True)
+    if problems:
+        raise ConfigError(problems)
+    return key
 
 
 def _parse_into(
@@ -616,12 +692,22 @@ def _parse_into(
     try:
         values[option.name] = option.parse(raw)
     except ValueError as exc:
-        shown = "<hidden>" if option.parse is _secret else repr(raw)
+        if option.parse is _secret:
+            shown = "<hidden>"
+        elif option.parse is _broker:
+            # A Redis URL may carry a password.
+            shown = repr(redact_url(raw))
+        else:
+            shown = repr(raw)
         problems.append(f"{source}: invalid value {shown}: {exc}")
 
 
 def _read_config_file(
-    path: str, given_by: str, problems: list[str], sources: dict[str, str]
+    path: str,
+    given_by: str,
+    problems: list[str],
+    sources: dict[str, str],
+    only: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
@@ -636,6 +722,8 @@ def _read_config_file(
     values: dict[str, Any] = {}
     for key, raw in data.items():
         name = key.replace("-", "_")
+        if only is not None and name not in only:
+            continue
         option = OPTIONS_BY_NAME.get(name)
         source = f"{path}: {key}"
         if key == "rooms":
@@ -746,7 +834,7 @@ def _build(
     if bool(merged["certfile"]) != bool(merged["keyfile"]):
         problems.append("--certfile and --keyfile go together: give both or neither")
     if check_files:
-        for name in ("certfile", "keyfile"):
+        for name in ("certfile", "keyfile", "log_config"):
             if merged[name] and not os.access(merged[name], os.R_OK):
                 problems.append(f"{where(name)} {merged[name]}: cannot read the file")
     if merged["task_queue"] < merged["task_workers"]:

@@ -141,6 +141,15 @@ class GoingAway(CloseError):
     default_reason = "server shutting down"
 
 
+class ServiceRestart(CloseError):
+    """The server is restarting and closes its connections a few at a time
+    (1012, ``--drain-rate``): reconnect with backoff and jitter, so the
+    reconnects spread as the closes do."""
+
+    code = 1012
+    default_reason = "service restart"
+
+
 class KeepaliveTimeout(CloseError):
     """The peer did not answer a keepalive ping in time (1011, as websockets does)."""
 

@@ -863,6 +863,14 @@ class Hub:
             assert spec is not None
             try:
                 page = await self.broker.history(room, spec, since=last)
+                if page.epoch == epoch and page.offset < last:
+                    # The broker went back in time: offsets this node delivered
+                    # would be given to other messages. A new epoch tells everyone.
+                    log.warning("room %r: the broker lost messages up to offset %d of epoch "
+                                "%s (top now %d); starting a new epoch", room, last, epoch,
+                                page.offset)
+                    await self.broker.reset_epoch(room, spec, epoch)
+                    page = await self.broker.history(room, spec, since=last)
                 if page.epoch != epoch:
                     # A new epoch (history lost): what of it is kept is not lost.
                     page = await self.broker.history(room, spec, since=0)

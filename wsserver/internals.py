@@ -8,17 +8,15 @@ upgrade moves it. Tornado's own are in ``wsserver.edge.tornado_internals``.
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 import jwt
 
 #: The private attributes used below, by owner: what the test checks.
 USED: dict[str, tuple[str, ...]] = {
     "jwt.PyJWT": ("_jws",),
-    "concurrent.futures.ProcessPoolExecutor": ("_processes", "_executor_manager_thread"),
+    "concurrent.futures.ProcessPoolExecutor": ("_processes",),
     "logging": ("_srcfile",),
 }
 
@@ -35,12 +33,6 @@ def executor_processes(executor: ProcessPoolExecutor) -> dict[int, BaseProcess]:
     """The worker processes of ``executor`` by pid (it keeps no public list)."""
     processes: dict[int, BaseProcess] | None = executor._processes  # type: ignore[assignment]
     return dict(processes) if processes else {}
-
-
-def executor_manager(executor: ProcessPoolExecutor) -> threading.Thread | None:
-    """The thread that manages ``executor``'s workers, None once it is shut down."""
-    manager: Any = executor._executor_manager_thread
-    return manager if isinstance(manager, threading.Thread) else None
 
 
 def skip_source_lookup() -> None:

@@ -24,6 +24,19 @@ def redact(uri: str) -> str:
     return _TOKEN_IN_QUERY.sub(r"\1[redacted]", uri)
 
 
+def redact_request_line(line: str) -> str:
+    """An HTTP request line ("GET /ws?token=... HTTP/1.1") with its target redacted.
+
+    The target is everything between the first and the last space, so a
+    malformed line that splits a token with spaces still hides all of it.
+    """
+    method, space, rest = line.partition(" ")
+    target, last, version = rest.rpartition(" ")
+    if not space or not last:
+        return redact(line)
+    return f"{method} {redact(target)} {version}"
+
+
 def _printable(text: str) -> bool:
     return text.isprintable() and "\\" not in text
 
@@ -50,3 +63,20 @@ def _escape_char(ch: str) -> str:
         return ch
     # repr() gives \n, \t, \x1b, \u2028, \U000e0001 ... without its quotes.
     return repr(ch)[1:-1] if repr(ch)[1:-1] != ch else f"\\u{ord(ch):04x}"
+
+
+#: The words a parser's message starts with, up to the first quote or colon:
+#: Tornado's HTTP errors put the client's text after them ("Invalid header
+#: value 'Bearer ...'", "Only integer Content-Length is allowed: ...").
+_LEADING_WORDS = re.compile(r"[A-Za-z][A-Za-z0-9 ,.\-/]*")
+
+
+def error_reason(message: str) -> str:
+    """The fixed part of a parser's error ``message``, without the client's text it quotes.
+
+    "Invalid header value 'Bearer eyJ...'" is "Invalid header value"; a
+    message without leading words is "malformed".
+    """
+    match = _LEADING_WORDS.match(message)
+    words = match.group(0).strip(" ,.-/") if match else ""
+    return words or "malformed"

@@ -1,4 +1,5 @@
-"""The periodic connection check: one INFO line, and a WARNING near the cap."""
+"""The periodic connection check: an INFO line when the counts change, and a
+WARNING near the cap."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ class Snapshot:
 class ConnectionMonitor:
     """Reads the counts through ``snapshot`` and logs them.
 
+    At INFO only when a count differs from the last check's (an idle server
+    writes its counts once, not every ``--monitor-interval``), at DEBUG
+    otherwise; near the cap, a WARNING on every check.
+
     Args:
         snapshot: returns the current :class:`Snapshot`.
         housekeeping: called on every check (evicting idle rate-limit buckets).
@@ -40,6 +45,7 @@ class ConnectionMonitor:
     ) -> None:
         self._snapshot = snapshot
         self._housekeeping = housekeeping
+        self._last: Snapshot | None = None
 
     def check(self) -> Snapshot:
         """Log the counts once; return them."""
@@ -55,9 +61,11 @@ class ConnectionMonitor:
                 snap.users, snap.rooms, snap.tasks_in_flight,
             )
         else:
-            log.info(
+            changed = snap != self._last
+            (log.info if changed else log.debug)(
                 "connections=%d/%d (%.0f%%) users=%d rooms=%d tasks=%d",
                 snap.connections, snap.max_connections, percent,
                 snap.users, snap.rooms, snap.tasks_in_flight,
             )
+        self._last = snap
         return snap

@@ -313,8 +313,13 @@ class RoomPolicy:
 
     @classmethod
     def demo(cls) -> RoomPolicy:
-        """Demo mode's policy: the default namespace open to any user, members publish."""
-        return cls(NamespacePolicy(join="anyone", publish="members"))
+        """Demo mode's policy: the default namespace open to any user, members
+        publish; ``user:<sub>`` joined only by that user and written only by the
+        server API (as the demo page's "My room" says)."""
+        return cls(
+            NamespacePolicy(join="anyone", publish="members"),
+            {"user": NamespacePolicy(join="owner", publish="none")},
+        )
 
     @property
     def default(self) -> NamespacePolicy:

@@ -111,6 +111,8 @@ class Services:
         )
         #: Refused handshakes logged per address (limit key) and minute.
         self.refusal_log: LogThrottle[str] = LogThrottle()
+        #: Requests Tornado could not parse, logged per address and minute.
+        self.malformed_log: LogThrottle[str] = LogThrottle()
         self.message_buckets: BucketTable[str] = BucketTable(
             settings.message_rate, settings.message_burst
         )
@@ -294,6 +296,9 @@ class Services:
         self.handshake_buckets.sweep()
         for address, count in self.refusal_log.sweep():
             refusal_log.info("%d more handshake refusals from %s suppressed", count,
+                             escape(address))
+        for address, count in self.malformed_log.sweep():
+            refusal_log.info("%d more malformed requests from %s suppressed", count,
                              escape(address))
         self.hub.sweep()
         sweep = getattr(self.broker, "sweep", None)

@@ -280,6 +280,14 @@ def load_task_table(tasks_module: str | None) -> TaskTable:
     flag = f"--tasks-module {tasks_module}"
     try:
         module = importlib.import_module(tasks_module)
+    except ModuleNotFoundError as exc:
+        hint = ""
+        if exc.name and tasks_module.split(".")[0] == exc.name.split(".")[0]:
+            # An installed command, unlike "python -m", does not import from the
+            # current folder.
+            hint = (f" (it is imported by name: put the folder holding {exc.name.split('.')[0]}"
+                    " on PYTHONPATH, e.g. PYTHONPATH=. from that folder)")
+        raise ConfigError([f"{flag}: cannot import it: ModuleNotFoundError: {exc}{hint}"]) from exc
     except Exception as exc:
         raise ConfigError([f"{flag}: cannot import it: {type(exc).__name__}: {exc}"]) from exc
     user_tasks = getattr(module, "tasks", None)

@@ -281,3 +281,19 @@ def test_nodes_include_this_one(harness: Harness) -> None:
             assert nodes[0].uptime >= 0
 
     run(scenario())
+
+
+def test_reset_epoch_starts_over_only_from_the_stale_epoch(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            first = await broker.publish("r", msg(1), history=KEEP5)
+            assert first.epoch is not None
+            new = await broker.reset_epoch("r", KEEP5, first.epoch)
+            assert new != first.epoch
+            page = await broker.history("r", KEEP5, since=0)
+            assert (page.epoch, page.offset, list(page.publications)) == (new, 0, [])
+            # A second node asking with the same stale epoch keeps the new one.
+            assert await broker.reset_epoch("r", KEEP5, first.epoch) == new
+            assert await broker.publish("r", msg(2), history=KEEP5) == PublishResult(1, new)
+
+    run(scenario())

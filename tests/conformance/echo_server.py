@@ -80,9 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--certfile", help="serve wss:// with this certificate (PEM)")
-    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
+    parser.add_argument("--certfile", help="serve wss:// with this certificate (and --keyfile)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     args = parser.parse_args()
     tls = None
     if args.certfile:

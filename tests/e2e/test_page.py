@@ -682,3 +682,82 @@ publish = "none"
     expect(page.locator("#chat-log li.unsent")).to_have_text(
         f'Not sent to #user:{user} (forbidden): "me too"')
     assert pages.errors == []
+
+
+def test_the_chart_has_a_scale_on_each_side(run_server: Any, pages: Any) -> None:
+    srv = run_server("--port", "0")
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+    expect(page.locator("#stat-connections")).to_have_text("1")
+    # One connection: the left scale tops at 1; no messages yet: the right one at 1 too.
+    expect(page.locator("#axis-conn [data-tick]")).to_have_text(["1", "0.5", "0"])
+    expect(page.locator("#axis-rate [data-tick]")).to_have_text(["1", "0.5", "0"])
+    # Twelve messages in a second or two: the rate's scale grows to a round number.
+    for n in range(12):
+        say(page, f"m{n}")
+    expect(page.locator("#axis-rate [data-tick]").first).to_have_text(re.compile(r"^(2|5|10|20)$"))
+    top = page.locator("#axis-conn").bounding_box()
+    chart = page.locator("#stats-chart").bounding_box()
+    assert top is not None and chart is not None
+    assert abs(top["y"] - chart["y"]) < 2 and abs(top["height"] - chart["height"]) < 2
+    assert pages.errors == []
+
+
+def test_stats_on_the_internal_port_are_asked_for_once(run_server: Any, pages: Any) -> None:
+    """With --internal-port the page says where the statistics went, and does not
+    poll /stats into a 404 WARNING line every second."""
+    srv = run_server("--port", "0", "--internal-port", "0")
+    page = pages.open(srv.url + PAGE)
+    connected(page)
+    expect(page.locator("#stats-error")).to_contain_text("--internal-port")
+    expect(page.locator("#stats .chart-box")).to_be_hidden()
+    # The page polled every second before: three seconds would have shown three more.
+    page.wait_for_timeout(3000)
+    polls = [line for line in srv.logs().splitlines() if "GET /stats" in line]
+    assert len(polls) == 1, polls
+    expect(page.locator("#conn-state")).to_have_text("connected")
+    # Chromium's own line for the one 404, and nothing from the page's code.
+    assert [text for _, text in pages.errors] == [
+        "Failed to load resource: the server responded with a status of 404 (Not Found)"]
+
+
+#: What Chromium logs for each refused handshake; the page's own code logs nothing.
+REFUSED_SOCKET = r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws' failed"
+
+
+def test_a_page_refused_for_its_origin_says_what_to_check_and_stops(
+    run_server: Any, pages: Any
+) -> None:
+    """Key mode: the handshake is refused (403, which a page sees as 1006) by a server
+    that is up. The page stops after a few tries and names the setting to check."""
+    srv = run_server("--allowed-origins", "https://app.example.com", env=KEYED_ENV)
+    page = pages.open(srv.url + PAGE)
+    token = mint("dave", ttl=300, rooms=["lobby"])
+    page.get_by_label("Token", exact=True).fill(token)
+    page.get_by_label("Token", exact=True).press("Enter")
+    expect(page.locator("#conn-state")).to_have_text("disconnected", timeout=30_000)
+    advice = page.locator("#conn-error")
+    expect(advice).to_contain_text("--allowed-origins")
+    expect(advice).to_contain_text(srv.url)  # the page's own origin, to add
+    expect(page.locator("#conn-detail")).to_contain_text("refused before opening, 5 times")
+    refusals = srv.logs().count("handshake refused: origin not allowed")
+    assert refusals == 5
+    page.wait_for_timeout(2000)  # it retried within a second or two before; not now
+    assert srv.logs().count("handshake refused: origin not allowed") == refusals
+    assert pages.errors_except(REFUSED_SOCKET) == []
+
+
+def test_a_demo_page_refused_for_its_origin_stops_at_the_token(
+    run_server: Any, pages: Any
+) -> None:
+    """Demo mode: the token request is refused for the origin first; the page stops there."""
+    srv = run_server("--allowed-origins", "https://app.example.com")
+    page = pages.open(srv.url + PAGE)
+    expect(page.locator("#conn-state")).to_have_text("disconnected")
+    expect(page.locator("#conn-error")).to_contain_text("--allowed-origins")
+    expect(page.locator("#conn-detail")).to_contain_text("refused this page's origin")
+    page.wait_for_timeout(2000)
+    tries = [line for line in srv.logs().splitlines()
+             if "wsserver.access" in line and "POST /auth/demo-token" in line]
+    assert len(tries) == 1, tries
+    assert pages.errors_except(r"status of 403 \(Forbidden\)$") == []

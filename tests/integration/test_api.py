@@ -10,6 +10,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from tests.support.clients import AsyncClient, welcomed
 from tests.support.metrics import value
+from tests.support.raw import RawConnection
 from tests.support.tokens import mint
 from wsserver.services import Services
 
@@ -432,3 +433,45 @@ async def test_history(api: Api, port: int) -> None:
                  "/api/history"):
         status, body = await api.call(path)
         assert status == 400 and body["error"] == "bad_request" and body["message"], path
+
+
+# --- numbers a client sends are ASCII digits (issue 20, item 2) ---------------------
+
+
+async def raw_api_answer(port: int, head: str) -> bytes:
+    """Send ``head`` (a request without a body) as latin-1 bytes; the whole answer."""
+    conn = await RawConnection.open(port, head.encode("latin-1"))
+    answer = await conn.wait_eof()
+    conn.discard()
+    return answer
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("server_flags", [{}, WITH_KEY])
+@pytest.mark.parametrize("length", ["\u00b2", "\u0663", "\uff11"])  # ², Arabic-Indic 3, fullwidth 1
+async def test_a_non_ascii_content_length_is_4xx_key_or_not(
+    api: Api, port: int, length: str
+) -> None:
+    # "²".isdigit() is True and int("²") raises; int("٣") is 3. Headers arrive as
+    # latin-1, so only "²" survives the wire as itself; the others are mojibake.
+    encoded = length if length == "\u00b2" else length.encode().decode("latin-1")
+    answer = await raw_api_answer(
+        port,
+        f"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: {encoded}\r\n"
+        "Connection: close\r\n\r\n",
+    )
+    status = int(answer.split(b" ", 2)[1])
+    assert 400 <= status < 500, answer[:200]
+    assert b"internal_error" not in answer
+    assert counted(await api.metrics(), "publish", "internal_error") == 0
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("server_flags", [WITH_KEY])
+@pytest.mark.parametrize("number", ["%C2%B2", "%D9%A3", "%EF%BC%91", "1%C2%B2", "-0", "0x1", "1_0", "1e3"])
+@pytest.mark.parametrize("name", ["since", "limit"])
+async def test_history_numbers_must_be_ascii_digits(api: Api, number: str, name: str) -> None:
+    status, body = await api.call(f"/api/history?room=hist:1&{name}={number}")
+    assert status == 400 and body["error"] == "bad_request", (status, body)
+    assert name in body["message"]
+    assert counted(await api.metrics(), "history", "internal_error") == 0

@@ -225,3 +225,27 @@ def test_a_large_max_message_size_admits_large_api_bodies(
     assert (status, body) == (200, b"{}")
     status, _ = http(running.url + "/api/publish", {"room": "news", "data": "x" * 310_000})
     assert status == 413
+
+
+def test_publish_to_the_public_port_of_a_split_server_hints_at_the_internal_one(
+    server: tuple[RunningServer, str], key_file: Path
+) -> None:
+    running, _ = server
+    result = cli("publish", "news", "1", "--port", str(running.port),
+                 "--api-key-file", str(key_file))
+    assert result.returncode == 1
+    assert "404" in result.stderr and "--internal-port" in result.stderr
+
+
+def test_publish_reads_only_what_it_needs_of_the_servers_configuration(
+    server: tuple[RunningServer, str], member: SyncClient, key_file: Path
+) -> None:
+    # The server's own checks are not publish's: without a JWT key in its
+    # environment, --host 0.0.0.0 (the server's "every address") is no demo-mode
+    # error; nor is a setting publish does not read.
+    _, internal = server
+    port = internal.rsplit(":", 1)[1]
+    result = cli("publish", "news", "4", "--host", "0.0.0.0", "--internal-port", port,
+                 "--api-key-file", str(key_file), env={"WSSERVER_MAX_CONNECTIONS": "-1"})
+    assert result.returncode == 0, result.stderr
+    assert member.recv()["data"] == 4

@@ -6,8 +6,8 @@ start wsserver, the baseline, ``redis-server`` and the load generator, that
 each scenario's checks of correctness hold (every echo answered, every
 publish delivered to every member, through Redis and across two nodes too,
 every idle connection open when memory is read, every ping answered, 300
-messages recovered on a join with ``since``), and that the JSON result and
-the table are written.
+messages recovered on a join with ``since``, every client of a stopped node
+back on the next one), and that the JSON result and the table are written.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.support.redis_server import require_redis_server
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("wsserver", "baseline")
 SCENARIOS = {"echo", "idle", "fanout", "loop", "redis_fanout", "redis_echo", "two_nodes", "history",
-             "connect_proxy"}
+             "connect_proxy", "drain"}
 BROKERS = ("wsserver_redis", "wsserver_memory")
 
 pytestmark = pytest.mark.slow
@@ -195,3 +195,18 @@ def test_connect_proxy_connects_every_client_through_the_backend(result: dict[st
         assert positive(run["connects_per_s"]) and run["close_codes"] == {}
     assert positive(scenario["wsserver_proxy"]["median"]["backend_cpu_us_per_connect"])
     assert positive(scenario["proxy_to_jwt_connects"])
+
+
+def test_drain_every_client_reconnects_to_the_next_node(result: dict[str, Any]) -> None:
+    drain = result["scenarios"]["drain"]
+    count = result["params"]["drain_connections"]
+    for name, code in (("all_at_once", "1001"), ("paced", "1012")):
+        run = drain[name]
+        assert run["close_codes"] == {code: count} and run["closed"] == count
+        assert run["reconnected"] == count and run["failed"] == 0, run["first_failure"]
+        assert sum(run["reconnects_per_100ms"]) == count
+        assert 0 < run["peak_reconnects_per_100ms"] <= count
+        assert run["draining_exit_code"] == 0
+    # At --drain-rate N the closes take about connections / N seconds.
+    paced = drain["paced"]
+    assert paced["last_close_s"] - paced["first_close_s"] >= 0.8 * count / drain["drain_rate_per_s"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 
+from tests.support.clients import welcomed_sync
 from tests.support.servers import run_cli as run
 from tests.support.tokens import KEYED_ENV, SECRET
 
@@ -150,6 +154,11 @@ def test_token_refuses_a_sub_the_server_would_refuse(sub: str) -> None:
         ("--reload", "restart"),
         ("--forwarded-allow-ips=127.0.0.1", "--trusted-proxies"),
         ("--ssl-certfile", "--certfile"),
+        ("--ws-ping-timeout=30", "--ping-interval"),
+        ("--timeout-keep-alive", "--header-timeout"),
+        ("--timeout-graceful-shutdown", "--drain-timeout"),
+        ("--backlog", "fixed at 1024"),
+        ("--limit-max-requests", "nothing grows per request"),
     ],
 )
 def test_uvicorn_flags_point_to_the_mapping(flag: str, pointer: str) -> None:
@@ -163,3 +172,88 @@ def test_uvicorn_flags_point_to_the_mapping(flag: str, pointer: str) -> None:
 def test_no_access_log_is_a_wsserver_flag() -> None:
     result = run("check-config", "--no-access-log")
     assert result.returncode == 0, result.stderr
+
+
+def test_check_config_accepts_a_sentinel_url_and_hides_its_password() -> None:
+    url = "redis+sentinel://:hunter2@127.0.0.1:26379,127.0.0.1:26380/mymaster/0"
+    result = run("check-config", "--broker", url, "--workers", "2", env=KEYED_ENV)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_check_config_refuses_a_sentinel_url_without_a_master() -> None:
+    result = run("check-config", "--broker", "redis+sentinel://:hunter2@127.0.0.1:26379",
+                 env=KEYED_ENV)
+    assert result.returncode == 2
+    assert "--broker" in result.stderr and "names the master" in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_genconfig_prints_a_file_check_config_accepts(tmp_path: Path) -> None:
+    printed = run("genconfig")
+    assert printed.returncode == 0, printed.stderr
+    assert "#max-connections = 1000" in printed.stdout
+    assert "#[rooms.namespaces.user]" in printed.stdout
+    config = tmp_path / "wsserver.toml"
+    config.write_text(printed.stdout)
+    checked = run("check-config", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    # As printed it configures nothing: the same summary as no file at all.
+    assert checked.stdout == run("check-config").stdout
+
+
+@pytest.mark.parametrize(
+    ("word", "guess"), [("tokne", "token"), ("chek-config", "check-config"), ("genconf", "genconfig")]
+)
+def test_a_mistyped_command_is_named_with_a_guess(word: str, guess: str) -> None:
+    result = run(word)
+    assert result.returncode == 2
+    assert f"unknown command '{word}'; did you mean '{guess}'?" in result.stderr
+    assert "unrecognized arguments" not in result.stderr
+    assert "not a loopback" not in result.stderr
+
+
+def test_an_asgi_app_argument_is_explained() -> None:
+    result = run("main:app", "--port", "8000")
+    assert result.returncode == 2
+    assert "unknown command 'main:app'" in result.stderr and "no APP argument" in result.stderr
+
+
+def test_usage_names_the_command_as_it_was_run() -> None:
+    module = run("--help")
+    assert module.stdout.startswith("usage: python -m wsserver ")
+    script = Path(sys.executable).with_name("wsserver")
+    installed = subprocess.run([str(script), "publish", "--help"], capture_output=True,
+                               text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert installed.stdout.startswith("usage: wsserver publish ")
+    unknown = subprocess.run([str(script), "tokne"], capture_output=True, text=True,
+                             timeout=60, stdin=subprocess.DEVNULL)
+    assert unknown.stderr.startswith("wsserver: unknown command 'tokne'")
+
+
+def test_publish_help_lists_only_what_publish_reads() -> None:
+    result = run("publish", "--help")
+    assert result.returncode == 0
+    for flag in ("--url", "--api-key-file", "--host", "--port", "--internal-port", "--config"):
+        assert flag in result.stdout
+    for flag in ("--max-connections", "--jwt-secret-file", "--allowed-origins", "--workers",
+                 "--log-format"):
+        assert flag not in result.stdout
+    assert "the server's address" in " ".join(result.stdout.split())
+    assert "listen address" not in result.stdout
+
+
+def test_token_never_outlives_max_token_lifetime(run_server: Any) -> None:
+    env = {**KEYED_ENV, "WSSERVER_MAX_TOKEN_LIFETIME": "600"}
+    refused = run("token", "alice", "--ttl", "3600", env=env)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "--max-token-lifetime 600" in refused.stderr and "--ttl 600" in refused.stderr
+    minted = run("token", "alice", env=env)  # the default, 3600, is capped
+    assert minted.returncode == 0, minted.stderr
+    claims = jwt.decode(minted.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["exp"] - claims["iat"] == 600
+    # And a server with the same setting takes it.
+    srv = run_server("--max-token-lifetime", "600", env=KEYED_ENV)
+    client = welcomed_sync(srv, minted.stdout.strip())
+    assert client.user == "alice"
+    client.close()

@@ -277,6 +277,29 @@ def test_demo_mode_opens_the_default_namespace_and_says_so(
     io_loop.run_sync(chat)
 
 
+def test_demo_mode_keeps_each_users_room_to_that_user(run_server: Any, io_loop: Any) -> None:
+    """As the demo page's hint says: only alice joins user:alice, and no client
+    publishes there (only the server API would)."""
+    server: RunningServer = run_server()
+    server.wait_for_log(r"rooms \(demo mode\): .*; user: join=owner publish=none")
+
+    async def rooms() -> None:
+        try:
+            alice, bob = [await welcomed(server, server.demo_token(user), library="tornado")
+                          for user in ("alice", "bob")]
+            await joins(alice, "user:alice")
+            await forbidden(bob, {"type": "join", "room": "user:alice"})
+            await forbidden(alice, {"type": "publish", "room": "user:alice", "data": "me"})
+            # Not a member: refused before the policy is asked, and nothing arrives.
+            reply = await bob.ask({"type": "publish", "room": "user:alice", "data": "hi"})
+            assert reply["type"] == "error", reply
+            await receives_nothing(alice)
+        finally:
+            await aclose_all()
+
+    io_loop.run_sync(rooms)
+
+
 # --- presence and join/leave events ----------------------------------------------------
 
 

@@ -2,7 +2,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { HISTORY, messageRate, polylinePoints } from '../../static/chart.js';
+import {
+  HISTORY, axisLabels, messageRate, niceCeiling, polylinePoints,
+} from '../../static/chart.js';
 
 test('message rate is the counter difference over elapsed time', () => {
   assert.equal(messageRate({ at: 1000, messages: 10 }, { at: 3000, messages: 50 }), 20);
@@ -33,4 +35,17 @@ test('an all-zero series sits flat on the bottom instead of dividing by zero', (
 
 test('negative values are clamped to the bottom', () => {
   assert.equal(polylinePoints([-4], 10, 100, 1, 1), '0.0,98.0');
+});
+
+test('the scale tops at 1, 2 or 5 times a power of ten, at least 1', () => {
+  const cases = [[0, 1], [-3, 1], [0.4, 1], [1, 1], [1.1, 2], [3, 5], [5, 5], [7, 10],
+                 [10, 10], [11, 20], [30.000000000000004, 50], [999, 1000], [1234, 2000]];
+  for (const [max, top] of cases) assert.equal(niceCeiling(max), top, `max ${max}`);
+});
+
+test('axis labels: top, middle and zero, without float noise', () => {
+  assert.deepEqual(axisLabels(10), ['10', '5', '0']);
+  assert.deepEqual(axisLabels(5), ['5', '2.5', '0']);
+  assert.deepEqual(axisLabels(1), ['1', '0.5', '0']);
+  assert.deepEqual(axisLabels(2000), ['2000', '1000', '0']);
 });

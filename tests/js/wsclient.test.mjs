@@ -6,6 +6,7 @@ import {
   BACKOFF_BASE_MS, BACKOFF_CAP_MS, SOON_MS, STABLE_MS, DEFAULT_MAX_QUEUE,
   backoffDelay, closeDecision, queueAccepts, attemptAfterClose, reconnectDelay,
   socketUrl, describeClose, tokenUsable, TOKEN_MARGIN_MS, WsClient, WsError,
+  MAX_REFUSALS, healthProbe, refusalsAfter,
 } from '../../static/wsclient.js';
 
 const justBelowOne = () => 1 - Number.EPSILON;
@@ -253,6 +254,15 @@ test('the close-code table says what the client does for every code', () => {
   assert.equal(closeDecision(1002).action, 'stop');
 });
 
+test('1012 (a paced restart) reconnects with backoff and jitter, never at once', () => {
+  assert.equal(CLOSE_CODES[1012].reconnect, 'backoff');
+  assert.equal(describeClose(1012), 'server restarting');
+  assert.deepEqual(closeDecision(1012), { action: 'reconnect', delay: 'backoff', newToken: false });
+  // Full jitter: each client picks its own moment in the window.
+  const delays = [0, 0.25, 0.5, 0.99].map((r) => reconnectDelay('backoff', 0, () => r));
+  assert.deepEqual(delays, [0, 125, 250, 495]);
+});
+
 // --- the client over a scripted socket ---------------------------------------------------
 
 /** A WebSocket stand-in: records what the client sends; the test plays the server. */
@@ -282,8 +292,9 @@ async function connected(client) {
 }
 
 function newClient(extra = {}) {
+  // probe: never a real request from a unit test ("cannot tell": the old behaviour).
   return new WsClient({ url: 'ws://x/ws', getToken: async () => 'tok', WebSocket: ScriptedSocket,
-                        random: () => 0, ...extra });
+                        random: () => 0, probe: async () => null, ...extra });
 }
 
 test('after a reconnect the client re-joins with since, and drops repeats', async () => {
@@ -438,4 +449,84 @@ test('a gap during a recovering re-join is reported after the recovered messages
   ]);
   assert.deepEqual(client.positions.get('chat:1'), { epoch: 'e1', offset: 10 });
   client.close();
+});
+
+// --- a server that is up but refuses the handshake (its origin check) -----------------
+
+/** A socket whose handshake fails: no open event, then a close with 1006, as a 403 gives. */
+class RefusedSocket {
+  static made = 0;
+  constructor() {
+    RefusedSocket.made += 1;
+    this.readyState = 0;
+    setImmediate(() => { this.readyState = 3; this.onclose({ code: 1006, reason: '' }); });
+  }
+  send() { throw new Error('never open'); }
+  close() {}
+}
+
+/** Waits (a bounded number of turns) until the client's state is `state`. */
+async function until(client, state, turns = 500) {
+  for (let i = 0; i < turns && client.state !== state; i += 1) {
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+  return client.state;
+}
+
+test('refused handshakes: counted only while the server answers its health check', () => {
+  assert.equal(refusalsAfter(0, true), 1);
+  assert.equal(refusalsAfter(3, true), 4);
+  assert.equal(refusalsAfter(3, false), 0); // a 502 from the proxy: the server is away
+  assert.equal(refusalsAfter(3, null), 0); // unreachable, or the answer is hidden
+});
+
+test('a server that is up and keeps refusing the handshake stops the client, saying so', async () => {
+  RefusedSocket.made = 0;
+  const states = [];
+  const client = newClient({ WebSocket: RefusedSocket, probe: async () => true });
+  client.addEventListener('state', (e) => states.push(e.detail));
+  client.connect();
+  assert.equal(await until(client, 'stopped'), 'stopped');
+  assert.equal(RefusedSocket.made, MAX_REFUSALS);
+  const last = states.at(-1);
+  assert.equal(last.refused, true);
+  assert.equal(last.code, 1006);
+  assert.match(last.reason, /refused before opening, 5 times in a row/);
+  // connect() starts over (say, after the server's --allowed-origins was fixed).
+  client.connect();
+  assert.equal(await until(client, 'stopped'), 'stopped');
+  assert.equal(RefusedSocket.made, 2 * MAX_REFUSALS);
+});
+
+test('a server that is away is retried for as long as it takes', async () => {
+  RefusedSocket.made = 0;
+  const client = newClient({ WebSocket: RefusedSocket, probe: async () => null });
+  client.connect();
+  for (let i = 0; i < 2000 && RefusedSocket.made < 3 * MAX_REFUSALS; i += 1) {
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+  assert.ok(RefusedSocket.made >= 3 * MAX_REFUSALS, `${RefusedSocket.made} tries`);
+  assert.notEqual(client.state, 'stopped');
+  client.close();
+});
+
+test('getToken() rejecting with a final error stops instead of retrying', async () => {
+  const refusal = Object.assign(new Error('this origin is not allowed'), { final: true });
+  const client = newClient({ getToken: async () => { throw refusal; } });
+  const states = [];
+  client.addEventListener('state', (e) => states.push(e.detail));
+  client.connect();
+  assert.equal(await until(client, 'stopped'), 'stopped');
+  assert.deepEqual(states.at(-1), { state: 'stopped', code: null, refused: true,
+                                    reason: 'this origin is not allowed' });
+});
+
+test('the health probe asks /healthz of the socket URL\'s server', async () => {
+  const asked = [];
+  const fake = (answer) => async (url) => { asked.push(String(url)); return answer; };
+  assert.equal(await healthProbe('wss://a.example/app/ws', fake({ ok: true })), true);
+  assert.equal(await healthProbe('ws://127.0.0.1:8888/ws', fake({ ok: false })), false);
+  assert.equal(await healthProbe('ws://x/ws', async () => { throw new TypeError('down'); }), null);
+  assert.equal(await healthProbe('ws://x/ws', null), null); // no fetch() at all
+  assert.deepEqual(asked, ['https://a.example/healthz', 'http://127.0.0.1:8888/healthz']);
 });

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,7 +43,12 @@ def require_redis_server() -> None:
 class RedisServer:
     """One ``redis-server`` child process; :meth:`restart` keeps its port."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *,
+                 extra: Sequence[str] = (), password: str | None = None) -> None:
+        """``extra``: more ``redis-server`` arguments (they override the defaults);
+        ``password``: what :meth:`command` authenticates with."""
+        self.extra = list(extra)
+        self.password = password
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -66,6 +72,7 @@ class RedisServer:
                 REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.directory),
                 "--daemonize", "no", "--logfile", "", "--loglevel", "notice",
+                *self.extra,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -143,7 +150,8 @@ class RedisServer:
         """Run one command on a fresh connection (``CLIENT KILL``, ``FLUSHALL``...)."""
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
+                             password=self.password)
         try:
             return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:

@@ -837,3 +837,34 @@ def test_join_and_leave_events_are_charged_to_the_rooms_bucket() -> None:
         assert value(services.metrics.rejections, reason="room_event_shed") == 9
 
     run(scenario)
+
+
+def test_a_broker_that_went_back_in_time_gets_a_new_epoch_and_members_a_gap() -> None:
+    """Redis lost its last writes (a failover to a replica that had not got them):
+    offsets this node delivered would be given out again to other messages, which
+    members would drop as repeats. The repair sees the top below its position and
+    starts a new epoch; the members are told."""
+    async def scenario() -> None:
+        services, _, broker = make()
+        await broker.start(services.hub)
+        (member,) = await members_of_room(services, 1)
+        for n in range(1, 6):
+            await publish_api(services, n)
+        old = member.transport.take()[-1]["epoch"]
+        stream = broker._streams[ROOM]  # Redis comes back with only offsets 1..3
+        stream.top = 3
+        while stream.kept and (stream.kept[-1].offset or 0) > 3:
+            stream.kept.pop()
+        services.hub.on_resubscribed([ROOM])
+        await settle(services)
+        await publish_api(services, "after")
+        got = member.transport.take()
+        new = got[0]["epoch"]
+        assert new != old
+        assert got == [
+            {"type": "gap", "room": ROOM, "epoch": new, "offset": 0, "recovered": False},
+            {"type": "message", "room": ROOM, "from": None, "data": "after", "offset": 1,
+             "epoch": new},
+        ]
+
+    run(scenario)

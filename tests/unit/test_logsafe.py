@@ -2,7 +2,13 @@
 
 import pytest
 
-from wsserver.logsafe import MAX_LOGGED_LENGTH, escape, redact
+from wsserver.logsafe import (
+    MAX_LOGGED_LENGTH,
+    error_reason,
+    escape,
+    redact,
+    redact_request_line,
+)
 
 
 @pytest.mark.parametrize(
@@ -37,3 +43,38 @@ def test_escape_cuts_long_values() -> None:
 )
 def test_redact(uri: str, expected: str) -> None:
     assert redact(uri) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("GET /ws?token=eyJ.a.b HTTP/1.1", "GET /ws?token=[redacted] HTTP/1.1"),
+        ("GET /ws?token=eyJ a b&x=1 HTTP/1.1", "GET /ws?token=[redacted]&x=1 HTTP/1.1"),
+        ("GET /ws HTTP/1.1", "GET /ws HTTP/1.1"),
+        ("GET/ws?token=eyJ", "GET/ws?token=[redacted]"),
+        ("GET /ws?token=eyJ", "GET /ws?token=[redacted]"),
+    ],
+)
+def test_redact_request_line(line: str, expected: str) -> None:
+    assert redact_request_line(line) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("Invalid header value 'Bearer SECRET\\rX-API-Key: KEY'", "Invalid header value"),
+        ("Invalid header name 'Authorization Bearer SECRET'", "Invalid header name"),
+        ("Only integer Content-Length is allowed: SECRET", "Only integer Content-Length is allowed"),
+        ("Multiple unequal Content-Lengths: '1, SECRET'", "Multiple unequal Content-Lengths"),
+        ("Unexpected HTTP version 'SECRET'", "Unexpected HTTP version"),
+        ("Malformed HTTP request line", "Malformed HTTP request line"),
+        ("no colon in header line", "no colon in header line"),
+        ("'SECRET' is not allowed", "malformed"),
+        ("", "malformed"),
+    ],
+)
+def test_error_reason_keeps_the_words_and_drops_what_they_quote(
+    message: str, expected: str
+) -> None:
+    assert error_reason(message) == expected
+    assert "SECRET" not in error_reason(message)

@@ -23,3 +23,25 @@ def test_warning_at_ninety_percent(
     assert snap.connections == connections
     assert [record.levelno for record in caplog.records] == [level]
     assert swept == [1]
+
+
+def test_an_idle_server_logs_its_counts_once(caplog: pytest.LogCaptureFixture) -> None:
+    counts = [Snapshot(0, 0, 0, 0, max_connections=100)] * 3 + [
+        Snapshot(5, 2, 1, 0, max_connections=100)] * 2 + [Snapshot(5, 2, 1, 1, 100)]
+    snapshots = iter(counts)
+    monitor = ConnectionMonitor(lambda: next(snapshots))
+    with caplog.at_level(logging.DEBUG, logger="wsserver.monitor"):
+        for _ in counts:
+            monitor.check()
+    # INFO when a count changed (the first check counts as a change), DEBUG otherwise.
+    assert [record.levelno for record in caplog.records] == [
+        logging.INFO, logging.DEBUG, logging.DEBUG, logging.INFO, logging.DEBUG, logging.INFO]
+    assert caplog.records[0].getMessage() == caplog.records[1].getMessage()
+
+
+def test_near_the_cap_every_check_warns(caplog: pytest.LogCaptureFixture) -> None:
+    monitor = ConnectionMonitor(lambda: Snapshot(95, 1, 1, 0, max_connections=100))
+    with caplog.at_level(logging.INFO, logger="wsserver.monitor"):
+        for _ in range(3):
+            monitor.check()
+    assert [record.levelno for record in caplog.records] == [logging.WARNING] * 3

@@ -177,12 +177,13 @@ def test_a_runaway_task_times_out_and_its_worker_is_replaced() -> None:
 
 def test_time_spent_waiting_for_a_worker_counts_toward_the_timeout() -> None:
     async def main() -> None:
-        async with started_pool(workers=1, queue=2, timeout=1.0) as pool:
-            first = asyncio.create_task(outcome(pool.run("spin", {"ms": 600})))
-            second = asyncio.create_task(outcome(pool.run("spin", {"ms": 600})))
-            assert await first == 600
-            # Alone, the second would need 0.6 s of its 1 s; queued behind the
-            # first it cannot answer within 1 s of being accepted.
+        # Margins of 0.6 s either way: a loaded machine stretches a spin.
+        async with started_pool(workers=1, queue=2, timeout=2.0) as pool:
+            first = asyncio.create_task(outcome(pool.run("spin", {"ms": 1300})))
+            second = asyncio.create_task(outcome(pool.run("spin", {"ms": 1300})))
+            assert await first == 1300
+            # Alone, the second would need 1.3 s of its 2 s; queued behind the
+            # first it cannot answer within 2 s of being accepted.
             assert isinstance(await second, TaskTimeout)
 
     run(main)

@@ -328,6 +328,15 @@ def test_demo_policy_opens_the_default_namespace() -> None:
     assert "join=anyone publish=members" in demo.describe()
 
 
+def test_demo_policy_keeps_user_rooms_to_their_owner() -> None:
+    demo = RoomPolicy.demo()
+    assert demo.namespaces["user"] == NamespacePolicy(join="owner", publish="none")
+    assert demo.can_join("alice", NO_GRANTS, "user:alice")
+    assert not demo.can_join("bob", NO_GRANTS, "user:alice")
+    assert not demo.can_publish("alice", NO_GRANTS, "user:alice", is_member=True)
+    assert demo.describe().endswith("; user: join=owner publish=none")
+
+
 def test_describe_is_one_line(policy: RoomPolicy) -> None:
     text = policy.describe()
     assert "\n" not in text

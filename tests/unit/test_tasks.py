@@ -196,6 +196,9 @@ def write_module(directory: Path, name: str, body: str) -> None:
     ("module", "body", "problem"),
     [
         ("wsserver_no_such_module", None, "cannot import it: ModuleNotFoundError"),
+        # Not on the path: where to put it (an installed command does not look in ".").
+        ("wsserver_pkg_absent.tasks", None,
+         "put the folder holding wsserver_pkg_absent on PYTHONPATH"),
         ("wsserver_tasks_broken", "import no_such_dependency\n", "cannot import it"),
         ("wsserver_tasks_missing", "x = 1\n", "defines no 'tasks = TaskTable()'"),
         (
@@ -223,6 +226,8 @@ def test_a_bad_tasks_module_is_a_config_error(
     [line] = caught.value.problems
     assert line.startswith(f"--tasks-module {module}: ")
     assert problem in line
+    # A module that imports but lacks a dependency is not a PYTHONPATH matter.
+    assert ("PYTHONPATH" in line) == (body is None)
 
 
 def test_docs_show_the_example_module_that_the_tests_run() -> None:

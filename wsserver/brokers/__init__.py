@@ -16,7 +16,8 @@ def make_broker(
     url: str, node_name: str, *, metrics: Metrics | None = None, probe_interval: float = 2.0,
     heartbeat_interval: float = 5.0, node_ttl: float = 15.0,
 ) -> Broker:
-    """The broker named by ``--broker`` (``memory``, ``redis://``, ``rediss://``, ``unix://``).
+    """The broker named by ``--broker`` (``memory``, ``redis://``, ``rediss://``, ``unix://``,
+    ``redis+sentinel://``).
 
     Args:
         metrics: gets ``wsserver_broker_*`` (the memory broker is always up).
@@ -29,7 +30,8 @@ def make_broker(
         if metrics is not None:
             metrics.broker_up.set(1)
         return MemoryBroker(node_name)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
+                       "rediss+sentinel://")):
         # Imported here: redis-py loads only when a Redis broker is configured.
         from wsserver.brokers.redis import RedisBroker
 
@@ -37,4 +39,4 @@ def make_broker(
             url, node_name, metrics=metrics, probe_interval=probe_interval,
             heartbeat_interval=heartbeat_interval, node_ttl=node_ttl,
         )
-    raise ValueError(f"unknown broker {url!r}: use 'memory' or a redis:// URL")
+    raise ValueError("unknown broker: use 'memory', a redis:// or a redis+sentinel:// URL")

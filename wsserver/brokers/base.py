@@ -214,6 +214,17 @@ class Broker(abc.ABC):
         by ``limit`` is not ``complete``.
         """
 
+    @abc.abstractmethod
+    async def reset_epoch(self, room: str, history: HistorySpec, stale: str) -> str:
+        """Give ``room`` a new epoch (and an empty history) if it is still in ``stale``.
+
+        For a broker that went back in time: a node that delivered offsets past
+        the room's top (Redis lost its last writes: a failover to a replica that
+        had not got them, an AOF that lost its last second) would otherwise see
+        those offsets given out again to other messages. Returns the epoch the
+        room has afterwards (a new one, or whatever another node set first).
+        """
+
     # --- presence -------------------------------------------------------------
 
     @abc.abstractmethod

@@ -159,6 +159,13 @@ class MemoryBroker(Broker):
             complete = False
         return HistoryPage(stream.epoch, stream.top, kept, complete and since <= stream.top)
 
+    async def reset_epoch(self, room: str, history: HistorySpec, stale: str) -> str:
+        stream = self._streams.get(room)
+        if stream is not None and stream.epoch != stale:
+            return stream.epoch
+        stream = self._streams[room] = _Stream(new_epoch(), expires_at=self._clock() + history.ttl)
+        return stream.epoch
+
     # --- presence -------------------------------------------------------------
 
     async def presence_add(self, room: str, user: str) -> bool:

@@ -37,9 +37,8 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -64,6 +63,8 @@ from wsserver.brokers.base import (
     RoomCount,
 )
 from wsserver.brokers.memory import new_epoch
+from wsserver.brokers.redis_pool import connection_pool
+from wsserver.brokers.redis_urls import redact_url
 from wsserver.metrics import Metrics
 
 log = logging.getLogger("wsserver.broker")
@@ -87,19 +88,6 @@ MAX_CONNECTIONS = 16
 #: Concurrent commands a node needs in steady state; past that, the burst's
 #: idle connections are closed at the next heartbeat.
 STEADY_CONNECTIONS = 2
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def encode_origin(origin: str | None) -> bytes:
@@ -132,7 +120,9 @@ class RedisBroker(Broker):
     """The broker shared by every node through one Redis (``--broker redis://...``).
 
     Args:
-        url: ``redis://[:password@]host:port/db``, ``rediss://...`` or ``unix:///path``.
+        url: ``redis://[:password@]host:port/db``, ``rediss://...``, ``unix:///path``
+            or ``redis+sentinel://[:password@]host:port,.../MASTER/db``
+            (:mod:`wsserver.brokers.redis_urls`).
         node_name: this node's unique name (``/api/nodes``, presence entries).
         metrics: updated with ``wsserver_broker_*`` when given.
         probe_interval: seconds between readiness probes.
@@ -188,11 +178,9 @@ class RedisBroker(Broker):
         # and retries would stretch a failure well beyond command_timeout.
         # Blocking: a burst of publishes waits (bounded) for a free connection
         # instead of failing with "too many connections" while Redis is fine.
-        self._pool = BlockingConnectionPool.from_url(
+        self._pool = connection_pool(
             url,
             timeout=command_timeout,
-            socket_timeout=command_timeout,
-            socket_connect_timeout=command_timeout,
             retry=Retry(NoBackoff(), 0),
             max_connections=max_connections,
             client_name=f"wsserver:{node_name}",
@@ -206,6 +194,7 @@ class RedisBroker(Broker):
             for name in (
                 "PUBLISH", "HISTORY", "PRESENCE_ADD", "PRESENCE_REMOVE", "ROOMS",
                 "USER_CONNECT", "USER_DISCONNECT", "HEARTBEAT", "LEAVE", "NODES", "RESYNC",
+                "RESET_EPOCH",
             )
         }
         self._sink: BrokerSink | None = None
@@ -547,6 +536,14 @@ class RedisBroker(Broker):
             kept = kept[:limit]
             complete = False
         return HistoryPage(epoch, top, kept, complete and since <= top)
+
+    async def reset_epoch(self, room: str, history: HistorySpec, stale: str) -> str:
+        p = self._p
+        answer = await self._script(
+            "RESET_EPOCH", [f"{p}:meta:{room}", f"{p}:stream:{room}"],
+            [stale, new_epoch(), _ms(history.ttl)],
+        )
+        return str(answer.decode() if isinstance(answer, bytes) else answer)
 
     # --- presence -------------------------------------------------------------
 

@@ -98,6 +98,19 @@ end
 return {epoch, top, entries}
 """
 
+#: KEYS: meta, stream. ARGV: the stale epoch, a new epoch, ttl ms.
+#: Starts a new epoch when the room is still in the stale one (Redis lost
+#: messages a node had delivered: offsets would be given out twice).
+#: Returns the room's epoch after it.
+RESET_EPOCH = r"""
+local epoch = redis.call("HGET", KEYS[1], "epoch")
+if epoch and epoch ~= ARGV[1] then return epoch end
+redis.call("DEL", KEYS[2])
+redis.call("HSET", KEYS[1], "epoch", ARGV[2], "offset", 0)
+redis.call("PEXPIRE", KEYS[1], ARGV[3])
+return ARGV[2]
+"""
+
 _DECREMENT = r"""
 local function decrement(key, field, by)
   local left = redis.call("HINCRBY", key, field, -by)

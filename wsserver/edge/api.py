@@ -25,6 +25,7 @@ from tornado.http1connection import HTTP1Connection
 
 from wsserver import protocol
 from wsserver.brokers.base import BrokerUnavailable, PublishResult
+from wsserver.digits import parse_digits
 from wsserver.edge.handlers import RedactedLogging
 from wsserver.errors import BadRequest, WsServerError
 from wsserver.hub import history_spec
@@ -37,6 +38,8 @@ MAX_BROADCAST_ROOMS = 1000
 MAX_IDEMPOTENCY_KEY = 128
 MAX_HISTORY_LIMIT = 10_000
 MAX_REASON_BYTES = 123  # a close frame's payload is at most 125 bytes (RFC 6455 5.5)
+#: A declared body length past 18 digits is over any limit anyway.
+MAX_LENGTH_DIGITS = 18
 
 
 class ApiError(WsServerError):
@@ -73,13 +76,12 @@ class ApiHandler(RedactedLogging):
 
     def prepare(self) -> None:
         limit = self.services.settings.max_message_size
-        declared = self.request.headers.get("Content-Length", "")
-        length = int(declared) if declared.isdigit() else 0
+        length = self._declared_length()
         connection = self.request.connection
         if isinstance(connection, HTTP1Connection):
             # After an early answer Tornado reads on until the connection
             # closes: its cap must not cut in with a second answer (a bare 400).
-            connection.set_max_body_size(max(limit, length))
+            connection.set_max_body_size(max(limit, length or 0))
         key = self.services.settings.api_key
         if key is None:
             raise tornado.web.HTTPError(404)
@@ -87,8 +89,21 @@ class ApiHandler(RedactedLogging):
             self._outcome = "unauthorized"
             raise ApiError(401, "unauthorized", "missing or wrong API key: send "
                            "'Authorization: apikey <KEY>' or 'X-API-Key: <KEY>'")
+        if length is None:
+            raise ApiError(400, "bad_request", "Content-Length must be ASCII digits")
         if length > limit:
             raise ApiError(413, "too_large", f"body over {limit} bytes")
+
+    def _declared_length(self) -> int | None:
+        """The request's Content-Length (0 when absent), or None when it is not
+        a number (Tornado's own check, which answers 400, comes after prepare)."""
+        declared = self.request.headers.get("Content-Length")
+        if declared is None:
+            return 0
+        try:
+            return parse_digits(declared.strip(), max_digits=MAX_LENGTH_DIGITS)
+        except ValueError:
+            return None
 
     def data_received(self, chunk: bytes) -> None:
         # At most --max-message-size: prepare() set the connection's cap.
@@ -312,9 +327,12 @@ class HistoryHandler(ApiHandler):
         raw = self.get_query_argument(name, None)
         if raw is None:
             return default
-        if not raw.isdigit() or len(raw) > 18:
-            raise ApiError(400, "bad_request", f"'{name}' must be a whole number, 0 or more")
-        return int(raw)
+        try:
+            return parse_digits(raw)
+        except ValueError:
+            raise ApiError(400, "bad_request",
+                           f"'{name}' must be a whole number, 0 or more, in ASCII digits "
+                           "(at most 18)") from None
 
 
 class NodesHandler(ApiHandler):

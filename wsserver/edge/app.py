@@ -53,14 +53,14 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     else:
         log_method = access_log.error
     request = handler.request
-    client = getattr(handler, "client_address", None) or request.remote_ip
+    client = escape(getattr(handler, "client_address", None) or request.remote_ip)
+    uri = escape(redact(request.uri or ""))
+    duration = 1000.0 * request.request_time()
     log_method(
-        "%d %s %s (%s) %.2fms",
-        status,
-        request.method,
-        escape(redact(request.uri or "")),
-        escape(client),
-        1000.0 * request.request_time(),
+        "%d %s %s (%s) %.2fms", status, request.method, uri, client, duration,
+        # The line's fields for --log-format json (the text line has no key=value pairs).
+        extra={"status": status, "method": request.method, "uri": uri, "addr": client,
+               "duration_ms": round(duration, 2)},
     )
 
 

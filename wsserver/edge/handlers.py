@@ -172,11 +172,27 @@ class MetricsHandler(BaseHandler):
 
 
 class StatsHandler(BaseHandler):
-    """``GET /stats``: a few live counts as JSON, for the demo page's chart."""
+    """``GET /stats``: a few live counts as JSON, for the demo page's chart
+    (under ``--workers``, the sums over every worker)."""
 
     def get(self) -> None:
         services = self.services
         metrics = services.metrics
+        if metrics.workers is not None:
+            # Under --workers: every worker's counts, summed.
+            totals = metrics.totals()
+            self.write_json(
+                {
+                    "connections": int(totals["wsserver_connections"]),
+                    "users": int(totals["wsserver_users"]),
+                    "rooms": int(totals["wsserver_rooms"]),
+                    "messages": int(totals.get("wsserver_messages", 0)),
+                    "deliveries": int(totals.get("wsserver_deliveries", 0)),
+                    "tasks_in_flight": int(totals["wsserver_task_queue_depth"]),
+                    "uptime": round(time.time() - metrics.workers.started_at, 3),
+                }
+            )
+            return
         self.write_json(
             {
                 "connections": services.registry.authenticated,
@@ -408,6 +424,7 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
             log.info(
                 "handshake refused: %s (%d) addr=%s", escape(rejection.message),
                 rejection.status, escape(self.client_address),
+                extra={"status": rejection.status, "reason": rejection.reason},
             )
         # The line above (or its summary) stands for the access log line.
         self.quiet_access_log = True

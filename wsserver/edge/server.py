@@ -2,8 +2,9 @@
 
 Start: bind, start the task pool and the monitor, then tell systemd READY=1.
 Stop (SIGTERM or SIGINT): /readyz turns 503, the listener closes, every
-connection gets 1001, the drain waits up to ``--drain-timeout`` for them to
-go, then the pool's workers are stopped and the process exits 0.
+connection gets 1001 (or, with ``--drain-rate``, 1012 a few at a time), the
+drain waits up to ``--drain-timeout`` for them to go, then the pool's workers
+are stopped and the process exits 0.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from wsserver.auth import DEMO_AUDIENCE
 from wsserver.config import Settings
 from wsserver.edge.app import make_app
 from wsserver.edge.listener import Listener
-from wsserver.errors import ConfigError
+from wsserver.edge.malformed import MalformedRequestLog
+from wsserver.errors import ConfigError, ServiceRestart
+from wsserver.metrics import Metrics
 from wsserver.monitor import ConnectionMonitor
 from wsserver.outbound import HttpClient, display_url
 from wsserver.sdnotify import SystemdNotifier
@@ -43,6 +46,14 @@ FILE_LIMIT_HEADROOM = 256
 LISTEN_BACKLOG = 1024
 #: Seconds between refreshes of the per-user bucket shares across nodes.
 BUCKET_REBALANCE = 1.0
+#: Seconds between refreshes of a worker's gauges, which other workers' scrapes read.
+WORKER_GAUGES_REFRESH = 1.0
+#: Seconds between two batches of a paced drain (--drain-rate).
+DRAIN_TICK = 0.05
+#: A paced drain asks every connection still open this long before
+#: --drain-timeout (a quarter of it when shorter) to close at once, leaving
+#: them time for the close handshake.
+DRAIN_RUSH = 1.0
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -101,6 +112,10 @@ class Server:
             :meth:`start` binds them.
         worker: this process's number under the supervisor, or None alone.
         on_ready: called once serving (the supervisor's readiness pipe).
+        metrics: the metrics to use (a worker's, written to shared files).
+        heartbeat: ``(beat, seconds)``: call ``beat`` from the event loop
+            every ``seconds`` (a worker proving to the supervisor that its
+            loop runs).
     """
 
     def __init__(
@@ -111,8 +126,12 @@ class Server:
         bound: BoundSockets | None = None,
         worker: int | None = None,
         on_ready: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
+        heartbeat: tuple[Callable[[], None], float] | None = None,
     ) -> None:
         self.settings = settings
+        self._metrics = metrics
+        self._heartbeat = heartbeat
         self.services: Services | None = None
         self._bound = bound
         self.worker = worker
@@ -129,6 +148,7 @@ class Server:
         self.port = settings.port
         self.internal_port: int | None = None
         self._jobs: list[PeriodicCallback] = []
+        self._malformed_log: MalformedRequestLog | None = None
         self._stop_requested: asyncio.Event | None = None
 
     async def start(self) -> None:
@@ -148,8 +168,12 @@ class Server:
         self.port = bound.port
         self.internal_port = bound.internal_port
         # Built after binding, so demo mode's origins carry the real port.
-        services = self.services = Services(settings, port=self.port, http=_http_client(settings))
+        services = self.services = Services(
+            settings, port=self.port, metrics=self._metrics, http=_http_client(settings)
+        )
         await services.start()
+        self._malformed_log = MalformedRequestLog(services)
+        self._malformed_log.install()
         self.http_server = Listener(
             make_app(services),
             ssl_options=ssl_context,
@@ -180,6 +204,11 @@ class Server:
             # Each connection is pinged (and checked for reading nothing) within a
             # tenth of the interval of its due time.
             self._jobs.append(PeriodicCallback(services.keepalive, min(periods) * 100))
+        if services.metrics.workers is not None:
+            # A scrape on another worker reads these from the shared files.
+            self._jobs.append(
+                PeriodicCallback(services.refresh_gauges, WORKER_GAUGES_REFRESH * 1000)
+            )
         if services.broker.kind != "memory":
             self._jobs.append(PeriodicCallback(
                 lambda: services.spawn(services.rebalance_buckets()), BUCKET_REBALANCE * 1000
@@ -190,6 +219,9 @@ class Server:
             self._jobs.append(
                 PeriodicCallback(key_set.refresh_if_stale, settings.jwks_refresh_min * 1000)
             )
+        if self._heartbeat is not None:
+            beat, every = self._heartbeat
+            self._jobs.append(PeriodicCallback(beat, every * 1000))
         interval = self.notifier.watchdog_interval
         if interval:
             notifier = self.notifier
@@ -276,7 +308,8 @@ class Server:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every connection with 1001, drain, stop the pool."""
+        """Stop accepting, close every connection (1001, or 1012 at --drain-rate),
+        drain, stop the pool."""
         services = self.services
         if services is None or services.draining:
             self.notifier.close()
@@ -285,12 +318,23 @@ class Server:
         services.metrics.draining.set(1)
         self.notifier.stopping()
         open_now = services.registry.total
-        log.info("shutting down: closing %d connection(s) with 1001", open_now)
+        deadline = time.monotonic() + self.settings.drain_timeout
+        rate = self.settings.drain_rate
+        if rate is not None and self.worker is not None:
+            # Every worker drains at once: together they keep the machine's pace.
+            rate /= self.settings.workers
+        if rate is None:
+            log.info("shutting down: closing %d connection(s) with 1001", open_now)
+        else:
+            log.info("shutting down: closing %d connection(s) with 1012 at %g per second",
+                     open_now, rate)
         if self.http_server is not None:
             self.http_server.stop()
-        for session in services.sessions():
-            session.shut_down()
-        deadline = time.monotonic() + self.settings.drain_timeout
+        if rate is None:
+            for session in services.sessions():
+                session.shut_down()
+        else:
+            await self._close_paced(rate, deadline)
         while services.registry.total and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if services.registry.total:
@@ -306,8 +350,31 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(listener.close_all_connections(), 1.0)
         await services.close()
+        if self._malformed_log is not None:
+            self._malformed_log.remove()
         self.notifier.close()
         log.info("stopped")
+
+
+    async def _close_paced(self, rate: float, deadline: float) -> None:
+        """Close the connections with 1012, ``rate`` per second, in the order they
+        came; those still open shortly before ``deadline`` all at once."""
+        assert self.services is not None
+        queue = list(self.services.sessions())
+        rush_at = deadline - min(DRAIN_RUSH, self.settings.drain_timeout / 4)
+        start = time.monotonic()
+        asked = 0
+        while asked < len(queue):
+            now = time.monotonic()
+            due = len(queue) if now >= rush_at else min(len(queue), int((now - start) * rate) + 1)
+            if now >= rush_at and due > asked:
+                log.info("drain: closing the last %d connection(s) at once before the "
+                         "--drain-timeout", due - asked)
+            for session in queue[asked:due]:
+                session.end(ServiceRestart())
+            asked = due
+            if asked < len(queue):
+                await asyncio.sleep(max(0.0, min(DRAIN_TICK, rush_at - now)))
 
 
 #: Young-generation threshold and the two older ones (CPython's: 700, 10, 10).

@@ -8,6 +8,13 @@ SIGTERM/SIGINT to every worker so each drains gracefully, and restarts a
 worker that dies on its own (a few times a minute at most; past that it stops
 the others and exits 1, so systemd's restart policy takes over).
 
+Each worker's event loop writes a heartbeat byte to its pipe every
+:func:`heartbeat_interval`. A worker silent for ``--worker-timeout`` (a
+wedged loop, a stopped process) gets SIGTERM, SIGKILL after
+:data:`KILL_GRACE`, and is replaced like a worker that died. systemd's
+watchdog is fed only while every worker has been heard from lately, so a
+stuck worker also shows there.
+
 Limits that must hold across the workers (rooms, per-user caps and buckets,
 presence) are shared through the Redis broker; the configuration refuses
 ``--workers`` above 1 without one.
@@ -16,16 +23,21 @@ presence) are shared through the Redis broker; the configuration refuses
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import select
+import shutil
 import signal
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wsserver import loops
 from wsserver.config import Settings
 from wsserver.edge.server import BoundSockets, Server, bind
+from wsserver.metrics import Metrics, WorkerFiles, forget_worker
 from wsserver.sdnotify import SystemdNotifier
 
 log = logging.getLogger("wsserver.supervisor")
@@ -33,17 +45,33 @@ log = logging.getLogger("wsserver.supervisor")
 #: Restarts allowed within RESTART_WINDOW seconds before giving up.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
-#: Seconds all workers get to report ready.
+#: Seconds a worker gets to report ready (at start and after a restart).
 READY_TIMEOUT = 60.0
+#: Seconds between SIGTERM and SIGKILL for a worker that went silent: a
+#: wedged loop never acts on SIGTERM, a merely slow one may still exit cleanly.
+KILL_GRACE = 2.0
+#: Heartbeats a worker may miss and still count as alive for systemd's watchdog.
+MISSED_BEATS = 3
 _POLL = 0.2
+_READY, _BEAT = b"R", b"H"
+
+
+def heartbeat_interval(worker_timeout: float) -> float:
+    """Seconds between a worker's heartbeats: ten per timeout, at least one a second."""
+    return min(1.0, worker_timeout / 10)
 
 
 @dataclass
 class _Worker:
     number: int
     pid: int
-    ready_fd: int
+    #: The read end of the worker's pipe: one byte when ready, then heartbeats.
+    pipe: int | None
+    started: float = field(default_factory=time.monotonic)
+    heard: float = field(default_factory=time.monotonic)
     ready: bool = False
+    #: When the supervisor sent SIGTERM to this silent worker, or None.
+    killing_since: float | None = None
 
 
 @dataclass
@@ -56,13 +84,31 @@ class Supervisor:
     workers: dict[int, _Worker] = field(default_factory=dict)
     _stopping: bool = False
     _restarts: list[float] = field(default_factory=list)
+    #: The workers' metric files (every scrape reads them all).
+    _metrics_dir: str = ""
+    _started_at: float = field(default_factory=time.time)
 
     def run(self) -> int:
         """Serve until a signal; the exit code."""
+        self._metrics_dir = tempfile.mkdtemp(prefix="wsserver-metrics-")
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         settings = self.settings
         self.bound = bind(settings)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        watchdog = self.notifier.watchdog_interval
+        if watchdog and settings.worker_timeout >= 2 * watchdog:
+            # systemd's limit is twice the ping interval (WatchdogSec).
+            log.warning(
+                "--worker-timeout %gs is not below WatchdogSec (%gs): systemd restarts the "
+                "whole service before a stuck worker would be replaced; lower --worker-timeout",
+                settings.worker_timeout, 2 * watchdog,
+            )
         for number in range(settings.workers):
             self._fork(number)
         if not self._wait_ready():
@@ -94,26 +140,53 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(read_fd)
+            for other in self.workers.values():
+                if other.pipe is not None:
+                    os.close(other.pipe)
             code = 1
             try:
-                code = _run_worker(self.settings, self.bound, number, write_fd)
+                files = WorkerFiles(self._metrics_dir, number, self._started_at)
+                code = _run_worker(self.settings, self.bound, number, write_fd, files)
+            except BaseException:
+                log.exception("worker %d failed", number)
             finally:
                 os._exit(code)
         os.close(write_fd)
         self.workers[pid] = _Worker(number, pid, read_fd)
+
+    def _listen(self, timeout: float) -> bool:
+        """Read what the workers wrote within ``timeout``; False when one of
+        them closed its pipe before it was ready (it exited before serving)."""
+        pipes = {w.pipe: w for w in self.workers.values() if w.pipe is not None}
+        if not pipes:
+            time.sleep(timeout)
+            return True
+        try:
+            readable, _, _ = select.select(list(pipes), [], [], timeout)
+        except InterruptedError:  # a signal; the caller's loop looks again
+            return True
+        now = time.monotonic()
+        for fd in readable:
+            worker = pipes[fd]
+            data = os.read(fd, 512)
+            if not data:  # the worker closed its end: it is exiting
+                os.close(fd)
+                worker.pipe = None
+                if not worker.ready:
+                    return False
+                continue
+            worker.heard = now
+            if _READY in data:
+                worker.ready = True
+        return True
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
         while not all(w.ready for w in self.workers.values()):
             if self._stopping or time.monotonic() > deadline:
                 return False
-            pending = {w.ready_fd: w for w in self.workers.values() if not w.ready}
-            readable, _, _ = select.select(list(pending), [], [], _POLL)
-            for fd in readable:
-                if os.read(fd, 1):
-                    pending[fd].ready = True
-                else:
-                    return False  # the worker exited before it served
+            if not self._listen(_POLL):
+                return False
             self._reap(restart=False)
         return True
 
@@ -122,14 +195,50 @@ class Supervisor:
         next_watchdog = time.monotonic()
         failed = False
         while self.workers:
+            self._listen(_POLL)
+            if not self._stopping:
+                self._stop_silent_workers()
             if not self._reap(restart=not self._stopping):
                 failed = True
                 self._on_signal(signal.SIGTERM, None)
-            if interval and not self._stopping and time.monotonic() >= next_watchdog:
+            now = time.monotonic()
+            # Fed only while every worker is alive: systemd then sees a stuck
+            # worker too, and restarts the service if it is never replaced.
+            if interval and not self._stopping and now >= next_watchdog and self._all_alive(now):
                 self.notifier.watchdog()
-                next_watchdog = time.monotonic() + interval
-            time.sleep(_POLL)
+                next_watchdog = now + interval
         return 1 if failed else 0
+
+    def _all_alive(self, now: float) -> bool:
+        """True when every worker is starting (within READY_TIMEOUT) or beat lately."""
+        window = MISSED_BEATS * heartbeat_interval(self.settings.worker_timeout)
+        return all(
+            (now - w.started < READY_TIMEOUT) if not w.ready else (now - w.heard <= window)
+            for w in self.workers.values()
+        )
+
+    def _stop_silent_workers(self) -> None:
+        """SIGTERM a worker silent for --worker-timeout, SIGKILL after KILL_GRACE;
+        the reaper then replaces it."""
+        now = time.monotonic()
+        timeout = self.settings.worker_timeout
+        for worker in self.workers.values():
+            if worker.killing_since is not None:
+                if now - worker.killing_since >= KILL_GRACE:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
+                continue
+            limit = timeout if worker.ready else READY_TIMEOUT
+            silent = now - (worker.heard if worker.ready else worker.started)
+            if silent >= limit:
+                log.error(
+                    "worker %d (pid %d) silent for %.1f s (--worker-timeout %g): its event "
+                    "loop is stuck; killing and replacing it", worker.number, worker.pid,
+                    silent, timeout,
+                )
+                worker.killing_since = now
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
 
     def _reap(self, *, restart: bool) -> bool:
         """Collect exited workers (restarting them when asked); False when the
@@ -144,7 +253,9 @@ class Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            os.close(worker.ready_fd)
+            if worker.pipe is not None:
+                os.close(worker.pipe)
+            forget_worker(self._metrics_dir, worker.number)
             code = os.waitstatus_to_exitcode(status)
             if not restart:
                 log.info("worker %d (pid %d) exited with %d", worker.number, pid, code)
@@ -170,19 +281,32 @@ class Supervisor:
                 os.kill(worker.pid, signal.SIGKILL)
 
 
-def _run_worker(settings: Settings, bound: BoundSockets, number: int, ready_fd: int) -> int:
+def _pipe_writer(fd: int) -> Callable[[bytes], None]:
+    """Writes to the supervisor's pipe that never block the loop (a full pipe
+    means the supervisor is not reading: the beat is dropped)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+    def write(data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            os.write(fd, data)
+
+    return write
+
+
+def _run_worker(settings: Settings, bound: BoundSockets, number: int, pipe: int,
+                files: WorkerFiles) -> int:
     """In a forked worker: serve on the inherited sockets until SIGTERM."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     if settings.node_name:
         settings = settings.replace(node_name=f"{settings.node_name}-{number}")
-
-    def ready() -> None:
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, b"R")
-            os.close(ready_fd)
-
+    write = _pipe_writer(pipe)
     # The supervisor speaks to systemd; a worker never does.
-    server = Server(settings, SystemdNotifier(None), bound=bound, worker=number, on_ready=ready)
+    server = Server(
+        settings, SystemdNotifier(None), bound=bound, worker=number,
+        on_ready=lambda: write(_READY), metrics=Metrics(files),
+        heartbeat=(lambda: write(_BEAT), heartbeat_interval(settings.worker_timeout)),
+    )
     loops.run(server.serve(), settings.loop)
     return 0

@@ -12,12 +12,14 @@ import socket
 import ssl
 
 from tornado.http1connection import HTTP1Connection
-from tornado.httputil import HTTPServerRequest
+from tornado.httputil import HTTPInputError, HTTPServerRequest
 from tornado.iostream import IOStream
 
 #: The private attributes used below, by class: what the test checks.
 USED: dict[str, tuple[str, ...]] = {
-    "tornado.http1connection.HTTP1Connection": ("_disconnect_on_finish",),
+    "tornado.http1connection.HTTP1Connection": (
+        "_disconnect_on_finish", "_read_message_inner", "_request_start_line",
+    ),
 }
 
 
@@ -58,3 +60,38 @@ def disconnect_after_response(request: HTTPServerRequest) -> None:
     connection = request.connection
     if isinstance(connection, HTTP1Connection):
         connection._disconnect_on_finish = True
+
+
+#: The line Tornado's ``HTTP1Connection._read_message_inner`` logs on
+#: ``tornado.general`` (args: the connection's context, the HTTPInputError)
+#: for a request it cannot parse, before answering a bare 400.
+MALFORMED_MESSAGE = "Malformed HTTP message from %s: %s"
+
+
+def malformed_request_line(error: HTTPInputError) -> str | None:
+    """The request line of the request whose parsing raised ``error``, or None.
+
+    Read from the frame that caught it (the one logging ``MALFORMED_MESSAGE``),
+    so nothing is kept per request for the rare malformed one: after the
+    headers were parsed, the connection's ``_request_start_line``; before,
+    the first line of the ``header_data`` the parser was given. Tornado passes
+    neither to the log call.
+    """
+    code = HTTP1Connection._read_message_inner.__code__
+    trace = error.__traceback__
+    while trace is not None and trace.tb_frame.f_code is not code:
+        trace = trace.tb_next
+    if trace is None:
+        return None
+    local = trace.tb_frame.f_locals
+    connection = local.get("self")
+    start = getattr(connection, "_request_start_line", None)
+    if start is not None:
+        return f"{start.method} {start.path} {start.version}"
+    data = local.get("header_data")
+    if not isinstance(data, bytes):
+        return None
+    # As Tornado's _parse_headers reads it: latin-1, up to the first LF.
+    data = data.lstrip(b"\r\n")
+    end = data.find(b"\n")
+    return (data if end < 0 else data[:end]).decode("latin-1").rstrip("\r")
