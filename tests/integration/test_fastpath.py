@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -455,3 +456,20 @@ def test_both_schemes_run_on_uvloop_too(scheme: Scheme) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(scenario(), 4 * TIMEOUT))
+
+
+def test_a_connection_outlives_its_handler_and_a_full_collection(scheme: Scheme) -> None:
+    """Nothing keeps the upgrade's handler, request and stream once open()
+    returned (they cost kilobytes per connection); the socket the stream
+    held must not go with them."""
+
+    async def scenario() -> None:
+        async with serving(EchoHandler, scheme=scheme) as address, client(scheme, address) as ws:
+            await ws.send("before")
+            assert await ws.recv() == "before"
+            gc.collect()
+            assert not [o for o in gc.get_objects() if isinstance(o, EchoHandler)]
+            await ws.send("after")
+            assert await ws.recv() == "after"
+
+    run(scenario)
