@@ -164,6 +164,7 @@ class FrameParser:
         "_pv_decoder",
         "_pv_done",
         "_pv_mask",
+        "_pv_wait",
         "_timeout",
         "done",
         "fragment_started",
@@ -200,6 +201,9 @@ class FrameParser:
         self._pv_decoder: codecs.IncrementalDecoder | None = None
         self._pv_done = 0
         self._pv_mask = b""
+        #: Bytes of an unfinished text frame, counted from its first, once its
+        #: header is in (validation cannot start before: the mask is in it).
+        self._pv_wait = 0
         #: True once a Close or a Failure has been returned.
         self.done = False
         #: ``clock()`` when the unfinished fragmented message began, else None.
@@ -231,9 +235,15 @@ class FrameParser:
             self._chunks.append(data)
             self._have += len(data)
             if self._have < self._need:
-                if self._pv_decoder is not None and not self._validate_partial(data):
-                    return self._fail([], CloseCode.INVALID_DATA, "invalid UTF-8 in text")
-                return []
+                if self._pv_decoder is not None:
+                    if not self._validate_partial(data):
+                        return self._fail([], CloseCode.INVALID_DATA, "invalid UTF-8 in text")
+                    return []
+                if not self._pv_wait or self._have < self._pv_wait:
+                    return []
+                # A text frame's header is complete now (it came in pieces,
+                # as TLS records may cut it): parse again, which starts
+                # validating its payload so far.
             data = b"".join(self._chunks)
             self._chunks = []
         elif len(data) < self._need:
@@ -256,12 +266,14 @@ class FrameParser:
                 header = 8
                 if end - pos < 4:
                     need = 4
+                    self._pv_wait = self._text_header(b0, 8)
                     break
                 length = (data[pos + 2] << 8) | data[pos + 3]
             else:
                 header = 14
                 if end - pos < 10:
                     need = 10
+                    self._pv_wait = self._text_header(b0, 14)
                     break
                 (length,) = struct.unpack_from("!Q", data, pos + 2)
                 if length >> 63:
@@ -307,10 +319,16 @@ class FrameParser:
                 # Compressed bytes are validated once inflated, not here.
                 if compressed or (opcode == OP_CONTINUATION and self._frag_compressed):
                     text = False
-                if text and end > pos + header and not self._start_partial(data, pos + header, end):
-                    return self._fail(events, CloseCode.INVALID_DATA, "invalid UTF-8 in text")
+                if text and end >= pos + header:
+                    self._pv_wait = 0
+                    if not self._start_partial(data, pos + header, end):
+                        return self._fail(events, CloseCode.INVALID_DATA, "invalid UTF-8 in text")
+                else:
+                    # Validation starts once the header (and its mask) is in.
+                    self._pv_wait = header if text else 0
                 break
             self._pv_decoder = None
+            self._pv_wait = 0
             budget = self._budget
             if budget is not None and budget.take():
                 return self._fail(events, CloseCode.POLICY, "too many frames")
@@ -406,6 +424,15 @@ class FrameParser:
         if inflated is None:
             return Failure(CloseCode.TOO_BIG, "message too big once inflated")
         return inflated
+
+    def _text_header(self, b0: int, header: int) -> int:
+        """``header`` when the frame starting with ``b0`` is (part of) a text
+        message to validate as it comes, else 0."""
+        opcode = b0 & 0x0F
+        if b0 & _RSV or (opcode == OP_CONTINUATION and self._frag_compressed):
+            return 0
+        text = opcode == OP_TEXT or (opcode == OP_CONTINUATION and self._frag_opcode == OP_TEXT)
+        return header if text else 0
 
     def _start_partial(self, data: bytes, start: int, end: int) -> bool:
         """Validate the UTF-8 of an incomplete text frame's payload so far."""
