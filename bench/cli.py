@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import checks, checks_json, machine_info, table
-from bench.runner import FULL, SCENARIOS, SMOKE, Bench, params_dict, split_cpus
+from bench.runner import EXTRA_SCENARIOS, FULL, SCENARIOS, SMOKE, Bench, params_dict, split_cpus
 from bench.servers import ServerError, new_secret, raise_fd_limit
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 SERVER_NAMES = frozenset({
     "wsserver", "baseline", "baseline_uvloop", "uvicorn", "redis",
     "wsserver_memory", "wsserver_redis", "wsserver_node1", "wsserver_node2",
-    "wsserver_history", "wsserver_nohistory",
+    "wsserver_history", "wsserver_nohistory", "wsserver_asyncio", "node_ws", "wsserver_wss",
+    "wsserver_compression_off", "wsserver_threshold0", "wsserver_workers",
 })  # fmt: skip
+ALL_SCENARIOS = {**SCENARIOS, **EXTRA_SCENARIOS}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,8 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true",
                         help="a few-second version of every scenario (keeps the scripts working)")
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
-                        help="run only this scenario (repeatable); default: all")
+    parser.add_argument("--scenario", action="append", choices=sorted(ALL_SCENARIOS),
+                        help="run only this scenario (repeatable); default: all but "
+                             + ", ".join(sorted(EXTRA_SCENARIOS)) + " (minutes: name it)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"where to write the JSON result (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--check", action="store_true",
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
         try:
-            result = SCENARIOS[name](bench)
+            result = ALL_SCENARIOS[name](bench)
         except (ServerError, RuntimeError, subprocess.SubprocessError, OSError) as exc:
             document["errors"][name] = f"{type(exc).__name__}: {exc}"
             print(f"  {name} failed: {exc}", file=sys.stderr, flush=True)
