@@ -321,6 +321,7 @@ def one_machine(bench: Bench) -> Result:
         "handshake_p99_ms_per_generator": [r["handshake"]["p99_ms"] for r in ready],
         "generator_max_rss_kib": [r["generator_max_rss_kib"] for r in ready],
         "room_members": sum(r["members"] for r in results),
+        "join_retries": sum(r["join_retries"] for r in results),
         "publishes": p.c100k_publishes,
         "api_answers": answers,
         "publish_seconds": publish_s,

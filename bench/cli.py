@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import checks, checks_json, machine_info, table
-from bench.runner import EXTRA_SCENARIOS, FULL, SCENARIOS, SMOKE, Bench, params_dict, split_cpus
+from bench.runner import (
+    EXTRA_SCENARIOS,
+    FULL,
+    SCENARIOS,
+    SMOKE,
+    Bench,
+    Params,
+    params_dict,
+    split_cpus,
+)
 from bench.servers import ServerError, new_secret, raise_fd_limit
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
@@ -36,9 +46,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              + ", ".join(sorted(EXTRA_SCENARIOS)) + " (minutes: name it)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"where to write the JSON result (default: {DEFAULT_OUTPUT})")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one size of the preset (repeatable), e.g. "
+                             "--param c100k_machine_connections=20000; names: "
+                             "bench/runner.py's Params")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a target is missed (meaningless with --smoke)")
     return parser.parse_args(argv)  # fmt: skip
+
+
+def with_overrides(params: Params, assignments: list[str]) -> Params:
+    """``params`` with each ``NAME=VALUE`` applied (the value parsed as the field's type)."""
+    fields = {f.name: f for f in dataclasses.fields(params)}
+    changes: dict[str, Any] = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--param {assignment!r}: expected NAME=VALUE, NAME one of "
+                             + ", ".join(sorted(fields)))
+        current = getattr(params, name)
+        try:
+            if isinstance(current, tuple):
+                changes[name] = tuple(int(part) for part in text.split(","))
+            else:
+                changes[name] = type(current)(text)
+        except ValueError:
+            raise ValueError(f"--param {assignment!r}: not a {type(current).__name__}") from None
+    return dataclasses.replace(params, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_fd_limit()
     params = SMOKE if args.smoke else FULL
+    try:
+        params = with_overrides(params, args.param)
+    except ValueError as exc:
+        print(f"python -m bench: {exc}", file=sys.stderr)
+        return 2
     names = args.scenario or list(SCENARIOS)
     server_cpus, generator_cpus = split_cpus()
     log_dir = args.output.parent / "logs"
@@ -66,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "redis": "redis-server on the server CPUs, like the wsserver nodes",
         },
         "params": params_dict(params),
+        "param_overrides": args.param,
         "scenarios": {},
         "errors": {},
     }

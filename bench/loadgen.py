@@ -766,10 +766,17 @@ async def loop_latency(job: Job, dialer: Dialer) -> Result:
 class HoldRun:
     """Deliveries counted by the room members of one ``hold`` job."""
 
+    room: str
     delivered: int = 0
+    #: Joins answered ``unavailable`` (the broker was busy) and sent again.
+    join_retries: int = 0
     errors: int = 0
     first_error: Any = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+#: A join answered ``unavailable`` is sent again this often at most, a second apart.
+JOIN_ATTEMPTS = 30
 
 
 class Holder(Connection):
@@ -780,20 +787,33 @@ class Holder(Connection):
         self.run = run
         self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.received = 0
+        self.attempts = 0
+
+    def join(self) -> None:
+        self.attempts += 1
+        self.send({"type": "join", "room": self.run.room})
 
     def on_payload(self, payload: bytes) -> None:
         # Idle connections hear nothing but their ``joined`` and the publishes.
         msg = json.loads(payload)
         kind = msg.get("type")
+        run = self.run
         if kind == "joined" and not self.joined.done():
             self.joined.set_result(None)
         elif kind == "message":
             self.received += 1
-            self.run.delivered += 1
-            self.run.changed.set()
+            run.delivered += 1
+            run.changed.set()
+        elif (kind == "error" and msg.get("code") == "unavailable" and not self.joined.done()
+              and self.attempts < JOIN_ATTEMPTS):  # fmt: skip
+            # What a client does when the broker is busy: try again a little later.
+            run.join_retries += 1
+            asyncio.get_running_loop().call_later(1.0, self.join)
         else:
-            self.run.errors += 1
-            self.run.first_error = self.run.first_error or msg
+            run.errors += 1
+            run.first_error = run.first_error or msg
+            if not self.joined.done():
+                self.joined.set_exception(RuntimeError(f"join answered {msg}"))
 
 
 async def read_command() -> dict[str, Any]:
@@ -817,16 +837,17 @@ async def hold(job: Job, dialer: Dialer) -> Result:
     ``timeout`` seconds until every member has N of them) or ``{}`` (close).
     The last line, returned, is the delivery count and what is still open.
     """
-    run = HoldRun()
+    run = HoldRun(job["room"])
     handshake_ns: list[int] = []
     started = time.time()
     conns = await dialer.connect_many(job["connections"], lambda: Holder(run), handshake_ns)
     finished = time.time()
     members = conns[: job["members"]]
     for conn in members:
-        conn.send({"type": "join", "room": job["room"]})
+        conn.join()
     await asyncio.wait_for(asyncio.gather(*(c.joined for c in members)), job["timeout"])
     emit({"ready": True, "connections": len(conns), "members": len(members),
+          "join_retries": run.join_retries,
           "started": started, "finished": finished, "handshake": percentiles_ms(handshake_ns),
           "generator_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})  # fmt: skip
     command = await read_command()
@@ -847,6 +868,7 @@ async def hold(job: Job, dialer: Dialer) -> Result:
         "delivered": run.delivered,
         "members_complete": sum(1 for c in members if c.received == expect),
         "delivery_seconds": delivery_s,
+        "join_retries": run.join_retries,
         "still_open": still_open,
         "errors": run.errors,
         "first_error": run.first_error,

@@ -365,9 +365,9 @@ def _compression_checks(comp: Result) -> list[Check]:
     sweep = comp["sweep"]
     for c, u in zip(sweep["compressed"]["sizes"], sweep["uncompressed"]["sizes"], strict=True):
         rows += [
-            _row("compression", f"sweep {c['size']} B: wire bytes per message, deflate "
+            _row("compression", f"sweep, {c['size']} B of data: wire bytes per message, deflate "
                  "(uncompressed in baseline column)", c["wire_bytes"], u["wire_bytes"]),
-            _row("compression", f"sweep {c['size']} B: server CPU µs per message",
+            _row("compression", f"sweep, {c['size']} B of data: server CPU µs per message",
                  c["server_cpu_us_per_unit"], u["server_cpu_us_per_unit"]),
         ]  # fmt: skip
     return rows
