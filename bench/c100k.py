@@ -229,9 +229,13 @@ class Generator:
         return self.lines[-1]
 
     def error(self) -> str:
-        if self.proc.poll() is not None and self.proc.stderr is not None:
+        """Why it failed: its exit and the tail of its stderr (killed first if still running)."""
+        running = self.proc.poll() is None
+        self.kill()
+        if self.proc.stderr is not None and not self.stderr:
             self.stderr = self.proc.stderr.read()
-        return f"exit {self.proc.poll()}: {self.stderr[-2000:]}"
+        how = "killed while still waiting" if running else f"exit {self.proc.returncode}"
+        return f"{how}: {self.stderr[-2000:]}"
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -380,5 +384,9 @@ def run(bench: Bench) -> Result:
         # Past the descriptor limit a process fails with EMFILE: no figure would mean anything.
         raise RuntimeError("; ".join(problems))
     result["node"] = single_node(bench)
-    result["machine"] = one_machine(bench)
+    try:
+        result["machine"] = one_machine(bench)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        # Keep the node's figures: the table shows the machine part as an error row.
+        result["machine"] = {"error": f"{type(exc).__name__}: {exc}"}
     return result

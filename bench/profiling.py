@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -72,19 +73,25 @@ def _split(frame: str) -> tuple[str, str]:
     return name, where.rstrip(")")
 
 
-def _in(*parts: str) -> Callable[[str, str], bool]:
-    return lambda name, path: any(part in path for part in parts)
+def _pkg(*packages: str) -> Callable[[str, str], bool]:
+    """Frames in these top-level packages (py-spy writes ``jwt/api_jwt.py``, ``/x/jwt/...``)."""
+    return lambda name, path: any(
+        path.startswith(pkg + "/") or f"/{pkg}/" in path for pkg in packages
+    )
 
 
-def _file(filename: str, *names: str) -> Callable[[str, str], bool]:
-    """Frames of wsserver's ``filename`` (any function, or only ``names``)."""
-    return lambda name, path: (
-        path.endswith("wsserver/" + filename) or path.endswith("wsserver/edge/" + filename)
-    ) and (not names or name in names)
+def _file(filename: str) -> Callable[[str, str], bool]:
+    """Frames of wsserver's ``filename`` (``session.py``, ``edge/handlers.py``, ...)."""
+    return lambda name, path: path.endswith("wsserver/" + filename)
+
+
+def _files(*filenames: str) -> Callable[[str, str], bool]:
+    return lambda name, path: any(path.endswith("wsserver/" + f) for f in filenames)
 
 
 def _named(*names: str) -> Callable[[str, str], bool]:
-    return lambda name, path: name in names
+    """Frames of functions or methods called so (``Class.method`` matches ``method``)."""
+    return lambda name, path: name.rpartition(".")[2] in names
 
 
 #: Phases of a connect, highest priority first: a sample belongs to the first
@@ -92,22 +99,25 @@ def _named(*names: str) -> Callable[[str, str], bool]:
 #: counts as PyJWT; Tornado's helpers called from the handler as the handler).
 CONNECT_PHASES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
     ("closing (the job's closes, after the measured connects)",
-     lambda n, p: n in ("on_close", "connection_lost", "_transport_gone", "_peer_closed",
-                        "user_disconnect", "_cut_after_flush", "_send_close")),
-    ("PyJWT (jwt.decode and its key and claim checks)", _in("/jwt/")),
+     _named("on_close", "connection_lost", "_transport_gone", "_peer_closed",
+            "user_disconnect", "_cut_after_flush", "_send_close")),
+    ("PyJWT (jwt.decode and its key and claim checks)", _pkg("jwt")),
     ("the broker's user_connect", _named("user_connect")),
-    ("logging", lambda n, p: "/logging/" in p or p.endswith("wsserver/logsafe.py")),
-    ("metrics (prometheus_client)", _in("prometheus_client")),
+    # Command writes and reply reads resumed outside the user_connect frame
+    # (py-spy shows a resumed coroutine from its own frame), heartbeats too.
+    ("redis-py outside user_connect (command writes, replies, heartbeats)", _pkg("redis")),
+    ("logging", lambda n, p: _pkg("logging")(n, p) or p.endswith("wsserver/logsafe.py")),
+    ("metrics (prometheus_client)", _pkg("prometheus_client")),
     ("token checks around PyJWT (wsserver.auth)", _file("auth.py")),
     ("Session: created and opened (welcome, registry)", _file("session.py")),
-    ("the 101 hand-over (FastProtocol.accept_connection, FrameConnection)", _file("fastpath.py")),
-    ("handler checks (origin, admission, limits, registry)",
-     lambda n, p: any(p.endswith("wsserver/" + f) for f in (
-         "edge/handlers.py", "registry.py", "origin.py", "ratelimit.py", "netaddr.py",
-         "services.py", "protocol.py"))),
-    ("Tornado: HTTP parsing, request and handler setup",
-     lambda n, p: "/tornado/" in p or p.endswith("wsserver/edge/listener.py")),
-    ("event loop (asyncio/uvloop Python frames)", _in("/asyncio/", "uvloop")),
+    ("the 101 hand-over (FastProtocol.accept_connection, FrameConnection)",
+     _file("edge/fastpath.py")),
+    ("handler checks (wsserver's and Tornado's WebSocketHandler.get: origin, admission, limits)",
+     _files("edge/handlers.py", "registry.py", "origin.py", "ratelimit.py", "netaddr.py",
+            "services.py", "protocol.py")),
+    ("Tornado: accept, HTTP parsing, request and handler setup",
+     lambda n, p: _pkg("tornado")(n, p) or p.endswith("wsserver/edge/listener.py")),
+    ("event loop and the rest (asyncio, uvloop, keepalive, monitor)", _pkg("asyncio", "uvloop")),
 )  # fmt: skip
 OTHER = "other"
 
@@ -144,6 +154,37 @@ def render_phases(counts: Counter[str], cpu_us_per_connect: float | None) -> str
         us = f"{n / connect * cpu_us_per_connect:7.1f} µs" if cpu_us_per_connect else "     - µs"
         out.append(f"  {100 * n / connect:5.1f}%  {us}  {name}")
     return "\n".join(out)
+
+
+def redis_commandstats(port: int) -> dict[str, int]:
+    """Calls per command so far (``INFO commandstats``) of the Redis on ``port``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while True:
+            data += conn.recv(65536)
+            header, _, body = data.partition(b"\r\n")
+            if header.startswith(b"$") and len(body) >= int(header[1:]):
+                break
+    calls: dict[str, int] = {}
+    for line in body.decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line.partition(":")
+            stats = dict(field.split("=") for field in fields.split(","))
+            calls[name.removeprefix("cmdstat_")] = int(stats["calls"])
+    return calls
+
+
+def commands_per_connect(
+    before: dict[str, int], after: dict[str, int], connects: int
+) -> dict[str, float]:
+    """Redis commands per connect over the job, by command (the INFO calls themselves excluded)."""
+    out: dict[str, float] = {}
+    for name, calls in after.items():
+        made = calls - before.get(name, 0) - (1 if name == "info" else 0)
+        if made > 0:
+            out[name] = round(made / connects, 3)
+    return out
 
 
 def render(summary: dict[str, Any], top: int) -> str:
@@ -204,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = renamed(kind, f"{kind.name}_redis", ["--broker", redis.url])
         srv = stack.enter_context(bench.start(kind, server_cpus))
         job = {**jobs[args.scenario], "server_pid": srv.pid}
+        commands_before = redis_commandstats(redis.port) if args.broker == "redis" else {}
         result: dict[str, Any] = {}
         load = threading.Thread(
             target=lambda: result.update(bench.loadgen(args.scenario, srv, **job))
@@ -218,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         # py-spy writes its file on SIGINT, like Ctrl-C at a terminal.
         spy.send_signal(2)
         _, spy_err = spy.communicate(timeout=60)
+        commands_after = redis_commandstats(redis.port) if args.broker == "redis" else {}
     if not raw_path.exists():
         print(f"py-spy wrote nothing: {spy_err}", file=sys.stderr)
         return 1
@@ -227,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario == "idle":
         print()
         print(render_phases(phases(lines), result.get("server_cpu_us_per_unit")))
+        if commands_after:
+            # The whole job: the warm-up's and the closes' commands are in it too.
+            total = job["connections"] + job["warmup_connections"]
+            print("Redis commands per connection (connect and close, the whole job):",
+                  commands_per_connect(commands_before, commands_after, total))
     print(f"\nraw stacks: {raw_path}", file=sys.stderr)
     return 0
 

@@ -391,7 +391,11 @@ def _c100k_checks(c100k: Result) -> list[Check]:
                  None, f"= {n}", lambda w, _: w == n),
         ]  # fmt: skip
     machine = c100k.get("machine")
-    if machine:
+    if machine and "error" in machine:
+        first_line = machine["error"].splitlines()[0][:200]
+        rows.append(Check("c100k", f"one machine: did not finish: {first_line}", None, None,
+                          None, "finishes", False))
+    elif machine:
         m = machine
         rows += [
             _row("c100k", f"one machine, {m['workers']} workers + Redis: connections",

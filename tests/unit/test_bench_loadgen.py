@@ -104,3 +104,37 @@ def test_issue_21_rows_judge_node_ws_and_say_why_a_part_was_skipped() -> None:
     scenarios["idle"]["node_ws"] = {"skipped": "node and npm are not both on PATH"}
     metrics = [row.metric for row in checks(scenarios)]
     assert "Node ws: skipped (node and npm are not both on PATH)" in metrics
+
+
+def test_connect_samples_are_put_in_their_phase_by_priority() -> None:
+    from bench.profiling import OTHER, phases, render_phases
+
+    # As py-spy writes them: qualified names, paths from the package down.
+    loop = "_run_code (<frozen runpy>:88);run (wsserver/loops.py:35);Runner.run (asyncio/runners.py:118)"
+    tornado = f"{loop};HTTP1Connection._read_message (tornado/http1connection.py:600)"
+    handler = f"{tornado};WebSocketHandler.get (wsserver/edge/handlers.py:429);WebSocketHandler._admit (wsserver/edge/handlers.py:440)"
+    raw = [
+        f"{handler};PyJWT.decode (jwt/api_jwt.py:300);PyJWS._load (jwt/api_jws.py:250) 6",
+        f"{handler};TokenVerifier.verify (wsserver/auth.py:120) 2",
+        f"{handler};HTTPHeaders.get (tornado/httputil.py:100) 3",
+        f"{tornado};parse_request_start_line (tornado/httputil.py:900) 4",
+        f"{loop};Session.open (wsserver/session.py:130);RedisBroker.user_connect (wsserver/brokers/redis.py:590) 5",
+        f"{loop};Session.open (wsserver/session.py:130);Logger.info (logging/__init__.py:1489) 1",
+        f"{loop};WebSocketHandler.on_close (wsserver/edge/handlers.py:597) 9",
+        f"{loop} 1",
+        "_run_code (<frozen runpy>:88) 2",
+        "not a sample line",
+    ]
+    counts = phases(raw)
+    assert counts["PyJWT (jwt.decode and its key and claim checks)"] == 6
+    assert counts["token checks around PyJWT (wsserver.auth)"] == 2
+    assert counts["handler checks (wsserver's and Tornado's WebSocketHandler.get: origin, admission, limits)"] == 3
+    assert counts["Tornado: accept, HTTP parsing, request and handler setup"] == 4
+    assert counts["the broker's user_connect"] == 5
+    assert counts["logging"] == 1
+    assert counts["event loop and the rest (asyncio, uvloop, keepalive, monitor)"] == 1
+    assert counts[OTHER] == 2
+    text = render_phases(counts, 100.0)
+    # 24 connect samples; closing's 9 are left out of the shares.
+    assert "24 samples; 9 more while closing" in text
+    assert "25.0%     25.0 µs  PyJWT" in text
