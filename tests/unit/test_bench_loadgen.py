@@ -138,3 +138,43 @@ def test_connect_samples_are_put_in_their_phase_by_priority() -> None:
     # 24 connect samples; closing's 9 are left out of the shares.
     assert "24 samples; 9 more while closing" in text
     assert "25.0%     25.0 µs  PyJWT" in text
+
+
+BURNER = """
+import sys, time
+for line in sys.stdin:
+    started = time.process_time()
+    sum(i * i for i in range(50_000))
+    print(time.process_time() - started, flush=True)
+"""
+
+
+def test_cpu_time_is_read_finer_than_the_clock_tick() -> None:
+    """A few milliseconds of a server's CPU (less than one 10 ms tick) are seen as such."""
+    import subprocess
+    import sys
+
+    from bench.meters import SCHEDSTAT, cpu_seconds
+
+    if not SCHEDSTAT:
+        pytest.skip("this kernel has no /proc/PID/schedstat: CPU time is read in 10 ms ticks")
+    with subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as child:  # fmt: skip
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            # A first round so the interpreter's start-up is over before measuring.
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            child.stdout.readline()
+            for _ in range(3):
+                # Read while the child waits for its line: its run time is settled.
+                before = cpu_seconds(child.pid)
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                burned = float(child.stdout.readline())
+                spent = cpu_seconds(child.pid) - before
+                assert burned < 0.01
+                assert burned <= spent < burned + 0.002
+        finally:
+            child.stdin.close()
+            child.wait(10)
