@@ -1,8 +1,11 @@
 """The load generator: picows clients in a process of their own.
 
-``python -m bench.loadgen`` reads one JSON job from stdin, pins itself to the
-CPUs the job names, runs the job's scenario against ``job["url"]`` and prints
-one JSON result on stdout. The orchestrator (:mod:`bench.runner`) starts it
+``python -m bench.loadgen`` reads one JSON job (one line) from stdin, pins
+itself to the CPUs the job names, runs the job's scenario against
+``job["url"]`` and prints one JSON result on stdout. The ``hold`` job of the
+100k scenario prints a ``ready`` line first and then reads one command line;
+the permessage-deflate jobs are in :mod:`bench.compression` (on the raw
+client of :mod:`bench.wire`, since picows cannot inflate). The orchestrator (:mod:`bench.runner`) starts it
 once per scenario and server, so the clients never share a core or an
 interpreter with the server they measure.
 

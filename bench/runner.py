@@ -331,7 +331,8 @@ def idle_rounds(
 def fanout(bench: Bench) -> Result:
     """1,000 members in one room, N publishes; deliveries/s, every message to every member.
 
-    Then again with one publish in flight (wsserver and the baseline only).
+    Node's ``ws`` takes part when it can run. Then one publish in flight into
+    ``fanout_single_members`` (500) members: wsserver, plain Tornado and Node's ``ws``.
     """
     p = bench.params
 
