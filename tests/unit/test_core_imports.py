@@ -8,14 +8,21 @@ import sys
 
 import wsserver
 import wsserver.brokers
+import wsserver.client
 
 #: Not core: the edge package (Tornado's side) and the ``python -m`` entry.
 NOT_CORE = {"edge", "__main__"}
+#: The Python client's I/O layer is an edge too, on the other end of the wire:
+#: its sockets and HTTP requests go through Tornado's ``websocket_connect`` and
+#: ``AsyncHTTPClient`` (the server's own dependency, so the client adds none).
+#: Everything it decides is in the client's pure modules, checked below.
+CLIENT_IO = {"connection", "api"}
 
 
 def core_modules() -> list[str]:
-    """Every module of the package outside ``wsserver.edge``, brokers included
-    (a new module is checked without an edit)."""
+    """Every module of the package outside ``wsserver.edge`` and the client's
+    I/O, brokers and the client's pure modules included (a new module is
+    checked without an edit)."""
     top = [
         f"wsserver.{info.name}" for info in pkgutil.iter_modules(wsserver.__path__)
         if info.name not in NOT_CORE and not info.ispkg
@@ -23,14 +30,20 @@ def core_modules() -> list[str]:
     brokers = [
         f"wsserver.brokers.{info.name}" for info in pkgutil.iter_modules(wsserver.brokers.__path__)
     ]
-    return [*top, "wsserver.brokers", *brokers]
+    client = [
+        f"wsserver.client.{info.name}" for info in pkgutil.iter_modules(wsserver.client.__path__)
+        if info.name not in CLIENT_IO
+    ]
+    return [*top, "wsserver.brokers", *brokers, "wsserver.client", *client]
 
 
 def test_every_core_module_is_listed() -> None:
     listed = set(core_modules())
     assert {"wsserver.brokers.base", "wsserver.brokers.memory", "wsserver.session",
-            "wsserver.hub", "wsserver.services", "wsserver.cli"} <= listed
+            "wsserver.hub", "wsserver.services", "wsserver.cli", "wsserver.client",
+            "wsserver.client.machine", "wsserver.client.decisions"} <= listed
     assert not any(name.startswith("wsserver.edge") for name in listed)
+    assert not listed & {f"wsserver.client.{name}" for name in CLIENT_IO}
 
 
 def test_the_core_imports_no_tornado() -> None:
