@@ -15,7 +15,9 @@ NOT_CORE = {"edge", "__main__"}
 #: The Python client's I/O layer is an edge too, on the other end of the wire:
 #: its sockets and HTTP requests go through Tornado's ``websocket_connect`` and
 #: ``AsyncHTTPClient`` (the server's own dependency, so the client adds none).
-#: Everything it decides is in the client's pure modules, checked below.
+#: Everything it decides is in the client's pure modules, checked below, and
+#: ``wsserver.client`` itself loads ``Client`` lazily so they stay importable
+#: without Tornado.
 CLIENT_IO = {"connection", "api"}
 
 
@@ -65,6 +67,17 @@ def test_the_core_imports_no_tornado() -> None:
     # The check really imported what it names (not an empty loop).
     for name in core_modules():
         assert repr(name) in result.stdout
+
+
+def test_the_client_io_layer_is_where_tornado_comes_in() -> None:
+    """``from wsserver.client import Client`` loads the I/O layer, and Tornado with it."""
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, wsserver.client as c; before = 'tornado' in sys.modules; c.Client; "
+         "print(before, 'tornado' in sys.modules)"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert result.stdout.split() == ["False", "True"]
 
 
 def test_the_check_sees_tornado_when_it_is_imported() -> None:

@@ -300,3 +300,10 @@ def describe_close(code: int | None) -> str:
     meanings = {1012: "service restart", **{int(c): c.meaning for c in CloseCode}}
     return meanings.get(code, f"closed ({code})")
 
+
+def api_retryable(status: int | None) -> bool:
+    """Whether an API request is worth sending again after ``status`` (None: no
+    answer: connection refused or reset, timeout). 503 is the server's "broker
+    unavailable, retry"; 502 and 504 come from a proxy in front of a node that
+    is restarting. Anything else would be answered the same again."""
+    return status is None or status in (502, 503, 504)

@@ -166,3 +166,46 @@ class RoomLost(ClientError):
         self.reason = reason
         self.error = error
 
+
+class ApiError(ClientError):
+    """The server API (``/api/...``) answered with an error status.
+
+    Attributes:
+        status: the HTTP status (599 when no answer came at all).
+        code: the ``error`` field of the answer (``bad_request``, ``unavailable``...).
+        retry_after: the ``Retry-After`` seconds, when given.
+    """
+
+    def __init__(self, status: int, code: str, message: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" if message else f"{status} {code}")
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+
+class ApiUnauthorized(ApiError):
+    """401: the API key is missing or wrong."""
+
+
+class ApiBadRequest(ApiError):
+    """400: malformed input (a bad room name, a namespace without presence...)."""
+
+
+class EpochChanged(ApiError):
+    """409 from ``history``: the room's history was lost since that epoch; reload."""
+
+
+class ApiUnavailable(ApiError):
+    """503 (the broker cannot be reached) or no answer, after every retry."""
+
+
+def api_error(status: int, body: Any, retry_after: float | None = None) -> ApiError:
+    """The typed error for an API answer of ``status`` with JSON ``body``."""
+    code = body.get("error") if isinstance(body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    code = code if isinstance(code, str) else "http_error"
+    text = message if isinstance(message, str) else ""
+    cls: type[ApiError] = {401: ApiUnauthorized, 400: ApiBadRequest, 409: EpochChanged,
+                           503: ApiUnavailable, 599: ApiUnavailable}.get(status, ApiError)
+    return cls(status, code, text, retry_after)

@@ -96,3 +96,18 @@ class Presence:
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A room's kept messages, from ``GET /api/history``.
+
+    Attributes:
+        epoch, offset: the room's epoch and its top offset.
+        complete: nothing after the asked offset is missing.
+        messages: the messages, in offset order.
+    """
+
+    epoch: str
+    offset: int
+    complete: bool
+    messages: list[Message]
