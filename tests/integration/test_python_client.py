@@ -421,3 +421,41 @@ def test_a_full_server_is_retried_after_its_retry_after_and_close_cuts_the_wait_
             assert closed.value.code is None  # closed by the caller
 
     run(scenario)
+
+
+def test_callbacks_get_messages_and_events_in_order_and_leave_ends_the_room(
+    start: StartServer,
+) -> None:
+    node = start("memory")
+    events: list[dict[str, Any]] = []
+    got: list[Any] = []
+
+    async def on_message(message: Message) -> None:
+        await asyncio.sleep(0)  # an async callback, one message at a time
+        got.append(message.data)
+        if message.data == 2:
+            raise RuntimeError("a failing callback is logged, and delivery goes on")
+
+    async def scenario() -> None:
+        async with ApiClient(node.url, KEY) as api, \
+                Client(node.ws_url, token=mint("alice"), on_event=events.append) as alice, \
+                Client(node.ws_url, token=mint("bob")) as bob:
+            room = await alice.join(ROOM, on_message=on_message)
+            with pytest.raises(TypeError):
+                aiter(room)
+            await publish_all(api, range(1, 6))
+            await until(lambda: len(got) == 5, timeout=WAIT)
+            assert got == [1, 2, 3, 4, 5]
+            bobs = await bob.join(ROOM)
+            await until(lambda: len(events) == 2, timeout=WAIT)
+            assert events == [{"type": "user_joined", "room": ROOM, "user": user}
+                              for user in ("alice", "bob")]
+            await bobs.leave()
+            with pytest.raises(StopAsyncIteration):
+                await anext(bobs)
+            assert (await room.presence()).users == ["alice"]
+            await room.leave()
+            await room.wait_closed()
+            assert ROOM not in await api.rooms()
+
+    run(scenario)

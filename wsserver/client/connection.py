@@ -807,7 +807,7 @@ class Room:
         """Wait until the room's stream ended (after ``on_message`` handled the
         rest); raise what ended it, as the iteration would."""
         if self._dispatcher is not None:
-            await asyncio.shield(self._dispatcher)
+            await asyncio.wait([self._dispatcher])
         error = await self._inbox.ended()
         if error is not None:
             raise error
@@ -829,6 +829,9 @@ class Room:
         if self.on_message is not None:
             self._dispatcher = asyncio.create_task(self._dispatch(self.on_message),
                                                    name=f"wsserver.client room {self.name}")
+            # The client's close() ends it with its other tasks.
+            self.client._tasks.add(self._dispatcher)
+            self._dispatcher.add_done_callback(self.client._tasks.discard)
 
     def _finish(self, error: ClientError | None) -> None:
         self._inbox.finish(error)
