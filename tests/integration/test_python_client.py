@@ -11,6 +11,8 @@ promise: every message exactly once, in order, or a :class:`Gap` in its place.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,10 +52,16 @@ StartServer = Callable[..., RunningServer]
 
 
 #: The cluster tests' rooms (``chat:*`` with history, presence and join/leave
-#: events; the default namespace open), and a namespace nobody may join.
+#: events; the default namespace open), a namespace nobody may join, and one
+#: with a long history.
 ROOMS = CLUSTER_ROOMS + """
 [rooms.namespaces.locked]
 join = "none"
+
+[rooms.namespaces.feed]
+join = "anyone"
+publish = "members"
+history_size = 1000
 """
 
 
@@ -457,5 +465,69 @@ def test_callbacks_get_messages_and_events_in_order_and_leave_ends_the_room(
             await room.leave()
             await room.wait_closed()
             assert ROOM not in await api.rooms()
+
+    run(scenario)
+
+
+def test_a_recovery_larger_than_the_write_bound_arrives_pending_and_in_order(
+    start: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 3: what does not fit under ``--max-write-buffer`` follows the
+    ``joined`` answer as ordinary messages (``"pending": N``); the client
+    takes them by offset."""
+    node = start("memory", "a", "--max-write-buffer", "8192")
+    big = "x" * 1000
+
+    async def scenario() -> None:
+        async with Relay(node.port) as relay, ApiClient(node.url, KEY) as api, \
+                Client(relay.ws_url, token=mint("alice")) as client:
+            room = await client.join(ROOM)
+            await api.publish(ROOM, [0, big])
+            got = await take(room, 1)
+            relay.refusing = True
+            relay.cut()
+            for n in range(1, 51):  # about 50 KB missed: six times the bound
+                await api.publish(ROOM, [n, big])
+            relay.refusing = False
+            got += await take(room, 50)
+            await api.publish(ROOM, [51, big])
+            got += await take(room, 1)
+        assert [item.data[0] if isinstance(item, Message) else item for item in got] == list(
+            range(52))
+        assert re.search(r"re-joined 'chat:1', recovered=True, 50 missed messages "
+                         r"\([1-9]\d* pending after the answer\)", caplog.text)
+
+    with caplog.at_level(logging.INFO, logger="wsserver.client"):
+        run(scenario)
+
+
+def test_a_consumer_far_behind_the_room_with_a_small_queue_misses_nothing(
+    start: StartServer,
+) -> None:
+    """4 MB arrive while the consumer reads nothing and its room keeps 10
+    items: the reader waits on the full queue instead of growing it or
+    dropping, and the consumer then sees every message once, in order, on
+    the same connection. (Loopback's socket buffers, up to 32 MB here, take
+    the rest; the server's lagging of a slow member has its own tests.)"""
+    node = start("memory")
+    room_name, count, blob = "feed:1", 400, "x" * 10_000
+
+    async def scenario() -> None:
+        async with ApiClient(node.url, KEY) as api, \
+                Client(node.ws_url, token=mint("alice"), max_queue=10) as client:
+            room = await client.join(room_name)
+            for n in range(count):
+                await api.publish(room_name, [n, blob])
+            await until(lambda: room.backlog == 10, timeout=WAIT)
+            await asyncio.sleep(0.2)  # time to overfill it, if it could be
+            assert room.backlog == 10
+            seen = []
+            async with asyncio.timeout(WAIT):
+                while len(seen) < count:
+                    item = await anext(room)
+                    assert isinstance(item, Message), item
+                    seen.append(item.data[0])
+            assert seen == list(range(count))
+            assert client.connections == 1
 
     run(scenario)

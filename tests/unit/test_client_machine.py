@@ -268,7 +268,7 @@ def test_a_partial_recovery_takes_the_pending_messages_by_offset() -> None:
     events = feed(machine, {"type": "joined", "room": ROOM, "epoch": "e1", "offset": 12,
                             "recovered": True, "messages": [msg_at(6), msg_at(7)],
                             "pending": 5, "id": rejoin["id"]})
-    assert isinstance(events[0], Joined) and events[0].missed == 7
+    assert isinstance(events[0], Joined) and (events[0].missed, events[0].pending) == (7, 5)
     assert delivered(events) == ["m6", "m7"]
     events = feed(machine, *(msg_at(n) for n in range(8, 15)))
     assert delivered(events) == [f"m{n}" for n in range(8, 15)]

@@ -638,8 +638,9 @@ class Client:
         if room is not None and not room._joined.done():
             room._joined.set_result(event.reply)
         if event.recovered is not None:
-            log.info("wsserver client: re-joined %r, recovered=%s, %d missed messages",
-                     event.room, event.recovered, event.missed)
+            log.info("wsserver client: re-joined %r, recovered=%s, %d missed messages "
+                     "(%d pending after the answer)", event.room, event.recovered, event.missed,
+                     event.pending)
 
     def _on_join_refused(self, conn: WebSocketClientConnection, event: JoinRefused) -> None:
         self._settled(event.id)
@@ -782,6 +783,11 @@ class Room:
         """The last message delivered (rooms with history); keep it to resume with ``since``."""
         return self.client._machine.position(self.name)
 
+    @property
+    def backlog(self) -> int:
+        """Items waiting for the consumer (at most ``max_queue``)."""
+        return len(self._inbox)
+
     async def publish(self, data: Any, *, timeout: float | None = None) -> Message:
         """Publish ``data`` to the room; the server's copy of it (with its offset
         in a room with history). Waits while ``max_in_flight`` requests are unanswered.
@@ -881,6 +887,9 @@ class _Inbox(Generic[T]):
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     async def put(self, item: T) -> None:
         while (not self._ended and self._maxsize is not None

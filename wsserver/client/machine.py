@@ -66,13 +66,15 @@ class RequestFailed:
 @dataclass(frozen=True, slots=True)
 class Joined:
     """``room`` is joined on this connection; ``recovered`` as the reply said
-    (None when the join did not ask), ``missed`` messages recovered."""
+    (None when the join did not ask), ``missed`` messages recovered, of which
+    ``pending`` follow the reply as ordinary messages."""
 
     room: str
     id: str
     reply: Json
     recovered: bool | None
     missed: int
+    pending: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +329,7 @@ class ClientMachine:
             if outcome.backfill_to is not None and outcome.position is not None else None
         )
         yield Joined(state.name, msg_id, reply, outcome.recovered,
-                     len(outcome.messages) + outcome.pending)
+                     len(outcome.messages) + outcome.pending, outcome.pending)
         if outcome.recovered is False:
             top = position_of(reply)
             yield Delivered(state.name, Gap(
