@@ -376,7 +376,8 @@ class Client:
         msg_id: str | None = None
         try:
             async with asyncio.timeout(limit):
-                msg_id, _ = await self._send(lambda: self._machine.join(room, since))
+                msg_id, _ = await self._send(lambda: self._machine.join(room, since),
+                                             reply=False)
                 await handle._joined
         except BaseException as error:
             self._rooms.pop(room, None)
@@ -412,9 +413,12 @@ class Client:
 
     # --- sending ------------------------------------------------------------------------
 
-    async def _send(self, build: Callable[[], Json]) -> tuple[str, asyncio.Future[Json]]:
+    async def _send(self, build: Callable[[], Json], *,
+                    reply: bool = True) -> tuple[str, asyncio.Future[Json]]:
         """Send what ``build()`` makes, in call order, within the window, on an
-        open connection, paced; the id and the future of its reply."""
+        open connection, paced; the id and the future of its reply (a join's
+        answer goes to its room instead, ``reply=False``, as it may come on a
+        later connection)."""
         async with self._send_lock:
             while True:
                 while len(self._in_flight) >= self.max_in_flight:
@@ -429,11 +433,12 @@ class Client:
                 # The connection changed while pacing: start over on the new one.
             msg = build()
             msg_id = str(msg["id"])
-            reply: asyncio.Future[Json] = asyncio.get_running_loop().create_future()
-            self._waiters[msg_id] = reply
+            answer: asyncio.Future[Json] = asyncio.get_running_loop().create_future()
+            if reply:
+                self._waiters[msg_id] = answer
             self._in_flight.add(msg_id)
             self._write(conn, msg)
-            return msg_id, reply
+            return msg_id, answer
 
     async def _send_internal(self, conn: WebSocketClientConnection, msg: Json) -> None:
         """Send a message of the client's own (re-join, refresh), paced, ahead of the callers'."""
@@ -597,7 +602,9 @@ class Client:
         elif isinstance(event, Welcomed):
             if self.pace:
                 self._configure_pacer(event.limits)
-            self._spawn(self._resume(conn))
+            # Registered now, while this connection is surely the live one; if it
+            # drops before they are sent, connection_lost() resets them.
+            self._spawn(self._resume(conn, self._machine.rejoins()))
         elif isinstance(event, Joined):
             self._on_joined(event)
         elif isinstance(event, JoinRefused):
@@ -618,9 +625,9 @@ class Client:
         if isinstance(rate, int | float) and isinstance(burst, int | float) and rate > 0:
             self._pacer.configure(float(rate), float(burst))
 
-    async def _resume(self, conn: WebSocketClientConnection) -> None:
-        """After ``welcome``: re-join every room, then let the callers' requests go."""
-        for msg in self._machine.rejoins():
+    async def _resume(self, conn: WebSocketClientConnection, rejoins: list[Json]) -> None:
+        """After ``welcome``: send the re-joins, then let the callers' requests go."""
+        for msg in rejoins:
             await self._send_internal(conn, msg)
         if conn is not self._conn:
             return
