@@ -20,7 +20,7 @@ from wsserver.closecodes import BACKOFF, FIX_CLIENT, NEVER, NEW_TOKEN, SOON, Clo
 BACKOFF_BASE = 0.5
 #: The backoff window never grows past this (s).
 BACKOFF_CAP = 20.0
-#: After 1001/1012 (server going away or restarting) reconnect within this window (s).
+#: After 1001 (server going away) reconnect within this window (s).
 SOON_WINDOW = 1.0
 #: A connection open at least this long (s) resets the backoff.
 STABLE = 10.0
@@ -28,12 +28,15 @@ STABLE = 10.0
 TOKEN_MARGIN = 5.0
 
 #: What the client does after each close code: the server's own table
-#: (:mod:`wsserver.closecodes`), plus 1012 "service restart", which the server
-#: sends when it drains at a pace on SIGTERM: another node, or this one
-#: restarted, is there to take the connection, so reconnect within
-#: :data:`SOON_WINDOW` (spread by the jitter). When the server's table lists
-#: 1012 itself, its entry wins.
-CLOSE_ACTIONS: dict[int, str] = {1012: SOON, **{int(code): code.reconnect for code in CloseCode}}
+#: (:mod:`wsserver.closecodes`), and 1012 "service restart", which the server
+#: sends a few connections at a time when it drains on SIGTERM: reconnect with
+#: backoff, as the contract says. After a connection that was up a while the
+#: backoff starts over, so the first try comes within half a second, spread
+#: by the full jitter; if the node is not back yet, the tries slow down. When
+#: the server's table lists 1012 itself, its entry wins.
+CLOSE_ACTIONS: dict[int, str] = {
+    1012: BACKOFF, **{int(code): code.reconnect for code in CloseCode}
+}
 
 Delay = Literal["soon", "backoff"]
 
