@@ -1,4 +1,5 @@
-"""The pure core imports no Tornado: only the edge modules may."""
+"""The pure core imports no Tornado and no aiohttp: only the edge modules (and
+the Python client's I/O) may."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import wsserver.client
 
 #: Not core: the edge package (Tornado's side) and the ``python -m`` entry.
 NOT_CORE = {"edge", "__main__"}
-#: The Python client's I/O layer is an edge too, on the other end of the wire:
-#: its sockets and HTTP requests go through Tornado's ``websocket_connect`` and
-#: ``AsyncHTTPClient`` (the server's own dependency, so the client adds none).
-#: Everything it decides is in the client's pure modules, checked below, and
-#: ``wsserver.client`` itself loads ``Client`` lazily so they stay importable
-#: without Tornado.
+#: The Python client's I/O is an edge too, on the other end of the wire: its
+#: WebSocket and HTTP connections go through aiohttp (as the server's own
+#: outbound calls do, in ``edge/httpclient.py``). Everything the client
+#: decides is in its pure modules, checked here, and ``wsserver.client`` loads
+#: ``Client`` lazily so that they import without aiohttp.
 CLIENT_IO = {"connection", "api"}
+#: What the pure core never loads: the server's and the client's I/O libraries.
+IO_LIBRARIES = ("tornado", "aiohttp")
 
 
 def core_modules() -> list[str]:
@@ -48,33 +50,34 @@ def test_every_core_module_is_listed() -> None:
     assert not listed & {f"wsserver.client.{name}" for name in CLIENT_IO}
 
 
-def test_the_core_imports_no_tornado() -> None:
+def test_the_core_imports_neither_tornado_nor_aiohttp() -> None:
     # A fresh interpreter: this one has Tornado loaded by the other tests.
     script = (
         "import importlib, sys\n"
         f"for name in {core_modules()!r}:\n"
         "    importlib.import_module(name)\n"
-        "    if 'tornado' in sys.modules:\n"
+        f"    if any(lib in sys.modules for lib in {IO_LIBRARIES!r}):\n"
         "        print(name)\n"
         "        break\n"
-        "print('tornado' in sys.modules, sorted(m for m in sys.modules if m.startswith('wsserver')))\n"
+        f"print(any(lib in sys.modules for lib in {IO_LIBRARIES!r}),\n"
+        "      sorted(m for m in sys.modules if m.startswith('wsserver')))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     first_line = result.stdout.splitlines()[0]
-    assert first_line.startswith("False"), f"{first_line} pulls Tornado in"
+    assert first_line.startswith("False"), f"{first_line} pulls Tornado or aiohttp in"
     # The check really imported what it names (not an empty loop).
     for name in core_modules():
         assert repr(name) in result.stdout
 
 
-def test_the_client_io_layer_is_where_tornado_comes_in() -> None:
-    """``from wsserver.client import Client`` loads the I/O layer, and Tornado with it."""
+def test_the_client_io_layer_is_where_aiohttp_comes_in() -> None:
+    """``from wsserver.client import Client`` loads the I/O layer, and aiohttp with it."""
     result = subprocess.run(
         [sys.executable, "-c",
-         "import sys, wsserver.client as c; before = 'tornado' in sys.modules; c.Client; "
-         "print(before, 'tornado' in sys.modules)"],
+         "import sys, wsserver.client as c; before = 'aiohttp' in sys.modules; c.Client; "
+         "print(before, 'aiohttp' in sys.modules)"],
         capture_output=True, text=True, timeout=60, check=True,
     )
     assert result.stdout.split() == ["False", "True"]

@@ -1,8 +1,8 @@
 """A Python client for wsserver: reconnects, refreshes its token and recovers rooms.
 
-``Client`` and ``Room`` (the I/O, over Tornado) are loaded on first use, so
+``Client`` and ``Room`` (the I/O, over aiohttp) are loaded on first use, so
 the pure parts (:mod:`.decisions`, :mod:`.machine`, :mod:`.messages`,
-:mod:`.errors`) import without Tornado; ``wsserver.client.api`` is the
+:mod:`.errors`) import without it; ``wsserver.client.api`` is the
 server-side client of the HTTP API. See docs/python-client.md.
 """
 
@@ -45,7 +45,7 @@ _LAZY = {"Client", "Room"}
 
 
 def __getattr__(name: str) -> Any:
-    """``Client`` and ``Room`` on first use: importing them loads Tornado."""
+    """``Client`` and ``Room`` on first use: importing them loads aiohttp."""
     if name in _LAZY:
         from wsserver.client import connection
 

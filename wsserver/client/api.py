@@ -12,8 +12,10 @@ carries an idempotency key, made once per call and sent again with every retry,
 so a publish whose answer was lost is not published twice (the server keeps
 keys 5 minutes). Errors are :class:`~wsserver.client.errors.ApiError` subclasses.
 
-Over Tornado's ``AsyncHTTPClient`` (the server's own dependency); the retry
-decision is :func:`wsserver.client.decisions.api_retryable`.
+Over aiohttp, with connections kept alive between calls (the server's own
+outbound HTTP client makes the same choice: ``wsserver/edge/httpclient.py``
+says why not Tornado's); the retry decision is
+:func:`wsserver.client.decisions.api_retryable`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
-from tornado.iostream import StreamClosedError
+import aiohttp
 
 from wsserver.client.decisions import api_retryable, backoff_delay
 from wsserver.client.errors import ApiError, ApiUnavailable, api_error
@@ -59,7 +60,7 @@ class ApiClient:
         self.retries = retries
         self._key = key
         self._random = random
-        self._http = AsyncHTTPClient(force_instance=True)
+        self._http: aiohttp.ClientSession | None = None
         #: Attempts made by the last call (1 when the first one was answered).
         self.attempts = 0
 
@@ -71,11 +72,13 @@ class ApiClient:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        await self.close()
 
-    def close(self) -> None:
-        """Close the HTTP client's connections."""
-        self._http.close()
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     # --- the endpoints (docs/api.md) ---------------------------------------------------
 
@@ -179,30 +182,28 @@ class ApiClient:
     async def _attempt(self, method: str, url: str,
                        payload: bytes | None) -> tuple[int | None, Any, float | None]:
         """(status or None when no answer, decoded body or the failure, Retry-After)."""
-        request = HTTPRequest(
-            url, method=method, body=payload,
-            headers={"Authorization": f"apikey {self._key}",
-                     **({"Content-Type": "application/json"} if payload is not None else {})},
-            connect_timeout=self.timeout, request_timeout=self.timeout,
-        )
+        if self._http is None:
+            # Made on first use, inside the running loop.
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        headers = {"Authorization": f"apikey {self._key}"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            response: HTTPResponse = await self._http.fetch(request, raise_error=False)
-        except HTTPClientError as error:  # 599: timed out, or the connection dropped
-            return None, error, None
-        except (OSError, StreamClosedError) as error:
-            return None, error, None
-        if response.code == 599:
-            return None, response.error, None
+            async with self._http.request(method, url, data=payload, headers=headers,
+                                          allow_redirects=False) as response:
+                body = await response.read()
+                status, retry = response.status, response.headers.get("Retry-After")
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            return None, error, None  # refused, reset, timed out: no answer
         try:
-            answer = json.loads(response.body or b"null")
+            answer = json.loads(body or b"null")
         except ValueError:
             answer = None
-        retry = response.headers.get("Retry-After")
         try:
             retry_after = float(retry) if retry is not None else None
         except ValueError:
             retry_after = None
-        return response.code, answer, retry_after
+        return status, answer, retry_after
 
 
 __all__ = ["ApiClient", "ApiError"]

@@ -1,4 +1,4 @@
-"""The client's I/O: one WebSocket at a time, reconnecting, over Tornado's ``websocket_connect``.
+"""The client's I/O: one WebSocket at a time, reconnecting, over aiohttp.
 
 Every decision is made elsewhere: what a server message means by
 :class:`~wsserver.client.machine.ClientMachine`, what a close code or a refused
@@ -19,8 +19,11 @@ Order and back-pressure:
   socket, so the server sees a slow reader (it skips and later repairs, or
   says ``gap``) instead of the client's memory growing.
 
-Tornado is imported here only: the decisions stay importable without it
-(``tests/unit/test_core_imports.py``).
+The transport is aiohttp's WebSocket client, as the server's own outbound
+HTTP is (``wsserver/edge/httpclient.py``); docs/python-client.md has the
+measurements against Tornado's client and ``websockets``. This module and
+:mod:`wsserver.client.api` are the client's only I/O: the decisions stay
+importable without it (``tests/unit/test_core_imports.py``).
 """
 
 from __future__ import annotations
@@ -37,15 +40,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+import aiohttp
 import jwt
-from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.iostream import StreamClosedError
-from tornado.websocket import (
-    WebSocketClientConnection,
-    WebSocketClosedError,
-    WebSocketError,
-    websocket_connect,
-)
 
 from wsserver.client.decisions import (
     CloseDecision,
@@ -93,6 +89,11 @@ EventHandler = Callable[[Json], Awaitable[None] | None]
 
 #: How long a close waits for the server's close frame and the reader to end.
 CLOSE_TIMEOUT = 5.0
+#: The largest server message accepted (a ``joined`` reply carries up to the
+#: server's ``--max-recovery-bytes``, 4 MiB by default, of recovered messages).
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+Connection = aiohttp.ClientWebSocketResponse
 
 
 class Client:
@@ -175,7 +176,8 @@ class Client:
         self._rooms: dict[str, Room] = {}
         self._waiters: dict[str, asyncio.Future[Json]] = {}
         self._in_flight: set[str] = set()
-        self._conn: WebSocketClientConnection | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._conn: Connection | None = None
         self._open = False
         self._changed = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -236,7 +238,10 @@ class Client:
             room._finish(None)  # a reader waiting on a full room must see the close
         conn = self._conn
         if conn is not None:
-            conn.close(1000, "client closed")
+            # Sends the close frame; the reader sees the server's answer and ends.
+            with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                await asyncio.wait_for(conn.close(code=1000, message=b"client closed"),
+                                       CLOSE_TIMEOUT)
         if self._runner is not None and not self._runner.done():
             done, _ = await asyncio.wait([self._runner], timeout=CLOSE_TIMEOUT)
             if not done:
@@ -437,31 +442,32 @@ class Client:
             if reply:
                 self._waiters[msg_id] = answer
             self._in_flight.add(msg_id)
-            self._write(conn, msg)
+            try:
+                await self._write(conn, msg)
+            except BaseException:
+                self._settled(msg_id)  # cancelled while writing: nobody waits for the reply
+                raise
             return msg_id, answer
 
-    async def _send_internal(self, conn: WebSocketClientConnection, msg: Json) -> None:
+    async def _send_internal(self, conn: Connection, msg: Json) -> None:
         """Send a message of the client's own (re-join, refresh), paced, ahead of the callers'."""
         delay = self._pace_delay()
         if delay:
             await asyncio.sleep(delay)
         if conn is self._conn:
-            self._write(conn, msg)
+            await self._write(conn, msg)
 
-    def _write(self, conn: WebSocketClientConnection, msg: Json) -> None:
-        """Hand ``msg`` to the connection without waiting for the flush: what
-        is unsent is bounded by the window (``max_in_flight``), not by waiting
-        here, which would cost a loop turn per message."""
-        try:
-            flushed = conn.write_message(_encode(msg))
-        except WebSocketClosedError:
-            return  # the reader sees the close; the request fails with ConnectionLost there
-        flushed.add_done_callback(_retrieve)
+    async def _write(self, conn: Connection, msg: Json) -> None:
+        """Send ``msg``; it waits only when the socket's buffer is full."""
+        # On a closing connection the reader sees the close, and the request
+        # fails with ConnectionLost there.
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+            await conn.send_str(_encode(msg))
 
     def _pace_delay(self) -> float:
         return self._pacer.delay(time.monotonic()) if self.pace else 0.0
 
-    async def _wait_open(self) -> WebSocketClientConnection:
+    async def _wait_open(self) -> Connection:
         while True:
             if self._stopped is not None:
                 raise self._stopped
@@ -487,6 +493,14 @@ class Client:
     # --- the connection loop -----------------------------------------------------------
 
     async def _run(self) -> None:
+        # One session (aiohttp's connection pool and resolver) for every connection.
+        self._session = aiohttp.ClientSession()
+        try:
+            await self._reconnecting()
+        finally:
+            await self._session.close()
+
+    async def _reconnecting(self) -> None:
         attempt = 0
         failed_code: int | None = None
         while not self._closing:
@@ -530,20 +544,19 @@ class Client:
             reason = f"token_refresh failed: {error!r}"
             return CloseDecision("reconnect", "backoff"), None, reason, None, None
         url = self.urls[self._url_index % len(self.urls)]
-        request = HTTPRequest(
-            url, headers={**self.headers, "Authorization": f"Bearer {token}"},
-            connect_timeout=self.handshake_timeout, request_timeout=self.handshake_timeout,
-        )
+        assert self._session is not None
         try:
-            conn = await websocket_connect(
-                request, ping_interval=self.ping_interval, ping_timeout=self.ping_interval,
-            )
-        except HTTPClientError as error:
-            status = None if error.code == 599 else error.code
-            retry_after = _retry_after(error)
-            return handshake_decision(status), status, f"handshake refused: {error}", \
-                retry_after, None
-        except (OSError, StreamClosedError, WebSocketError, TimeoutError) as error:
+            async with asyncio.timeout(self.handshake_timeout):
+                conn = await self._session.ws_connect(
+                    url, headers={**self.headers, "Authorization": f"Bearer {token}"},
+                    heartbeat=self.ping_interval, max_msg_size=MAX_MESSAGE_SIZE,
+                )
+        except aiohttp.WSServerHandshakeError as error:
+            status = error.status if error.status >= 400 else None
+            retry_after = _retry_after(error.headers)
+            return handshake_decision(status), status, \
+                f"handshake refused: {error.status} {error.message}", retry_after, None
+        except (OSError, aiohttp.ClientError, TimeoutError) as error:
             return handshake_decision(None), None, f"cannot connect to {url}: {error!r}", None, None
         code, reason, open_for = await self._serve(conn)
         return close_decision(code, previous_code=failed_code), code, reason, None, open_for
@@ -558,37 +571,44 @@ class Client:
         self._token = await _call(self._token_refresh)
         return self._token
 
-    async def _serve(self, conn: WebSocketClientConnection) -> tuple[int | None, str, float | None]:
-        """Read ``conn`` until it closes; its close code, reason, and time open."""
+    async def _serve(self, conn: Connection) -> tuple[int | None, str, float | None]:
+        """Read ``conn`` until it closes; the server's close code (None when no
+        close frame came: the network or the server went away), its reason,
+        and the time the connection was open after its welcome."""
         self._conn = conn
         welcomed_at: float | None = None
+        code: int | None = None
+        reason = ""
         if self._closing:  # close() came during the handshake
-            conn.close(1000, "client closed")
+            await conn.close(code=1000, message=b"client closed")
         try:
             while True:
-                text = await conn.read_message()
-                if text is None:
+                msg = await conn.receive()
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    for event in self._machine.receive(msg.data):
+                        if isinstance(event, Welcomed):
+                            welcomed_at = time.monotonic()
+                        await self._handle(conn, event)
+                elif msg.type is aiohttp.WSMsgType.CLOSE:
+                    # Only a close frame says why. aiohttp reports a bare end of
+                    # the stream (a killed server) as 1000: that is a 1006.
+                    code, reason = int(msg.data), str(msg.extra or "")
                     break
-                if not isinstance(text, str):
-                    continue
-                for event in self._machine.receive(text):
-                    if isinstance(event, Welcomed):
-                        welcomed_at = time.monotonic()
-                    await self._handle(conn, event)
+                elif msg.type is not aiohttp.WSMsgType.BINARY:
+                    break  # closed, or a broken frame
         finally:
             self._conn = None
             self._open = False
-            conn.close()  # done with it either way (Tornado warns about one never closed)
+            with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT)
             for event in self._machine.connection_lost():
                 await self._handle(conn, event)
             self._in_flight.clear()
             self._notify()
-        code = conn.close_code
-        reason = conn.close_reason or describe_close(code)
         open_for = None if welcomed_at is None else time.monotonic() - welcomed_at
-        return code, reason, open_for
+        return code, reason or describe_close(code), open_for
 
-    async def _handle(self, conn: WebSocketClientConnection, event: Event) -> None:
+    async def _handle(self, conn: Connection, event: Event) -> None:
         if isinstance(event, Delivered):
             room = self._rooms.get(event.room)
             if room is not None:
@@ -625,7 +645,7 @@ class Client:
         if isinstance(rate, int | float) and isinstance(burst, int | float) and rate > 0:
             self._pacer.configure(float(rate), float(burst))
 
-    async def _resume(self, conn: WebSocketClientConnection, rejoins: list[Json]) -> None:
+    async def _resume(self, conn: Connection, rejoins: list[Json]) -> None:
         """After ``welcome``: send the re-joins, then let the callers' requests go."""
         for msg in rejoins:
             await self._send_internal(conn, msg)
@@ -649,7 +669,7 @@ class Client:
                      "(%d pending after the answer)", event.room, event.recovered, event.missed,
                      event.pending)
 
-    def _on_join_refused(self, conn: WebSocketClientConnection, event: JoinRefused) -> None:
+    def _on_join_refused(self, conn: Connection, event: JoinRefused) -> None:
         self._settled(event.id)
         room = self._rooms.get(event.room)
         if event.retry:
@@ -668,7 +688,7 @@ class Client:
             del self._rooms[event.room]
             room._finish(RoomLost(event.room, event.error.code, event.error))
 
-    async def _rejoin_later(self, conn: WebSocketClientConnection, room: str,
+    async def _rejoin_later(self, conn: Connection, room: str,
                             delay: float) -> None:
         await asyncio.sleep(delay)
         if conn is self._conn:
@@ -676,7 +696,7 @@ class Client:
             if msg is not None:
                 await self._send_internal(conn, msg)
 
-    async def _refresh(self, conn: WebSocketClientConnection) -> None:
+    async def _refresh(self, conn: Connection) -> None:
         """Answer ``token_expiring`` with a ``refresh`` carrying a new token, in-band."""
         if self._token_refresh is None or self._refreshing:
             return
@@ -936,12 +956,6 @@ async def _call(source: Callable[[], T | Awaitable[T]]) -> T:
     return result
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
-    """A write that failed because the connection closed: the reader deals with it."""
-    if not future.cancelled():
-        future.exception()
-
-
 def _encode(msg: Json) -> str:
     return json.dumps(msg, separators=(",", ":"), ensure_ascii=False)
 
@@ -957,11 +971,8 @@ def _token_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, int | float) else None
 
 
-def _retry_after(error: HTTPClientError) -> float | None:
-    response = error.response
-    if response is None:
-        return None
-    value = response.headers.get("Retry-After")
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
     try:
         return float(value) if value is not None else None
     except ValueError:
