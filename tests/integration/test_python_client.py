@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.support.aio import run
+from tests.support.backend import AppBackend
 from tests.support.cluster import KEY, node_args, write_files
 from tests.support.cluster import ROOMS as CLUSTER_ROOMS
 from tests.support.redis_server import RedisServer
@@ -37,6 +38,8 @@ from wsserver.client import (
     Message,
     RateLimited,
     Room,
+    ServerError,
+    Unavailable,
     UnknownTask,
     UnknownType,
 )
@@ -135,10 +138,33 @@ def test_requests_answer_and_refusals_raise_typed_errors(start: StartServer) -> 
             assert (ack.sender, ack.data, ack.offset) == ("alice", {"text": "hi"}, 1)
             [item] = await take(room, 1)
             assert isinstance(item, Message) and item.offset == 1
-            # rpc is not on this server yet: it answers unknown_type, typed.
+            # This server has no --proxy-rpc-url: rpc is unknown_type, typed.
             with pytest.raises(UnknownType) as unknown:
                 await client.rpc("add", {"a": 1})
             assert unknown.value.code == "unknown_type"
+
+    run(scenario)
+
+
+def test_rpc_is_answered_by_the_applications_backend(
+    start: StartServer, app_backend: AppBackend
+) -> None:
+    node = start("memory", "a", *app_backend.proxy_args("rpc"), "--proxy-timeout", "0.5")
+
+    async def scenario() -> None:
+        async with Client(node.ws_url, token=mint("alice")) as client:
+            assert await client.rpc("whoami") == {"user": "alice"}
+            assert await client.rpc("add", [1, 2, 3]) == 6
+            with pytest.raises(ServerError) as refused:
+                await client.rpc("fail", {"order": 7})
+            assert (type(refused.value), refused.value.code) == (ServerError, "not_found")
+            app_backend.fault("rpc", "hang")
+            with pytest.raises(Unavailable) as down:
+                await client.rpc("whoami")
+            assert down.value.retry_after is not None
+            app_backend.release_hanging()
+        assert [call.body["method"] for call in app_backend.calls_of("rpc")] == [
+            "whoami", "add", "fail", "whoami"]
 
     run(scenario)
 

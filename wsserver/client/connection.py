@@ -336,8 +336,9 @@ class Client:
         (``--proxy-rpc-url``): the ``data`` of its ``rpc_result``.
 
         Raises:
-            UnknownType: the server has no RPC.
-            Unavailable: the backend failed or timed out.
+            UnknownType: the server has no ``--proxy-rpc-url``.
+            Unavailable: the backend failed or timed out (``retry_after`` says when to retry).
+            ServerError: the backend refused, with its own ``code``.
         """
         reply = await self.request({"type": "rpc", "method": method, "data": data},
                                    timeout=timeout)
