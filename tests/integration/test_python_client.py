@@ -224,6 +224,30 @@ def test_a_node_killed_mid_stream_the_client_moves_to_the_other_and_misses_nothi
 
 
 @pytest.mark.slow
+def test_a_paced_drain_1012_moves_the_client_to_another_node_and_misses_nothing(
+    start: StartServer, redis: RedisServer
+) -> None:
+    a = start(redis.url, "a", "--drain-rate", "5")
+    b = start(redis.url, "b")
+
+    async def scenario() -> None:
+        async with ApiClient(b.url, KEY) as api, \
+                Client([a.ws_url, b.ws_url], token=mint("alice")) as client:
+            room = await client.join(ROOM)
+            publisher = asyncio.create_task(publish_all(api, range(1, 41), every=0.01))
+            got = await take(room, 10)
+            a.proc.terminate()  # SIGTERM: a drains, closing its connections with 1012
+            got += await take(room, 30)
+            await publisher
+            assert client.last_close is not None and client.last_close[0] == 1012
+            assert client.connections == 2
+        assert datas(got) == list(range(1, 41))
+        assert a.proc.wait(30) == 0
+
+    run(scenario)
+
+
+@pytest.mark.slow
 def test_a_restart_that_lost_the_history_is_reported_not_passed_over(
     start: StartServer,
 ) -> None:
