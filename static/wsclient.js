@@ -328,6 +328,8 @@ export class WsClient extends EventTarget {
     this.rooms = new Set();
     /** Room -> {epoch, offset} of the last message delivered (rooms with history). */
     this.positions = new Map();
+    /** Per room: the subscription token and data its join carries (re-joins too). */
+    this.joinExtras = new Map();
     /**
      * Id of each join in flight -> {room, asked, rejoin, held}: its reply is matched by
      * id; `held` keeps live messages that arrive before the reply of a recovering join.
@@ -430,11 +432,18 @@ export class WsClient extends EventTarget {
 
   /**
    * Join `room` (kept across reconnects); resolves with the "joined" reply.
-   * `options.id` sets the message id, `options.timeoutMs` the wait.
+   * `options.id` sets the message id, `options.timeoutMs` the wait;
+   * `options.token` (a subscription token for this room) and `options.data`
+   * (for the application's subscribe proxy) go with the join and with every
+   * re-join after a reconnect.
    */
   join(room, options = {}) {
     this.rooms.add(room);
-    const msg = withId(joinMessage(room, this.positions.get(room)), options.id);
+    const extras = {};
+    if (options.token !== undefined) extras.token = options.token;
+    if (options.data !== undefined) extras.data = options.data;
+    this.joinExtras.set(room, extras);
+    const msg = withId({ ...joinMessage(room, this.positions.get(room)), ...extras }, options.id);
     if (msg.id === undefined) msg.id = `c${this.nextId++}`;
     this.joins.set(msg.id, { room, asked: msg.since !== undefined, rejoin: false, held: [] });
     return this.request(msg, options);
@@ -452,6 +461,7 @@ export class WsClient extends EventTarget {
   leave(room, options = {}) {
     this.rooms.delete(room);
     this.positions.delete(room);
+    this.joinExtras.delete(room);
     this.cancelRetry(room);
     if (this.state !== 'open') {
       const dropped = this.queue.filter((m) => m.type === 'join' && m.room === room);
@@ -480,6 +490,16 @@ export class WsClient extends EventTarget {
   /** Run a server task; resolves with the "result" reply. */
   task(name, args, options = {}) {
     return this.request(withId({ type: 'task', name, args }, options.id), options);
+  }
+
+  /**
+   * Call `method` on the application's backend through the server's RPC proxy
+   * (`--proxy-rpc-url`); resolves with the "rpc_result" reply's `data`, rejects
+   * with WsError (`unknown_type` when the server has no RPC proxy).
+   */
+  async rpc(method, data, options = {}) {
+    const reply = await this.request(withId({ type: 'rpc', method, data }, options.id), options);
+    return reply.data;
   }
 
   // --- internals -----------------------------------------------------------
@@ -667,7 +687,8 @@ export class WsClient extends EventTarget {
 
   /** Send the (re-)join of `room` on the open socket, with `since` when we have a position. */
   sendRejoin(room) {
-    const msg = { ...joinMessage(room, this.positions.get(room)), id: `c${this.nextId++}` };
+    const msg = { ...joinMessage(room, this.positions.get(room)), ...this.joinExtras.get(room),
+                  id: `c${this.nextId++}` };
     this.joins.set(msg.id, { room, asked: msg.since !== undefined, rejoin: true, held: [] });
     this.ws.send(JSON.stringify(msg));
   }

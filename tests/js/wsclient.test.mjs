@@ -530,3 +530,30 @@ test('the health probe asks /healthz of the socket URL\'s server', async () => {
   assert.equal(await healthProbe('ws://x/ws', null), null); // no fetch() at all
   assert.deepEqual(asked, ['https://a.example/healthz', 'http://127.0.0.1:8888/healthz']);
 });
+
+test('rpc resolves with the result data; a join with a subscription token re-joins with it', async () => {
+  const client = newClient();
+  let ws = await connected(client);
+  const calling = client.rpc('orders.list', { page: 2 });
+  const call = ws.sent.at(-1);
+  assert.deepEqual({ ...call, id: undefined },
+    { type: 'rpc', method: 'orders.list', data: { page: 2 }, id: undefined });
+  ws.receive({ type: 'rpc_result', data: [1, 2], id: call.id });
+  assert.deepEqual(await calling, [1, 2]);
+  const refused = client.rpc('nope');
+  ws.receive({ type: 'error', code: 'unknown_type', message: 'rpc is not enabled', id: ws.sent.at(-1).id });
+  await assert.rejects(refused, (err) => err.code === 'unknown_type');
+
+  const joining = client.join('team:7', { token: 'sub.jwt.x' });
+  const join = ws.sent.at(-1);
+  assert.equal(join.token, 'sub.jwt.x');
+  ws.receive({ type: 'joined', room: 'team:7', id: join.id });
+  await joining;
+  ws.drop(1006);
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  ws = await connected(client);
+  const rejoin = ws.sent.find((m) => m.type === 'join');
+  assert.deepEqual({ ...rejoin, id: undefined },
+    { type: 'join', room: 'team:7', token: 'sub.jwt.x', id: undefined });
+  client.close();
+});
