@@ -158,6 +158,14 @@ def test_recovered_false_is_a_told_range() -> None:
     assert overreaching_gaps(ledger, published) == []
 
 
+def test_a_join_with_since_answered_without_recovered_is_flagged() -> None:
+    ledger = ledger_at("A", 0)
+    ledger.on_joined({"type": "joined", "room": ROOM, "epoch": "A", "offset": 9},
+                     with_since=True, conn=2)
+    assert [v.kind for v in ledger.violations] == ["bad-joined"]
+    assert ledger.position == ("A", 0)  # not taken as told
+
+
 def test_a_re_join_without_since_is_the_clients_own_choice() -> None:
     ledger = ledger_at("A", 0)
     ledger.on_message(message("A", 1), conn=1)
