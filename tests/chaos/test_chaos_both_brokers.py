@@ -44,11 +44,11 @@ def test_join_churn_loses_nothing(broker: str, nodes_factory: Callable[..., Node
 
     async def scenario() -> None:
         await nodes.start(node_count(broker))
-        chaos = Chaos(nodes, "churn", interval=0.03)
-        await chaos.start()
-        chaos.churn(hoppers=12, passers=4)
-        await chaos.published(900)
-        (await chaos.finish()).assert_clean()
+        async with Chaos(nodes, "churn", interval=0.03) as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=12, passers=4)
+            await chaos.published(900)
+            (await chaos.finish()).assert_clean()
 
     run(scenario, SCENARIO_TIMEOUT)
 
@@ -63,16 +63,16 @@ def test_dropped_sockets_recover_with_since(
 
     async def scenario() -> None:
         await nodes.start(node_count(broker))
-        chaos = Chaos(nodes, "drops", interval=0.03)
-        await chaos.start()
-        chaos.churn(hoppers=2, passers=1)
-        for round_ in range(8):
-            dropped = chaos.rng.sample(chaos.clients, 6)
-            for n, client in enumerate(dropped):
-                client.drop(reset=(round_ + n) % 2 == 0)
-            chaos.mark("dropped " + ",".join(c.name for c in dropped))
-            await chaos.published(45)
-        (await chaos.finish()).assert_clean()
+        async with Chaos(nodes, "drops", interval=0.03) as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            for round_ in range(8):
+                dropped = chaos.rng.sample(chaos.clients, 6)
+                for n, client in enumerate(dropped):
+                    client.drop(reset=(round_ + n) % 2 == 0)
+                chaos.mark("dropped " + ",".join(c.name for c in dropped))
+                await chaos.published(45)
+            (await chaos.finish()).assert_clean()
 
     run(scenario, SCENARIO_TIMEOUT)
 
@@ -87,23 +87,23 @@ def test_a_slow_reader_lags_and_is_not_closed(
 
     async def scenario() -> None:
         await nodes.start(node_count(broker))
-        chaos = Chaos(nodes, "slow", interval=0.03)
-        busy, slow = chaos.busy_room(size=32_000, interval=0.02, readers=1, slow=2)
-        await chaos.start()
-        chaos.churn(hoppers=2, passers=1)
-        await chaos.published(60)
-        for client in slow:
-            client.stall()
-        chaos.mark("s00, s01 stop reading")
-        # 8 MB: past the kernel's socket buffers (about 4 MB on loopback), then
-        # past --max-write-buffer in the server.
-        await chaos.published(250, busy)
-        for client in slow:
-            client.resume()
-        chaos.mark("s00, s01 read again")
-        # What piled up drains through a 4 kB window while the other rooms go on.
-        chaos.calm(busy)
-        await chaos.published(150)
-        (await chaos.finish()).assert_clean()
+        async with Chaos(nodes, "slow", interval=0.03) as chaos:
+            busy, slow = chaos.busy_room(size=32_000, interval=0.02, readers=1, slow=2)
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            await chaos.published(60)
+            for client in slow:
+                client.stall()
+            chaos.mark("s00, s01 stop reading")
+            # 8 MB: past the kernel's socket buffers (about 4 MB on loopback), then
+            # past --max-write-buffer in the server.
+            await chaos.published(250, busy)
+            for client in slow:
+                client.resume()
+            chaos.mark("s00, s01 read again")
+            # What piled up drains (the link got better) while the other rooms go on.
+            chaos.calm(busy)
+            await chaos.published(150)
+            (await chaos.finish()).assert_clean()
 
     run(scenario, SCENARIO_TIMEOUT)

@@ -35,20 +35,20 @@ def test_a_node_killed_and_restarted(
 
     async def scenario() -> None:
         await nodes.start(2)
-        chaos = Chaos(nodes, "kill")
-        await chaos.start()
-        chaos.churn(hoppers=2, passers=1)
-        await chaos.published(100)
-        chaos.mark("SIGKILL n1")
-        await nodes.kill(1)
-        await chaos.watch.until(1, "down")
-        await chaos.published(100)
-        chaos.mark("restarting n1")
-        await nodes.restart(1)
-        await chaos.watch.until(1, "200")
-        chaos.mark("n1 ready")
-        await chaos.published(100)
-        (await chaos.finish(expect_down=[1])).assert_clean()
+        async with Chaos(nodes, "kill") as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            await chaos.published(100)
+            chaos.mark("SIGKILL n1")
+            await nodes.kill(1)
+            await chaos.watch.until(1, "down")
+            await chaos.published(100)
+            chaos.mark("restarting n1")
+            await nodes.restart(1)
+            await chaos.watch.until(1, "200")
+            chaos.mark("n1 ready")
+            await chaos.published(100)
+            (await chaos.finish(expect_down=[1])).assert_clean()
 
     run(scenario, SCENARIO_TIMEOUT)
 
@@ -65,25 +65,25 @@ def test_redis_restarted(
 
     async def scenario() -> None:
         await nodes.start(2)
-        chaos = Chaos(nodes, "restart")
-        await chaos.start()
-        chaos.churn(hoppers=2, passers=1)
-        await chaos.published(100)
-        chaos.mark("stopping Redis")
-        await asyncio.to_thread(redis.stop)
-        for index in (0, 1):
-            await chaos.watch.until(index, "503")
-        chaos.mark("both nodes unready")
-        # An outage long enough for the nodes' reconnect backoffs to part: one
-        # node is back (and publishing) a while before the other re-subscribes.
-        await asyncio.sleep(2.5)
-        await asyncio.to_thread(redis.start)
-        chaos.mark("Redis started")
-        for index in (0, 1):
-            await chaos.watch.until(index, "200")
-        chaos.mark("both nodes ready")
-        await chaos.published(100)
-        (await chaos.finish(expect_unready=[0, 1])).assert_clean()
+        async with Chaos(nodes, "restart") as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            await chaos.published(100)
+            chaos.mark("stopping Redis")
+            await asyncio.to_thread(redis.stop)
+            for index in (0, 1):
+                await chaos.watch.until(index, "503")
+            chaos.mark("both nodes unready")
+            # An outage long enough for the nodes' reconnect backoffs to part: one
+            # node is back (and publishing) a while before the other re-subscribes.
+            await asyncio.sleep(2.5)
+            await asyncio.to_thread(redis.start)
+            chaos.mark("Redis started")
+            for index in (0, 1):
+                await chaos.watch.until(index, "200")
+            chaos.mark("both nodes ready")
+            await chaos.published(100)
+            (await chaos.finish(expect_unready=[0, 1])).assert_clean()
 
     run(scenario, SCENARIO_TIMEOUT)
 
@@ -97,24 +97,24 @@ def test_redis_frozen_for_three_seconds(
 
     async def scenario() -> None:
         await nodes.start(2)
-        chaos = Chaos(nodes, "freeze")
-        await chaos.start()
-        chaos.churn(hoppers=2, passers=1)
-        await chaos.published(100)
-        chaos.mark("SIGSTOP Redis")
-        redis.freeze()
-        try:
-            await asyncio.sleep(3.0)
+        async with Chaos(nodes, "freeze") as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            await chaos.published(100)
+            chaos.mark("SIGSTOP Redis")
+            redis.freeze()
+            try:
+                await asyncio.sleep(3.0)
+                for index in (0, 1):
+                    await chaos.watch.until(index, "503")
+            finally:
+                redis.thaw()
+                chaos.mark("SIGCONT Redis")
             for index in (0, 1):
-                await chaos.watch.until(index, "503")
-        finally:
-            redis.thaw()
-            chaos.mark("SIGCONT Redis")
-        for index in (0, 1):
-            await chaos.watch.until(index, "200")
-        chaos.mark("both nodes ready")
-        await chaos.published(100)
-        (await chaos.finish(expect_unready=[0, 1])).assert_clean()
+                await chaos.watch.until(index, "200")
+            chaos.mark("both nodes ready")
+            await chaos.published(100)
+            (await chaos.finish(expect_unready=[0, 1])).assert_clean()
 
     run(scenario, SCENARIO_TIMEOUT)
 
@@ -128,16 +128,16 @@ def test_pubsub_connections_killed(
 
     async def scenario() -> None:
         await nodes.start(2)
-        chaos = Chaos(nodes, "pubsub")
-        await chaos.start()
-        chaos.churn(hoppers=2, passers=1)
-        await chaos.published(60)
-        for kill in range(1, 4):
-            killed = await asyncio.to_thread(redis.command, "CLIENT", "KILL", "TYPE", "pubsub")
-            assert killed >= 2, killed
-            chaos.mark(f"CLIENT KILL TYPE pubsub ({killed} killed)")
-            await nodes.logged("broker: re-subscribed", kill)
+        async with Chaos(nodes, "pubsub") as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
             await chaos.published(60)
-        (await chaos.finish()).assert_clean()
+            for kill in range(1, 4):
+                killed = await asyncio.to_thread(redis.command, "CLIENT", "KILL", "TYPE", "pubsub")
+                assert killed >= 2, killed
+                chaos.mark(f"CLIENT KILL TYPE pubsub ({killed} killed)")
+                await nodes.logged("broker: re-subscribed", kill)
+                await chaos.published(60)
+            (await chaos.finish()).assert_clean()
 
     run(scenario, SCENARIO_TIMEOUT)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from tests.support.careful import CarefulClient, Progress
 from tests.support.ledger import Ack, Epochs, Violation, judge, overreaching_gaps, spans
@@ -172,7 +172,9 @@ class Http:
         )
         try:
             response: HTTPResponse = await self.client.fetch(request, raise_error=False)
-        except OSError:
+        except (OSError, HTTPClientError):
+            # raise_error=False keeps only non-2xx answers: a connection refused,
+            # reset (a killed node) or timed out still raises.
             return 599, None
         try:
             return response.code, json.loads(response.body) if response.body else None
@@ -316,6 +318,7 @@ class ReadyWatch:
         self._stop.set()
         if self._task is not None:
             await self._task
+            self._task = None
 
 
 # --- the scenario --------------------------------------------------------------------
@@ -407,6 +410,24 @@ class Chaos:
         if index % 2:
             return [first, self.rooms[(index + 1) % len(self.rooms)]]
         return [first]
+
+    async def __aenter__(self) -> Chaos:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop everything still running (also after a failure): no socket is left open."""
+        self._stop_churn.set()
+        for stop in self._stop_publishing.values():
+            stop.set()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(c.stop() for c in self.clients + self.passers))
+        await self.watch.stop()
+        self.http.close()
 
     def mark(self, what: str) -> None:
         """Note in the timeline of the report what the test does now."""
