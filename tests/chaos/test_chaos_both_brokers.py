@@ -10,6 +10,7 @@ reports each broken one (client, room, offsets).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
@@ -104,6 +105,36 @@ def test_a_slow_reader_lags_and_is_not_closed(
             # What piled up drains (the link got better) while the other rooms go on.
             chaos.calm(busy)
             await chaos.published(150)
+            (await chaos.finish()).assert_clean()
+
+    run(scenario, SCENARIO_TIMEOUT)
+
+
+def test_a_pipelining_publisher_is_not_cut_off(
+    broker: str, nodes_factory: Callable[..., Nodes]
+) -> None:
+    """Clients with a raised message rate (relays, bots) send hundreds of
+    publishes back to back without waiting for answers: they are slowed down
+    (TCP back-pressure), never closed with 4029, every publish lands once and
+    in order, and every member gets all of them."""
+    # Bursts of 300 per client, 900 per room, well within every bucket.
+    rate = ("--message-rate", "2000", "--message-burst", "1000",
+            "--room-publish-rate", "4000", "--room-publish-burst", "2000")
+    nodes = nodes_factory(broker, *rate)
+
+    async def scenario() -> None:
+        await nodes.start(node_count(broker))
+        async with Chaos(nodes, "relay", interval=0.05) as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            relays = chaos.clients[:3]
+            for burst in range(3):
+                await chaos.progress.until(lambda: all(r.joined() for r in relays), 10)
+                chaos.mark(f"burst {burst}: 3 clients x 300 publishes")
+                await asyncio.gather(*(
+                    relay.publish(sorted(relay.wanted)[0], 300) for relay in relays
+                ))
+                await chaos.published(30)
             (await chaos.finish()).assert_clean()
 
     run(scenario, SCENARIO_TIMEOUT)

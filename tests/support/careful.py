@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from tests.support.ledger import Epochs, Position, RoomLedger, Violation
+from tests.support.ledger import Ack, Epochs, Position, RoomLedger, Violation
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 1.0
@@ -164,6 +164,10 @@ class CarefulClient:
         self._leaves: dict[str, str] = {}
         #: Answers ``unavailable`` to a leave (outside the contract's list; counted).
         self.leaves_unavailable = 0
+        #: Its own publishes: sent (id → room), and those whose copy came back.
+        self._publishing: dict[str, str] = {}
+        self.own_acks: list[Ack] = []
+        self.published = 0
         self._serial = 0
         self._stopping = asyncio.Event()
         self._reading = asyncio.Event()
@@ -251,6 +255,26 @@ class CarefulClient:
         ws = self._ws
         if ws is not None and room not in self._members and room not in self._joining():
             await self._join(ws, room, with_since)
+
+    async def publish(self, room: str, count: int) -> None:
+        """Send ``count`` publishes into ``room`` back to back, without waiting for
+        any answer (a relay with a raised message rate): the caller keeps
+        ``count`` within the burst the welcome announced. Each one's copy, which
+        carries its ``id``, is its acknowledgement."""
+        ws = self._ws
+        if ws is None or room not in self._members:
+            return  # reconnecting: the caller waits for joined() first
+        burst = []
+        for _ in range(count):
+            self.published += 1
+            uid = f"{self.name}-pub{self.published}"
+            self._publishing[uid] = room
+            burst.append(json.dumps(
+                {"type": "publish", "room": room, "data": {"uid": uid}, "id": uid}
+            ))
+        with contextlib.suppress(ConnectionClosed):
+            for text in burst:
+                await ws.send(text)
 
     def connected(self) -> bool:
         return self._ws is not None
@@ -396,8 +420,12 @@ class CarefulClient:
         if kind == "message":
             if ledger is None:
                 self._violate("foreign-message", f"message of a room never joined: {room!r}")
-            else:
-                ledger.on_message(message, conn)
+                return
+            ledger.on_message(message, conn)
+            mine = self._publishing.pop(str(message.get("id")), None)
+            if mine is not None:
+                self.own_acks.append(Ack(mine, message["epoch"], message["offset"],
+                                         str(message["id"])))
         elif kind == "gap":
             if ledger is not None:
                 ledger.on_gap(message)
@@ -420,6 +448,9 @@ class CarefulClient:
                 self._chore(self._send(ws, self._join_message(str(room), with_since=True)))
         elif kind == "error":
             ident = str(message.get("id"))
+            if self._publishing.pop(ident, None) is not None:
+                self._violate("error", f"a publish within the rate answered {message!r:.200}")
+                return
             joining = self._joins.pop(ident, None)
             leaving = self._leaves.pop(ident, None)
             if joining is not None and message.get("code") == "unavailable":

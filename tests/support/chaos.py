@@ -625,7 +625,7 @@ class Chaos:
                 found.append(Violation("stored-twice", "history", room,
                                        f"uids stored more than once: {twice}", None))
             at = {(m["epoch"], m["offset"]): m["data"]["uid"] for m in messages}
-            for ack in self.publisher.acked[room]:
+            for ack in self._acks(room):
                 held = at.get((ack.epoch, ack.offset))
                 if held is not None and held != ack.uid:
                     found.append(Violation("ack-mismatch", "history", room,
@@ -645,7 +645,7 @@ class Chaos:
             for room, ledger in client.ledgers.items():
                 found += ledger.violations
                 if room in finals:
-                    found += judge(ledger, self.publisher.acked[room], finals[room])
+                    found += judge(ledger, self._acks(room), finals[room])
                 if check_gaps and kept_acks.get(room):
                     found += overreaching_gaps(ledger, kept_acks[room])
         for passer in self.passers:
@@ -653,6 +653,13 @@ class Chaos:
             for ledger in passer.ledgers.values():
                 found += ledger.violations
         return found
+
+    def _acks(self, room: str) -> list[Ack]:
+        """Every acknowledged message of ``room``: the API's, and the clients' own
+        publishes whose copy came back."""
+        return self.publisher.acked[room] + [
+            ack for client in self.clients for ack in client.own_acks if ack.room == room
+        ]
 
     def _readiness(self, unready: Sequence[int], down: Sequence[int]) -> list[Violation]:
         found = []
@@ -669,6 +676,7 @@ class Chaos:
         closes = Counter(c.code for client in everyone for c in client.closes if not c.by_us)
         return {
             "published": self.publisher.count,
+            "client_publishes": sum(c.published for c in self.clients),
             "retries": self.publisher.retries,
             "clients": len(self.clients),
             "passers": len(self.passers),
