@@ -168,6 +168,8 @@ class CarefulClient:
         self._publishing: dict[str, str] = {}
         self.own_acks: list[Ack] = []
         self.published = 0
+        #: Its publishes answered ``unavailable`` (told: not lost silently; counted).
+        self.publishes_refused = 0
         self._serial = 0
         self._stopping = asyncio.Event()
         self._reading = asyncio.Event()
@@ -449,7 +451,10 @@ class CarefulClient:
         elif kind == "error":
             ident = str(message.get("id"))
             if self._publishing.pop(ident, None) is not None:
-                self._violate("error", f"a publish within the rate answered {message!r:.200}")
+                if message.get("code") == "unavailable":
+                    self.publishes_refused += 1
+                else:
+                    self._violate("error", f"a publish within the rate answered {message!r:.200}")
                 return
             joining = self._joins.pop(ident, None)
             leaving = self._leaves.pop(ident, None)

@@ -63,6 +63,10 @@ QUIET = 5.0
 #: How long one publish may be retried before it counts as never acknowledged.
 PUBLISH_DEADLINE = 30.0
 REQUEST_TIMEOUT = 3.0
+#: The share of client publishes that may be answered ``unavailable`` with Redis
+#: up (a batch past the broker's command timeout on a loaded machine) before
+#: the publishers count as cut off.
+REFUSED_SHARE = 0.1
 
 
 # --- the nodes ------------------------------------------------------------------------
@@ -648,6 +652,14 @@ class Chaos:
                     found += judge(ledger, self._acks(room), finals[room])
                 if check_gaps and kept_acks.get(room):
                     found += overreaching_gaps(ledger, kept_acks[room])
+        published = sum(c.published for c in self.clients)
+        refused = sum(c.publishes_refused for c in self.clients)
+        if refused > published * REFUSED_SHARE:
+            found.append(Violation(
+                "publish-refused", "clients", "-",
+                f"{refused} of {published} client publishes answered 'unavailable' "
+                f"(more than {REFUSED_SHARE:.0%}): the publishers were in effect cut off", None,
+            ))
         for passer in self.passers:
             found += passer.violations
             for ledger in passer.ledgers.values():
@@ -677,6 +689,7 @@ class Chaos:
         return {
             "published": self.publisher.count,
             "client_publishes": sum(c.published for c in self.clients),
+            "client_publishes_unavailable": sum(c.publishes_refused for c in self.clients),
             "retries": self.publisher.retries,
             "clients": len(self.clients),
             "passers": len(self.passers),
