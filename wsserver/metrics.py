@@ -139,7 +139,7 @@ class Metrics:
         self.stream_sends = Counter(
             "wsserver_sse_sends",
             "POST /sse/send answers, by outcome (accepted, forwarded, unknown_session, "
-            "too_large, busy, bad_request, unavailable)",
+            "too_large, busy, bad_request, origin, unavailable)",
             ["outcome"],
             registry=r,
         )
