@@ -439,7 +439,7 @@ async def test_a_paused_session_holds_the_post_until_it_resumes(
     posts = [asyncio.ensure_future(client.post(json.dumps({"type": "echo", "data": n})))
              for n in range(3)]
     # Each POST reached the server and waits there, in order.
-    await until(lambda: len(transport._held) == 3)
+    await until(lambda: transport.waiting == 3)
     assert not any(post.done() for post in posts)
     transport.resume_reading()
     assert [(await post).status_code for post in posts] == [202, 202, 202]
@@ -455,10 +455,11 @@ async def test_a_paused_session_answers_503_past_its_bounds(
     client = await streamed(port, mint("alice"))
     (session,) = state.sessions()
     transport = session.transport
+    assert isinstance(transport, sse.SseTransport)
     transport.pause_reading()
     waiting = [asyncio.ensure_future(client.post(json.dumps({"type": "echo", "data": n})))
                for n in range(2)]
-    await until(lambda: len(transport._held) == 2)
+    await until(lambda: transport.waiting == 2)
     over = await post_send(port, client.session, '{"type":"echo","data":"over"}')
     assert over.status_code == 503 and over.headers["retry-after"] == "1"
     # The two that waited give up after SEND_WAIT: not taken, send again.

@@ -42,6 +42,7 @@ import json
 import logging
 import re
 import secrets
+import socket
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -92,6 +93,8 @@ SESSION_ID = re.compile(r"([A-Za-z0-9_-]{8})\.[A-Za-z0-9_-]{43}")
 #: The 403's message when a stream request carries no token.
 NO_TOKEN = ("no token: send 'Authorization: Bearer <jwt>', or ?ticket=<ticket> from "
             "POST /auth/ticket")
+#: Shared by every stream once its handshake headers are dropped.
+_NO_HEADERS = HTTPHeaders()
 #: Request headers a cross-origin page may send (CORS preflight).
 ALLOWED_HEADERS = "Authorization, Content-Type, X-Session"
 
@@ -180,6 +183,10 @@ class SseTransport:
         connection = handler.request.connection
         assert isinstance(connection, HTTP1Connection)
         self._stream: IOStream = connection.stream
+        # Exactly IOStream: an SSLIOStream must encrypt.
+        self._socket: socket.socket | None = (
+            self._stream.socket if type(self._stream) is IOStream else None
+        )
         # Decided by Tornado with the headers (HTTP/1.1: chunked; 1.0: until close).
         self._chunked = chunked_output(connection)
         self._loop = asyncio.get_running_loop()
@@ -196,7 +203,9 @@ class SseTransport:
         self._gone = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._paused = False
-        self._held: deque[tuple[str, asyncio.Future[None]]] = deque()
+        #: Messages waiting while reading is paused (made on first use: most
+        #: streams never pause, and an empty deque is 600 bytes).
+        self._held: deque[tuple[str, asyncio.Future[None]]] | None = None
 
     # --- out -------------------------------------------------------------------
 
@@ -237,6 +246,21 @@ class SseTransport:
             return
         if self._chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
+        sock = self._socket
+        if sock is not None and not pending_bytes(stream):
+            # Nothing queued: hand it to the kernel ourselves, as IOStream would,
+            # minus its Future and buffer bookkeeping (as TornadoTransport does);
+            # what the kernel does not take, and any error, go through
+            # IOStream.write, which queues it or closes the stream.
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                if ping:
+                    self._ponged()
+                return
+            data = data[sent:]
         try:
             written = stream.write(data)
         except StreamClosedError:
@@ -245,11 +269,13 @@ class SseTransport:
             written.add_done_callback(self._pinged)
 
     def _pinged(self, written: asyncio.Future[None]) -> None:
+        # Tornado marks a failed write's exception as retrieved itself.
+        if not written.cancelled() and written.exception() is None:
+            self._ponged()
+
+    def _ponged(self) -> None:
         # An EventSource cannot answer a ping: the comment counts as answered
-        # once the kernel took it. Tornado marks a failed write's exception as
-        # retrieved itself.
-        if written.cancelled() or written.exception() is not None:
-            return
+        # once the kernel took it.
         if self.receiver is not None and not self.closing:
             self.receiver.on_pong(b"")
 
@@ -304,6 +330,11 @@ class SseTransport:
 
     # --- in --------------------------------------------------------------------
 
+    @property
+    def waiting(self) -> int:
+        """Messages held while reading is paused (their POSTs wait)."""
+        return len(self._held) if self._held else 0
+
     def pause_reading(self) -> None:
         """Hold the messages that arrive (their POSTs wait) until :meth:`resume_reading`."""
         self._paused = True
@@ -336,6 +367,8 @@ class SseTransport:
             self._receive(text)
             return None
         held = self._held
+        if held is None:
+            held = self._held = deque()
         if len(held) >= MAX_HELD:
             self._held = held = deque(item for item in held if not item[1].done())
             if len(held) >= MAX_HELD:
@@ -363,8 +396,8 @@ class SseTransport:
             self.receiver.on_text(text)
 
     def _drop_held(self) -> None:
-        held, self._held = self._held, deque()
-        for _, waiter in held:
+        held, self._held = self._held, None
+        for _, waiter in held or ():
             if not waiter.done():
                 waiter.set_exception(StreamGone())
                 waiter.exception()  # answered by its POST, or by nobody
@@ -584,10 +617,12 @@ class StreamHandler(StreamingHandler):
     def _release_handshake(self) -> None:
         """Drop what only the handshake needed (as the WebSocket handler does)."""
         request = self.request
-        request.headers = HTTPHeaders()
+        request.headers = _NO_HEADERS
         request.uri = redact(request.uri or "")
         request.arguments = {}
         request.query_arguments = {}
+        # The response's headers are out: nothing reads them again.
+        self._headers = _NO_HEADERS
 
     def on_connection_close(self) -> None:
         self._client_gone = True
