@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.clients import ORIGIN, welcomed
+from tests.support.clients import ORIGIN, ROOM_TRAFFIC, welcomed
 from tests.support.metrics import value
 from tests.support.streams import post_send, stream, streamed, ticket
 from tests.support.tokens import mint
@@ -154,6 +154,28 @@ async def test_recovery_after_the_stream_is_cut(port: int, state: Services) -> N
     await writer.send({"type": "publish", "room": "hist:r", "data": 5})
     live = await back.next(lambda m: m["type"] == "message")
     assert (live["data"], live["offset"]) == (5, 5)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("rooms_table", [{
+    "join": "token", "publish": "token",
+    "namespaces": {"chat": {"join": "anyone", "publish": "members", "presence": True,
+                            "join_leave": True}},
+}])
+async def test_permissions_presence_and_join_events_over_a_stream(port: int) -> None:
+    client = await streamed(port, mint("alice", rooms=["granted"]))
+    refused = await client.ask({"type": "join", "room": "secret", "id": 1})
+    assert (refused["type"], refused["code"], refused["id"]) == ("error", "forbidden", 1)
+    await client.join("granted")
+    refused = await client.ask({"type": "publish", "room": "granted", "data": 1, "id": 2})
+    assert refused["code"] == "forbidden"
+    await client.join("chat:1")
+    socket = await welcomed(port, mint("bob"))
+    await socket.join("chat:1")
+    event = await client.next(lambda m: m["type"] == "user_joined" and m["user"] == "bob")
+    assert event["room"] == "chat:1"
+    presence = await client.ask({"type": "presence", "room": "chat:1"}, skip=ROOM_TRAFFIC)
+    assert (presence["users"], presence["connections"]) == (["alice", "bob"], 2)
 
 
 @pytest.mark.gen_test
