@@ -229,6 +229,19 @@ async def test_an_allowed_origin_may_read_the_stream(port: int) -> None:
 
 
 @pytest.mark.gen_test
+async def test_healthz_is_readable_by_an_allowed_origin_only(port: int) -> None:
+    # wsclient.js asks /healthz after a WebSocket failed before opening: a page
+    # on another origin must be able to read the answer to tell "up" from "away".
+    async with httpx.AsyncClient() as http:
+        allowed = await http.get(f"http://127.0.0.1:{port}/healthz", headers={"Origin": ORIGIN})
+        foreign = await http.get(f"http://127.0.0.1:{port}/healthz",
+                                 headers={"Origin": "http://evil.example"})
+    assert allowed.status_code == foreign.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    assert "access-control-allow-origin" not in foreign.headers
+
+
+@pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"handshake_rate": "0.01", "handshake_burst": "2"}])
 async def test_the_handshake_rate_is_shared_with_websockets(port: int) -> None:
     await welcomed(port)

@@ -151,9 +151,18 @@ class NotFoundHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
-    """``GET /healthz``: 200 while the process runs."""
+    """``GET /healthz``: 200 while the process runs.
+
+    Readable by a page of an allowed origin (CORS), so that ``wsclient.js``
+    can tell a server that is up from one that is away after a WebSocket
+    failed before opening, on a page served from another origin too.
+    """
 
     def get(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin and self.services.origins.allows(origin):
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.add_header("Vary", "Origin")
         self.write_json({"status": "ok"})
 
 

@@ -487,7 +487,8 @@ class TicketHandler(StreamingHandler):
     """``POST /auth/ticket``: a single-use ticket for ``GET /sse?ticket=``.
 
     The same arrival checks as a handshake (draining 503, origin 403,
-    handshake rate 429), then the bearer token must verify (401 otherwise).
+    handshake rate 429), refused, counted and logged as a handshake is, then
+    the bearer token must verify (401 otherwise).
     The ticket is logged nowhere; it stands for the token for
     :data:`TICKET_TTL` seconds, once.
     """
@@ -502,9 +503,9 @@ class TicketHandler(StreamingHandler):
         try:
             check_arrival(services, arrival)
         except Rejection as rejection:
-            services.metrics.rejections.labels(rejection.reason).inc()
-            self.answer(rejection.status, rejection.reason, rejection.message,
-                        rejection.retry_after)
+            # The first step of a stream's handshake: counted and logged as one.
+            refuse(self, services, rejection, limit_key=self.limit_key,
+                   client_address=self.client_address)
             return
         credentials = extract_token(self.request.headers.get("Authorization"), (), None)
         if credentials is None:
