@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wsserver.edge.sse import KEEPALIVE, SESSION_ID, close_event, event
+from wsserver.edge.sse import KEEPALIVE, SESSION_ID, chunk, close_event, event, event_chunk
 from wsserver.transport import Prepared
 
 
@@ -50,7 +50,27 @@ def test_keepalive_is_a_comment_no_client_sees_as_an_event() -> None:
 
 def test_a_fan_out_builds_the_event_once() -> None:
     message = Prepared(b'{"type":"message"}')
-    assert message.encoded(event) is message.encoded(event)
+    assert message.encoded(event_chunk) is message.encoded(event_chunk)
+
+
+def dechunk(body: bytes) -> bytes:
+    """A chunked body's data (RFC 9112 section 7.1), for the test's own check."""
+    data = b""
+    while body:
+        size_line, body = body.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        data, body = data + body[:size], body[size:]
+        assert body[:2] == b"\r\n"
+        body = body[2:]
+    return data
+
+
+def test_an_http11_stream_writes_each_event_as_a_chunk() -> None:
+    payload = b'{"type":"echo","data":"' + b"x" * 300 + b'"}'
+    framed = event_chunk(payload)
+    assert framed.startswith(b"%x\r\n" % len(event(payload)))
+    # Several framed events in one write are several chunks: the same events.
+    assert dechunk(framed + chunk(KEEPALIVE) + framed) == event(payload) + KEEPALIVE + event(payload)
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,26 @@ def event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+def chunk(data: bytes) -> bytes:
+    """``data`` framed as one HTTP/1.1 chunk (RFC 9112 section 7.1)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def event_chunk(payload: bytes) -> bytes:
+    """:func:`event` as one chunk: what an HTTP/1.1 stream writes for a message.
+
+    The :class:`~wsserver.transport.Prepared` encoding of streams, so that a
+    fan-out frames the chunk once for every streaming member, and a member
+    sent only that message in a turn of the loop writes it as it is. (Several
+    chunks in a row are still valid chunked encoding.)
+    """
+    return chunk(event(payload))
+
+
+#: The keepalive comment, as one chunk.
+KEEPALIVE_CHUNK = chunk(KEEPALIVE)
+
+
 def close_event(code: int, reason: str) -> bytes:
     """The event that ends a stream: ``{"type": "close", "code": C, "reason": R}``."""
     return event(json.dumps({"type": "close", "code": code, "reason": reason},
@@ -130,7 +150,7 @@ class _Flusher:
     """Writes out, once per turn of the loop, what each stream was sent.
 
     A broadcast hands every member its event at once; a stream sent several
-    events in one step gets them in one chunk, hence one ``send`` system call.
+    events in one step gets them in one write, hence one ``send`` system call.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -166,9 +186,9 @@ def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
 class SseTransport:
     """:class:`~wsserver.transport.Transport` over one ``text/event-stream`` response.
 
-    Messages become events (:func:`event`, built once per message for every
-    streaming member: :meth:`Prepared.encoded`), batched per connection and
-    per turn of the loop, and written to the stream in HTTP/1.1 chunks.
+    Messages become events framed as HTTP/1.1 chunks (:func:`event_chunk`,
+    built once per message for every streaming member: :meth:`Prepared.encoded`),
+    batched per connection and per turn of the loop, and written in one write.
     Messages in come from ``POST /sse/send`` through :meth:`hand`.
 
     ``on_gone(code, reason, by_server)`` is called exactly once, when the
@@ -189,6 +209,7 @@ class SseTransport:
         )
         # Decided by Tornado with the headers (HTTP/1.1: chunked; 1.0: until close).
         self._chunked = chunked_output(connection)
+        self._encoding = event_chunk if self._chunked else event
         self._loop = asyncio.get_running_loop()
         self._batch: list[bytes] = []
         self._batch_size = 0
@@ -212,14 +233,14 @@ class SseTransport:
     def send(self, message: Prepared) -> bool:
         if self.closing:
             return False
-        self._queue(message.encoded(event))
+        self._queue(message.encoded(self._encoding))
         return True
 
     def ping(self) -> None:
         """The keepalive comment; its "pong" is reported once the kernel took it."""
         if self.closing:
             return
-        self._queue(KEEPALIVE)
+        self._queue(KEEPALIVE_CHUNK if self._chunked else KEEPALIVE)
         self._ping_in_batch = True
 
     def buffered(self) -> int:
@@ -233,7 +254,7 @@ class SseTransport:
         self._batch_size += len(data)
 
     def flush(self) -> None:
-        """Write what was queued this turn, as one chunk."""
+        """Write what was queued this turn (chunks already framed), in one write."""
         batch = self._batch
         if not batch:
             return
@@ -244,8 +265,6 @@ class SseTransport:
         stream = self._stream
         if self._gone or stream.closed():
             return
-        if self._chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
         sock = self._socket
         if sock is not None and not pending_bytes(stream):
             # Nothing queued: hand it to the kernel ourselves, as IOStream would,
@@ -285,7 +304,8 @@ class SseTransport:
         """Send the ``close`` event and end the response; idempotent."""
         if self.closing:
             return
-        self._queue(close_event(code, reason))
+        close = close_event(code, reason)
+        self._queue(chunk(close) if self._chunked else close)
         self.closing = True
         self._closed_with = (code, reason)
         self._drop_held()
