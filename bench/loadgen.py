@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jwt
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -976,10 +976,270 @@ async def hold(job: Job, dialer: Dialer) -> Result:
     }
 
 
+# --- HTTP streaming (issue 22) -------------------------------------------------------
+
+
+class SseStream(asyncio.Protocol):
+    """One ``GET /sse`` read raw: the response head, its chunks, its events.
+
+    A Python protocol with no Future per event, as picows is for frames: the
+    head is checked, chunked transfer encoding undone, each event's ``data``
+    taken whole (the server writes one line per event) and, after the
+    ``welcome``, handed to ``on_payload``. Keepalive comments are skipped.
+    """
+
+    def __init__(self, request: bytes, on_payload: Callable[[bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self.request = request
+        self.on_payload = on_payload
+        self.welcome: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.gone: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.close_code: int | None = None
+        self._head = True
+        self._raw = bytearray()
+        self._events = bytearray()
+        self._data_left = 0  # bytes of the current chunk still to come
+        self._crlf_left = 0  # bytes of the CRLF after it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("stream ended before its welcome"))
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        raw = self._raw
+        raw += data
+        if self._head:
+            end = raw.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(raw[: raw.find(b"\r\n")])
+            if b" 200 " not in status:
+                if not self.welcome.done():
+                    self.welcome.set_exception(RuntimeError(f"stream refused: {status!r}"))
+                self.close()
+                return
+            del raw[: end + 4]
+            self._head = False
+        events = self._events
+        while raw:
+            if self._crlf_left:
+                taken = min(self._crlf_left, len(raw))
+                del raw[:taken]
+                self._crlf_left -= taken
+                continue
+            if not self._data_left:
+                line_end = raw.find(b"\r\n")
+                if line_end < 0:
+                    break
+                size = int(bytes(raw[:line_end]), 16)
+                del raw[: line_end + 2]
+                if size == 0:
+                    self.close()  # the last chunk: the stream ended
+                    return
+                self._data_left = size
+            taken = min(self._data_left, len(raw))
+            events += raw[:taken]
+            del raw[:taken]
+            self._data_left -= taken
+            if not self._data_left:
+                self._crlf_left = 2
+        start = 0
+        while (end := events.find(b"\n\n", start)) >= 0:
+            block = bytes(events[start:end])
+            start = end + 2
+            if block.startswith(b"data: "):
+                self._event(block[6:])
+        del events[:start]
+
+    def _event(self, payload: bytes) -> None:
+        if not self.welcome.done():
+            msg = json.loads(payload)
+            if msg.get("type") == "welcome":
+                self.welcome.set_result(msg)
+            else:
+                self.welcome.set_exception(RuntimeError(f"first event was not welcome: {msg}"))
+            return
+        if payload.startswith(b'{"type":"close"'):
+            self.close_code = json.loads(payload)["code"]
+            return
+        self.on_payload(payload)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """Host and port of a ``ws://host:port/ws`` URL."""
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    host, port = netloc.rsplit(":", 1)
+    return host, int(port)
+
+
+async def open_streams(
+    dialer: Dialer, count: int, on_payload: Callable[[int], Callable[[bytes], None]],
+    latencies_ns: list[int] | None = None,
+) -> list[SseStream]:
+    """``count`` streams past their welcome; ``on_payload(i)`` receives the i-th's events."""
+    host, port = _host_port(dialer.url)
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def one(index: int) -> SseStream:
+        headers = "".join(f"{k}: {v}\r\n" for k, v in dialer.headers().items())
+        request = (f"GET /sse HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
+                   f"{headers}\r\n").encode()
+        async with gate:
+            started = time.perf_counter_ns()
+            _, stream = await loop.create_connection(
+                lambda: SseStream(request, on_payload(index)), host, port,
+                local_addr=(dialer.next_source(), 0),
+            )
+            await stream.welcome
+            if latencies_ns is not None:
+                latencies_ns.append(time.perf_counter_ns() - started)
+        return stream
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def stream_send(dialer: Dialer, session: str, message: dict[str, Any]) -> int:
+    """``POST /sse/send`` of one message on a connection of its own; the status."""
+    host, port = _host_port(dialer.url)
+    body = json.dumps(message).encode()
+    reader, writer = await asyncio.open_connection(host, port,
+                                                   local_addr=(dialer.next_source(), 0))
+    writer.write(b"POST /sse/send HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                 b"X-Session: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                 % (host.encode(), port, session.encode(), len(body), body))
+    status = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    return int(status.split()[1])
+
+
+async def close_streams(streams: Sequence[SseStream]) -> None:
+    for stream in streams:
+        stream.close()
+    await asyncio.gather(*(stream.gone for stream in streams))
+
+
+async def stream_fanout(job: Job, dialer: Dialer) -> Result:
+    """``members`` room members over ``transport`` (``sse`` or ``websocket``) and one
+    WebSocket publisher, also a member, whose own copies move its window.
+
+    The same room, the same publisher and the same checks as ``fanout``
+    (every publish to every member, once, in order), so the two transports'
+    runs compare like with like.
+    """
+    transport = job["transport"]
+    members = job["members"]
+    run = FanoutRun(members + 1, job["publishes"], job["window"], job.get("room", "bench"))
+    publisher = await dialer.connect(lambda: Member(run))
+    publisher.publisher = True
+    streams: list[SseStream] = []
+    if transport == "websocket":
+        conns = await dialer.connect_many(members, lambda: Member(run))
+        for conn in conns:
+            conn.send({"type": "join", "room": run.room})
+    else:
+        conns = [Member(run) for _ in range(members)]
+        streams = await open_streams(dialer, members, lambda i: conns[i].on_payload)
+        gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def join(stream: SseStream) -> None:
+            async with gate:
+                status = await stream_send(dialer, (await stream.welcome)["session"],
+                                           {"type": "join", "room": run.room})
+            if status != 202:
+                raise RuntimeError(f"join over /sse/send answered {status}")
+
+        await asyncio.gather(*(join(stream) for stream in streams))
+    publisher.send({"type": "join", "room": run.room})
+    await asyncio.gather(publisher.joined, *(conn.joined for conn in conns))
+    meter = CpuMeter.for_job(job)
+    meter.start()
+    started = time.perf_counter_ns()
+    for _ in range(min(run.window, run.publishes)):
+        publisher.publish()
+    timed_out = False
+    try:
+        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
+    except TimeoutError:
+        timed_out = True
+    elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
+    cpu = meter.stop(run.delivered)
+    expected = run.members * run.publishes
+    codes = close_codes([publisher, *conns])
+    for stream in streams:
+        if stream.close_code is not None:
+            codes[str(stream.close_code)] = codes.get(str(stream.close_code), 0) + 1
+    await close_all([publisher, *(conns if transport == "websocket" else [])])
+    await close_streams(streams)
+    return {
+        "transport": transport,
+        "room": run.room,
+        "members": members,
+        "publishes": run.publishes,
+        "window": run.window,
+        "expected": expected,
+        "delivered": run.delivered,
+        "all_delivered": run.delivered == expected and run.errors == 0,
+        "timed_out": timed_out,
+        "seconds": elapsed,
+        "deliveries_per_s": run.delivered / elapsed if run.delivered else 0.0,
+        **cpu,
+        "publish_to_last_member": percentiles_ms([ns for ns in run.complete_ns if ns]),
+        "errors": run.errors,
+        "first_error": run.first_error,
+        "close_codes": codes,
+    }
+
+
+async def stream_idle(job: Job, dialer: Dialer) -> Result:
+    """``idle`` over HTTP streaming: open streams past their welcome; server RSS per stream."""
+    pid = job["server_pid"]
+    ignore: Callable[[int], Callable[[bytes], None]] = lambda _: lambda _payload: None  # noqa: E731
+    warm = await open_streams(dialer, job["warmup_connections"], ignore)
+    await close_streams(warm)
+    rss_before = read_rss_kib(pid)
+    handshake_ns: list[int] = []
+    meter = CpuMeter([pid])
+    meter.start()
+    started = time.perf_counter()
+    streams = await open_streams(dialer, job["connections"], ignore, handshake_ns)
+    elapsed = time.perf_counter() - started
+    cpu = meter.stop(len(streams))
+    rss_after = read_rss_kib(pid)
+    still_open = sum(1 for s in streams if s.transport is not None and not s.gone.done())
+    await close_streams(streams)
+    count = len(streams)
+    return {
+        "connections": count,
+        "still_open": still_open,
+        "seconds": elapsed,
+        "connects_per_s": count / elapsed,
+        "handshake": percentiles_ms(handshake_ns),
+        **cpu,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "kib_per_connection": (rss_after - rss_before) / count,
+    }
+
+
 SCENARIOS = {
     "echo": echo, "idle": idle, "fanout": fanout, "recover": recover, "loop": loop_latency,
     "drain": drain,
     "hold": hold, **compression.SCENARIOS,
+    "stream_fanout": stream_fanout, "stream_idle": stream_idle,
 }  # fmt: skip
 
 

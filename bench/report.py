@@ -280,6 +280,7 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
                  lambda w, r: w == via["connections"]),
         ]  # fmt: skip
     rows += _issue21_checks(scenarios)
+    rows += _streaming_checks(scenarios)
     return rows
 
 
@@ -427,6 +428,27 @@ def _c100k_checks(c100k: Result) -> list[Check]:
             _row("c100k", f"one machine: API publishes x {m['room_members']:,} members, "
                  "deliveries (expected in baseline column)", m["delivered"], m["expected"],
                  "all", lambda w, _: m["all_delivered"] is True),
+        ]  # fmt: skip
+    return rows
+
+
+def _streaming_checks(scenarios: dict[str, Result]) -> list[Check]:
+    """Rows of the HTTP-streaming scenario (streams in the wsserver column, WebSockets in
+    the baseline column; one server)."""
+    streaming = scenarios.get("streaming", {})
+    if "sse" not in streaming or "websocket" not in streaming:
+        return []
+    rows = _fanout_pair("streaming", "streams (WebSockets in baseline column)", "ratio >= 0.5",
+                        _ratio_at_least(0.5), streaming["sse"], streaming["websocket"])
+    idle = streaming.get("idle", {})
+    if "sse" in idle and "websocket" in idle:
+        sse, ws = idle["sse"], idle["websocket"]
+        rows += [
+            _row("streaming", "KiB per idle stream (per idle WebSocket in baseline column)",
+                 sse["kib_per_connection"], ws["kib_per_connection"]),
+            _row("streaming", "streams open at the RSS reading", sse["still_open"],
+                 ws["still_open"], f"= {sse['connections']}",
+                 lambda w, r: w == sse["connections"]),
         ]  # fmt: skip
     return rows
 

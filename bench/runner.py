@@ -71,6 +71,9 @@ class Params:
     proxy_rounds: int
     drain_connections: int
     drain_rate: int
+    stream_members: int
+    stream_publishes: int
+    stream_idle_connections: int
 
     #: Issue 21: one publish at a time into this many members (against Node ``ws``).
     fanout_single_members: int
@@ -102,6 +105,7 @@ FULL = Params(
     sweep_sizes=SWEEP_SIZES, sweep_messages=500,
     c100k_node_connections=19_000, c100k_machine_connections=100_000, c100k_workers=6,
     c100k_generators=6, c100k_room_members=10_000, c100k_publishes=3,
+    stream_members=500, stream_publishes=200, stream_idle_connections=5000,
 )  # fmt: skip
 
 SMOKE = Params(
@@ -118,6 +122,7 @@ SMOKE = Params(
     sweep_sizes=SWEEP_SIZES, sweep_messages=10,
     c100k_node_connections=300, c100k_machine_connections=600, c100k_workers=2,
     c100k_generators=2, c100k_room_members=200, c100k_publishes=2,
+    stream_members=50, stream_publishes=10, stream_idle_connections=200,
 )  # fmt: skip
 
 
@@ -656,6 +661,41 @@ def drain(bench: Bench) -> Result:
     return result
 
 
+def streaming(bench: Bench) -> Result:
+    """HTTP streaming (issue 22): fan-out to streaming members against WebSocket members.
+
+    One wsserver; ``stream_members`` members over HTTP streaming (``GET /sse``,
+    joined by ``POST /sse/send``), then as many over WebSockets, interleaved
+    rounds; each run has the same WebSocket publisher. Then server RSS per idle
+    stream against per idle WebSocket, each on a fresh server.
+    """
+    p = bench.params
+    kind = wsserver_kind(bench.secret)
+    with bench.start(kind, bench.server_cpus) as srv:
+
+        def job(transport: str) -> Result:
+            return bench.loadgen(
+                "stream_fanout", srv, transport=transport, members=p.stream_members,
+                publishes=p.stream_publishes, window=p.fanout_window, timeout=120,
+                server_pid=srv.pid,
+            )  # fmt: skip
+
+        result = alternate(
+            p.fanout_rounds,
+            {"sse": lambda: job("sse"), "websocket": lambda: job("websocket")},
+            "deliveries_per_s",
+        )
+    idle_runs: Result = {}
+    for transport, scenario in (("sse", "stream_idle"), ("websocket", "idle")):
+        with bench.start(kind, bench.server_cpus) as srv:
+            idle_runs[transport] = bench.loadgen(
+                scenario, srv, connections=p.stream_idle_connections,
+                warmup_connections=p.idle_warmup_connections, server_pid=srv.pid,
+            )  # fmt: skip
+    result["idle"] = idle_runs
+    return result
+
+
 def redis_idle(bench: Bench) -> Result:
     """The ``idle`` scenario with the Redis broker against the memory broker.
 
@@ -774,6 +814,7 @@ SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "redis_idle": redis_idle,
     "wss_echo": wss_echo,
     "compression": compression,
+    "streaming": streaming,
 }
 
 #: Scenarios that run only when named with ``--scenario`` (minutes at full size).

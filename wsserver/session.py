@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from wsserver import protocol
@@ -129,10 +129,12 @@ class Session:
         return self._log_user
 
     async def open(
-        self, credentials: Credentials, verdict: Identity | CloseError | None = None
+        self, credentials: Credentials, verdict: Identity | CloseError | None = None,
+        *, welcome: Mapping[str, Any] | None = None,
     ) -> bool:
         """Verify the token (unless ``verdict`` is its verification, done before
-        the upgrade) and the caps, then welcome the client.
+        the upgrade) and the caps, then welcome the client (``welcome``: fields
+        the transport adds to the welcome, e.g. an HTTP stream's ``session``).
 
         Returns False when the connection was refused (4001 / 4008); nothing
         the client sent is processed before this returns. A refused connection
@@ -167,6 +169,8 @@ class Session:
             return False  # the client went while the broker answered
         services.metrics.connections.inc()
         services.metrics.connections_accepted.inc()
+        services.metrics.connections_by_transport.labels(self.transport.kind).inc()
+        services.metrics.connections_accepted_by_transport.labels(self.transport.kind).inc()
         log.info("open user=%s addr=%s via=%s", escape(identity.user), escape(self.address),
                  credentials.source)
         settings = services.settings
@@ -184,6 +188,7 @@ class Session:
                     "tasks_per_user": settings.task_per_user,
                     "connections_per_user": settings.max_connections_per_user,
                 },
+                **(welcome or {}),
             }
         )
         self._next_ping = self._clock() + settings.ping_interval
@@ -635,6 +640,7 @@ class Session:
         services.hub.forget(self)
         if identity is not None:
             services.metrics.connections.dec()
+            services.metrics.connections_by_transport.labels(self.transport.kind).dec()
             if self._counted_in_broker:
                 services.spawn(services.quietly(services.broker.user_disconnect(identity.user)))
         if self.ended_with is not None:

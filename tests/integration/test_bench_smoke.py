@@ -33,7 +33,8 @@ from tests.support.redis_server import require_redis_server
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("wsserver", "baseline")
 SCENARIOS = {"echo", "idle", "fanout", "loop", "redis_fanout", "redis_echo", "two_nodes", "history",
-             "connect_proxy", "drain", "redis_idle", "wss_echo", "compression"}
+             "connect_proxy", "drain", "redis_idle", "wss_echo", "compression",
+             "streaming"}
 #: In CI node and npm are installed, so the Node ws baseline must run there.
 HAVE_NPM = shutil.which("node") is not None and shutil.which("npm") is not None
 BROKERS = ("wsserver_redis", "wsserver_memory")
@@ -323,3 +324,21 @@ def test_c100k_scenario_at_smoke_size(tmp_path: Path) -> None:
     assert machine["errors"] == 0 and machine["close_codes"] == {}
     assert positive(machine["connects_per_s"]) and positive(machine["kib_per_connection"])
     assert "| c100k " in proc.stdout
+
+
+def test_streaming_fanout_and_idle_streams(result: dict[str, Any]) -> None:
+    streaming = result["scenarios"]["streaming"]
+    params = result["params"]
+    for transport in ("sse", "websocket"):
+        for run in streaming[transport]["rounds"]:
+            assert run["transport"] == transport
+            assert run["members"] == params["stream_members"]
+            # The members and the WebSocket publisher, which is a member too.
+            assert run["expected"] == (params["stream_members"] + 1) * params["stream_publishes"]
+            assert run["delivered"] == run["expected"]
+            assert run["all_delivered"] is True and run["errors"] == 0, run["first_error"]
+            assert run["close_codes"] == {} and not run["timed_out"]
+        idle = streaming["idle"][transport]
+        assert idle["connections"] == idle["still_open"] == params["stream_idle_connections"]
+        assert idle["rss_after_kib"] > idle["rss_before_kib"] > 0
+        assert positive(idle["kib_per_connection"])

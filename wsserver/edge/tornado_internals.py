@@ -190,3 +190,14 @@ def malformed_request_line(error: HTTPInputError) -> str | None:
     data = data.lstrip(b"\r\n")
     end = data.find(b"\n")
     return (data if end < 0 else data[:end]).decode("latin-1").rstrip("\r")
+
+
+def chunked_output(connection: object) -> bool:
+    """Whether the response being written on ``connection`` uses chunked
+    transfer encoding (decided by Tornado when it wrote the headers).
+
+    HTTP streaming writes its events to the stream itself, in chunks framed
+    as Tornado would (``HTTP1Connection._format_chunk``), so that each write
+    has a Future of its own (``HTTP1Connection.write`` keeps only the last).
+    """
+    return isinstance(connection, HTTP1Connection) and bool(connection._chunking_output)
