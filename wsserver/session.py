@@ -98,6 +98,8 @@ class Session:
         self.ended_with: CloseError | None = None
         self.closed = False
         self._counted_in_broker = False
+        #: True once counted in the wsserver_connections gauge (after the welcome).
+        self._in_gauge = False
         self._timer: TimerHandle | None = None
         self._next_ping = 0.0
         self._pong_due: float | None = None
@@ -167,6 +169,7 @@ class Session:
             return False
         if self.ended_with is not None or self.closed:
             return False  # the client went while the broker answered
+        self._in_gauge = True
         services.metrics.connections.inc()
         services.metrics.connections_accepted.inc()
         services.metrics.connections_by_transport.labels(self.transport.kind).inc()
@@ -638,9 +641,11 @@ class Session:
         if last_of_user is not None:
             services.message_buckets.discard(last_of_user)
         services.hub.forget(self)
-        if identity is not None:
+        if self._in_gauge:
+            # Not before: a client gone while the broker counted it was never added.
             services.metrics.connections.dec()
             services.metrics.connections_by_transport.labels(self.transport.kind).dec()
+        if identity is not None:
             if self._counted_in_broker:
                 services.spawn(services.quietly(services.broker.user_disconnect(identity.user)))
         if self.ended_with is not None:
