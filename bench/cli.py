@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import checks, checks_json, machine_info, table
-from bench.runner import FULL, SCENARIOS, SMOKE, Bench, params_dict, split_cpus
+from bench.runner import (
+    EXTRA_SCENARIOS,
+    FULL,
+    SCENARIOS,
+    SMOKE,
+    Bench,
+    Params,
+    params_dict,
+    split_cpus,
+)
 from bench.servers import ServerError, new_secret, raise_fd_limit
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
@@ -19,8 +29,10 @@ SERVER_NAMES = frozenset({
     "wsserver", "baseline", "baseline_uvloop", "uvicorn", "redis",
     "wsserver_memory", "wsserver_redis", "wsserver_node1", "wsserver_node2",
     "wsserver_history", "wsserver_nohistory", "wsserver_jwt", "wsserver_proxy", "proxy_backend",
-    "wsserver_draining", "wsserver_next",
+    "wsserver_draining", "wsserver_next", "wsserver_asyncio", "node_ws", "wsserver_wss",
+    "wsserver_compression_off", "wsserver_threshold0", "wsserver_workers",
 })  # fmt: skip
+ALL_SCENARIOS = {**SCENARIOS, **EXTRA_SCENARIOS}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,13 +42,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true",
                         help="a few-second version of every scenario (keeps the scripts working)")
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
-                        help="run only this scenario (repeatable); default: all")
+    parser.add_argument("--scenario", action="append", choices=sorted(ALL_SCENARIOS),
+                        help="run only this scenario (repeatable); default: all but "
+                             + ", ".join(sorted(EXTRA_SCENARIOS)) + " (minutes: name it)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"where to write the JSON result (default: {DEFAULT_OUTPUT})")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one size of the preset (repeatable), e.g. "
+                             "--param c100k_machine_connections=20000; names: "
+                             "bench/runner.py's Params")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a target is missed (meaningless with --smoke)")
     return parser.parse_args(argv)  # fmt: skip
+
+
+def with_overrides(params: Params, assignments: list[str]) -> Params:
+    """``params`` with each ``NAME=VALUE`` applied (the value parsed as the field's type)."""
+    fields = {f.name: f for f in dataclasses.fields(params)}
+    changes: dict[str, Any] = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--param {assignment!r}: expected NAME=VALUE, NAME one of "
+                             + ", ".join(sorted(fields)))
+        current = getattr(params, name)
+        try:
+            if isinstance(current, tuple):
+                changes[name] = tuple(int(part) for part in text.split(","))
+            else:
+                changes[name] = type(current)(text)
+        except ValueError:
+            raise ValueError(f"--param {assignment!r}: not a {type(current).__name__}") from None
+    return dataclasses.replace(params, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_fd_limit()
     params = SMOKE if args.smoke else FULL
+    try:
+        params = with_overrides(params, args.param)
+    except ValueError as exc:
+        print(f"python -m bench: {exc}", file=sys.stderr)
+        return 2
     names = args.scenario or list(SCENARIOS)
     server_cpus, generator_cpus = split_cpus()
     log_dir = args.output.parent / "logs"
@@ -64,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             "redis": "redis-server on the server CPUs, like the wsserver nodes",
         },
         "params": params_dict(params),
+        "param_overrides": args.param,
         "scenarios": {},
         "errors": {},
     }
@@ -71,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
         try:
-            result = SCENARIOS[name](bench)
+            result = ALL_SCENARIOS[name](bench)
         except (ServerError, RuntimeError, subprocess.SubprocessError, OSError) as exc:
             document["errors"][name] = f"{type(exc).__name__}: {exc}"
             print(f"  {name} failed: {exc}", file=sys.stderr, flush=True)

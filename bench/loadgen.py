@@ -1,8 +1,11 @@
 """The load generator: picows clients in a process of their own.
 
-``python -m bench.loadgen`` reads one JSON job from stdin, pins itself to the
-CPUs the job names, runs the job's scenario against ``job["url"]`` and prints
-one JSON result on stdout. The orchestrator (:mod:`bench.runner`) starts it
+``python -m bench.loadgen`` reads one JSON job (one line) from stdin, pins
+itself to the CPUs the job names, runs the job's scenario against
+``job["url"]`` and prints one JSON result on stdout. The ``hold`` job of the
+100k scenario prints a ``ready`` line first and then reads one command line;
+the permessage-deflate jobs are in :mod:`bench.compression` (on the raw
+client of :mod:`bench.wire`, since picows cannot inflate). The orchestrator (:mod:`bench.runner`) starts it
 once per scenario and server, so the clients never share a core or an
 interpreter with the server they measure.
 
@@ -26,14 +29,18 @@ import os
 import random
 import resource
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jwt
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from bench import compression
+from bench.meters import CpuMeter, read_rss_kib
 
 Job = dict[str, Any]
 C = TypeVar("C", bound="Connection")
@@ -63,68 +70,6 @@ def percentiles_ms(samples_ns: Sequence[int]) -> dict[str, float | None]:
         return ordered[index] / 1e6
 
     return {"p50_ms": rank(0.50), "p99_ms": rank(0.99), "max_ms": ordered[-1] / 1e6}
-
-
-def read_rss_kib(pid: int) -> int:
-    """Resident memory of process ``pid`` (VmRSS in /proc/PID/status), in KiB."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (/proc/PID/stat), in seconds."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        # Fields after the ")" that ends the command name; utime and stime are 14 and 15.
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class CpuMeter:
-    """CPU time spent by the server(s) and by this generator over one measured interval.
-
-    Throughput on a shared machine moves with the neighbours' load; CPU time
-    per message moves much less, and the generator's share shows whether it,
-    rather than the server, was the limit. With several server processes (two
-    nodes) their CPU times are summed; a Redis server's is reported apart.
-    """
-
-    server_pids: Sequence[int] = ()
-    redis_pid: int | None = None
-    _server: float = 0.0
-    _redis: float = 0.0
-    _own: float = 0.0
-    _wall: float = 0.0
-
-    @classmethod
-    def for_job(cls, job: Job) -> CpuMeter:
-        """The meter for the processes a job names (``server_pid``/``server_pids``, ``redis_pid``)."""
-        pids = job.get("server_pids") or ([job["server_pid"]] if job.get("server_pid") else [])
-        return cls(list(pids), job.get("redis_pid"))
-
-    def start(self) -> None:
-        self._server = sum(cpu_seconds(pid) for pid in self.server_pids)
-        self._redis = cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
-        self._own = time.process_time()
-        self._wall = time.perf_counter()
-
-    def stop(self, units: int) -> Result:
-        """Figures since :meth:`start`; ``units`` is what the CPU time is divided by."""
-        wall = time.perf_counter() - self._wall
-        own = time.process_time() - self._own
-        out: Result = {"generator_cpu_share": own / wall if wall else None}
-        if self.server_pids:
-            server = sum(cpu_seconds(pid) for pid in self.server_pids) - self._server
-            out["server_cpu_share"] = server / wall if wall else None
-            out["server_cpu_us_per_unit"] = 1e6 * server / units if units else None
-        if self.redis_pid:
-            redis = cpu_seconds(self.redis_pid) - self._redis
-            out["redis_cpu_share"] = redis / wall if wall else None
-            out["redis_cpu_us_per_unit"] = 1e6 * redis / units if units else None
-        return out
 
 
 class Connection(WSListener):
@@ -207,12 +152,21 @@ class Dialer:
     source_addresses: Sequence[str]
     #: More handshake headers (a session cookie, for the connect proxy).
     extra_headers: dict[str, str] = field(default_factory=dict)
+    #: For ``wss://``: the CA file that verifies the server (None: the system's).
+    cafile: str | None = None
     _secret: str = field(default_factory=lambda: os.environ.get("BENCH_JWT_SECRET", ""))
     _sources: Iterator[str] = field(init=False)
     _serial: Iterator[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self._sources = itertools.cycle(self.source_addresses or ["127.0.0.1"])
+        self._ssl = (
+            ssl.create_default_context(cafile=self.cafile) if self.url.startswith("wss:") else None
+        )
+
+    def next_source(self) -> str:
+        """The next source address, round robin."""
+        return next(self._sources)
 
     def headers(self) -> dict[str, str]:
         """The handshake headers: a bearer token for wsserver, none for the others
@@ -231,7 +185,8 @@ class Dialer:
             factory,
             self.url,
             extra_headers=self.headers(),
-            local_addr=(next(self._sources), 0),
+            local_addr=(self.next_source(), 0),
+            ssl_context=self._ssl,
             websocket_handshake_timeout=30,
         )
         assert isinstance(listener, Connection)
@@ -357,7 +312,7 @@ async def idle(job: Job, dialer: Dialer) -> Result:
     await close_all(warm)
     rss_before = read_rss_kib(pid)
     handshake_ns: list[int] = []
-    meter = CpuMeter([pid])
+    meter = CpuMeter([pid], job.get("redis_pid"))
     meter.start()
     started = time.perf_counter()
     conns = await dialer.connect_many(job["connections"], Connection, handshake_ns)
@@ -525,7 +480,8 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
     run = FanoutRun(job["members"], job["publishes"], job["window"], job.get("room", "bench"))
     urls = job.get("urls") or [dialer.url]
     dialers = [dialer] + [
-        Dialer(url, dialer.jwt_user, dialer.source_addresses) for url in urls[1:]
+        Dialer(url, dialer.jwt_user, dialer.source_addresses, dialer.extra_headers, dialer.cafile)
+        for url in urls[1:]
     ]
     conns: list[Member] = []
     for node_dialer, count in zip(dialers, split(run.members, len(dialers)), strict=True):
@@ -903,20 +859,401 @@ async def drain(job: Job, dialer: Dialer) -> Result:
     }
 
 
+# --- hold: many connections kept open for the orchestrator (the 100k scenario) ---
+
+
+@dataclass
+class HoldRun:
+    """Deliveries counted by the room members of one ``hold`` job."""
+
+    room: str
+    delivered: int = 0
+    #: Joins answered ``unavailable`` (the broker was busy) and sent again.
+    join_retries: int = 0
+    errors: int = 0
+    first_error: Any = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+#: A join answered ``unavailable`` is sent again this often at most, a second apart.
+JOIN_ATTEMPTS = 30
+
+
+class Holder(Connection):
+    """An idle connection; as a room member, counts the room's messages."""
+
+    def __init__(self, run: HoldRun) -> None:
+        super().__init__()
+        self.run = run
+        self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.received = 0
+        self.attempts = 0
+
+    def join(self) -> None:
+        self.attempts += 1
+        self.send({"type": "join", "room": self.run.room})
+
+    def on_payload(self, payload: bytes) -> None:
+        # Idle connections hear nothing but their ``joined`` and the publishes.
+        msg = json.loads(payload)
+        kind = msg.get("type")
+        run = self.run
+        if kind == "joined" and not self.joined.done():
+            self.joined.set_result(None)
+        elif kind == "message":
+            self.received += 1
+            run.delivered += 1
+            run.changed.set()
+        elif (kind == "error" and msg.get("code") == "unavailable" and not self.joined.done()
+              and self.attempts < JOIN_ATTEMPTS):  # fmt: skip
+            # What a client does when the broker is busy: try again a little later.
+            run.join_retries += 1
+            asyncio.get_running_loop().call_later(1.0, self.join)
+        else:
+            run.errors += 1
+            run.first_error = run.first_error or msg
+            if not self.joined.done():
+                self.joined.set_exception(RuntimeError(f"join answered {msg}"))
+
+
+async def read_command() -> dict[str, Any]:
+    """The orchestrator's next line on stdin, as JSON (``{}`` at end of input)."""
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    return json.loads(line) if line.strip() else {}
+
+
+def emit(result: Result) -> None:
+    """One JSON line to the orchestrator."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+async def hold(job: Job, dialer: Dialer) -> Result:
+    """Open ``connections`` (``members`` of them join ``room``), report, then wait for orders.
+
+    Prints a ``{"ready": ...}`` line once every connection has its welcome
+    and every member its ``joined``; then reads one command line:
+    ``{"expect": N}`` (N publishes were made into the room: wait up to
+    ``timeout`` seconds until every member has N of them) or ``{}`` (close).
+    The last line, returned, is the delivery count and what is still open.
+    """
+    run = HoldRun(job["room"])
+    handshake_ns: list[int] = []
+    started = time.time()
+    conns = await dialer.connect_many(job["connections"], lambda: Holder(run), handshake_ns)
+    finished = time.time()
+    members = conns[: job["members"]]
+    for conn in members:
+        conn.join()
+    await asyncio.wait_for(asyncio.gather(*(c.joined for c in members)), job["timeout"])
+    emit({"ready": True, "connections": len(conns), "members": len(members),
+          "join_retries": run.join_retries,
+          "started": started, "finished": finished, "handshake": percentiles_ms(handshake_ns),
+          "generator_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})  # fmt: skip
+    command = await read_command()
+    expect = int(command.get("expect", 0))
+    waited_from = time.perf_counter()
+    deadline = waited_from + job["timeout"]
+    while run.delivered < expect * len(members) and time.perf_counter() < deadline:
+        run.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.changed.wait(), deadline - time.perf_counter())
+    delivery_s = time.perf_counter() - waited_from
+    still_open = sum(1 for c in conns if c.transport is not None and not c.transport.is_disconnected)
+    await close_all(conns)
+    return {
+        "connections": len(conns),
+        "members": len(members),
+        "expected": expect * len(members),
+        "delivered": run.delivered,
+        "members_complete": sum(1 for c in members if c.received == expect),
+        "delivery_seconds": delivery_s,
+        "join_retries": run.join_retries,
+        "still_open": still_open,
+        "errors": run.errors,
+        "first_error": run.first_error,
+        "close_codes": close_codes(conns),
+    }
+
+
+# --- HTTP streaming (issue 22) -------------------------------------------------------
+
+
+class SseStream(asyncio.Protocol):
+    """One ``GET /sse`` read raw: the response head, its chunks, its events.
+
+    A Python protocol with no Future per event, as picows is for frames: the
+    head is checked, chunked transfer encoding undone, each event's ``data``
+    taken whole (the server writes one line per event) and, after the
+    ``welcome``, handed to ``on_payload``. Keepalive comments are skipped.
+    """
+
+    def __init__(self, request: bytes, on_payload: Callable[[bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self.request = request
+        self.on_payload = on_payload
+        self.welcome: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.gone: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.close_code: int | None = None
+        self._head = True
+        self._raw = bytearray()
+        self._events = bytearray()
+        self._data_left = 0  # bytes of the current chunk still to come
+        self._crlf_left = 0  # bytes of the CRLF after it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("stream ended before its welcome"))
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        raw = self._raw
+        raw += data
+        if self._head:
+            end = raw.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(raw[: raw.find(b"\r\n")])
+            if b" 200 " not in status:
+                if not self.welcome.done():
+                    self.welcome.set_exception(RuntimeError(f"stream refused: {status!r}"))
+                self.close()
+                return
+            del raw[: end + 4]
+            self._head = False
+        events = self._events
+        while raw:
+            if self._crlf_left:
+                taken = min(self._crlf_left, len(raw))
+                del raw[:taken]
+                self._crlf_left -= taken
+                continue
+            if not self._data_left:
+                line_end = raw.find(b"\r\n")
+                if line_end < 0:
+                    break
+                size = int(bytes(raw[:line_end]), 16)
+                del raw[: line_end + 2]
+                if size == 0:
+                    self.close()  # the last chunk: the stream ended
+                    return
+                self._data_left = size
+            taken = min(self._data_left, len(raw))
+            events += raw[:taken]
+            del raw[:taken]
+            self._data_left -= taken
+            if not self._data_left:
+                self._crlf_left = 2
+        start = 0
+        while (end := events.find(b"\n\n", start)) >= 0:
+            block = bytes(events[start:end])
+            start = end + 2
+            if block.startswith(b"data: "):
+                self._event(block[6:])
+        del events[:start]
+
+    def _event(self, payload: bytes) -> None:
+        if not self.welcome.done():
+            msg = json.loads(payload)
+            if msg.get("type") == "welcome":
+                self.welcome.set_result(msg)
+            else:
+                self.welcome.set_exception(RuntimeError(f"first event was not welcome: {msg}"))
+            return
+        if payload.startswith(b'{"type":"close"'):
+            self.close_code = json.loads(payload)["code"]
+            return
+        self.on_payload(payload)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """Host and port of a ``ws://host:port/ws`` URL."""
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    host, port = netloc.rsplit(":", 1)
+    return host, int(port)
+
+
+async def open_streams(
+    dialer: Dialer, count: int, on_payload: Callable[[int], Callable[[bytes], None]],
+    latencies_ns: list[int] | None = None,
+) -> list[SseStream]:
+    """``count`` streams past their welcome; ``on_payload(i)`` receives the i-th's events."""
+    host, port = _host_port(dialer.url)
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def one(index: int) -> SseStream:
+        headers = "".join(f"{k}: {v}\r\n" for k, v in dialer.headers().items())
+        request = (f"GET /sse HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
+                   f"{headers}\r\n").encode()
+        async with gate:
+            started = time.perf_counter_ns()
+            _, stream = await loop.create_connection(
+                lambda: SseStream(request, on_payload(index)), host, port,
+                local_addr=(dialer.next_source(), 0),
+            )
+            await stream.welcome
+            if latencies_ns is not None:
+                latencies_ns.append(time.perf_counter_ns() - started)
+        return stream
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def stream_send(dialer: Dialer, session: str, message: dict[str, Any]) -> int:
+    """``POST /sse/send`` of one message on a connection of its own; the status."""
+    host, port = _host_port(dialer.url)
+    body = json.dumps(message).encode()
+    reader, writer = await asyncio.open_connection(host, port,
+                                                   local_addr=(dialer.next_source(), 0))
+    writer.write(b"POST /sse/send HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                 b"X-Session: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                 % (host.encode(), port, session.encode(), len(body), body))
+    status = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    return int(status.split()[1])
+
+
+async def close_streams(streams: Sequence[SseStream]) -> None:
+    for stream in streams:
+        stream.close()
+    await asyncio.gather(*(stream.gone for stream in streams))
+
+
+async def stream_fanout(job: Job, dialer: Dialer) -> Result:
+    """``members`` room members over ``transport`` (``sse`` or ``websocket``) and one
+    WebSocket publisher, also a member, whose own copies move its window.
+
+    The same room, the same publisher and the same checks as ``fanout``
+    (every publish to every member, once, in order), so the two transports'
+    runs compare like with like.
+    """
+    transport = job["transport"]
+    members = job["members"]
+    run = FanoutRun(members + 1, job["publishes"], job["window"], job.get("room", "bench"))
+    publisher = await dialer.connect(lambda: Member(run))
+    publisher.publisher = True
+    streams: list[SseStream] = []
+    if transport == "websocket":
+        conns = await dialer.connect_many(members, lambda: Member(run))
+        for conn in conns:
+            conn.send({"type": "join", "room": run.room})
+    else:
+        conns = [Member(run) for _ in range(members)]
+        streams = await open_streams(dialer, members, lambda i: conns[i].on_payload)
+        gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def join(stream: SseStream) -> None:
+            async with gate:
+                status = await stream_send(dialer, (await stream.welcome)["session"],
+                                           {"type": "join", "room": run.room})
+            if status != 202:
+                raise RuntimeError(f"join over /sse/send answered {status}")
+
+        await asyncio.gather(*(join(stream) for stream in streams))
+    publisher.send({"type": "join", "room": run.room})
+    await asyncio.gather(publisher.joined, *(conn.joined for conn in conns))
+    meter = CpuMeter.for_job(job)
+    meter.start()
+    started = time.perf_counter_ns()
+    for _ in range(min(run.window, run.publishes)):
+        publisher.publish()
+    timed_out = False
+    try:
+        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
+    except TimeoutError:
+        timed_out = True
+    elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
+    cpu = meter.stop(run.delivered)
+    expected = run.members * run.publishes
+    codes = close_codes([publisher, *conns])
+    for stream in streams:
+        if stream.close_code is not None:
+            codes[str(stream.close_code)] = codes.get(str(stream.close_code), 0) + 1
+    await close_all([publisher, *(conns if transport == "websocket" else [])])
+    await close_streams(streams)
+    return {
+        "transport": transport,
+        "room": run.room,
+        "members": members,
+        "publishes": run.publishes,
+        "window": run.window,
+        "expected": expected,
+        "delivered": run.delivered,
+        "all_delivered": run.delivered == expected and run.errors == 0,
+        "timed_out": timed_out,
+        "seconds": elapsed,
+        "deliveries_per_s": run.delivered / elapsed if run.delivered else 0.0,
+        **cpu,
+        "publish_to_last_member": percentiles_ms([ns for ns in run.complete_ns if ns]),
+        "errors": run.errors,
+        "first_error": run.first_error,
+        "close_codes": codes,
+    }
+
+
+async def stream_idle(job: Job, dialer: Dialer) -> Result:
+    """``idle`` over HTTP streaming: open streams past their welcome; server RSS per stream."""
+    pid = job["server_pid"]
+    ignore: Callable[[int], Callable[[bytes], None]] = lambda _: lambda _payload: None  # noqa: E731
+    warm = await open_streams(dialer, job["warmup_connections"], ignore)
+    await close_streams(warm)
+    rss_before = read_rss_kib(pid)
+    handshake_ns: list[int] = []
+    meter = CpuMeter([pid])
+    meter.start()
+    started = time.perf_counter()
+    streams = await open_streams(dialer, job["connections"], ignore, handshake_ns)
+    elapsed = time.perf_counter() - started
+    cpu = meter.stop(len(streams))
+    rss_after = read_rss_kib(pid)
+    still_open = sum(1 for s in streams if s.transport is not None and not s.gone.done())
+    await close_streams(streams)
+    count = len(streams)
+    return {
+        "connections": count,
+        "still_open": still_open,
+        "seconds": elapsed,
+        "connects_per_s": count / elapsed,
+        "handshake": percentiles_ms(handshake_ns),
+        **cpu,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "kib_per_connection": (rss_after - rss_before) / count,
+    }
+
+
 SCENARIOS = {
     "echo": echo, "idle": idle, "fanout": fanout, "recover": recover, "loop": loop_latency,
     "drain": drain,
+    "hold": hold, **compression.SCENARIOS,
+    "stream_fanout": stream_fanout, "stream_idle": stream_idle,
 }  # fmt: skip
 
 
 async def run(job: Job) -> Result:
-    dialer = Dialer(job["url"], job.get("jwt_user"), job.get("source_addresses", []),
-                    job.get("extra_headers", {}))
+    dialer = Dialer(
+        job["url"], job.get("jwt_user"), job.get("source_addresses", []),
+        extra_headers=job.get("extra_headers", {}), cafile=job.get("cafile"),
+    )
     return await SCENARIOS[job["scenario"]](job, dialer)
 
 
 def main() -> None:
-    job: Job = json.load(sys.stdin)
+    # The job is the first line: the ``hold`` scenario reads commands after it.
+    job: Job = json.loads(sys.stdin.readline())
     if job.get("cpus"):
         os.sched_setaffinity(0, set(job["cpus"]))
     raise_fd_limit()

@@ -149,7 +149,7 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
         ws, base = echo["wsserver"]["median"], echo["baseline"]["median"]
         rows += [
             _row("echo", "messages/s", ws["messages_per_s"], base["messages_per_s"],
-                 "ratio >= 2.0", _ratio_at_least(2.0)),
+                 "ratio >= 2.5", _ratio_at_least(2.5)),
             _row("echo", "server CPU µs per message", ws["server_cpu_us_per_unit"],
                  base["server_cpu_us_per_unit"]),
             _row("echo", "p50 latency ms", ws["p50_ms"], base["p50_ms"]),
@@ -172,21 +172,31 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
             rows.append(_row("echo", "uvicorn: " + str(uv.get("skipped", "not run")), None, None,
                              "ratio >= 1.0", lambda w, r: False))  # fmt: skip
         rows += _same_loop_rows("echo", echo, "messages/s", "messages_per_s", "message")
+        rows += _node_rows("echo", echo, [
+            ("messages/s", "messages_per_s", "", None),
+            ("server CPU µs per message", "server_cpu_us_per_unit", "", None),
+        ])  # fmt: skip
     idle = scenarios.get("idle", {})
     if "wsserver" in idle and "baseline" in idle:
         ws, base = idle["wsserver"]["median"], idle["baseline"]["median"]
         rows += [
             _row("idle", "connects/s", ws["connects_per_s"], base["connects_per_s"],
-                 "ratio >= 1.0", _ratio_at_least(1.0)),
+                 "ratio >= 1.5", _ratio_at_least(1.5)),
             _row("idle", "server CPU µs per connect", ws["server_cpu_us_per_unit"],
                  base["server_cpu_us_per_unit"]),
             _row("idle", "KiB per connection", ws["kib_per_connection"],
-                 base["kib_per_connection"], "wsserver <= 16", lambda w, r: w <= 16),
+                 base["kib_per_connection"], "wsserver <= 8", lambda w, r: w <= 8),
             _row("idle", "connections open at the RSS reading", ws["still_open"],
                  base["still_open"], f"= {ws['connections']}",
                  lambda w, r: w == ws["connections"]),
         ]  # fmt: skip
         rows += _same_loop_rows("idle", idle, "connects/s", "connects_per_s", "connect")
+        rows += _node_rows("idle", idle, [
+            ("connects/s (wsserver authenticated, ws not)", "connects_per_s", "ratio >= 1.0",
+             _ratio_at_least(1.0)),
+            ("server CPU µs per connect", "server_cpu_us_per_unit", "", None),
+            ("KiB per connection", "kib_per_connection", "", None),
+        ])  # fmt: skip
     fan = scenarios.get("fanout", {})
     if "wsserver" in fan and "baseline" in fan:
         ws, base = fan["wsserver"]["median"], fan["baseline"]["median"]
@@ -215,6 +225,22 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
                      _every(single["wsserver"]), _every(single["baseline"]),
                      "wsserver: yes", lambda w, r: w is True),
             ]  # fmt: skip
+        rows += _node_rows("fanout", fan, [
+            ("deliveries/s", "deliveries_per_s", "", None),
+            ("server CPU µs per delivery", "server_cpu_us_per_unit", "", None),
+        ])  # fmt: skip
+        members = single.get("wsserver", {}).get("median", {}).get("members")
+        rows += _node_rows("fanout", single, [
+            (f"server CPU µs per delivery, one publish at a time into {members}",
+             "server_cpu_us_per_unit", "ratio <= 0.6", _ratio_at_most(0.6)),
+            (f"deliveries/s, one publish at a time into {members}", "deliveries_per_s", "",
+             None),
+        ])  # fmt: skip
+        if "node_ws" in single:
+            rows.append(_row("fanout", "every message to every member, one at a time (Node ws "
+                             "in baseline column)", _every(single["wsserver"]),
+                             _every(single["node_ws"]), "both: yes",
+                             _both_delivered(single["wsserver"], single["node_ws"])))  # fmt: skip
         unwindowed = fan.get("no_window", {})
         if "no_window" in unwindowed and "windowed" in unwindowed:
             rows += _fanout_pair(
@@ -252,6 +278,177 @@ def checks(scenarios: dict[str, Result]) -> list[Check]:
             _row("connect_proxy", "connections open at the end", via["still_open"],
                  jwt_run["still_open"], f"= {via['connections']}",
                  lambda w, r: w == via["connections"]),
+        ]  # fmt: skip
+    rows += _issue21_checks(scenarios)
+    rows += _streaming_checks(scenarios)
+    return rows
+
+
+def _ratio_at_most(bound: float) -> Callable[[Any, float | None], bool]:
+    return lambda ws, ratio: ratio is not None and ratio <= bound
+
+
+Spec = tuple[str, str, str, Callable[[Any, float | None], bool] | None]
+
+
+def _node_rows(scenario: str, runs: Result, specs: list[Spec]) -> list[Check]:
+    """wsserver against Node's ``ws`` (in the baseline column), or why Node did not run."""
+    node = runs.get("node_ws")
+    if not node or "wsserver" not in runs:
+        return []
+    if "skipped" in node:
+        return [_row(scenario, f"Node ws: skipped ({node['skipped']})", None, None)]
+    ws, base = runs["wsserver"]["median"], node["median"]
+    return [
+        _row(scenario, f"{label} vs Node ws (in baseline column)", ws[key], base[key], target,
+             judge)
+        for label, key, target, judge in specs
+    ]  # fmt: skip
+
+
+def _skipped(scenario: str, result: Result) -> list[Check]:
+    return [_row(scenario, f"skipped: {result['skipped']}", None, None)]
+
+
+def _issue21_checks(scenarios: dict[str, Result]) -> list[Check]:
+    """Rows of issue 21's scenarios: connects with Redis, wss://, compression, c100k."""
+    rows: list[Check] = []
+    red = scenarios.get("redis_idle", {})
+    if "wsserver_redis" in red and "wsserver_memory" in red:
+        r, m = red["wsserver_redis"]["median"], red["wsserver_memory"]["median"]
+        rows += [
+            _row("redis_idle", "connects/s, Redis (memory in baseline column)",
+                 r["connects_per_s"], m["connects_per_s"], "ratio >= 0.8", _ratio_at_least(0.8)),
+            _row("redis_idle", "server CPU µs per connect", r["server_cpu_us_per_unit"],
+                 m["server_cpu_us_per_unit"]),
+            _row("redis_idle", "Redis CPU µs per connect", r.get("redis_cpu_us_per_unit"), None),
+            _row("redis_idle", "KiB per connection", r["kib_per_connection"],
+                 m["kib_per_connection"]),
+            _row("redis_idle", "connections open at the RSS reading", r["still_open"],
+                 m["still_open"], f"= {r['connections']}",
+                 lambda w, _: w == r["connections"] and m["still_open"] == m["connections"]),
+        ]  # fmt: skip
+    wss = scenarios.get("wss_echo", {})
+    if "wsserver_wss" in wss and "wsserver" in wss:
+        t, w = wss["wsserver_wss"]["median"], wss["wsserver"]["median"]
+        rows += [
+            _row("wss_echo", "messages/s, wss:// (ws:// in baseline column)", t["messages_per_s"],
+                 w["messages_per_s"], "ratio >= 0.6", _ratio_at_least(0.6)),
+            _row("wss_echo", "server CPU µs per message", t["server_cpu_us_per_unit"],
+                 w["server_cpu_us_per_unit"]),
+            _row("wss_echo", "p99 latency ms", t["p99_ms"], w["p99_ms"]),
+            _row("wss_echo", "errors + server closes", t["errors"] + sum(t["close_codes"].values()),
+                 w["errors"] + sum(w["close_codes"].values()), "0", lambda v, _: v == 0),
+        ]  # fmt: skip
+    rows += _compression_checks(scenarios.get("compression", {}))
+    rows += _c100k_checks(scenarios.get("c100k", {}))
+    return rows
+
+
+def _compression_checks(comp: Result) -> list[Check]:
+    if not comp:
+        return []
+    if "skipped" in comp:
+        return _skipped("compression", comp)
+    rows: list[Check] = []
+    wire = comp["wire_bytes"]
+    for setting, label in (("default_threshold", "default threshold"),
+                           ("threshold_0", "--compression-threshold 0")):  # fmt: skip
+        for item in wire[setting]["payloads"]:
+            is_dashboard = item["name"] == "dashboard" and setting == "default_threshold"
+            rows.append(_row(
+                "compression",
+                f"wire bytes, {item['name']} ({item['plain_message_bytes']} B message), {label}, "
+                "deflate (plain in baseline column)",
+                item["deflate_wire_bytes"], item["plain_wire_bytes"],
+                "ratio <= 0.3" if is_dashboard else "", _ratio_at_most(0.3) if is_dashboard else None,
+            ))  # fmt: skip
+        errors = wire[setting]["errors"]
+        rows.append(_row("compression", f"messages received intact, {label}", not errors, None,
+                         "yes", lambda w, _: w is True))  # fmt: skip
+    fan = comp["fanout"]
+    on, off = fan["wsserver"], fan["wsserver_compression_off"]
+    rows += [
+        _row("compression", "fan-out server CPU µs per delivery, --compression on (off in "
+             "baseline column)", on["median"]["server_cpu_us_per_unit"],
+             off["median"]["server_cpu_us_per_unit"], "ratio <= 1.3", _ratio_at_most(1.3)),
+        _row("compression", "fan-out deliveries/s", on["median"]["deliveries_per_s"],
+             off["median"]["deliveries_per_s"]),
+        _row("compression", "fan-out wire bytes per delivery",
+             on["median"]["wire_bytes_per_delivery"], off["median"]["wire_bytes_per_delivery"]),
+        _row("compression", "fan-out: every message to every member", _every(on), _every(off),
+             "both: yes", _both_delivered(on, off)),
+    ]  # fmt: skip
+    sweep = comp["sweep"]
+    for c, u in zip(sweep["compressed"]["sizes"], sweep["uncompressed"]["sizes"], strict=True):
+        rows += [
+            _row("compression", f"sweep, {c['size']} B of data: wire bytes per message, deflate "
+                 "(uncompressed in baseline column)", c["wire_bytes"], u["wire_bytes"]),
+            _row("compression", f"sweep, {c['size']} B of data: server CPU µs per message",
+                 c["server_cpu_us_per_unit"], u["server_cpu_us_per_unit"]),
+        ]  # fmt: skip
+    return rows
+
+
+def _c100k_checks(c100k: Result) -> list[Check]:
+    if not c100k:
+        return []
+    rows: list[Check] = []
+    node = c100k.get("node")
+    if node:
+        n = node["connections"]
+        rows += [
+            _row("c100k", f"one node: connects/s, {n:,} authenticated", node["connects_per_s"],
+                 None),
+            _row("c100k", "one node: server CPU µs per connect", node["server_cpu_us_per_unit"],
+                 None),
+            _row("c100k", "one node: KiB per connection", node["kib_per_connection"], None,
+                 "<= 8", lambda w, _: w <= 8),
+            _row("c100k", "one node: connections open at the RSS reading", node["still_open"],
+                 None, f"= {n}", lambda w, _: w == n),
+        ]  # fmt: skip
+    machine = c100k.get("machine")
+    if machine and "error" in machine:
+        first_line = machine["error"].splitlines()[0][:200]
+        rows.append(Check("c100k", f"one machine: did not finish: {first_line}", None, None,
+                          None, "finishes", False))
+    elif machine:
+        m = machine
+        rows += [
+            _row("c100k", f"one machine, {m['workers']} workers + Redis: connections",
+                 m["connections"], None, f"= {m['still_open']} still open",
+                 lambda w, _: w == m["still_open"]),
+            _row("c100k", "one machine: connects/s", m["connects_per_s"], None),
+            _row("c100k", "one machine: workers' CPU µs per connect",
+                 m["server_cpu_us_per_connect"], None),
+            _row("c100k", "one machine: Redis CPU µs per connect", m["redis_cpu_us_per_connect"],
+                 None),
+            _row("c100k", "one machine: KiB per connection (sum of the workers' RSS)",
+                 m["kib_per_connection"], None),
+            _row("c100k", f"one machine: API publishes x {m['room_members']:,} members, "
+                 "deliveries (expected in baseline column)", m["delivered"], m["expected"],
+                 "all", lambda w, _: m["all_delivered"] is True),
+        ]  # fmt: skip
+    return rows
+
+
+def _streaming_checks(scenarios: dict[str, Result]) -> list[Check]:
+    """Rows of the HTTP-streaming scenario (streams in the wsserver column, WebSockets in
+    the baseline column; one server)."""
+    streaming = scenarios.get("streaming", {})
+    if "sse" not in streaming or "websocket" not in streaming:
+        return []
+    rows = _fanout_pair("streaming", "streams (WebSockets in baseline column)", "ratio >= 0.5",
+                        _ratio_at_least(0.5), streaming["sse"], streaming["websocket"])
+    idle = streaming.get("idle", {})
+    if "sse" in idle and "websocket" in idle:
+        sse, ws = idle["sse"], idle["websocket"]
+        rows += [
+            _row("streaming", "KiB per idle stream (per idle WebSocket in baseline column)",
+                 sse["kib_per_connection"], ws["kib_per_connection"]),
+            _row("streaming", "streams open at the RSS reading", sse["still_open"],
+                 ws["still_open"], f"= {sse['connections']}",
+                 lambda w, r: w == sse["connections"]),
         ]  # fmt: skip
     return rows
 

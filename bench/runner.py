@@ -23,18 +23,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import cpu_seconds
+from bench import c100k, payloads
+from bench.meters import cpu_seconds
 from bench.servers import (
     RedisProcess,
     ServerKind,
     ServerProcess,
     baseline_kind,
     baseline_uvloop_kind,
+    node_ws_available,
+    node_ws_kind,
     proxy_backend_kind,
     renamed,
     uvicorn_kind,
     wsserver_kind,
 )
+from bench.tlscert import make_cert
 
 Result = dict[str, Any]
 
@@ -67,7 +71,26 @@ class Params:
     proxy_rounds: int
     drain_connections: int
     drain_rate: int
+    stream_members: int
+    stream_publishes: int
+    stream_idle_connections: int
 
+    #: Issue 21: one publish at a time into this many members (against Node ``ws``).
+    fanout_single_members: int
+    compression_members: int
+    compression_publishes: int
+    sweep_sizes: tuple[int, ...]
+    sweep_messages: int
+    #: The ``c100k`` scenario (not in the default run): one node, then one machine.
+    c100k_node_connections: int
+    c100k_machine_connections: int
+    c100k_workers: int
+    c100k_generators: int
+    c100k_room_members: int
+    c100k_publishes: int
+
+
+SWEEP_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 FULL = Params(
     echo_connections=50, echo_warmup=1.0, echo_duration=5.0, echo_rounds=3,
@@ -78,6 +101,11 @@ FULL = Params(
     recovery_messages=300, recovery_joins=7, churn_rate=20.0,
     proxy_connections=3000, proxy_rounds=3,
     drain_connections=2000, drain_rate=500,
+    fanout_single_members=500, compression_members=500, compression_publishes=100,
+    sweep_sizes=SWEEP_SIZES, sweep_messages=500,
+    c100k_node_connections=19_000, c100k_machine_connections=100_000, c100k_workers=6,
+    c100k_generators=6, c100k_room_members=10_000, c100k_publishes=3,
+    stream_members=500, stream_publishes=200, stream_idle_connections=5000,
 )  # fmt: skip
 
 SMOKE = Params(
@@ -90,6 +118,11 @@ SMOKE = Params(
     recovery_messages=300, recovery_joins=3, churn_rate=20.0,
     proxy_connections=200, proxy_rounds=1,
     drain_connections=200, drain_rate=100,
+    fanout_single_members=50, compression_members=20, compression_publishes=5,
+    sweep_sizes=SWEEP_SIZES, sweep_messages=10,
+    c100k_node_connections=300, c100k_machine_connections=600, c100k_workers=2,
+    c100k_generators=2, c100k_room_members=200, c100k_publishes=2,
+    stream_members=50, stream_publishes=10, stream_idle_connections=200,
 )  # fmt: skip
 
 
@@ -117,9 +150,17 @@ class Bench:
     # 127.0.0.2 ... 127.0.0.254: a fresh pair of source addresses per load-generator run,
     # so one run's TIME_WAIT sockets never crowd the next run's ephemeral ports.
     _sources: Iterator[int] = field(default_factory=lambda: itertools.cycle(range(2, 254)))
+    _node_ws: ServerKind | str | None = None
 
     def kinds(self) -> tuple[ServerKind, ServerKind]:
         return wsserver_kind(self.secret), baseline_kind()
+
+    def node_ws(self) -> ServerKind | str:
+        """The Node ``ws`` baseline, or why it cannot run (npm missing, install failed)."""
+        if self._node_ws is None:
+            skipped = node_ws_available()
+            self._node_ws = node_ws_kind() if skipped is None else skipped
+        return self._node_ws
 
     def loop_variants(self) -> tuple[ServerKind, ServerKind]:
         """wsserver on asyncio's loop and the baseline on uvloop: the same-loop pairs.
@@ -147,8 +188,9 @@ class Bench:
             url=server.url,
             jwt_user=server.kind.jwt_user,
             cpus=sorted(self.generator_cpus or ()),
-            source_addresses=[f"127.0.0.{next(self._sources)}" for _ in range(2)],
+            cafile=server.kind.cafile,
         )
+        job.setdefault("source_addresses", [f"127.0.0.{next(self._sources)}" for _ in range(2)])
         proc = subprocess.run(
             [sys.executable, "-m", "bench.loadgen"],
             input=json.dumps(job),
@@ -245,9 +287,14 @@ def echo(bench: Bench) -> Result:
                    for kind in (ws_kind, base_kind, ws_asyncio_kind, base_uv_kind)]  # fmt: skip
         if skipped is None:
             servers.append(stack.enter_context(bench.start(uvicorn_kind(), bench.server_cpus)))
+        node = bench.node_ws()
+        if isinstance(node, ServerKind):
+            servers.append(stack.enter_context(bench.start(node, bench.server_cpus)))
         result = interleaved(bench, servers, p.echo_rounds, job, "messages_per_s")
         if skipped is not None:
             result["uvicorn"] = {"skipped": skipped}
+        if isinstance(node, str):
+            result["node_ws"] = {"skipped": node}
     return result
 
 
@@ -257,23 +304,12 @@ def idle(bench: Bench) -> Result:
     Every round starts fresh servers (memory must be read from a clean
     process); rounds alternate between the servers like the other scenarios.
     """
-    p = bench.params
-    kinds = (*bench.kinds(), *bench.loop_variants())
-    runs: dict[str, list[Result]] = {kind.name: [] for kind in kinds}
-    for _ in range(p.idle_rounds):
-        for kind in kinds:
-            with bench.start(kind, bench.server_cpus) as srv:
-                run = bench.loadgen(
-                    "idle", srv,
-                    connections=p.idle_connections,
-                    warmup_connections=p.idle_warmup_connections,
-                    server_pid=srv.pid,
-                )  # fmt: skip
-            runs[kind.name].append(run)
-    result: Result = {
-        name: {"median": median_round(rounds, "connects_per_s"), "rounds": rounds}
-        for name, rounds in runs.items()
-    }
+    node = bench.node_ws()
+    nodes = [node] if isinstance(node, ServerKind) else []
+    kinds = (*bench.kinds(), *bench.loop_variants(), *nodes)
+    result = idle_rounds(bench, kinds)
+    if isinstance(node, str):
+        result["node_ws"] = {"skipped": node}
     result["note"] = (
         "RSS is the server process alone (VmRSS); wsserver's task-pool workers are "
         "separate processes, hold no connection state and are not counted"
@@ -281,10 +317,38 @@ def idle(bench: Bench) -> Result:
     return result
 
 
+def idle_rounds(
+    bench: Bench, kinds: Sequence[ServerKind], redis: RedisProcess | None = None
+) -> Result:
+    """The idle job against a fresh server of each kind, rounds interleaved; median by kind.
+
+    With ``redis``, kinds whose argv names its URL have its CPU measured too.
+    """
+    p = bench.params
+    runs: dict[str, list[Result]] = {kind.name: [] for kind in kinds}
+    for _ in range(p.idle_rounds):
+        for kind in kinds:
+            via_redis = redis is not None and redis.url in kind.argv
+            with bench.start(kind, bench.server_cpus) as srv:
+                run = bench.loadgen(
+                    "idle", srv, also=[redis] if redis is not None and via_redis else [],
+                    connections=p.idle_connections,
+                    warmup_connections=p.idle_warmup_connections,
+                    server_pid=srv.pid,
+                    redis_pid=redis.pid if redis is not None and via_redis else None,
+                )  # fmt: skip
+            runs[kind.name].append(run)
+    return {
+        name: {"median": median_round(rounds, "connects_per_s"), "rounds": rounds}
+        for name, rounds in runs.items()
+    }
+
+
 def fanout(bench: Bench) -> Result:
     """1,000 members in one room, N publishes; deliveries/s, every message to every member.
 
-    Then again with one publish in flight (wsserver and the baseline only).
+    Node's ``ws`` takes part when it can run. Then one publish in flight into
+    ``fanout_single_members`` (500) members: wsserver, plain Tornado and Node's ``ws``.
     """
     p = bench.params
 
@@ -296,16 +360,27 @@ def fanout(bench: Bench) -> Result:
         )  # fmt: skip
 
     def one_in_flight(srv: ServerProcess) -> Result:
-        return job(srv, window=1)
+        return bench.loadgen(
+            "fanout", srv,
+            members=p.fanout_single_members, publishes=p.fanout_publishes, window=1,
+            timeout=120, server_pid=srv.pid,
+        )  # fmt: skip
 
+    node = bench.node_ws()
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(bench.start(kind, bench.server_cpus))
                    for kind in (*bench.kinds(), *bench.loop_variants())]  # fmt: skip
+        if isinstance(node, ServerKind):
+            servers.append(stack.enter_context(bench.start(node, bench.server_cpus)))
         result = interleaved(bench, servers, p.fanout_rounds, job, "deliveries_per_s")
-        # One publish at a time: each reaches a member alone, so no two frames
-        # share a write; what the per-step write batching is worth, by difference.
+        if isinstance(node, str):
+            result["node_ws"] = {"skipped": node}
+        # One publish at a time (issue 21: into 500 members): each reaches a
+        # member alone, so no two frames share a write; what the per-step write
+        # batching is worth, by difference, and the row against Node's ``ws``.
+        single = servers[:2] + servers[4:]
         result["one_in_flight"] = interleaved(
-            bench, servers[:2], p.fanout_rounds, one_in_flight, "deliveries_per_s"
+            bench, single, p.fanout_rounds, one_in_flight, "deliveries_per_s"
         )
         # Issue 19: the publisher sends all of its messages back to back (no
         # window): past the session's queue the server stops reading it (TCP
@@ -586,6 +661,145 @@ def drain(bench: Bench) -> Result:
     return result
 
 
+def streaming(bench: Bench) -> Result:
+    """HTTP streaming (issue 22): fan-out to streaming members against WebSocket members.
+
+    One wsserver; ``stream_members`` members over HTTP streaming (``GET /sse``,
+    joined by ``POST /sse/send``), then as many over WebSockets, interleaved
+    rounds; each run has the same WebSocket publisher. Then server RSS per idle
+    stream against per idle WebSocket, each on a fresh server.
+    """
+    p = bench.params
+    kind = wsserver_kind(bench.secret)
+    with bench.start(kind, bench.server_cpus) as srv:
+
+        def job(transport: str) -> Result:
+            return bench.loadgen(
+                "stream_fanout", srv, transport=transport, members=p.stream_members,
+                publishes=p.stream_publishes, window=p.fanout_window, timeout=120,
+                server_pid=srv.pid,
+            )  # fmt: skip
+
+        result = alternate(
+            p.fanout_rounds,
+            {"sse": lambda: job("sse"), "websocket": lambda: job("websocket")},
+            "deliveries_per_s",
+        )
+    idle_runs: Result = {}
+    for transport, scenario in (("sse", "stream_idle"), ("websocket", "idle")):
+        with bench.start(kind, bench.server_cpus) as srv:
+            idle_runs[transport] = bench.loadgen(
+                scenario, srv, connections=p.stream_idle_connections,
+                warmup_connections=p.idle_warmup_connections, server_pid=srv.pid,
+            )  # fmt: skip
+    result["idle"] = idle_runs
+    return result
+
+
+def redis_idle(bench: Bench) -> Result:
+    """The ``idle`` scenario with the Redis broker against the memory broker.
+
+    A connect with Redis counts the user's connections there (the per-user
+    cap across nodes): issue 21's target is 0.8x the memory broker's connect
+    rate. Redis runs on the servers' CPU; its CPU per connect is apart.
+    """
+    with bench.redis() as redis:
+        memory_kind, redis_kind = broker_kinds(bench, redis.url)
+        return idle_rounds(bench, [redis_kind, memory_kind], redis)
+
+
+def wss_echo(bench: Bench) -> Result:
+    """The ``echo`` scenario over ``wss://`` against ``ws://``, the same wsserver otherwise.
+
+    The certificate is made now (:mod:`bench.tlscert`, ECDSA P-256, self-signed
+    for 127.0.0.1) and the clients verify it. The handshakes are not timed.
+    """
+    p = bench.params
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
+        pair = make_cert(Path(tmp))
+        plain = wsserver_kind(bench.secret)
+        tls = dataclasses.replace(
+            renamed(plain, "wsserver_wss",
+                    ["--certfile", str(pair.certfile), "--keyfile", str(pair.keyfile)]),
+            cafile=str(pair.certfile),
+        )  # fmt: skip
+        with bench.start(plain, bench.server_cpus) as ws, bench.start(
+            tls, bench.server_cpus
+        ) as wss:
+
+            def job(srv: ServerProcess) -> Result:
+                return bench.loadgen(
+                    "echo", srv,
+                    connections=p.echo_connections, warmup=p.echo_warmup,
+                    duration=p.echo_duration, server_pid=srv.pid,
+                )  # fmt: skip
+
+            return interleaved(bench, [wss, ws], p.echo_rounds, job, "messages_per_s")
+
+
+def compression(bench: Bench) -> Result:
+    """permessage-deflate: bytes on the wire, fan-out CPU with it on and off, a size sweep.
+
+    Skipped, with the reason, when wsserver does not accept a browser's offer
+    (no ``Sec-WebSocket-Extensions`` in the 101). Otherwise, with
+    :mod:`bench.wire`'s raw client (picows cannot inflate):
+
+    * ``wire_bytes``: a 1-2 kB dashboard update and a 150-byte chat line
+      published to a member that offers deflate and one that does not, on
+      the default server (``--compression-threshold`` as shipped) and on one
+      with threshold 0 (what deflate would give the chat line);
+    * ``fanout``: ``compression_members`` deflating members, 1.5 kB updates,
+      against ``--compression on`` and ``--compression off``, rounds interleaved;
+    * ``sweep``: per size in ``sweep_sizes``, one member publishing into its
+      own room one message at a time, on threshold 0 (compressed) and on
+      ``--compression off``: wire bytes and server CPU per message.
+    """
+    p = bench.params
+    plain = wsserver_kind(bench.secret)
+    with bench.start(plain, bench.server_cpus) as srv:
+        probe = bench.loadgen("deflate_probe", srv)
+    if not probe["negotiated"]:
+        return {
+            "skipped": "the server does not negotiate permessage-deflate (the 101 to "
+                       f"{probe['offer']!r} has no Sec-WebSocket-Extensions)",
+            "probe": probe,
+        }  # fmt: skip
+    result: Result = {"probe": probe}
+    dashboard, chat = payloads.dashboard_update(0), payloads.chat_line(1)
+    named = [{"name": "dashboard", "data": dashboard}, {"name": "chat", "data": chat}]
+    off = renamed(plain, "wsserver_compression_off", ["--compression", "off"])
+    zero = renamed(plain, "wsserver_threshold0", ["--compression-threshold", "0"])
+    with contextlib.ExitStack() as stack:
+        on_srv, off_srv, zero_srv = (stack.enter_context(bench.start(kind, bench.server_cpus))
+                                     for kind in (plain, off, zero))  # fmt: skip
+        result["wire_bytes"] = {
+            "default_threshold": bench.loadgen("wire_bytes", on_srv, payloads=named),
+            "threshold_0": bench.loadgen("wire_bytes", zero_srv, payloads=named),
+        }
+
+        def fan(srv: ServerProcess) -> Result:
+            return bench.loadgen(
+                "deflate_fanout", srv,
+                members=p.compression_members, publishes=p.compression_publishes,
+                window=p.fanout_window, size=1500, timeout=120, server_pid=srv.pid,
+            )  # fmt: skip
+
+        result["fanout"] = interleaved(bench, [on_srv, off_srv], p.fanout_rounds, fan,
+                                       "deliveries_per_s")  # fmt: skip
+
+        def sweep(srv: ServerProcess, offer: bool) -> Result:
+            return bench.loadgen(
+                "deflate_sweep", srv, sizes=list(p.sweep_sizes), messages=p.sweep_messages,
+                offer_deflate=offer, server_pid=srv.pid,
+            )  # fmt: skip
+
+        result["sweep"] = {
+            "compressed": sweep(zero_srv, True),
+            "uncompressed": sweep(off_srv, True),
+        }
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "echo": echo,
     "idle": idle,
@@ -597,7 +811,14 @@ SCENARIOS: dict[str, Callable[[Bench], Result]] = {
     "history": history,
     "connect_proxy": connect_proxy,
     "drain": drain,
+    "redis_idle": redis_idle,
+    "wss_echo": wss_echo,
+    "compression": compression,
+    "streaming": streaming,
 }
+
+#: Scenarios that run only when named with ``--scenario`` (minutes at full size).
+EXTRA_SCENARIOS: dict[str, Callable[[Bench], Result]] = {"c100k": c100k.run}
 
 
 def params_dict(params: Params) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,9 @@ class ServerKind:
     env: Mapping[str, str] = field(default_factory=dict)
     #: Prefix of the JWT ``sub`` the clients present; None sends no token.
     jwt_user: str | None = None
+    #: Served over TLS (``wss://``, ``https://`` for ``/healthz``) with a certificate
+    #: that this CA file verifies (:mod:`bench.tlscert`); None: plain ``ws://``.
+    cafile: str | None = None
 
 
 def wsserver_kind(secret: str, extra_flags: Sequence[str] = ()) -> ServerKind:
@@ -99,6 +103,44 @@ def proxy_backend_kind() -> ServerKind:
     return ServerKind("proxy_backend", (sys.executable, "-m", "bench.proxy_backend", "--port"))
 
 
+NODE_WS_DIR = Path(__file__).resolve().parent / "node_ws"
+
+
+def node_ws_kind() -> ServerKind:
+    """Node.js with the ``ws`` package, :file:`bench/node_ws/server.js`: no authentication."""
+    node = shutil.which("node") or "node"
+    return ServerKind("node_ws", (node, str(NODE_WS_DIR / "server.js"), "--host", "127.0.0.1",
+                                  "--port"))  # fmt: skip
+
+
+def node_ws_available() -> str | None:
+    """None when the Node ``ws`` baseline can run, else why not.
+
+    Installs ``ws`` with ``npm ci --prefix bench/node_ws`` (from the committed
+    lock file, into the git-ignored ``node_modules``) unless the installed
+    copy is already the locked one.
+    """
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        return "node and npm are not both on PATH (apt-get install nodejs npm)"
+    marker = NODE_WS_DIR / "node_modules" / ".package-lock.json"
+    lock = NODE_WS_DIR / "package-lock.json"
+    if marker.exists() and marker.stat().st_mtime >= lock.stat().st_mtime:
+        return None
+    try:
+        proc = subprocess.run(
+            [npm, "ci", "--prefix", str(NODE_WS_DIR), "--no-audit", "--no-fund",
+             "--loglevel", "error"],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"npm ci --prefix bench/node_ws failed: {exc}"
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return f"npm ci --prefix bench/node_ws exited {proc.returncode}: {' / '.join(tail)}"
+    return None
+
+
 def new_secret() -> str:
     """A fresh HS256 key for one benchmark run (64 characters, above RFC 7518's 32 bytes)."""
     return secrets.token_urlsafe(48)
@@ -138,7 +180,7 @@ class ServerProcess:
         self.kind = kind
         self.cpus = set(cpus) if cpus else None
         self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.url = f"{'wss' if kind.cafile else 'ws'}://127.0.0.1:{self.port}/ws"
         self.log_path = log_dir / f"{kind.name}-{self.port}.log"
         self._log = self.log_path.open("wb")
         env = {**os.environ, **kind.env, "PYTHONUNBUFFERED": "1"}
@@ -165,13 +207,15 @@ class ServerProcess:
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}/healthz"
+        cafile = self.kind.cafile
+        url = f"{'https' if cafile else 'http'}://127.0.0.1:{self.port}/healthz"
+        context = ssl.create_default_context(cafile=cafile) if cafile else None
         while True:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
                 raise ServerError(f"{self.kind.name} exited {code}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as answer:
+                with urllib.request.urlopen(url, timeout=2, context=context) as answer:
                     if answer.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -99,9 +99,21 @@ function askForToken() {
 
 // --- the client ------------------------------------------------------------
 
+/**
+ * The transport the page asks for: ?transport=sse or ?transport=websocket forces one;
+ * otherwise "auto" (a WebSocket, or HTTP streaming where a WebSocket cannot be opened).
+ */
+function transportAsked() {
+  const asked = new URLSearchParams(window.location.search).get('transport');
+  return asked === 'sse' || asked === 'websocket' ? asked : 'auto';
+}
+
+const TRANSPORT_NAMES = { websocket: 'WebSocket', sse: 'HTTP streaming (SSE)' };
+
 const client = new WsClient({
   url: socketUrl(window.location),
   getToken,
+  transport: transportAsked(),
   onRecoveryFailed: (room, reply) => addNotice(reply.type === 'gap'
     ? `Some messages of #${room} were lost on the server (its history was reset or trimmed): `
       + 'some may be missing above this line.'
@@ -132,6 +144,8 @@ client.addEventListener('state', ({ detail }) => {
       badge.textContent = 'connected';
       $('conn-detail').textContent = '';
       $('conn-error').textContent = '';
+      $('conn-transport').textContent = TRANSPORT_NAMES[detail.transport] || '–';
+      $('conn-transport').dataset.transport = detail.transport || '';
       break;
     case 'waiting':
       badge.textContent = 'reconnecting…';

@@ -4,6 +4,12 @@
 // The token travels in the subprotocol list ["bearer", token], never in the URL
 // (URLs end up in logs and browser history).
 //
+// Where a WebSocket cannot be opened (a proxy that strips the upgrade, a
+// browser without WebSocket), the client falls back to HTTP streaming:
+// Server-Sent Events from GET /sse, messages by POST /sse/send. Over either
+// transport it behaves the same: same close codes, same reconnects, same
+// recovery of rooms with history. The option `transport` forces one.
+//
 // The pure decisions (backoff delay, what a close code means, the queue
 // bound, which room messages to deliver after a reconnect) are exported
 // functions so they can be tested without a browser.
@@ -23,9 +29,14 @@ export const DEFAULT_MAX_QUEUE = 20;
 /** Default time (ms) a request waits for its reply. */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 60000;
 
-// WebSocket.CONNECTING and .OPEN, spelled out so the module loads where WebSocket is undefined.
+/** Wait (ms) before sending again a message the server could not take yet (503). */
+export const SEND_RETRY_MS = 1000;
+
+// WebSocket.CONNECTING, .OPEN and .CLOSED, spelled out so the module loads where
+// WebSocket is undefined.
 const CONNECTING_STATE = 0;
 const OPEN_STATE = 1;
+const CLOSED_STATE = 3;
 
 /**
  * Delay before reconnect attempt number `attempt` (0 for the first):
@@ -242,6 +253,196 @@ export function socketUrl(location, path = '/ws') {
   return `${scheme}//${location.host}${path}`;
 }
 
+/**
+ * The HTTP-streaming endpoints next to the WebSocket endpoint `url`:
+ * ws://host/ws gives http://host/auth/ticket, http://host/sse and http://host/sse/send
+ * (wss: gives https:; a path prefix before /ws is kept).
+ */
+export function streamUrls(url) {
+  const parsed = new URL(url);
+  const scheme = parsed.protocol === 'wss:' || parsed.protocol === 'https:' ? 'https:' : 'http:';
+  const prefix = parsed.pathname.replace(/\/ws\/?$/, '').replace(/\/$/, '');
+  const base = `${scheme}//${parsed.host}${prefix}`;
+  return { ticket: `${base}/auth/ticket`, stream: `${base}/sse`, send: `${base}/sse/send` };
+}
+
+/**
+ * The transport of the next connection: "websocket" or "sse".
+ *
+ * `preference` "websocket" or "sse" is obeyed (when the browser has it); with
+ * "auto" a WebSocket is used until it is known not to get through
+ * (`wsBlocked`, see websocketMisses), then HTTP streaming.
+ */
+export function chooseTransport({ preference = 'auto', wsBlocked = false, hasWebSocket = true,
+                                  hasEventSource = true } = {}) {
+  if (preference === 'websocket' || !hasEventSource) return 'websocket';
+  if (preference === 'sse' || !hasWebSocket) return 'sse';
+  return wsBlocked ? 'sse' : 'websocket';
+}
+
+/** WebSocket attempts that must miss in a row, the server answering HTTP, before streaming. */
+export const WS_MISSES_BEFORE_STREAMING = 2;
+
+/**
+ * How many WebSocket attempts in a row missed a server that was up, after one
+ * more attempt: `reached` (it opened), and whether the server's health check
+ * answered 200 right after (`serverAnswered`, see healthProbe). A socket that
+ * opened resets the count, and so does a server that did not answer (it is
+ * down: not the socket's fault, and streaming would not help). At
+ * WS_MISSES_BEFORE_STREAMING the WebSocket is taken for blocked on the way (a
+ * proxy that strips the upgrade): two, so that a server coming back between a
+ * failed socket and the check is not taken for it.
+ */
+export function websocketMisses(misses, { reached, serverAnswered }) {
+  if (reached || !serverAnswered) return 0;
+  return misses + 1;
+}
+
+/**
+ * What the answer to a POST /sse/send means for the stream: "sent", "retry"
+ * (503: the server could not take it yet; send it again after `delay` ms), or
+ * "close" with the close code the same failure has over a WebSocket: 413 is
+ * 1009 (message too big), 404 is a stream that is gone (1006), any other
+ * refusal is the client's fault (1008).
+ */
+export function sendOutcome(status, retryAfter = null) {
+  if (status >= 200 && status < 300) return { action: 'sent' };
+  if (status === 503 || status === 429) {
+    const seconds = Number(retryAfter);
+    return { action: 'retry', delay: seconds > 0 ? seconds * 1000 : SEND_RETRY_MS };
+  }
+  if (status === 413) return { action: 'close', code: 1009, reason: 'message too big' };
+  if (status === 404) return { action: 'close', code: 1006, reason: 'stream closed' };
+  return { action: 'close', code: 1008, reason: `message refused (HTTP ${status})` };
+}
+
+/**
+ * A connection over HTTP streaming with the WebSocket interface WsClient uses
+ * (`send`, `close`, `readyState`, `onopen`, `onmessage`, `onclose`).
+ *
+ * It trades the token for a single-use ticket (POST /auth/ticket: the token
+ * never goes in a URL), reads GET /sse?ticket= with an EventSource, and sends
+ * each message with POST /sse/send, one at a time and in order, naming the
+ * stream by the `session` of its welcome. The server's `close` event becomes
+ * `onclose` with its code; a stream that ends or fails otherwise is 1006.
+ */
+export class StreamSocket {
+  constructor(urls, token, { EventSource, fetch }) {
+    this.urls = urls;
+    this.EventSource = EventSource;
+    this.fetch = fetch;
+    this.readyState = CONNECTING_STATE;
+    this.session = null;
+    this.source = null;
+    this.outbox = [];
+    this.sending = false;
+    this.onopen = null;
+    this.onmessage = null;
+    this.onclose = null;
+    this.onerror = null;
+    this.start(token);
+  }
+
+  async start(token) {
+    let ticket;
+    try {
+      const response = await this.fetch(this.urls.ticket, {
+        method: 'POST', headers: { Authorization: `Bearer ${token}` }, cache: 'no-store',
+      });
+      if (this.readyState === CLOSED_STATE) return;
+      if (response.status === 401) {
+        const body = await response.json().catch(() => ({}));
+        this.finish(4001, body.message || 'invalid token');
+        return;
+      }
+      if (!response.ok) {
+        this.finish(1006, `HTTP ${response.status}`);
+        return;
+      }
+      ticket = (await response.json()).ticket;
+    } catch {
+      this.finish(1006, '');
+      return;
+    }
+    if (this.readyState === CLOSED_STATE) return;
+    const source = new this.EventSource(`${this.urls.stream}?ticket=${encodeURIComponent(ticket)}`);
+    this.source = source;
+    source.onopen = () => {
+      if (source !== this.source) return;
+      this.readyState = OPEN_STATE;
+      if (this.onopen) this.onopen();
+    };
+    source.onmessage = (event) => { if (source === this.source) this.onEvent(event.data); };
+    // A stream that failed or ended without its close event. (EventSource would
+    // reconnect by itself, with a ticket already used: never let it.)
+    source.onerror = () => { if (source === this.source) this.finish(1006, ''); };
+  }
+
+  onEvent(text) {
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (msg.type === 'close') {
+      this.finish(msg.code, msg.reason || '');
+      return;
+    }
+    if (msg.type === 'welcome') this.session = msg.session;
+    if (this.onmessage) this.onmessage({ data: text });
+  }
+
+  /** Queue one message (text); they go out one POST at a time, in order. */
+  send(text) {
+    if (this.readyState !== OPEN_STATE) return;
+    this.outbox.push(text);
+    this.pump();
+  }
+
+  async pump() {
+    if (this.sending) return;
+    this.sending = true;
+    try {
+      while (this.outbox.length && this.readyState === OPEN_STATE) {
+        let outcome;
+        try {
+          const response = await this.fetch(this.urls.send, {
+            method: 'POST',
+            headers: { 'Content-Type': 'application/json', 'X-Session': this.session },
+            body: this.outbox[0],
+            cache: 'no-store',
+          });
+          outcome = sendOutcome(response.status, response.headers.get('Retry-After'));
+        } catch {
+          outcome = { action: 'close', code: 1006, reason: '' };
+        }
+        if (outcome.action === 'retry') {
+          await new Promise((resolve) => { setTimeout(resolve, outcome.delay); });
+          continue;
+        }
+        this.outbox.shift();
+        if (outcome.action === 'close') this.finish(outcome.code, outcome.reason);
+      }
+    } finally {
+      this.sending = false;
+    }
+  }
+
+  close(code = 1000, reason = '') {
+    this.finish(code, reason);
+  }
+
+  finish(code, reason) {
+    if (this.readyState === CLOSED_STATE) return;
+    this.readyState = CLOSED_STATE;
+    if (this.source) this.source.close();
+    this.source = null;
+    this.outbox = [];
+    if (this.onclose) this.onclose({ code, reason });
+  }
+}
+
 /** An error reply from the server, or a failure of the client itself. */
 export class WsError extends Error {
   /**
@@ -299,12 +500,19 @@ export class WsClient extends EventTarget {
    * @param {(url: string) => Promise<boolean|null>} [options.probe]  asks whether the
    *   server is up after a handshake failed before opening (default healthProbe)
    * @param {() => number} [options.random]  jitter source (tests pin it)
+   * @param {string} [options.transport]  "auto" (WebSocket, falling back to HTTP
+   *   streaming when a WebSocket cannot be opened), "websocket" or "sse"
    * @param {typeof WebSocket} [options.WebSocket]  constructor to use
+   * @param {typeof EventSource} [options.EventSource]  constructor to use (streaming)
+   * @param {typeof fetch} [options.fetch]  fetch to use (streaming)
    */
   constructor({ url, getToken, maxQueue = DEFAULT_MAX_QUEUE,
                 requestTimeoutMs = DEFAULT_REQUEST_TIMEOUT_MS, random = Math.random,
                 onRecoveryFailed = null, maxRefusals = MAX_REFUSALS, probe = healthProbe,
-                WebSocket: Socket = globalThis.WebSocket }) {
+                transport = 'auto',
+                WebSocket: Socket = globalThis.WebSocket,
+                EventSource: Source = globalThis.EventSource,
+                fetch: fetcher = globalThis.fetch }) {
     super();
     if (!url || typeof getToken !== 'function') {
       throw new TypeError('WsClient needs a url and an async getToken()');
@@ -315,11 +523,24 @@ export class WsClient extends EventTarget {
     this.requestTimeoutMs = requestTimeoutMs;
     this.random = random;
     this.Socket = Socket;
+    this.EventSource = Source;
+    this.fetch = fetcher ? (...args) => fetcher(...args) : null; // unbound fetch throws
     this.onRecoveryFailed = onRecoveryFailed;
     this.maxRefusals = maxRefusals;
     this.probe = probe;
     /** Handshakes refused in a row by a server that is up. */
     this.refusals = 0;
+    if (!['auto', 'websocket', 'sse'].includes(transport)) {
+      throw new TypeError('transport is "auto", "websocket" or "sse"');
+    }
+    /** "auto", "websocket" or "sse", as asked. */
+    this.preference = transport;
+    /** The transport of the current (or last) connection: "websocket" or "sse". */
+    this.transport = null;
+    /** WebSocket attempts in a row that missed a server that was up (websocketMisses). */
+    this.wsMisses = 0;
+    /** The WebSocket does not get through here: stream (for this client's life). */
+    this.wsBlocked = false;
 
     this.state = 'stopped';
     this.user = null;
@@ -328,6 +549,8 @@ export class WsClient extends EventTarget {
     this.rooms = new Set();
     /** Room -> {epoch, offset} of the last message delivered (rooms with history). */
     this.positions = new Map();
+    /** Per room: the subscription token and data its join carries (re-joins too). */
+    this.joinExtras = new Map();
     /**
      * Id of each join in flight -> {room, asked, rejoin, held}: its reply is matched by
      * id; `held` keeps live messages that arrive before the reply of a recovering join.
@@ -430,11 +653,18 @@ export class WsClient extends EventTarget {
 
   /**
    * Join `room` (kept across reconnects); resolves with the "joined" reply.
-   * `options.id` sets the message id, `options.timeoutMs` the wait.
+   * `options.id` sets the message id, `options.timeoutMs` the wait;
+   * `options.token` (a subscription token for this room) and `options.data`
+   * (for the application's subscribe proxy) go with the join and with every
+   * re-join after a reconnect.
    */
   join(room, options = {}) {
     this.rooms.add(room);
-    const msg = withId(joinMessage(room, this.positions.get(room)), options.id);
+    const extras = {};
+    if (options.token !== undefined) extras.token = options.token;
+    if (options.data !== undefined) extras.data = options.data;
+    this.joinExtras.set(room, extras);
+    const msg = withId({ ...joinMessage(room, this.positions.get(room)), ...extras }, options.id);
     if (msg.id === undefined) msg.id = `c${this.nextId++}`;
     this.joins.set(msg.id, { room, asked: msg.since !== undefined, rejoin: false, held: [] });
     return this.request(msg, options);
@@ -452,6 +682,7 @@ export class WsClient extends EventTarget {
   leave(room, options = {}) {
     this.rooms.delete(room);
     this.positions.delete(room);
+    this.joinExtras.delete(room);
     this.cancelRetry(room);
     if (this.state !== 'open') {
       const dropped = this.queue.filter((m) => m.type === 'join' && m.room === room);
@@ -482,6 +713,16 @@ export class WsClient extends EventTarget {
     return this.request(withId({ type: 'task', name, args }, options.id), options);
   }
 
+  /**
+   * Call `method` on the application's backend through the server's RPC proxy
+   * (`--proxy-rpc-url`); resolves with the "rpc_result" reply's `data`, rejects
+   * with WsError (`unknown_type` when the server has no RPC proxy).
+   */
+  async rpc(method, data, options = {}) {
+    const reply = await this.request(withId({ type: 'rpc', method, data }, options.id), options);
+    return reply.data;
+  }
+
   // --- internals -----------------------------------------------------------
 
   setState(detail) {
@@ -491,7 +732,7 @@ export class WsClient extends EventTarget {
 
   async dial() {
     const generation = this.generation;
-    this.setState({ state: 'connecting', attempt: this.attempt });
+    this.setState({ state: 'connecting', attempt: this.attempt, transport: this.nextTransport() });
     if (!tokenUsable(this.expiresAt, Date.now())) this.token = null;
     if (!this.token) {
       let token;
@@ -511,10 +752,23 @@ export class WsClient extends EventTarget {
       if (generation !== this.generation) return;
       this.token = token;
     }
+    const transport = this.nextTransport();
+    this.transport = transport;
     let ws;
     try {
-      ws = new this.Socket(this.url, ['bearer', this.token]);
+      if (transport === 'sse') {
+        ws = new StreamSocket(streamUrls(this.url), this.token,
+                              { EventSource: this.EventSource, fetch: this.fetch });
+      } else {
+        ws = new this.Socket(this.url, ['bearer', this.token]);
+      }
     } catch (err) {
+      if (transport === 'websocket' && this.preference === 'auto' && this.canStream()) {
+        // No WebSocket here at all (or one that refuses this URL): stream at once.
+        this.wsBlocked = true;
+        this.dial();
+        return;
+      }
       // A malformed URL will not heal by retrying.
       this.setState({ state: 'stopped', code: null, reason: err.message });
       return;
@@ -527,6 +781,21 @@ export class WsClient extends EventTarget {
     ws.onclose = (event) => { if (ws === this.ws) this.onClose(event.code, event.reason); };
     // Every failure is followed by a close event, which does the work.
     ws.onerror = () => {};
+  }
+
+  /** Whether HTTP streaming is possible here (EventSource and fetch). */
+  canStream() {
+    return typeof this.EventSource === 'function' && typeof this.fetch === 'function';
+  }
+
+  /** The transport for the next connection (see chooseTransport). */
+  nextTransport() {
+    return chooseTransport({
+      preference: this.preference,
+      wsBlocked: this.wsBlocked,
+      hasWebSocket: typeof this.Socket === 'function',
+      hasEventSource: this.canStream(),
+    });
   }
 
   onMessage(text) {
@@ -667,7 +936,8 @@ export class WsClient extends EventTarget {
 
   /** Send the (re-)join of `room` on the open socket, with `since` when we have a position. */
   sendRejoin(room) {
-    const msg = { ...joinMessage(room, this.positions.get(room)), id: `c${this.nextId++}` };
+    const msg = { ...joinMessage(room, this.positions.get(room)), ...this.joinExtras.get(room),
+                  id: `c${this.nextId++}` };
     this.joins.set(msg.id, { room, asked: msg.since !== undefined, rejoin: true, held: [] });
     this.ws.send(JSON.stringify(msg));
   }
@@ -695,6 +965,7 @@ export class WsClient extends EventTarget {
   onWelcome(msg) {
     this.openedAt = Date.now();
     this.failedCode = null;
+    if (this.transport === 'websocket') this.wsMisses = 0;
     this.user = msg.user;
     // Rooms first, so queued publishes reach rooms we are back in; a join
     // still in the queue goes out with it, and is not sent twice.
@@ -714,7 +985,7 @@ export class WsClient extends EventTarget {
       this.ws.send(JSON.stringify(msg));
     }
     // Only now "open": what listeners send goes after the re-joins and the queue.
-    this.setState({ state: 'open', attempt: this.attempt });
+    this.setState({ state: 'open', attempt: this.attempt, transport: this.transport });
     this.dispatchEvent(new CustomEvent('welcome', { detail: msg }));
     this.setExpiry(msg.expires_at);
   }
@@ -801,13 +1072,24 @@ export class WsClient extends EventTarget {
   async afterFailedHandshake(kind, reason) {
     const generation = this.generation;
     let answers = null;
-    if (this.maxRefusals !== Infinity) {
+    // With transport "auto", a WebSocket that misses a server that is up may be
+    // blocked on the way (a proxy that strips the upgrade): the probe decides.
+    const mayStream = this.transport === 'websocket' && this.preference === 'auto'
+      && this.canStream() && !this.wsBlocked;
+    if (this.maxRefusals !== Infinity || mayStream) {
       try {
         answers = await this.probe(this.url);
       } catch {
         answers = null;
       }
       if (generation !== this.generation) return; // close() was called meanwhile
+    }
+    if (mayStream) {
+      this.wsMisses = websocketMisses(this.wsMisses, { reached: false,
+                                                        serverAnswered: answers === true });
+      // Streams from now on. A server that refuses this page (its origin) refuses
+      // the stream too, and the refusals below go on counting to the stop.
+      if (this.wsMisses >= WS_MISSES_BEFORE_STREAMING) this.wsBlocked = true;
     }
     this.refusals = refusalsAfter(this.refusals, answers);
     if (this.refusals >= this.maxRefusals) {

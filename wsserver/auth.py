@@ -40,8 +40,10 @@ BEARER_SUBPROTOCOL = "bearer"
 MAX_SUB_LENGTH = 256
 #: The ``aud`` of demo tokens; only a server with ``--demo`` on accepts it.
 DEMO_AUDIENCE = "wsserver-demo"
-#: Where a connection's credentials came from: a token's place, or the connect proxy.
-TokenSource = Literal["header", "subprotocol", "query", "proxy"]
+#: Where a connection's credentials came from: a token's place, the connect
+#: proxy, or "ticket": ``GET /sse?ticket=`` (HTTP streaming), which stands for
+#: the token given to ``POST /auth/ticket``.
+TokenSource = Literal["header", "subprotocol", "query", "proxy", "ticket"]
 
 
 @dataclass(frozen=True)

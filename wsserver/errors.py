@@ -105,6 +105,14 @@ class BackendUnavailable(Rejection):
     reason = "backend_unavailable"
 
 
+class DependencyUnavailable(Rejection):
+    """Something the handshake needs cannot be reached (the broker that keeps
+    HTTP streaming's tickets): 503 with ``Retry-After``."""
+
+    status = 503
+    reason = "unavailable"
+
+
 # --- after the upgrade: close codes ----------------------------------------
 
 

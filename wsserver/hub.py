@@ -592,10 +592,15 @@ class Hub:
     # --- leaving -----------------------------------------------------------------
 
     async def leave(self, session: Member, room: str) -> None:
-        """Remove ``session`` from ``room`` (no error when it was not a member)."""
+        """Remove ``session`` from ``room`` (no error when it was not a member).
+
+        Never refused: the member is gone from the room at once, and with the
+        broker down its presence entry is put right when the broker is back
+        (the Redis broker replaces this node's entries after an outage).
+        """
         if not self._remove(session, room):
             return
-        await self._after_leave(session, room)
+        await _quietly(self._after_leave(session, room))
 
     async def _after_leave(self, session: Member, room: str) -> None:
         identity = session.identity

@@ -1,6 +1,6 @@
 """Making client-controlled text safe to put in a log line.
 
-Two dangers: a token in a request URI (``?token=...``) would leak a credential
+Two dangers: a token in a request URI (``?token=...``, ``?ticket=...``) would leak a credential
 to whoever reads the logs, and a control character (a newline, an ANSI escape)
 in a user name, an address or a URI would let a client forge or hide log
 lines. :func:`redact` removes tokens; :func:`escape` makes any value one
@@ -12,14 +12,17 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*", re.IGNORECASE)
+#: Credentials that may travel in a query string: a JWT (``/ws?token=``) and
+#: an HTTP-streaming ticket (``/sse?ticket=``).
+_TOKEN_IN_QUERY = re.compile(r"([?&](?:token|ticket)=)[^&#]*", re.IGNORECASE)
 #: Longest client value written to one log line; the rest is cut.
 MAX_LOGGED_LENGTH = 256
 
 
 def redact(uri: str) -> str:
-    """``uri`` with any ``token`` query parameter replaced by ``[redacted]``."""
-    if "token=" not in uri.lower():
+    """``uri`` with any ``token`` or ``ticket`` query parameter replaced by ``[redacted]``."""
+    lowered = uri.lower()
+    if "token=" not in lowered and "ticket=" not in lowered:
         return uri
     return _TOKEN_IN_QUERY.sub(r"\1[redacted]", uri)
 

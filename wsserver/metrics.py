@@ -97,7 +97,8 @@ class Metrics:
             self._machine.register(_WorkerLabel(workers.directory))
         r = self.registry
         self.connections = Gauge(
-            "wsserver_connections", "Open authenticated WebSocket connections", registry=r,
+            "wsserver_connections",
+            "Open authenticated connections (WebSocket and HTTP streaming)", registry=r,
             multiprocess_mode="livesum",
         )
         self.connections_unverified = Gauge(
@@ -113,6 +114,34 @@ class Metrics:
                            multiprocess_mode="liveall")
         self.connections_accepted = Counter(
             "wsserver_connections_accepted", "Connections that passed the handshake", registry=r
+        )
+        # wsserver_connections and wsserver_connections_accepted stay the totals
+        # (the contract names the first); these split them by what carries them.
+        self.connections_by_transport = Gauge(
+            "wsserver_connections_by_transport",
+            "Open authenticated connections by transport (websocket, sse)",
+            ["transport"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_accepted_by_transport = Counter(
+            "wsserver_connections_accepted_by_transport",
+            "Connections that passed the handshake, by transport (websocket, sse)",
+            ["transport"],
+            registry=r,
+        )
+        self.tickets = Counter(
+            "wsserver_tickets",
+            "POST /auth/ticket answers, by outcome (issued, unauthorized, unavailable)",
+            ["outcome"],
+            registry=r,
+        )
+        self.stream_sends = Counter(
+            "wsserver_sse_sends",
+            "POST /sse/send answers, by outcome (accepted, forwarded, unknown_session, "
+            "too_large, busy, bad_request, origin, unavailable)",
+            ["outcome"],
+            registry=r,
         )
         self.messages = Counter(
             "wsserver_messages", "Client messages received", ["type"], registry=r

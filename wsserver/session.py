@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from wsserver import protocol
@@ -98,6 +98,8 @@ class Session:
         self.ended_with: CloseError | None = None
         self.closed = False
         self._counted_in_broker = False
+        #: True once counted in the wsserver_connections gauge (after the welcome).
+        self._in_gauge = False
         self._timer: TimerHandle | None = None
         self._next_ping = 0.0
         self._pong_due: float | None = None
@@ -129,10 +131,12 @@ class Session:
         return self._log_user
 
     async def open(
-        self, credentials: Credentials, verdict: Identity | CloseError | None = None
+        self, credentials: Credentials, verdict: Identity | CloseError | None = None,
+        *, welcome: Mapping[str, Any] | None = None,
     ) -> bool:
         """Verify the token (unless ``verdict`` is its verification, done before
-        the upgrade) and the caps, then welcome the client.
+        the upgrade) and the caps, then welcome the client (``welcome``: fields
+        the transport adds to the welcome, e.g. an HTTP stream's ``session``).
 
         Returns False when the connection was refused (4001 / 4008); nothing
         the client sent is processed before this returns. A refused connection
@@ -165,8 +169,11 @@ class Session:
             return False
         if self.ended_with is not None or self.closed:
             return False  # the client went while the broker answered
+        self._in_gauge = True
         services.metrics.connections.inc()
         services.metrics.connections_accepted.inc()
+        services.metrics.connections_by_transport.labels(self.transport.kind).inc()
+        services.metrics.connections_accepted_by_transport.labels(self.transport.kind).inc()
         log.info("open user=%s addr=%s via=%s", escape(identity.user), escape(self.address),
                  credentials.source)
         settings = services.settings
@@ -184,6 +191,7 @@ class Session:
                     "tasks_per_user": settings.task_per_user,
                     "connections_per_user": settings.max_connections_per_user,
                 },
+                **(welcome or {}),
             }
         )
         self._next_ping = self._clock() + settings.ping_interval
@@ -633,8 +641,11 @@ class Session:
         if last_of_user is not None:
             services.message_buckets.discard(last_of_user)
         services.hub.forget(self)
-        if identity is not None:
+        if self._in_gauge:
+            # Not before: a client gone while the broker counted it was never added.
             services.metrics.connections.dec()
+            services.metrics.connections_by_transport.labels(self.transport.kind).dec()
+        if identity is not None:
             if self._counted_in_broker:
                 services.spawn(services.quietly(services.broker.user_disconnect(identity.user)))
         if self.ended_with is not None:
@@ -652,11 +663,15 @@ class Session:
             if not logged:
                 return
         detail = self.ended_with.detail if self.ended_with is not None else ""
-        log.info(
-            "close user=%s addr=%s code=%d by=%s reason=%r%s duration=%.3fs",
-            escape(self.user), escape(self.address), code, by, reason,
-            f" detail={detail!r}" if detail else "", self._clock() - self.opened_at,
-        )
+        duration = self._clock() - self.opened_at
+        # Two formats rather than a spliced string, so --log-format json sees
+        # detail as a field of its own.
+        if detail:
+            log.info("close user=%s addr=%s code=%d by=%s reason=%r detail=%r duration=%.3fs",
+                     escape(self.user), escape(self.address), code, by, reason, detail, duration)
+        else:
+            log.info("close user=%s addr=%s code=%d by=%s reason=%r duration=%.3fs",
+                     escape(self.user), escape(self.address), code, by, reason, duration)
 
 
 #: Every message type has exactly one handler (a unit test checks it too).

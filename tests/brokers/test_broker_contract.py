@@ -8,13 +8,16 @@ boundaries, idempotency, presence flags, user caps, disconnects, nodes.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 
 import pytest
 
 from tests.support.aio import run
 from tests.support.brokers import Harness
 from wsserver.brokers.base import HistorySpec, PublishResult, with_position
+from wsserver.brokers.memory import MAX_TICKETS, MemoryBroker
 
 KEEP5 = HistorySpec(size=5, ttl=60)
 
@@ -295,5 +298,104 @@ def test_reset_epoch_starts_over_only_from_the_stale_epoch(harness: Harness) -> 
             # A second node asking with the same stale epoch keeps the new one.
             assert await broker.reset_epoch("r", KEEP5, first.epoch) == new
             assert await broker.publish("r", msg(2), history=KEEP5) == PublishResult(1, new)
+
+    run(scenario())
+
+
+# --- HTTP streaming: tickets and forwarded session messages (issue 22) ---------------
+
+
+def test_a_ticket_is_taken_once(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            await broker.ticket_put("t1", "jwt-1", 30)
+            await broker.ticket_put("t2", "jwt-2", 30)
+            assert await broker.ticket_take("t1") == "jwt-1"
+            assert await broker.ticket_take("t1") is None  # single use
+            assert await broker.ticket_take("never-issued") is None
+            assert await broker.ticket_take("t2") == "jwt-2"
+
+    run(scenario())
+
+
+def test_a_ticket_expires(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            await broker.ticket_put("short", "jwt", 0.3)
+            await broker.ticket_put("long", "jwt-long", 30)
+            await harness.elapse(0.6)
+            assert await broker.ticket_take("short") is None
+            assert await broker.ticket_take("long") == "jwt-long"
+
+    run(scenario())
+
+
+def test_a_ticket_issued_on_one_node_is_taken_on_another(redis_harness: Harness) -> None:
+    async def scenario() -> None:
+        async with redis_harness.started("a") as (a, _), redis_harness.started("b") as (b, _):
+            await a.ticket_put("t", "jwt", 30)
+            assert await b.ticket_take("t") == "jwt"
+            assert await a.ticket_take("t") is None
+
+    run(scenario())
+
+
+class Forwarded:
+    """Records what a broker hands to its node's forwarded-message handler."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str]] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, session: str, text: str) -> None:
+        self.got.append((session, text))
+        self.changed.set()
+
+    async def until(self, count: int) -> list[tuple[str, str]]:
+        async with asyncio.timeout(5):
+            while len(self.got) < count:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.got
+
+
+def test_forward_reaches_the_node_of_the_tag_only(harness: Harness) -> None:
+    async def scenario() -> None:
+        async with harness.started() as (broker, _sink):
+            forwarded = Forwarded()
+            broker.serve_forwarded(forwarded)
+            assert re.fullmatch(r"[A-Za-z0-9_-]{8}", broker.node_tag)
+            assert await broker.forward(broker.node_tag, "s1", '{"type":"ping"}') is True
+            assert await broker.forward(broker.node_tag, "s1", "é\nsecond") is True
+            assert await forwarded.until(2) == [("s1", '{"type":"ping"}'), ("s1", "é\nsecond")]
+            other_tag = "A" * 8 if broker.node_tag != "A" * 8 else "B" * 8
+            assert await broker.forward(other_tag, "s1", "lost") is False
+
+    run(scenario())
+
+
+def test_forward_between_nodes_in_order(redis_harness: Harness) -> None:
+    async def scenario() -> None:
+        async with redis_harness.started("a") as (a, _), redis_harness.started("b") as (b, _):
+            at_a, at_b = Forwarded(), Forwarded()
+            a.serve_forwarded(at_a)
+            b.serve_forwarded(at_b)
+            assert a.node_tag != b.node_tag
+            for n in range(20):
+                assert await a.forward(b.node_tag, "sess", str(n)) is True
+            assert await at_b.until(20) == [("sess", str(n)) for n in range(20)]
+            assert at_a.got == []
+
+    run(scenario())
+
+
+def test_memory_tickets_are_bounded_oldest_first() -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        for n in range(MAX_TICKETS + 1):
+            await broker.ticket_put(f"t{n}", f"jwt{n}", 30)
+        assert await broker.ticket_take("t0") is None  # the oldest made room
+        assert await broker.ticket_take("t1") == "jwt1"
+        assert await broker.ticket_take(f"t{MAX_TICKETS}") == f"jwt{MAX_TICKETS}"
 
     run(scenario())

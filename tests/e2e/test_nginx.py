@@ -21,7 +21,9 @@ from tests.support.clients import AsyncClient, connect, refused, welcomed
 from tests.support.deploy import NGINX_SITE, Nginx, nginx_available
 from tests.support.http import fetch
 from tests.support.metrics import value
+from tests.support.streams import streamed, ticket
 from tests.support.tokens import KEYED_ENV, mint
+from tests.support.waiting import until
 from wsserver.config import OPTIONS_BY_NAME
 
 pytestmark = [
@@ -126,7 +128,7 @@ def test_every_location_that_sets_headers_sets_the_forwarding_headers() -> None:
     )
     blocks = re.findall(r"location[^{]*\{[^}]*\}", site)
     setting = [block for block in blocks if "proxy_set_header" in block]
-    assert len(setting) == 5, blocks
+    assert len(setting) == 7, blocks
     for block in setting:
         for header in (r"X-Real-IP\s+\$remote_addr", r"X-Forwarded-For\s+\$remote_addr",
                        r"X-Forwarded-Proto\s+\$scheme"):
@@ -239,3 +241,59 @@ def test_site_keeps_idle_websockets_longer_than_the_ping_interval() -> None:
         r"^\s*limit_req_zone\s+\$binary_remote_addr\s+zone=wsserver_handshake:\S+\s+rate=20r/s;",
         site, re.MULTILINE,
     )
+
+
+# --- HTTP streaming through nginx (issue 22) -----------------------------------------
+
+
+def test_stream_events_arrive_through_nginx_as_they_are_sent(
+    run_server: Any, start_nginx: Any
+) -> None:
+    server = run_server("--port", "0", "--trusted-proxies", "127.0.0.1", "--ping-interval", "1",
+                        env=SERVER_ENV)
+    nginx = start_nginx(server.port)
+    grants = {"rooms": ["lobby"], "publish": ["lobby"]}
+
+    async def scenario() -> str:
+        issued = (await ticket(nginx, mint("alice", **grants))).json()["ticket"]
+        client = await streamed(nginx, ticket=issued)
+        assert client.headers["content-type"] == "text/event-stream"
+        socket = await welcomed(nginx, mint("bob", **grants))
+        await client.join("lobby")
+        await socket.join("lobby")
+        # Each event must be through before the next is even published: a
+        # buffering proxy would hold these small events until its buffer
+        # filled or the stream ended, and the wait below would time out.
+        for n in range(5):
+            await socket.send({"type": "publish", "room": "lobby", "data": n})
+            got = await client.next(lambda m: m["type"] == "message", timeout=3)
+            assert got["data"] == n
+        # The keepalive comments pass through too (what keeps proxies' idle
+        # timers from cutting a quiet stream).
+        await until(lambda: len(client.comments) >= 1, timeout=5)
+        # Sends go through nginx as well.
+        assert await client.ask({"type": "echo", "data": "via nginx"}) == {
+            "type": "echo", "data": "via nginx"}
+        return issued
+
+    issued = run(scenario)
+    nginx.stop()  # flushes the access log
+    logged = nginx.access_log.read_text()
+    assert issued not in logged and issued not in server.logs()
+    assert '"GET /sse?[redacted] HTTP/1.1" 200' in logged, logged
+    assert "open user=alice addr=127.0.0.1 via=ticket" in server.logs()
+
+
+def test_site_streams_sse_unbuffered_and_longer_than_the_keepalive() -> None:
+    site = "\n".join(
+        line for line in NGINX_SITE.read_text().splitlines() if not line.lstrip().startswith("#")
+    )
+    block = site[site.index("location = /sse") :].split("}", 1)[0]
+    for directive in (r"proxy_buffering\s+off;", r"proxy_cache\s+off;", r"gzip\s+off;",
+                      r"proxy_http_version\s+1\.1;",
+                      r"limit_req\s+zone=wsserver_handshake\s+burst=30\s+nodelay;"):
+        assert re.search(r"^\s*" + directive, block, re.MULTILINE), directive
+    timeout = re.search(r"^\s*proxy_read_timeout\s+(\d+)s;", block, re.MULTILINE)
+    assert timeout is not None
+    assert int(timeout.group(1)) > 2 * float(OPTIONS_BY_NAME["ping_interval"].default)
+    assert re.search(r"location = /auth/ticket \{[^}]*limit_req ", site)

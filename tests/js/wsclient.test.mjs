@@ -7,6 +7,8 @@ import {
   backoffDelay, closeDecision, queueAccepts, attemptAfterClose, reconnectDelay,
   socketUrl, describeClose, tokenUsable, TOKEN_MARGIN_MS, WsClient, WsError,
   MAX_REFUSALS, healthProbe, refusalsAfter,
+  streamUrls, chooseTransport, sendOutcome, SEND_RETRY_MS, websocketMisses,
+  WS_MISSES_BEFORE_STREAMING,
 } from '../../static/wsclient.js';
 
 const justBelowOne = () => 1 - Number.EPSILON;
@@ -529,4 +531,344 @@ test('the health probe asks /healthz of the socket URL\'s server', async () => {
   assert.equal(await healthProbe('ws://x/ws', async () => { throw new TypeError('down'); }), null);
   assert.equal(await healthProbe('ws://x/ws', null), null); // no fetch() at all
   assert.deepEqual(asked, ['https://a.example/healthz', 'http://127.0.0.1:8888/healthz']);
+});
+
+test('rpc resolves with the result data; a join with a subscription token re-joins with it', async () => {
+  const client = newClient();
+  let ws = await connected(client);
+  const calling = client.rpc('orders.list', { page: 2 });
+  const call = ws.sent.at(-1);
+  assert.deepEqual({ ...call, id: undefined },
+    { type: 'rpc', method: 'orders.list', data: { page: 2 }, id: undefined });
+  ws.receive({ type: 'rpc_result', data: [1, 2], id: call.id });
+  assert.deepEqual(await calling, [1, 2]);
+  const refused = client.rpc('nope');
+  ws.receive({ type: 'error', code: 'unknown_type', message: 'rpc is not enabled', id: ws.sent.at(-1).id });
+  await assert.rejects(refused, (err) => err.code === 'unknown_type');
+
+  const joining = client.join('team:7', { token: 'sub.jwt.x' });
+  const join = ws.sent.at(-1);
+  assert.equal(join.token, 'sub.jwt.x');
+  ws.receive({ type: 'joined', room: 'team:7', id: join.id });
+  await joining;
+  ws.drop(1006);
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  ws = await connected(client);
+  const rejoin = ws.sent.find((m) => m.type === 'join');
+  assert.deepEqual({ ...rejoin, id: undefined },
+    { type: 'join', room: 'team:7', token: 'sub.jwt.x', id: undefined });
+  client.close();
+});
+
+// --- HTTP streaming: the fallback (issue 22) -----------------------------------------------
+
+test('stream URLs sit next to the WebSocket URL, same host, http for ws and https for wss', () => {
+  assert.deepEqual(streamUrls('ws://h:8888/ws'), {
+    ticket: 'http://h:8888/auth/ticket', stream: 'http://h:8888/sse', send: 'http://h:8888/sse/send',
+  });
+  assert.deepEqual(streamUrls('wss://example.com/realtime/ws'), {
+    ticket: 'https://example.com/realtime/auth/ticket',
+    stream: 'https://example.com/realtime/sse',
+    send: 'https://example.com/realtime/sse/send',
+  });
+});
+
+// [state, expected transport]
+const transportTable = [
+  [{}, 'websocket'],
+  [{ wsBlocked: true }, 'sse'],
+  [{ preference: 'websocket', wsBlocked: true }, 'websocket'],
+  [{ preference: 'sse' }, 'sse'],
+  [{ hasWebSocket: false }, 'sse'],
+  [{ hasEventSource: false, wsBlocked: true }, 'websocket'],
+];
+
+for (const [state, expected] of transportTable) {
+  test(`transport for ${JSON.stringify(state)} → ${expected}`, () => {
+    assert.equal(chooseTransport(state), expected);
+  });
+}
+
+test('a WebSocket is taken for blocked only after misses while the server answered', () => {
+  assert.equal(WS_MISSES_BEFORE_STREAMING, 2);
+  let misses = 0;
+  misses = websocketMisses(misses, { reached: false, serverAnswered: true });
+  assert.equal(misses, 1);
+  // The server was down: the socket is not to blame, start over.
+  assert.equal(websocketMisses(misses, { reached: false, serverAnswered: false }), 0);
+  // A socket that opened: start over.
+  assert.equal(websocketMisses(misses, { reached: true, serverAnswered: true }), 0);
+  assert.equal(websocketMisses(misses, { reached: false, serverAnswered: true }), 2);
+});
+
+test('a send refused over HTTP means what the same failure means over a WebSocket', () => {
+  assert.deepEqual(sendOutcome(202), { action: 'sent' });
+  assert.deepEqual(sendOutcome(503, '3'), { action: 'retry', delay: 3000 });
+  assert.deepEqual(sendOutcome(503, null), { action: 'retry', delay: SEND_RETRY_MS });
+  assert.deepEqual(sendOutcome(413), { action: 'close', code: 1009, reason: 'message too big' });
+  assert.deepEqual(sendOutcome(404), { action: 'close', code: 1006, reason: 'stream closed' });
+  assert.equal(sendOutcome(415).code, 1008);
+  assert.equal(sendOutcome(403).code, 1008);
+  assert.equal(closeDecision(sendOutcome(413).code).action, 'stop');
+  assert.equal(closeDecision(sendOutcome(404).code).action, 'reconnect');
+});
+
+/** An EventSource stand-in: the test plays the server's events. */
+class ScriptedSource {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.closed = false;
+    ScriptedSource.all.push(this);
+  }
+  static get last() { return ScriptedSource.all.at(-1); }
+  open() { this.onopen?.(); }
+  emit(msg) { this.onmessage?.({ data: JSON.stringify(msg) }); }
+  fail() { this.onerror?.(); }
+  close() { this.closed = true; }
+}
+
+/**
+ * fetch() for /auth/ticket and /sse/send: records calls; answers from queues,
+ * else 200/202. `probe` is the client's health probe: true while the server is
+ * up, null once `down` is set (as healthProbe answers); `probes` counts it.
+ */
+function scriptedFetch() {
+  const calls = [];
+  const answers = { ticket: [], send: [] };
+  let tickets = 0;
+  const net = { down: false, probes: 0 };
+  net.probe = async () => { net.probes += 1; return net.down ? null : true; };
+  const fetcher = async (url, init) => {
+    const kind = url.endsWith('/auth/ticket') ? 'ticket' : 'send';
+    calls.push({ kind, url, init, body: init.body === undefined ? undefined : JSON.parse(init.body) });
+    const answer = answers[kind].shift()
+      || (kind === 'ticket' ? { status: 200, body: { ticket: `tk${++tickets}`, expires_in: 30 } }
+        : { status: 202, body: {} });
+    return {
+      status: answer.status,
+      ok: answer.status >= 200 && answer.status < 300,
+      json: async () => answer.body || {},
+      headers: { get: (name) => (answer.headers || {})[name] ?? null },
+    };
+  };
+  return Object.assign(net, {
+    fetcher, calls, answers, sends: () => calls.filter((c) => c.kind === 'send'),
+  });
+}
+
+/** A WebSocket that never gets through: it closes with 1006 without opening. */
+class UnreachableSocket {
+  static made = 0;
+  constructor() {
+    UnreachableSocket.made += 1;
+    this.readyState = 0;
+    setImmediate(() => { this.readyState = 3; this.onclose?.({ code: 1006, reason: '' }); });
+  }
+  close() {}
+}
+
+class ThrowingSocket {
+  constructor() { throw new Error('WebSocket is blocked here'); }
+}
+
+const settle = async (n = 5) => { for (let i = 0; i < n; i += 1) await tick(); };
+/** Past a reconnect's timer (random() is 0: its delay is 0), then settled. */
+const afterReconnect = async () => {
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  await settle(10);
+};
+
+function streamingClient(extra = {}) {
+  const net = scriptedFetch();
+  const tokens = [];
+  const client = new WsClient({
+    url: 'ws://x/ws',
+    getToken: async () => { tokens.push(`tok${tokens.length + 1}`); return tokens.at(-1); },
+    WebSocket: ThrowingSocket, EventSource: ScriptedSource, fetch: net.fetcher,
+    probe: net.probe, random: () => 0, ...extra,
+  });
+  const states = [];
+  client.addEventListener('state', (e) => states.push(e.detail));
+  return { client, net, tokens, states };
+}
+
+/** The stream answers: open, then the welcome naming session `session`. */
+function welcome(source, session = 'tag12345.s1') {
+  source.open();
+  source.emit({ type: 'welcome', user: 'alice', expires_at: Date.now() / 1000 + 3600,
+                limits: {}, session });
+}
+
+test('a WebSocket that throws: the client streams, with a ticket, never the token in a URL',
+  async () => {
+    const { client, net, tokens, states } = streamingClient();
+    client.connect();
+    await settle();
+    const [ticketCall] = net.calls;
+    assert.equal(ticketCall.url, 'http://x/auth/ticket');
+    assert.equal(ticketCall.init.method, 'POST');
+    assert.equal(ticketCall.init.headers.Authorization, `Bearer ${tokens[0]}`);
+    const source = ScriptedSource.last;
+    assert.equal(source.url, 'http://x/sse?ticket=tk1');
+    assert.ok(!source.url.includes(tokens[0]));
+    welcome(source);
+    assert.equal(client.state, 'open');
+    assert.equal(client.transport, 'sse');
+    assert.equal(states.at(-1).transport, 'sse');
+
+    const echo = client.request({ type: 'echo', data: 1, id: 'e1' });
+    await settle();
+    const [send] = net.sends();
+    assert.equal(send.url, 'http://x/sse/send');
+    assert.equal(send.init.headers['X-Session'], 'tag12345.s1');
+    assert.equal(send.init.headers['Content-Type'], 'application/json');
+    assert.deepEqual(send.body, { type: 'echo', data: 1, id: 'e1' });
+    source.emit({ type: 'echo', data: 1, id: 'e1' });
+    assert.deepEqual(await echo, { type: 'echo', data: 1, id: 'e1' });
+    client.close();
+    assert.equal(source.closed, true);
+  });
+
+test('messages go out one POST at a time, in order; a 503 is sent again after Retry-After',
+  async () => {
+    const { client, net } = streamingClient();
+    client.connect();
+    await settle();
+    welcome(ScriptedSource.last);
+    net.answers.send.push({ status: 503, headers: { 'Retry-After': '0.01' } });
+    client.send({ type: 'echo', data: 'a' });
+    client.send({ type: 'echo', data: 'b' });
+    await new Promise((resolve) => setTimeout(resolve, 40));
+    await settle();
+    assert.deepEqual(net.sends().map((c) => c.body.data), ['a', 'a', 'b']);
+    client.close();
+  });
+
+test('the close event ends the stream with its code: 4001 gets a new token, then a new ticket',
+  async () => {
+    const { client, net, tokens, states } = streamingClient();
+    client.connect();
+    await settle();
+    const first = ScriptedSource.last;
+    welcome(first);
+    first.emit({ type: 'close', code: 4001, reason: 'token expired' });
+    assert.equal(first.closed, true); // never reconnected by EventSource itself
+    assert.equal(states.find((s) => s.state === 'waiting').code, 4001);
+    await afterReconnect();
+    assert.deepEqual(tokens, ['tok1', 'tok2']);
+    assert.equal(net.calls.filter((c) => c.kind === 'ticket').length, 2);
+    assert.notEqual(ScriptedSource.last, first);
+    assert.equal(ScriptedSource.last.url, 'http://x/sse?ticket=tk2');
+    client.close();
+  });
+
+test('a refused ticket is 4001; a stream that fails without its close event is 1006',
+  async () => {
+    const { client, net, states } = streamingClient();
+    net.answers.ticket.push({ status: 401, body: { error: 'unauthorized', message: 'token expired' } });
+    client.connect();
+    await settle();
+    assert.deepEqual(states.find((s) => s.state === 'waiting'),
+      { state: 'waiting', code: 4001, reason: 'token expired', delay: 0, attempt: 0 });
+    await afterReconnect();
+    const source = ScriptedSource.last;
+    welcome(source);
+    source.fail();
+    assert.equal(states.at(-1).state, 'waiting');
+    assert.equal(states.at(-1).code, 1006);
+    client.close();
+  });
+
+test('a message over the server\'s size stops the client as 1009 does over a WebSocket',
+  async () => {
+    const { client, net, states } = streamingClient();
+    client.connect();
+    await settle();
+    welcome(ScriptedSource.last);
+    net.answers.send.push({ status: 413 });
+    client.send({ type: 'echo', data: 'x'.repeat(100) });
+    await settle();
+    assert.deepEqual(states.at(-1), { state: 'stopped', code: 1009, reason: 'message too big' });
+  });
+
+test('a send to a stream that is gone (404) reconnects and re-joins with since', async () => {
+  const { client, net } = streamingClient();
+  client.connect();
+  await settle();
+  let source = ScriptedSource.last;
+  welcome(source);
+  const joining = client.join('chat:1');
+  await settle();
+  source.emit({ type: 'joined', room: 'chat:1', epoch: 'e1', offset: 4, id: net.sends()[0].body.id });
+  await joining;
+  net.answers.send.push({ status: 404 });
+  client.send({ type: 'ping' });
+  await settle();
+  await afterReconnect();
+  source = ScriptedSource.last;
+  welcome(source, 'tag12345.s2');
+  await settle();
+  const rejoin = net.sends().at(-1);
+  assert.equal(rejoin.init.headers['X-Session'], 'tag12345.s2');
+  assert.deepEqual(rejoin.body.since, { offset: 4, epoch: 'e1' });
+  client.close();
+});
+
+test('auto: a WebSocket that misses a server that answers HTTP twice: streams from then on',
+  async () => {
+    UnreachableSocket.made = 0;
+    const { client, net, states } = streamingClient({ WebSocket: UnreachableSocket });
+    client.connect();
+    await settle(10);
+    assert.equal(states.find((s) => s.state === 'waiting').code, 1006);
+    await afterReconnect();
+    await afterReconnect();
+    assert.equal(UnreachableSocket.made, 2);
+    assert.equal(net.probes, 2);
+    const source = ScriptedSource.last;
+    assert.equal(source.url, 'http://x/sse?ticket=tk1');
+    welcome(source);
+    assert.equal(client.transport, 'sse');
+    assert.equal(client.wsBlocked, true);
+    source.emit({ type: 'close', code: 1001, reason: 'server shutting down' });
+    await afterReconnect();
+    assert.equal(UnreachableSocket.made, 2); // known blocked: not tried again
+    assert.notEqual(ScriptedSource.last, source);
+    client.close();
+  });
+
+test('auto: while the server is down a missed WebSocket is not taken for blocked', async () => {
+  UnreachableSocket.made = 0;
+  const sources = ScriptedSource.all.length;
+  const { client, net } = streamingClient({ WebSocket: UnreachableSocket });
+  net.down = true;
+  client.connect();
+  for (let n = 0; n < 4; n += 1) await afterReconnect();
+  assert.ok(UnreachableSocket.made >= 3);
+  assert.equal(client.wsBlocked, false);
+  assert.equal(ScriptedSource.all.length, sources); // never streamed
+  client.close();
+});
+
+test('transport "websocket" never streams; "sse" never opens a WebSocket', async () => {
+  UnreachableSocket.made = 0;
+  const sources = ScriptedSource.all.length;
+  const ws = streamingClient({ WebSocket: UnreachableSocket, transport: 'websocket' });
+  ws.client.connect();
+  await settle(10);
+  await afterReconnect();
+  assert.ok(UnreachableSocket.made >= 2);
+  assert.equal(ScriptedSource.all.length, sources);
+  ws.client.close();
+
+  UnreachableSocket.made = 0;
+  const sse = streamingClient({ WebSocket: UnreachableSocket, transport: 'sse' });
+  sse.client.connect();
+  await settle();
+  welcome(ScriptedSource.last);
+  assert.equal(UnreachableSocket.made, 0);
+  assert.equal(sse.client.transport, 'sse');
+  sse.client.close();
+  assert.throws(() => newClient({ transport: 'carrier-pigeon' }), TypeError);
 });

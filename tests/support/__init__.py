@@ -16,7 +16,11 @@
 * :mod:`~tests.support.sessions`: a Session over a recording transport (unit tests);
 * :mod:`~tests.support.tasks` and :mod:`~tests.support.broker_node`: code run in
   other processes (task workers, a node to SIGKILL);
-* :mod:`~tests.support.aio` and :mod:`~tests.support.waiting`: bounded scenarios and polls.
+* :mod:`~tests.support.aio` and :mod:`~tests.support.waiting`: bounded scenarios and polls;
+* :mod:`~tests.support.ledger`, :mod:`~tests.support.careful`,
+  :mod:`~tests.support.publisher` and :mod:`~tests.support.chaos`: the chaos
+  suite (what a client saw and its judgement, the careful client, the API
+  publisher and readiness watch, the nodes and the scenario).
 
 Fixtures stay in the ``conftest.py`` files (pytest looks for them there) as
 thin wrappers over these modules. Imported as ``tests.support.*``: the

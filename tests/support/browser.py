@@ -35,9 +35,16 @@ class Pages:
     #: (page label, text) of every console error and uncaught exception.
     errors: list[tuple[str, str]] = field(default_factory=list)
 
-    def open(self, url: str, label: str = "", **context_options: Any) -> Page:
-        """A new page in its own context (own storage, so its own demo user), at ``url``."""
+    def open(self, url: str, label: str = "", *, init_script: str | None = None,
+             **context_options: Any) -> Page:
+        """A new page in its own context (own storage, so its own demo user), at ``url``.
+
+        ``init_script`` runs in the page before any of its own scripts (to take
+        a browser API away, say).
+        """
         context = self.browser.new_context(**context_options)
+        if init_script is not None:
+            context.add_init_script(init_script)
         self.contexts.append(context)
         page = context.new_page()
         name = label or f"page{len(self.contexts)}"

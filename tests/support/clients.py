@@ -69,12 +69,25 @@ class Discardable(Protocol):
     def discard(self) -> None: ...
 
 
+class AsyncClosable(Protocol):
+    """What :func:`aclose_all` needs of a tracked connection that closes by awaiting
+    (an HTTP stream's client, :mod:`tests.support.streams`)."""
+
+    async def aclose(self) -> None: ...
+
+
 _opened: list[Discardable] = []
+_opened_async: list[AsyncClosable] = []
 
 
 def track(conn: Discardable) -> None:
     """Close ``conn`` with every other at the end of the test's loop."""
     _opened.append(conn)
+
+
+def track_async(conn: AsyncClosable) -> None:
+    """Close ``conn`` (awaited) with every other at the end of the test's loop."""
+    _opened_async.append(conn)
 
 
 def close_all() -> None:
@@ -86,6 +99,9 @@ def close_all() -> None:
 
 async def aclose_all() -> None:
     """:func:`close_all`, then let the loop run the closes (so no socket is left open)."""
+    while _opened_async:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_opened_async.pop().aclose(), WAIT)
     close_all()
     for _ in range(2):
         await asyncio.sleep(0)

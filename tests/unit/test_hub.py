@@ -868,3 +868,23 @@ def test_a_broker_that_went_back_in_time_gets_a_new_epoch_and_members_a_gap() ->
         ]
 
     run(scenario)
+
+
+def test_a_leave_while_the_broker_is_down_is_answered_left() -> None:
+    """Found by the chaos suite: a leave was answered 'unavailable' although the
+    member had already left locally (a second leave then said 'left')."""
+    async def scenario() -> None:
+        services, scheduler, broker = make()
+        await broker.start(services.hub)
+        client = await welcomed(services, scheduler)
+        await client.send({"type": "join", "room": ROOM})
+
+        async def down(room: str, user: str) -> bool:
+            raise BrokerUnavailable()
+
+        broker.presence_remove = down  # type: ignore[method-assign]
+        assert await client.ask({"type": "leave", "room": ROOM, "id": 2}) == {
+            "type": "left", "room": ROOM, "id": 2}
+        assert services.hub.members(ROOM) == []
+
+    run(scenario)

@@ -18,10 +18,10 @@ from wsserver.logconfig import JsonFormatter, apply_config_file, message_fields
     [
         ("open user=%s addr=%s via=%s", ("alice", "10.0.0.1", "header"),
          {"user": "alice", "addr": "10.0.0.1", "via": "header"}),
-        ("close user=%s addr=%s code=%d by=%s reason=%r%s duration=%.3fs",
-         ("bob", "::1", 4001, "server", "invalid token", " detail='x'", 0.25),
+        ("close user=%s addr=%s code=%d by=%s reason=%r detail=%r duration=%.3fs",
+         ("bob", "::1", 4001, "server", "invalid token", "x", 0.25),
          {"user": "bob", "addr": "::1", "code": 4001, "by": "server",
-          "reason": "invalid token", "duration": 0.25}),
+          "reason": "invalid token", "detail": "x", "duration": 0.25}),
         ("handshake refused: %s (%d) addr=%s", ("no token", 403, "1.2.3.4"), {"addr": "1.2.3.4"}),
         ("%d%% done width=%*d", (50, 4, 7), {"width": 7}),
         ("user=%(user)s", {"user": "carol"}, {"user": "carol"}),

@@ -39,6 +39,10 @@ def test_escape_cuts_long_values() -> None:
         ("/ws?a=1&TOKEN=eyJ&b=2", "/ws?a=1&TOKEN=[redacted]&b=2"),
         ("/ws?mytoken=x", "/ws?mytoken=x"),
         ("/ws", "/ws"),
+        # HTTP streaming's single-use ticket stands for a token: never logged either.
+        ("/sse?ticket=abc-_123", "/sse?ticket=[redacted]"),
+        ("/sse?x=1&Ticket=abc#f", "/sse?x=1&Ticket=[redacted]#f"),
+        ("/sse?myticket=x", "/sse?myticket=x"),
     ],
 )
 def test_redact(uri: str, expected: str) -> None:

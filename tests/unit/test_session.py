@@ -776,3 +776,32 @@ def test_rpc_without_a_backend_is_an_unknown_type_that_says_why() -> None:
         assert client.transport.closes == []
 
     run(scenario)
+
+
+def test_a_client_gone_while_the_broker_counts_it_leaves_the_gauge_at_zero() -> None:
+    """Session.open awaits the broker's user count; a client that closes meanwhile
+    was never added to wsserver_connections and must not be taken off it."""
+    from wsserver.brokers.memory import MemoryBroker
+
+    class SlowCount(MemoryBroker):
+        def __init__(self) -> None:
+            super().__init__("node")
+            self.release = asyncio.Event()
+
+        async def user_connect(self, user: str, limit: int) -> int | None:
+            await self.release.wait()
+            return await super().user_connect(user, limit)
+
+    async def scenario() -> None:
+        broker = SlowCount()
+        services, scheduler = make_services(broker=lambda _: broker)
+        await start(services)
+        client = Client(services, scheduler)
+        opening = asyncio.ensure_future(client.open(mint(now=wall0())))
+        await turns()
+        client.gone()
+        broker.release.set()
+        assert await opening is False
+        assert value(services.metrics.connections) == 0
+
+    run(scenario)

@@ -18,7 +18,8 @@ publication it receives.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -143,6 +144,10 @@ class BrokerSink(Protocol):
         ...
 
 
+#: Takes a client message forwarded to this node: ``handler(session, text)``.
+ForwardedHandler = Callable[[str, str], None]
+
+
 class Broker(abc.ABC):
     """Publications, history, presence and cluster-wide counts.
 
@@ -155,6 +160,11 @@ class Broker(abc.ABC):
 
     def __init__(self, node_name: str) -> None:
         self.node_name = node_name
+        #: This process's tag in the ids of its HTTP streams (random, 8 URL-safe
+        #: characters): a ``POST /sse/send`` that reaches another node (another
+        #: ``--workers`` process) is forwarded to the node whose tag the id carries.
+        self.node_tag = secrets.token_urlsafe(6)
+        self._forwarded: ForwardedHandler | None = None
 
     @property
     @abc.abstractmethod
@@ -272,6 +282,28 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def nodes(self) -> list[NodeInfo]:
         """The live nodes sharing this broker, this one included."""
+
+    # --- HTTP streaming: tickets and forwarded client messages ----------------
+
+    @abc.abstractmethod
+    async def ticket_put(self, ticket: str, token: str, ttl: float) -> None:
+        """Keep ``token`` under ``ticket`` for ``ttl`` seconds, for one
+        :meth:`ticket_take` on any node (``POST /auth/ticket``)."""
+
+    @abc.abstractmethod
+    async def ticket_take(self, ticket: str) -> str | None:
+        """The token kept under ``ticket``, removed in the same step (single
+        use); None when there is none (never issued, taken, expired)."""
+
+    @abc.abstractmethod
+    async def forward(self, node_tag: str, session: str, text: str) -> bool:
+        """Hand one client message for stream ``session`` to the node tagged
+        ``node_tag`` (its handler from :meth:`serve_forwarded`), in the order of
+        the calls; False when no node with that tag is listening."""
+
+    def serve_forwarded(self, handler: ForwardedHandler) -> None:
+        """Who takes the messages :meth:`forward` sends to this node."""
+        self._forwarded = handler
 
 
 #: Seconds an idempotency key is remembered.

@@ -32,6 +32,10 @@ from wsserver.brokers.base import (
 
 Clock = Callable[[], float]
 
+#: Tickets kept at once; past it the oldest is dropped (bounded memory under a
+#: flood: every ticket needs a valid token and a handshake-rate token anyway).
+MAX_TICKETS = 10_000
+
 
 def new_epoch() -> str:
     """A fresh epoch: 8 URL-safe characters."""
@@ -60,6 +64,8 @@ class MemoryBroker(Broker):
         self._idempotent: dict[tuple[str, str], tuple[float, PublishResult]] = {}
         self._presence: dict[str, Counter[str]] = {}
         self._users: Counter[str] = Counter()
+        #: ticket -> (expiry, token), oldest first.
+        self._tickets: dict[str, tuple[float, str]] = {}
         self._started = time.time()
 
     @property
@@ -137,6 +143,8 @@ class MemoryBroker(Broker):
             del self._streams[room]
         for key in [k for k, (until, _) in self._idempotent.items() if until <= now]:
             del self._idempotent[key]
+        for ticket in [t for t, (until, _) in self._tickets.items() if until <= now]:
+            del self._tickets[ticket]
 
     async def subscribe(self, room: str) -> None:
         self._subscribed.add(room)
@@ -221,3 +229,29 @@ class MemoryBroker(Broker):
             return []
         stats = self._sink.node_stats()
         return [NodeInfo(self.node_name, stats.connections, stats.users, stats.uptime)]
+
+    # --- HTTP streaming -------------------------------------------------------
+
+    async def ticket_put(self, ticket: str, token: str, ttl: float) -> None:
+        now = self._clock()
+        tickets = self._tickets
+        # Oldest first: drop the expired ones at the front, then make room.
+        while tickets:
+            oldest = next(iter(tickets))
+            if tickets[oldest][0] > now and len(tickets) < MAX_TICKETS:
+                break
+            del tickets[oldest]
+        tickets[ticket] = (now + ttl, token)
+
+    async def ticket_take(self, ticket: str) -> str | None:
+        entry = self._tickets.pop(ticket, None)
+        if entry is None or entry[0] <= self._clock():
+            return None
+        return entry[1]
+
+    async def forward(self, node_tag: str, session: str, text: str) -> bool:
+        # One process, one node: only this node's own tag reaches anyone.
+        if node_tag != self.node_tag or self._forwarded is None:
+            return False
+        self._forwarded(session, text)
+        return True

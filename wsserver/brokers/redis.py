@@ -212,6 +212,8 @@ class RedisBroker(Broker):
         self._channels: dict[bytes, str] = {}
         self._control = f"{prefix}:control".encode()
         self._probe_channel = f"{prefix}:probe:{node_name}".encode()
+        # Client messages of this node's HTTP streams sent to another node.
+        self._forward_channel = f"{prefix}:fwd:{self.node_tag}".encode()
         self._sub_conn: AbstractConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._sub_ready = False
@@ -643,6 +645,27 @@ class RedisBroker(Broker):
             )
         return [found[name] for name in sorted(found)]
 
+    # --- HTTP streaming -------------------------------------------------------
+
+    async def ticket_put(self, ticket: str, token: str, ttl: float) -> None:
+        key = f"{self._p}:ticket:{ticket}"
+        await self._call("ticket_put", lambda: self._redis.set(key, token, px=_ms(ttl)))
+
+    async def ticket_take(self, ticket: str) -> str | None:
+        key = f"{self._p}:ticket:{ticket}"
+        # GETDEL (Redis 6.2+): read and remove in one step, so a ticket
+        # presented twice at once is taken once.
+        token: bytes | None = await self._call(
+            "ticket_take", lambda: self._redis.getdel(key)  # type: ignore[arg-type,return-value]
+        )
+        return None if token is None else token.decode()
+
+    async def forward(self, node_tag: str, session: str, text: str) -> bool:
+        channel = f"{self._p}:fwd:{node_tag}".encode()
+        data = session.encode() + b"\n" + text.encode()
+        receivers = await self._call("forward", lambda: self._redis.publish(channel, data))
+        return int(receivers) > 0
+
     # --- this node's entries --------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -760,7 +783,8 @@ class RedisBroker(Broker):
                     )
                     self._channels = {self._room_channel(room): room for room in self._rooms}
                     await self._subscribe_channels(
-                        conn, [self._control, self._probe_channel, *self._channels]
+                        conn, [self._control, self._probe_channel, self._forward_channel,
+                               *self._channels]
                     )
                 except UNAVAILABLE_ERRORS as exc:
                     self._count_error()
@@ -871,6 +895,14 @@ class RedisBroker(Broker):
             waiter = self._probe_waiter
             if waiter is not None and waiter[0] == data and not waiter[1].done():
                 waiter[1].set_result(None)
+        elif channel == self._forward_channel:
+            session, _, text = data.partition(b"\n")
+            handler = self._forwarded
+            if handler is not None:
+                try:
+                    handler(session.decode(), text.decode())
+                except Exception:
+                    log.exception("broker: handing over a forwarded message failed")
         elif channel == self._control and sink is not None:
             try:
                 self._on_control(sink, json.loads(data))

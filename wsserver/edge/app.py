@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import tornado.web
 
-from wsserver.edge import api, handlers
+from wsserver.edge import api, handlers, sse
 from wsserver.edge.fastpath import FrameLimits
 from wsserver.logsafe import escape, redact
 from wsserver.services import Services
@@ -39,7 +39,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         return  # a refused handshake logs its own (throttled) line
     status = handler.get_status()
     quiet = not handler.application.settings.get("wsserver_access_log", True)
-    if status == 101:
+    if status == 101 or getattr(handler, "streamed", False):
         # The connection's own "open user=..." line says more.
         log_method = access_log.debug
     elif status < 400 and (quiet or handler.request.path in POLLED_PATHS):
@@ -92,10 +92,14 @@ def make_app(
     if listener == "internal":
         routes = [*probes, *inside]
     else:
+        streams = {**kwargs, "streams": sse.Streams(services.broker)}
         routes = [
             (r"/", handlers.IndexHandler, {"path": static}),
             (r"/ws", handlers.WebSocketHandler,
              {**kwargs, "frame_limits": FrameLimits.from_settings(services.settings)}),
+            (r"/sse", sse.StreamHandler, streams),
+            (r"/sse/send", sse.SendHandler, streams),
+            (r"/auth/ticket", sse.TicketHandler, kwargs),
             *probes,
             *([] if split else inside),
             (r"/auth/demo-token", handlers.DemoTokenHandler, kwargs),

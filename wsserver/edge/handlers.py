@@ -23,16 +23,14 @@ from prometheus_client import Counter
 from tornado.httputil import HTTPHeaders
 from tornado.log import app_log, gen_log
 
-from wsserver.auth import Credentials, Identity, extract_token, looks_like_jwt
+from wsserver.admission import Arrival, admit, check_arrival
+from wsserver.auth import Credentials, Identity, extract_token
 from wsserver.edge.fastpath import FrameConnection, FrameLimits, UpgradeHandler
-from wsserver.edge.tornado_internals import disconnect_after_response
+from wsserver.edge.refusal import refuse
 from wsserver.errors import (
-    BackendRefused,
     BadHandshake,
     CloseError,
-    Draining,
     HandshakeRateLimited,
-    NoToken,
     Rejection,
 )
 from wsserver.logsafe import escape, redact
@@ -144,9 +142,18 @@ class NotFoundHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
-    """``GET /healthz``: 200 while the process runs."""
+    """``GET /healthz``: 200 while the process runs.
+
+    Readable by a page of an allowed origin (CORS), so that ``wsclient.js``
+    can tell a server that is up from one that is away after a WebSocket
+    failed before opening, on a page served from another origin too.
+    """
 
     def get(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin and self.services.origins.allows(origin):
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.add_header("Vary", "Origin")
         self.write_json({"status": "ok"})
 
 
@@ -292,6 +299,11 @@ class IndexHandler(StaticHandler):
 
 
 
+#: The 403's message when a handshake carries no token.
+NO_TOKEN = ("no token: send 'Authorization: Bearer <jwt>', the subprotocols 'bearer, <jwt>', "
+            "or ?token=<jwt>")
+
+
 class WebSocketHandler(RedactedLogging, UpgradeHandler):
     """``GET /ws``: the handshake, then a :class:`~wsserver.session.Session`.
 
@@ -350,94 +362,27 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
             self._reservation = None
 
     async def _admit(self) -> Credentials:
-        """The checks before the upgrade; each raises its :class:`Rejection`.
-
-        A connection without a JWT goes to the connect proxy, when there is
-        one, after the caps (its slot is held while the backend answers): the
-        backend's ``disconnect`` is a 403, its failure a 503, both before the
-        upgrade. A token whose ``kid`` the key set does not hold waits for one
-        (rate-limited) refetch of the key set.
-        """
-        services = self.services
-        address = self.limit_key
-        if services.draining:
-            raise Draining("server shutting down", retry_after=5)
-        services.origins.check(self.request.headers.get("Origin"))
-        wait = services.handshake_buckets.take(address)
-        if wait:
-            raise HandshakeRateLimited("too many handshakes from this address", retry_after=wait)
+        """The checks before the upgrade (:mod:`wsserver.admission`); each raises
+        its :class:`Rejection`. The token is verified here and answered after
+        the upgrade (4001), so that a bad one counts in the unverified pool; a
+        connection without a JWT goes to the connect proxy, when there is one."""
+        arrival = Arrival(self.limit_key, self.client_address,
+                          self.request.headers.get("Origin"), self.request.headers.get,
+                          "websocket")
+        check_arrival(self.services, arrival)
         credentials = extract_token(
             self.request.headers.get("Authorization"),
             self._offered_subprotocols(),
             self.get_query_argument("token", None),
         )
-        backend = services.backend
-        proxied = backend is not None and backend.enabled("connect")
-        if (proxied and credentials is not None and credentials.source == "header"
-                and not looks_like_jwt(credentials.token)):
-            credentials = None  # the application's own bearer: the backend reads it
-        # Verified before the upgrade (answered after it, with 4001), so that a
-        # bad token is counted in the registry's small unverified pool and can
-        # never crowd verified users out of --max-connections.
-        if credentials is not None:
-            try:
-                self._verdict = await services.verifier.verify_fresh(credentials.token)
-            except CloseError as error:
-                self._verdict = error
-        verified = not isinstance(self._verdict, CloseError)
-        services.registry.check_admission(address, verified=verified)
-        if credentials is None and proxied:
-            assert backend is not None
-            # Counted before the call, in the same callback as the check.
-            self._reservation = services.registry.reserve(address, True)
-            self._verdict = await backend.connect(
-                "websocket", self.client_address, self.request.headers.get("Origin"),
-                self.request.headers.get,
-            )
-            return Credentials("", "proxy")
-        if credentials is None:
-            raise NoToken(
-                "no token: send 'Authorization: Bearer <jwt>', the subprotocols "
-                "'bearer, <jwt>', or ?token=<jwt>"
-            )
-        # Counted now, in the same callback as the check: the upgrade awaits
-        # before open(), and concurrent handshakes must not all pass the cap.
-        self._reservation = services.registry.reserve(address, verified)
-        return credentials
+        admitted = await admit(self.services, arrival, credentials, no_token=NO_TOKEN)
+        self._verdict, self._reservation = admitted.verdict, admitted.reservation
+        return admitted.credentials
 
     def _refuse(self, rejection: Rejection) -> None:
-        """Answer a refused handshake with its HTTP status, then close the HTTP
-        connection: handshakes pipelined behind it are never read, so one TCP
-        connection gets at most one refusal.
-
-        Every refusal is counted; only the first few per address and interval
-        are logged (:class:`~wsserver.logthrottle.LogThrottle`), then one line
-        says how many more were suppressed.
-        """
-        services = self.services
-        services.metrics.rejections.labels(rejection.reason).inc()
-        logged, earlier = services.refusal_log.allow(self.limit_key)
-        if earlier:
-            log.info("%d more handshake refusals from %s suppressed", earlier,
-                     escape(self.limit_key))
-        if logged:
-            log.info(
-                "handshake refused: %s (%d) addr=%s", escape(rejection.message),
-                rejection.status, escape(self.client_address),
-                extra={"status": rejection.status, "reason": rejection.reason},
-            )
-        # The line above (or its summary) stands for the access log line.
-        self.quiet_access_log = True
-        disconnect_after_response(self.request)
-        self.set_status(rejection.status)
-        if rejection.retry_after is not None:
-            self.set_header("Retry-After", str(max(1, math.ceil(rejection.retry_after))))
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        body: dict[str, Any] = {"error": rejection.reason, "message": rejection.message}
-        if isinstance(rejection, BackendRefused):
-            body["code"] = rejection.code  # the backend's close code (4000-4999)
-        self.finish(json.dumps(body))
+        """Answer a refused handshake with its HTTP status (:func:`refusal.refuse`)."""
+        refuse(self, self.services, rejection, limit_key=self.limit_key,
+               client_address=self.client_address)
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")  # no version banner (see BaseHandler)

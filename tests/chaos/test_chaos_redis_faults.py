@@ -1,0 +1,143 @@
+"""Nothing lost silently through real faults: two nodes on one real ``redis-server``.
+
+A node killed with SIGKILL and restarted, Redis restarted with persistence
+(``appendonly yes``) and without, Redis frozen with SIGSTOP for 3 s, and the
+nodes' pub/sub connections killed (``CLIENT KILL TYPE pubsub``); all while a
+publisher on ``POST /api/publish`` runs and a few clients churn. After each,
+:meth:`tests.support.chaos.Chaos.finish` checks every client (every
+acknowledged message delivered once in order, or inside a range it was told
+about), the history (nothing stored twice) and ``/readyz`` (it went 503, or
+the killed node stopped answering, and came back to 200).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from tests.support.aio import run
+from tests.support.chaos import Chaos, Nodes
+from tests.support.redis_server import RedisServer
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+SCENARIO_TIMEOUT = 120.0
+
+
+def test_a_node_killed_and_restarted(
+    redis: RedisServer, nodes_factory: Callable[..., Nodes]
+) -> None:
+    """SIGKILL one of two nodes: its clients reconnect (to the other node first,
+    then back) and recover with ``since``; the node comes back on its port."""
+    nodes = nodes_factory(redis.url)
+
+    async def scenario() -> None:
+        await nodes.start(2)
+        async with Chaos(nodes, "kill") as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            await chaos.published(100)
+            chaos.mark("SIGKILL n1")
+            await nodes.kill(1)
+            await chaos.watch.until(1, "down")
+            await chaos.published(100)
+            chaos.mark("restarting n1")
+            await nodes.restart(1)
+            await chaos.watch.until(1, "200")
+            chaos.mark("n1 ready")
+            await chaos.published(100)
+            (await chaos.finish(expect_down=[1])).assert_clean()
+
+    run(scenario, SCENARIO_TIMEOUT)
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["appendonly", "no-persistence"])
+def test_redis_restarted(
+    persistent: bool, request: pytest.FixtureRequest, nodes_factory: Callable[..., Nodes]
+) -> None:
+    """Redis stopped for a second and started again. With persistence the rooms
+    keep their epoch and members miss nothing; without, the history is gone:
+    members are told with a ``gap`` that covers only the lost epoch."""
+    redis: RedisServer = request.getfixturevalue("persistent_redis" if persistent else "redis")
+    nodes = nodes_factory(redis.url)
+
+    async def scenario() -> None:
+        await nodes.start(2)
+        async with Chaos(nodes, "restart") as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            await chaos.published(100)
+            chaos.mark("stopping Redis")
+            await asyncio.to_thread(redis.stop)
+            for index in (0, 1):
+                await chaos.watch.until(index, "503")
+            chaos.mark("both nodes unready")
+            # An outage long enough for the nodes' reconnect backoffs to part: one
+            # node is back (and publishing) a while before the other re-subscribes.
+            await asyncio.sleep(2.5)
+            await asyncio.to_thread(redis.start)
+            chaos.mark("Redis started")
+            for index in (0, 1):
+                await chaos.watch.until(index, "200")
+            chaos.mark("both nodes ready")
+            await chaos.published(100)
+            (await chaos.finish(expect_unready=[0, 1])).assert_clean()
+
+    run(scenario, SCENARIO_TIMEOUT)
+
+
+def test_redis_frozen_for_three_seconds(
+    redis: RedisServer, nodes_factory: Callable[..., Nodes]
+) -> None:
+    """SIGSTOP for 3 s: connections to Redis stay open and nothing answers; the
+    nodes go unready, then repair what their members missed once it is back."""
+    nodes = nodes_factory(redis.url)
+
+    async def scenario() -> None:
+        await nodes.start(2)
+        async with Chaos(nodes, "freeze") as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            await chaos.published(100)
+            chaos.mark("SIGSTOP Redis")
+            redis.freeze()
+            try:
+                await asyncio.sleep(3.0)
+                for index in (0, 1):
+                    await chaos.watch.until(index, "503")
+            finally:
+                redis.thaw()
+                chaos.mark("SIGCONT Redis")
+            for index in (0, 1):
+                await chaos.watch.until(index, "200")
+            chaos.mark("both nodes ready")
+            await chaos.published(100)
+            (await chaos.finish(expect_unready=[0, 1])).assert_clean()
+
+    run(scenario, SCENARIO_TIMEOUT)
+
+
+def test_pubsub_connections_killed(
+    redis: RedisServer, nodes_factory: Callable[..., Nodes]
+) -> None:
+    """``CLIENT KILL TYPE pubsub`` three times: each node re-subscribes and
+    repairs the messages its subscription missed from the history."""
+    nodes = nodes_factory(redis.url)
+
+    async def scenario() -> None:
+        await nodes.start(2)
+        async with Chaos(nodes, "pubsub") as chaos:
+            await chaos.start()
+            chaos.churn(hoppers=2, passers=1)
+            await chaos.published(60)
+            for kill in range(1, 4):
+                killed = await asyncio.to_thread(redis.command, "CLIENT", "KILL", "TYPE", "pubsub")
+                assert killed >= 2, killed
+                chaos.mark(f"CLIENT KILL TYPE pubsub ({killed} killed)")
+                await nodes.logged("broker: re-subscribed", kill)
+                await chaos.published(60)
+            (await chaos.finish()).assert_clean()
+
+    run(scenario, SCENARIO_TIMEOUT)
