@@ -4,8 +4,8 @@
 # Node.js for the client's unit tests, redis-server for the broker tests; the
 # tests start their own, never the system service), a virtual environment of
 # the tests' own in .venv-test with the package (editable) and its test extra,
-# then ruff, mypy, node --test, the RFC 6455 conformance job
-# (scripts/conformance.sh; SKIP_CONFORMANCE=1 skips it) and pytest.
+# then ruff, mypy, node --test, the RFC 6455/7692 conformance job over ws://
+# and wss:// (scripts/conformance.sh; SKIP_CONFORMANCE=1 skips it) and pytest.
 # .venv, the README's install, is never touched: a demo server running from it
 # keeps running.
 set -euo pipefail
@@ -53,8 +53,20 @@ echo "== mypy"
 echo "== node --test"
 node --test tests/js/
 if [ "${SKIP_CONFORMANCE:-0}" != 1 ]; then
-    echo "== conformance (Autobahn|TestSuite, sections 1-10)"
-    PYTHON="$VENV/bin/python" scripts/conformance.sh
+    # Sections 1-13 (517 cases, permessage-deflate included) over ws:// and
+    # over wss://, both on the same frame layer.
+    echo "== conformance (Autobahn|TestSuite, sections 1-13, ws://)"
+    PYTHON="$VENV/bin/python" scripts/conformance.sh --exclude '' --min-cases 517 \
+        build/conformance-ws
+    echo "== conformance (Autobahn|TestSuite, sections 1-13, wss://)"
+    tls=build/conformance-tls
+    mkdir -p "$tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+        -keyout "$tls/key.pem" -out "$tls/cert.pem" 2>/dev/null
+    PYTHON="$VENV/bin/python" scripts/conformance.sh --exclude '' --min-cases 517 \
+        --scheme wss --certfile "$tls/cert.pem" --keyfile "$tls/key.pem" \
+        --cafile "$tls/cert.pem" build/conformance-wss
 fi
 echo "== pytest"
 "$VENV/bin/python" -m pytest -q "$@"

@@ -28,6 +28,7 @@ from jwt.utils import base64url_decode
 
 from wsserver.config import HMAC_ALGORITHMS
 from wsserver.errors import TokenExpired, TokenInvalid
+from wsserver.internals import pyjwt_jws
 from wsserver.rooms import NO_GRANTS, Grants, compile_patterns
 
 if TYPE_CHECKING:
@@ -334,11 +335,11 @@ class _PreparedHMAC(HMACAlgorithm):
 def _prepare_hmac_key_once(decoder: jwt.PyJWT, key: bytes, algorithms: Sequence[str]) -> None:
     """Register :class:`_PreparedHMAC` for ``algorithms`` on ``decoder``'s own PyJWS.
 
-    Through PyJWS's public ``register_algorithm``; the PyJWS a PyJWT instance
-    uses is its ``_jws`` attribute (pyjwt 2.x), so without it nothing changes.
+    Through PyJWS's public ``register_algorithm``, on the PyJWS the decoder
+    uses (:func:`wsserver.internals.pyjwt_jws`); without one nothing changes.
     """
-    jws = getattr(decoder, "_jws", None)
-    if not isinstance(jws, jwt.PyJWS):
+    jws = pyjwt_jws(decoder)
+    if jws is None:
         return
     hashes = {"HS256": HMACAlgorithm.SHA256, "HS384": HMACAlgorithm.SHA384,
               "HS512": HMACAlgorithm.SHA512}  # fmt: skip

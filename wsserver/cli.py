@@ -29,6 +29,7 @@ from wsserver.config import (
     load_settings,
 )
 from wsserver.errors import ConfigError
+from wsserver.internals import skip_source_lookup
 
 COMMANDS = ("serve", "token", "check-config", "publish", "genconfig")
 EXIT_RUNTIME = 1
@@ -436,7 +437,7 @@ def _serve(settings: Settings) -> int:
         logging.logThreads = False
         logging.logProcesses = False
         logging.logMultiprocessing = False
-        logging._srcfile = None
+        skip_source_lookup()
     log = logging.getLogger("wsserver")
     try:
         if settings.workers > 1:

@@ -134,6 +134,13 @@ def _bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _on_off(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered not in {"on", "off"}:
+        raise ValueError("must be on or off")
+    return lowered
+
+
 #: Public name of the boolean parser, so the CLI can tell which flags take --no-.
 bool_parser = _bool
 
@@ -292,6 +299,14 @@ class Settings:
     fragment_timeout: float = option(
         10.0, _positive_float,
         "seconds a fragmented message may stay unfinished before closing with 1008",
+    )
+    compression: str = option(
+        "on", _on_off,
+        "permessage-deflate (RFC 7692) when the client offers it: on or off", "on|off",
+    )
+    compression_threshold: int = option(
+        256, _non_negative_int,
+        "bytes; shorter messages go uncompressed on compressing connections",
     )
     max_write_buffer: int = option(
         1024 * 1024, _positive_int,

@@ -4,8 +4,11 @@
 they mean: a complete text message (``str``), a complete binary message
 (``bytes``), :class:`Ping`, :class:`Pong`, :class:`Close`, or a
 :class:`Failure` carrying the close code the server must send. It does no I/O
-and keeps no timer; the caller (``wsserver.edge.fastpath``) answers pings, sends the
-close frames and arms the fragment timer from :attr:`FrameParser.fragment_started`.
+and keeps no timer; the caller (``wsserver.connection.ServerConnection``) answers
+pings and closes, and the I/O layer arms the fragment timer from
+:attr:`FrameParser.fragment_started`. With permessage-deflate negotiated it
+inflates compressed messages (RSV1), bounded by the message size limit
+(:class:`wsserver.deflate.Inflater`).
 
 Messages are returned as the plain ``str``/``bytes`` objects themselves, so the
 common case allocates nothing beyond the payload.
@@ -23,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from wsserver.closecodes import CloseCode, valid_on_wire
+from wsserver.deflate import InflateError, Inflater, compressor_encoding
 from wsserver.ratelimit import Clock, TokenBucket
 
 OP_CONTINUATION = 0x0
@@ -34,6 +38,8 @@ OP_PONG = 0xA
 
 _FIN = 0x80
 _RSV = 0x70
+#: RFC 7692 section 6: RSV1 marks the first frame of a compressed message.
+_RSV1 = 0x40
 _MASKED = 0x80
 #: RFC 6455 section 5.5: control frames carry at most 125 bytes.
 MAX_CONTROL_PAYLOAD = 125
@@ -132,6 +138,10 @@ class FrameParser:
             (1008 when a later frame arrives too late; the caller's timer covers
             a peer that goes silent, see :meth:`fragment_expired`).
         clock: monotonic seconds, injected for tests.
+        inflater: set when permessage-deflate was negotiated: a message whose
+            first frame has RSV1 set is inflated, and counts against
+            ``max_message_size`` after inflation (1009 as soon as it passes,
+            without inflating the rest). Without it RSV1 fails with 1002.
 
     After it has returned a :class:`Close` or a :class:`Failure`, the parser
     ignores everything fed to it (RFC 6455 section 5.5.1: nothing follows a close).
@@ -141,17 +151,20 @@ class FrameParser:
         "_budget",
         "_chunks",
         "_clock",
+        "_frag_compressed",
         "_frag_decoder",
         "_frag_opcode",
         "_frag_parts",
         "_frag_size",
         "_frag_text",
         "_have",
+        "_inflater",
         "_max_size",
         "_need",
         "_pv_decoder",
         "_pv_done",
         "_pv_mask",
+        "_pv_wait",
         "_timeout",
         "done",
         "fragment_started",
@@ -163,8 +176,10 @@ class FrameParser:
         frame_budget: TokenBucket | None = None,
         fragment_timeout: float | None = None,
         clock: Clock = time.monotonic,
+        inflater: Inflater | None = None,
     ) -> None:
         self._max_size = max_message_size
+        self._inflater = inflater
         self._budget = frame_budget
         self._timeout = fragment_timeout
         self._clock = clock
@@ -180,11 +195,15 @@ class FrameParser:
         self._frag_text: list[str] = []
         self._frag_size = 0
         self._frag_decoder: codecs.IncrementalDecoder | None = None
+        self._frag_compressed = False
         # Validation of a text frame's payload before the frame is complete,
         # so that invalid UTF-8 fails fast (Autobahn 6.4.x).
         self._pv_decoder: codecs.IncrementalDecoder | None = None
         self._pv_done = 0
         self._pv_mask = b""
+        #: Bytes of an unfinished text frame, counted from its first, once its
+        #: header is in (validation cannot start before: the mask is in it).
+        self._pv_wait = 0
         #: True once a Close or a Failure has been returned.
         self.done = False
         #: ``clock()`` when the unfinished fragmented message began, else None.
@@ -216,9 +235,15 @@ class FrameParser:
             self._chunks.append(data)
             self._have += len(data)
             if self._have < self._need:
-                if self._pv_decoder is not None and not self._validate_partial(data):
-                    return self._fail([], CloseCode.INVALID_DATA, "invalid UTF-8 in text")
-                return []
+                if self._pv_decoder is not None:
+                    if not self._validate_partial(data):
+                        return self._fail([], CloseCode.INVALID_DATA, "invalid UTF-8 in text")
+                    return []
+                if not self._pv_wait or self._have < self._pv_wait:
+                    return []
+                # A text frame's header is complete now (it came in pieces,
+                # as TLS records may cut it): parse again, which starts
+                # validating its payload so far.
             data = b"".join(self._chunks)
             self._chunks = []
         elif len(data) < self._need:
@@ -241,12 +266,14 @@ class FrameParser:
                 header = 8
                 if end - pos < 4:
                     need = 4
+                    self._pv_wait = self._text_header(b0, 8)
                     break
                 length = (data[pos + 2] << 8) | data[pos + 3]
             else:
                 header = 14
                 if end - pos < 10:
                     need = 10
+                    self._pv_wait = self._text_header(b0, 14)
                     break
                 (length,) = struct.unpack_from("!Q", data, pos + 2)
                 if length >> 63:
@@ -255,10 +282,13 @@ class FrameParser:
             # bad or oversized frame fails before its bytes are buffered.
             if not b1 & _MASKED:
                 return self._fail(events, CloseCode.PROTOCOL_ERROR, "client frames must be masked")
-            if b0 & _RSV:
-                return self._fail(events, CloseCode.PROTOCOL_ERROR, "RSV bits set, no extension")
             opcode = b0 & 0x0F
             fin = b0 & _FIN
+            compressed = b0 & _RSV
+            if compressed and (
+                compressed != _RSV1 or self._inflater is None or not OP_TEXT <= opcode <= OP_BINARY
+            ):
+                return self._fail(events, CloseCode.PROTOCOL_ERROR, "RSV bits set, no extension")
             if opcode & 0x8:
                 if opcode > OP_PONG:
                     return self._fail(events, CloseCode.PROTOCOL_ERROR, "unknown opcode")
@@ -269,7 +299,8 @@ class FrameParser:
             elif opcode == OP_CONTINUATION:
                 if not self._frag_opcode:
                     return self._fail(events, CloseCode.PROTOCOL_ERROR, "nothing to continue")
-                if self._frag_size + length > max_size:
+                # A compressed message is counted as it inflates (below).
+                if (length if self._frag_compressed else self._frag_size + length) > max_size:
                     return self._fail(events, CloseCode.TOO_BIG, "message too big")
             elif opcode <= OP_BINARY:
                 if self._frag_opcode:
@@ -285,10 +316,19 @@ class FrameParser:
             if stop > end:
                 need = header + length
                 text = opcode == OP_TEXT or (opcode == OP_CONTINUATION and self._frag_opcode == 1)
-                if text and end > pos + header and not self._start_partial(data, pos + header, end):
-                    return self._fail(events, CloseCode.INVALID_DATA, "invalid UTF-8 in text")
+                # Compressed bytes are validated once inflated, not here.
+                if compressed or (opcode == OP_CONTINUATION and self._frag_compressed):
+                    text = False
+                if text and end >= pos + header:
+                    self._pv_wait = 0
+                    if not self._start_partial(data, pos + header, end):
+                        return self._fail(events, CloseCode.INVALID_DATA, "invalid UTF-8 in text")
+                else:
+                    # Validation starts once the header (and its mask) is in.
+                    self._pv_wait = header if text else 0
                 break
             self._pv_decoder = None
+            self._pv_wait = 0
             budget = self._budget
             if budget is not None and budget.take():
                 return self._fail(events, CloseCode.POLICY, "too many frames")
@@ -299,6 +339,13 @@ class FrameParser:
             else:
                 payload = b""
             pos = stop
+            if compressed or (opcode == OP_CONTINUATION and self._frag_compressed):
+                limit = max_size - self._frag_size if opcode == OP_CONTINUATION else max_size
+                inflated = self._inflate(payload, bool(fin), limit)
+                if type(inflated) is Failure:
+                    return self._fail(events, inflated.code, inflated.reason)
+                payload = inflated  # type: ignore[assignment]
+                length = len(payload)
 
             if opcode == OP_TEXT:
                 if fin:
@@ -312,13 +359,13 @@ class FrameParser:
                         self._frag_text = [decoder.decode(payload, False)]
                     except UnicodeDecodeError:
                         return self._fail(events, CloseCode.INVALID_DATA, "invalid UTF-8 in text")
-                    self._begin_fragments(OP_TEXT, length)
+                    self._begin_fragments(OP_TEXT, length, compressed)
             elif opcode == OP_BINARY:
                 if fin:
                     events.append(payload)
                 else:
                     self._frag_parts = [payload]
-                    self._begin_fragments(OP_BINARY, length)
+                    self._begin_fragments(OP_BINARY, length, compressed)
             elif opcode == OP_CONTINUATION:
                 self._frag_size += length
                 if self._frag_opcode == OP_TEXT:
@@ -336,6 +383,7 @@ class FrameParser:
                         events.append(b"".join(self._frag_parts))
                 if fin:
                     self._frag_opcode = 0
+                    self._frag_compressed = False
                     self._frag_parts = []
                     self._frag_text = []
                     self._frag_decoder = None
@@ -360,10 +408,31 @@ class FrameParser:
         self._need = need
         return events
 
-    def _begin_fragments(self, opcode: int, length: int) -> None:
+    def _begin_fragments(self, opcode: int, length: int, compressed: int) -> None:
         self._frag_opcode = opcode
         self._frag_size = length
+        self._frag_compressed = bool(compressed)
         self.fragment_started = self._clock()
+
+    def _inflate(self, payload: bytes, fin: bool, limit: int) -> bytes | Failure:
+        """A compressed frame's payload, inflated to at most ``limit`` bytes."""
+        assert self._inflater is not None
+        try:
+            inflated = self._inflater.inflate(payload, fin, limit)
+        except InflateError:
+            return Failure(CloseCode.INVALID_DATA, "invalid compressed data")
+        if inflated is None:
+            return Failure(CloseCode.TOO_BIG, "message too big once inflated")
+        return inflated
+
+    def _text_header(self, b0: int, header: int) -> int:
+        """``header`` when the frame starting with ``b0`` is (part of) a text
+        message to validate as it comes, else 0."""
+        opcode = b0 & 0x0F
+        if b0 & _RSV or (opcode == OP_CONTINUATION and self._frag_compressed):
+            return 0
+        text = opcode == OP_TEXT or (opcode == OP_CONTINUATION and self._frag_opcode == OP_TEXT)
+        return header if text else 0
 
     def _start_partial(self, data: bytes, start: int, end: int) -> bool:
         """Validate the UTF-8 of an incomplete text frame's payload so far."""
@@ -410,14 +479,18 @@ def parse_close(payload: bytes) -> Close | Failure:
 # ------------------------------------------------------------------ builders
 
 
-def build_frame(opcode: int, payload: bytes) -> bytes:
-    """A final, unmasked server frame (RFC 6455 section 5.2; servers do not mask)."""
+def build_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+    """A final, unmasked server frame (RFC 6455 section 5.2; servers do not mask).
+
+    ``rsv1`` marks a compressed message (RFC 7692 section 6).
+    """
     length = len(payload)
+    first = _FIN | _RSV1 | opcode if rsv1 else _FIN | opcode
     if length < 126:
-        return bytes((_FIN | opcode, length)) + payload
+        return bytes((first, length)) + payload
     if length <= 0xFFFF:
-        return struct.pack("!BBH", _FIN | opcode, 126, length) + payload
-    return struct.pack("!BBQ", _FIN | opcode, 127, length) + payload
+        return struct.pack("!BBH", first, 126, length) + payload
+    return struct.pack("!BBQ", first, 127, length) + payload
 
 
 def text_frame(text: str) -> bytes:
@@ -431,6 +504,25 @@ def text_message(payload: bytes) -> bytes:
     compression it is the same bytes for every recipient (servers do not
     mask, RFC 6455 section 5.1), so a broadcast builds it once."""
     return build_frame(OP_TEXT, payload)
+
+
+def _compressed_text(data: bytes) -> bytes:
+    return build_frame(OP_TEXT, data, True)
+
+
+def _compressed_binary(data: bytes) -> bytes:
+    return build_frame(OP_BINARY, data, True)
+
+
+#: The compressed text frame of a message, one encoding per server window
+#: (``server_max_window_bits``, 8 to 15), each a :data:`wsserver.transport.Encoding`:
+#: built once per message and window, the same bytes for every member that
+#: negotiated that window (the server keeps no context between messages).
+DEFLATED_TEXT = {bits: compressor_encoding(bits, _compressed_text) for bits in range(8, 16)}
+#: The same for binary messages (the conformance echo server's).
+DEFLATED_BINARY = {bits: compressor_encoding(bits, _compressed_binary) for bits in range(8, 16)}
+#: The compressed text frame with the default window, which browsers negotiate.
+deflated_text_message = DEFLATED_TEXT[15]
 
 
 def binary_frame(data: bytes) -> bytes:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsserver.errors import BadRequest, Busy, TaskCancelled, TaskFailed, TaskTimeout
+from wsserver.internals import executor_processes
 from wsserver.metrics import Metrics
 from wsserver.tasks import Task, TaskTable
 
@@ -104,12 +105,11 @@ class _Worker:
         )
         # Start the process now rather than when the first task arrives.
         self.executor.submit(os.getpid)
-        self._manager: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
 
     @property
     def pids(self) -> list[int]:
-        processes = self.executor._processes  # the executor keeps no public list
-        return list(processes) if processes else []
+        return list(executor_processes(self.executor))
 
     def submit(self, func: Callable[..., Any], kwargs: dict[str, Any]) -> Future[Any]:
         return self.executor.submit(func, **kwargs)
@@ -118,21 +118,23 @@ class _Worker:
         """SIGKILL the process (whatever it runs) and let the executor wind down.
 
         The executor's management thread notices the death, fails what was
-        pending and joins the process; this does not wait for it (see :meth:`join`).
+        pending and joins the process; ``shutdown(wait=True)``, run in a
+        thread of its own, waits for that, so this does not (see :meth:`join`).
         """
         executor = self.executor
-        manager = executor._executor_manager_thread  # None once shut down
-        if isinstance(manager, threading.Thread):
-            self._manager = manager
-        processes = executor._processes
-        for process in list(processes.values()) if processes else []:
+        for process in executor_processes(executor).values():
             process.kill()
-        executor.shutdown(wait=False)
+        if self._reaper is None:
+            self._reaper = threading.Thread(
+                target=executor.shutdown, kwargs={"wait": True},
+                name="wsserver-task-worker-reaper", daemon=True,
+            )
+            self._reaper.start()
 
     def join(self, timeout: float) -> None:
-        """Wait until the executor's management thread is gone (after :meth:`kill`)."""
-        if self._manager is not None:
-            self._manager.join(timeout)
+        """Wait until the executor has wound down (after :meth:`kill`)."""
+        if self._reaper is not None:
+            self._reaper.join(timeout)
 
 
 @dataclass(eq=False)

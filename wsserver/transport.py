@@ -3,8 +3,8 @@
 A Session holds one connection's logic and does no I/O of its own: it hands
 :class:`Prepared` messages to a :class:`Transport` and is told about what
 arrives through a :class:`Receiver`. The transport alone knows the wire
-format: the WebSocket transports (the frame layer, ``wsserver.edge.fastpath``,
-and Tornado's ``IOStream`` path, ``wsserver.edge.handlers``) turn a message
+format: the WebSocket transport (the frame layer, ``wsserver.edge.fastpath``,
+for ``ws://`` and ``wss://`` alike) turns a message
 into an RFC 6455 frame; another transport (HTTP streaming) into an event of
 its own. Tests use a recording transport and no socket at all.
 

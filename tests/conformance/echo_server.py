@@ -1,14 +1,13 @@
 """A raw echo server on wsserver's own frame layer, for Autobahn|TestSuite and benchmarks.
 
-Tornado answers the HTTP upgrade, ``wsserver.edge.fastpath`` carries the frames after
-it, and a trivial receiver sends every text and binary message back. Nothing
-else: no token, no JSON, no limits beyond the frame layer's own (set high here,
-since the suite sends 16 MiB messages and 64-byte fragments by the thousand).
+Tornado answers the HTTP upgrade (over TLS with ``--certfile``/``--keyfile``),
+``wsserver.edge.fastpath`` carries the frames after it, and a trivial receiver
+sends every text and binary message back, compressed when the client offered
+permessage-deflate. Nothing else: no token, no JSON, no limits beyond the
+frame layer's own (set high here, since the suite sends 16 MiB messages and
+64-byte fragments by the thousand).
 
-    python -m tests.conformance.echo_server --port N [--uvloop] [--certfile F --keyfile F]
-
-With a certificate it serves ``wss://``, on whatever protocol the server itself
-uses for TLS connections (``fastpath.protocol_for``).
+    python -m tests.conformance.echo_server --port N [--certfile F --keyfile F] [--uvloop]
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ import signal
 import ssl
 
 import tornado.web
-import tornado.websocket
 
-from wsserver import framing
-from wsserver.edge.fastpath import FastProtocol, FrameConnection, FrameLimits, protocol_for
+from wsserver.edge.fastpath import FrameConnection, FrameLimits, UpgradeHandler
 
 #: Limits for the suite: messages up to 16 MiB, fragments without a budget.
 LIMITS = FrameLimits(
@@ -40,10 +37,10 @@ class EchoReceiver:
         self.transport = transport
 
     def on_text(self, text: str) -> None:
-        self.transport.send_frame(framing.text_frame(text))
+        self.transport.send_data(text.encode("utf-8"))
 
     def on_binary(self, data: bytes) -> None:
-        self.transport.send_frame(framing.binary_frame(data))
+        self.transport.send_data(data, binary=True)
 
     def on_pong(self, data: bytes) -> None:
         pass
@@ -52,31 +49,19 @@ class EchoReceiver:
         pass
 
 
-class EchoHandler(tornado.websocket.WebSocketHandler):
-    """The upgrade, then the fast path."""
+class EchoHandler(UpgradeHandler):
+    """The upgrade, then the frame layer."""
 
     limits = LIMITS
 
-    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
-        return protocol_for(self, self.limits)
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        protocol = self.ws_connection
-        if isinstance(protocol, FastProtocol):
-            assert protocol.transport is not None
-            protocol.transport.receiver = EchoReceiver(protocol.transport)
-
-    def on_message(self, message: str | bytes) -> None:
-        """Tornado's own protocol (TLS) delivers messages here."""
-        self.write_message(message, binary=isinstance(message, bytes))
+    def open(self, connection: FrameConnection) -> None:
+        connection.receiver = EchoReceiver(connection)
 
 
 def make_app(limits: FrameLimits = LIMITS) -> tornado.web.Application:
     """The echo application (``limits`` for tests that want smaller ones)."""
     handler = type("LimitedEchoHandler", (EchoHandler,), {"limits": limits})
-    return tornado.web.Application(
-        [(r"/.*", handler)], websocket_max_message_size=limits.max_message_size
-    )
+    return tornado.web.Application([(r"/.*", handler)])
 
 
 async def serve(port: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
@@ -97,7 +82,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
     parser.add_argument("--certfile", help="serve wss:// with this certificate (and --keyfile)")
-    parser.add_argument("--keyfile")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     args = parser.parse_args()
     tls = None
     if args.certfile:

@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -147,15 +148,18 @@ class RawConnection:
     writer: asyncio.StreamWriter
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    #: Whether the last frame read had RSV1 set (a compressed message, RFC 7692).
+    last_rsv1: bool = False
 
     @classmethod
     async def open(cls, target: RawTarget, data: bytes = b"", *, source: str = "127.0.0.1",
-                   rcvbuf: int | None = None) -> RawConnection:
+                   rcvbuf: int | None = None, tls: ssl.SSLContext | None = None,
+                   ) -> RawConnection:
         """Connect from ``source`` (any 127.0.0.0/8 address reaches the server and
         counts as another client) and send ``data``; nothing is read yet.
 
         ``rcvbuf``: SO_RCVBUF set before connecting (a small window for a
-        client that will stop reading).
+        client that will stop reading). ``tls``: speak TLS with this context.
         """
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -167,7 +171,9 @@ class RawConnection:
         except BaseException:
             sock.close()
             raise
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=tls, server_hostname="localhost" if tls is not None else None
+        )
         conn = cls(reader, writer)
         track(conn)
         if data:
@@ -192,6 +198,7 @@ class RawConnection:
 
     async def _read_frame(self) -> Frame:
         first, second = await self.reader.readexactly(2)
+        self.last_rsv1 = bool(first & 0x40)
         assert not second & 0x80, "server frames are never masked"
         size = second & 0x7F
         if size == 126:
@@ -274,11 +281,13 @@ async def raw_connect(
     source: str = "127.0.0.1",
     pipelined: bytes = b"",
     rcvbuf: int | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> RawConnection:
     """Send an upgrade request (``headers`` added: the token, proxy headers) and
     ``pipelined`` bytes in the same write; read the HTTP answer's head."""
     conn = await RawConnection.open(
-        target, upgrade_request(headers, path=path) + pipelined, source=source, rcvbuf=rcvbuf
+        target, upgrade_request(headers, path=path) + pipelined, source=source, rcvbuf=rcvbuf,
+        tls=tls,
     )
     await conn.read_head()
     return conn

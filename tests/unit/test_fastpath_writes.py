@@ -142,7 +142,8 @@ def test_a_close_frame_follows_the_batched_frames() -> None:
         connection.send_frame(text(b"last"))
         connection.close(4000, "bye")
         assert not connection.send_frame(text(b"too late"))
-        assert transport.writes == [text(b"last"), framing.close_frame(4000, "bye")]
+        # In order, and in one write: the batch and the close frame behind it.
+        assert transport.writes == [text(b"last") + framing.close_frame(4000, "bye")]
         connection.abort()
 
     asyncio.run(main())

@@ -254,3 +254,28 @@ def test_text_message_header_and_payload(size: int) -> None:
         assert struct.unpack("!Q", frame[2:10])[0] == size
         offset = 10
     assert frame[offset:] == payload
+
+
+@pytest.mark.parametrize("cut", [2, 3, 6, 7], ids=["2 bytes", "3 bytes", "header", "header+1"])
+def test_invalid_utf8_fails_fast_when_the_header_came_alone(cut: int) -> None:
+    """Autobahn 6.4.3 over TLS: each write is a record, so a frame's header
+    can arrive without any of its payload (or cut inside the header). The
+    payload is still validated as it comes: the invalid part fails at once,
+    not when the frame is complete."""
+    payload = bytes.fromhex("cebae1bdb9cf83cebcceb5") + bytes.fromhex("f4908080") + b"edited"
+    wire = client_frame(T, payload)
+    parser = FrameParser(max_message_size=1000)
+    assert parser.feed(wire[:cut]) == []
+    assert parser.feed(wire[cut:6 + 11]) == []  # the valid start of the payload
+    events = parser.feed(wire[6 + 11 : 6 + 15])  # the invalid sequence, frame unfinished
+    assert [type(e) for e in events] == [Failure] and events[0].code == 1007  # type: ignore[union-attr]
+
+
+def test_a_long_text_frames_split_header_still_fails_fast() -> None:
+    payload = b"a" * 200 + b"\xff" + b"b" * 100  # a 16-bit length: an 8-byte header
+    wire = client_frame(T, payload)
+    parser = FrameParser(max_message_size=1000)
+    assert parser.feed(wire[:3]) == []
+    assert parser.feed(wire[3:8]) == []
+    events = parser.feed(wire[8 : 8 + 201])
+    assert [type(e) for e in events] == [Failure]

@@ -3,7 +3,7 @@
 On only when an API key is configured; otherwise every ``/api/`` path answers
 404, as if it did not exist. Every request carries the key
 (``Authorization: apikey KEY`` or ``X-API-Key: KEY``), compared in constant
-time. Errors map in one place (:meth:`ApiHandler._answer_error`): malformed
+time. Errors map in one place (:meth:`ApiHandler.write_error`): malformed
 input 400, a missing or wrong key 401, a body over ``--max-message-size`` 413,
 an epoch mismatch 409, a broker that cannot be reached 503 with
 ``Retry-After``. Every request is counted in
@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import math
+from types import TracebackType
 from typing import Any
 
 import tornado.web
@@ -143,9 +144,21 @@ class ApiHandler(RedactedLogging):
         self.set_status(status)
         self.finish(json.dumps(body, separators=(",", ":")))
 
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if self._finished:
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The errors write_error() answers are the client's, not the server's.
+        if isinstance(value, ApiError | BrokerUnavailable | tornado.web.HTTPError):
             return
+        log.error("API %s failed: %s", self.endpoint, type(value).__name__, exc_info=value)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The one mapping from an error to its answer (Tornado calls it for
+        every exception a handler raises, after :meth:`log_exception`)."""
+        e = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(e, ApiError):
             self._answer_error(e.status, e.code, e.message)
         elif isinstance(e, BrokerUnavailable):
@@ -162,7 +175,6 @@ class ApiHandler(RedactedLogging):
                                f"{self.request.method} is not allowed here; use "
                                f"{' or '.join(allowed) or 'nothing'}")
         else:
-            log.error("API %s failed: %s", self.endpoint, type(e).__name__, exc_info=e)
             self._answer_error(500, "internal_error", "internal error")
 
     def _answer_error(self, status: int, code: str, message: str) -> None:

@@ -1,26 +1,26 @@
-"""The fast frame path: after the 101, the socket leaves Tornado for an asyncio.Protocol.
+"""The frame path: after the 101, the socket leaves Tornado for the frame layer.
 
-Tornado's ``IOStream`` costs a future per read and buffer bookkeeping per
-write. Here Tornado still parses the HTTP upgrade and runs the handler's checks;
-:class:`FastProtocol` (what ``WebSocketHandler.get_websocket_protocol()``
-returns) answers the 101 as Tornado's ``WebSocketProtocol13`` does, then takes
-the socket away from the ``IOStream`` and drives it from a
-:class:`FrameConnection`: ``data_received`` parses every complete frame of a
-read with :class:`wsserver.framing.FrameParser`, and what one step of the loop
-sends a connection goes to the asyncio transport in one write: the replies to
-a read at its end, other frames (fan-out, pings) right after the step.
+Tornado parses the HTTP request, over TCP or TLS (its ``SSLIOStream`` does
+the TLS handshake). :class:`UpgradeHandler` checks the upgrade and answers
+the 101 itself, negotiating permessage-deflate (:mod:`wsserver.deflate`),
+then takes the socket away from the ``IOStream`` and hands it to a
+:class:`FrameConnection`:
+a plain socket through the loop's ``connect_accepted_socket``, a TLS one
+(an ``ssl.SSLSocket``, its TLS state inside it) through
+:class:`~wsserver.edge.tlstransport.TLSSocketTransport`. Both schemes then run
+on the same frame layer, with the same limits and close codes:
+``data_received`` feeds the sans-I/O :class:`~wsserver.connection.ServerConnection`,
+which parses and decides, and what one step of the loop sends a connection
+goes to the transport in one write: the replies to a read at its end, other
+frames (fan-out, pings) right after the step. Works on any asyncio loop
+(uvloop's is faster).
 
-Plain TCP only: a TLS connection keeps Tornado's path (``handler`` chooses with
-``tornado_internals.is_tls``), since its socket cannot leave the ``SSLIOStream``
-without its TLS state. Works on any asyncio loop; uvloop's is faster and is used
-when the process installs it (``wsserver``'s CLI does not, yet).
-
-The handler's ``open()`` runs after the 101, with ``ws_connection.transport``
-ready; it sets ``transport.receiver`` to accept the connection. Frames are read
-only after ``open()`` returned and only when a receiver is set: a refused
-connection (``open()`` called ``transport.close(4001, ...)`` and set no
-receiver) has its pipelined frames dropped unread and its TCP connection closed
-as soon as the close frame is flushed.
+The handler's ``open(connection)`` runs after the 101; it sets
+``connection.receiver`` to accept the connection. Frames are read only after
+``open()`` returned and only when a receiver is set: a refused connection
+(``open()`` called ``connection.close(4001, ...)`` and set no receiver) has its
+pipelined frames dropped unread and its TCP connection closed as soon as the
+close frame is flushed.
 """
 
 from __future__ import annotations
@@ -29,32 +29,37 @@ import asyncio
 import base64
 import hashlib
 import logging
+import ssl
 import sys
 import threading
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
-import tornado.escape
-import tornado.websocket
-from tornado.concurrent import Future
-from tornado.httputil import HTTPHeaders
+import tornado.web
+from tornado.iostream import StreamClosedError
+from tornado.util import ObjectDict
 
-from wsserver import framing
+from wsserver import deflate, framing
 from wsserver.closecodes import CloseCode
 from wsserver.config import Settings
-from wsserver.edge.tornado_internals import (
-    ServerProtocol13,
-    finish_unwritten,
-    is_tls,
-    take_socket,
-    websocket_params,
-)
+from wsserver.connection import Ending, ServerConnection, State
+from wsserver.deflate import Deflate, Inflater
+from wsserver.edge.tlstransport import TLSSocketTransport
+from wsserver.edge.tornado_internals import take_socket
 from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
 from wsserver.ratelimit import TokenBucket
 from wsserver.transport import Prepared, Receiver, TimerHandle
 
 log = logging.getLogger("wsserver.fastpath")
+
+# Module constants: an enum member looked up on its class costs a few hundred
+# nanoseconds, which the per-message paths below would pay every time.
+_OPEN = State.OPEN
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
+_text_message = framing.text_message
 
 #: RFC 6455 section 4.2.2: the GUID appended to the client's key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -62,7 +67,7 @@ _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 @dataclass(frozen=True)
 class FrameLimits:
-    """What one connection's frames may do (from ``Settings``)."""
+    """What one connection's frames may do, and how it compresses (from ``Settings``)."""
 
     max_message_size: int = 65536
     #: Frames per second, every kind counted; None: no budget.
@@ -74,6 +79,10 @@ class FrameLimits:
     close_timeout: float = 2.0
     #: Unsent bytes past which a ping is not answered (None: always answered).
     max_write_buffer: int | None = None
+    #: Negotiate permessage-deflate when the client offers it.
+    compression: bool = True
+    #: Messages under this many bytes go uncompressed.
+    compression_threshold: int = 256
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FrameLimits:
@@ -85,14 +94,23 @@ class FrameLimits:
             frame_burst=burst,
             fragment_timeout=settings.fragment_timeout,
             max_write_buffer=settings.max_write_buffer,
+            compression=settings.compression == "on",
+            compression_threshold=settings.compression_threshold,
         )
 
-    def parser(self) -> FrameParser:
-        """A fresh parser holding these limits."""
+    def parser(self, negotiated: Deflate | None = None) -> FrameParser:
+        """A fresh parser holding these limits (inflating when ``negotiated``)."""
         budget = None
         if self.frame_rate is not None:
             budget = TokenBucket(self.frame_rate, self.frame_burst)
-        return FrameParser(self.max_message_size, budget, self.fragment_timeout)
+        inflater = None
+        if negotiated is not None:
+            inflater = Inflater(
+                negotiated.client_window_bits, negotiated.client_no_context_takeover
+            )
+        return FrameParser(
+            self.max_message_size, budget, self.fragment_timeout, inflater=inflater
+        )
 
 
 #: Bytes read per ``recv_into``. asyncio's plain ``Protocol`` reads with
@@ -156,7 +174,11 @@ def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
 class FrameConnection(asyncio.BufferedProtocol):
     """One WebSocket connection after the 101: a ``wsserver.transport.Transport``.
 
-    The only place, with Tornado's path for TLS, where messages become frames.
+    The I/O half of the connection, the same for ``ws://`` (asyncio's socket
+    transport) and ``wss://`` (:class:`~wsserver.edge.tlstransport.TLSSocketTransport`):
+    it reads, writes what the sans-I/O :class:`~wsserver.connection.ServerConnection`
+    returns (batched, one write per step), and runs its timers. What a frame
+    means, the state, and the closing handshake are the ServerConnection's.
 
     ``receiver`` gets the messages; ``on_gone`` (optional) is called once after
     ``receiver.on_closed``, for whoever must forget the connection too.
@@ -164,23 +186,33 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     kind = "websocket"
 
+    @property
+    def tls(self) -> bool:
+        """True when the connection came over TLS (``wss://``)."""
+        return isinstance(self._transport, TLSSocketTransport)
+
     def __init__(
         self,
         limits: FrameLimits,
         unsent: bytes = b"",
         on_gone: Callable[[int, str], None] | None = None,
+        deflate: Deflate | None = None,
     ) -> None:
         self.receiver: Receiver | None = None
         self.limits = limits
-        self._parser = limits.parser()
+        self.protocol = ServerConnection(
+            limits.parser(deflate), deflate, limits.compression_threshold
+        )
         self._unsent = unsent
-        self._on_gone = on_gone
+        #: Called once after ``receiver.on_closed`` (also when there was no
+        #: receiver: a refused connection), for whoever must forget it too.
+        self.on_gone = on_gone
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         #: True once open() returned (see start()).
         self._started = False
         self._pipelined = b""
-        #: True once our side has ended (see _cut_after_flush): input is dropped.
+        #: True once our side has ended (see _end): input is dropped.
         self._discarding = False
         # Frames not yet written: those sent while a read is processed are
         # written at its end; the others by the flusher, after this step.
@@ -188,21 +220,24 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._batch_size = 0
         self._reading = False
         self._flusher = _flusher(self._loop)
-        # (code, reason) of the first close frame each way.
-        self._sent_close: tuple[int, str] | None = None
-        self._got_close: tuple[int, str] | None = None
-        self._server_first = False
         self._aborted_by_server = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._fragment_timer: asyncio.TimerHandle | None = None
         self._read_view = _read_buffer()
-        self._gone = False
         #: True while the receiver asked not to be handed messages (pause_reading).
         self._paused = False
         #: Events parsed but not handed over yet (the receiver paused meanwhile).
         self._held: list[framing.Event] = []
-        #: True once either side sent a close frame, or the connection is gone.
-        self.closing = False
+
+    @property
+    def state(self) -> State:
+        """The connection's :class:`~wsserver.connection.State`."""
+        return self.protocol.state
+
+    @property
+    def closing(self) -> bool:
+        """True once a close frame went either way, or the connection is gone."""
+        return self.protocol.state >= _CLOSING
 
     # ------------------------------------------------------- asyncio.Protocol
 
@@ -213,21 +248,20 @@ class FrameConnection(asyncio.BufferedProtocol):
         if self._unsent:
             transport.write(self._unsent)
             self._unsent = b""
-        self._flush_batch()  # what open() sent: the welcome, or a refusal's close
         if not self._started:
-            # Only FastProtocol connects, after start(); a connection made
+            # Only UpgradeHandler connects, after start(); a connection made
             # any other way has had no open() and cannot be served.
             log.error("connection made before start(); closing with 1011")
-            self.close(CloseCode.INTERNAL, "")
-            self._cut_after_flush()
-            return
-        if self.receiver is None:
-            # A refused connection: nothing it sent is read, and it is cut as
-            # soon as the close frame is out.
+            self.start(b"")
+        self._flush_batch()  # what open() sent: the welcome, or a refusal's close
+        ending = self.protocol.ending
+        if ending is Ending.LINGER:
+            # Refused: nothing it sent is read, and it is cut as soon as the
+            # close frame is out.
             self._pipelined = b""
-            self._cut_after_flush()
+            self._end(ending)
             return
-        if self.closing:
+        if ending is Ending.AWAIT_CLOSE:
             # open() closed but kept its receiver: wait for the peer's close.
             self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
         if self._paused:
@@ -243,14 +277,15 @@ class FrameConnection(asyncio.BufferedProtocol):
         once connected, and only when ``open()`` set a receiver.
         """
         self._started = True
-        if self.receiver is None and not self.closing:
+        accepted = self.receiver is not None
+        if not accepted and not self.closing:
             log.error("open() set no receiver and did not close; closing with 1011")
-            self.close(CloseCode.INTERNAL, "")
+        self._queue_frame(self.protocol.accepted(accepted))
         self._pipelined = pipelined
 
     def abandon(self) -> None:
         """The socket never got connected: the connection is over (1006)."""
-        self._aborted_by_server = self._sent_close is None and self._got_close is None
+        self._aborted_by_server = self.protocol.close_sent is None
         self._transport_gone()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -263,7 +298,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         """Parse ``data`` (the next bytes read) and act on every event in it."""
         if self._discarding:
             return  # our side has ended: what still comes is read and dropped
-        events = self._parser.feed(data)
+        events = self.protocol.receive_data(data)
         if not events:
             self._arm_fragment_timer()
             return
@@ -276,6 +311,7 @@ class FrameConnection(asyncio.BufferedProtocol):
     def _dispatch(self, events: list[framing.Event]) -> None:
         """Act on ``events`` in order; those after a pause are held for resume_reading()."""
         receiver = self.receiver
+        protocol = self.protocol
         self._reading = True
         try:
             for index, event in enumerate(events):
@@ -284,10 +320,10 @@ class FrameConnection(asyncio.BufferedProtocol):
                     break
                 kind = type(event)
                 if kind is str:
-                    if not self.closing and receiver is not None:
+                    if receiver is not None and protocol.state is _OPEN:
                         receiver.on_text(event)  # type: ignore[arg-type]
                 elif kind is bytes:
-                    if not self.closing and receiver is not None:
+                    if receiver is not None and protocol.state is _OPEN:
                         receiver.on_binary(event)  # type: ignore[arg-type]
                 elif kind is Ping:
                     # A peer that does not read its backlog gets no more pongs
@@ -295,15 +331,17 @@ class FrameConnection(asyncio.BufferedProtocol):
                     # ping): pings must not grow the backlog past the bound.
                     bound = self.limits.max_write_buffer
                     if bound is None or self.buffered() < bound:
-                        self.send_frame(framing.pong_frame(event.data))  # type: ignore[union-attr]
+                        self._queue_frame(protocol.ping_received(event.data))  # type: ignore[union-attr]
                 elif kind is Pong:
-                    if not self.closing and receiver is not None:
+                    if receiver is not None and protocol.state is _OPEN:
                         receiver.on_pong(event.data)  # type: ignore[union-attr]
                 elif kind is Close:
-                    self._peer_closed(event)  # type: ignore[arg-type]
+                    self._send_final(protocol.close_received_frame(event))  # type: ignore[arg-type]
                 else:
                     assert isinstance(event, Failure)
-                    self._fail(event.code, event.reason)
+                    # DEBUG: the Session logs the close (one line per connection, throttled).
+                    log.debug("failing the connection with %d: %s", event.code, event.reason)
+                    self._send_final(protocol.failed(event))
         except Exception:
             log.exception("receiver failed; aborting the connection")
             self._batch = None
@@ -324,8 +362,18 @@ class FrameConnection(asyncio.BufferedProtocol):
     # ---------------------------------------------------- Transport protocol
 
     def send(self, message: Prepared) -> bool:
-        """Queue one message as a text frame; False when closing (nothing sent)."""
-        return self.send_frame(message.encoded(framing.text_message))
+        """Queue one message, compressed when negotiated; False when closing."""
+        protocol = self.protocol
+        if protocol.compressed_encoding is None:
+            return self.send_frame(message.encoded(_text_message))
+        return self.send_frame(message.encoded(protocol.encoding(len(message.payload))))
+
+    def send_data(self, data: bytes, binary: bool = False) -> bool:
+        """Queue one message built for this connection alone (compressed when
+        negotiated); False when closing."""
+        if not self.protocol.can_send:
+            return False
+        return self.send_frame(self.protocol.encode_data(data, binary))
 
     def ping(self) -> None:
         """Send the keepalive ping; the peer's pong goes to ``receiver.on_pong``."""
@@ -358,12 +406,12 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def send_frame(self, frame: bytes) -> bool:
         """Queue one complete server frame; False when closing (nothing sent)."""
-        if self.closing:
+        if self.protocol.state > _OPEN:
             return False
         batch = self._batch
         if batch is None:
             batch = self._batch = []
-            if not self._reading:
+            if not self._reading and self._transport is not None:
                 self._flusher.add(self)
         batch.append(frame)
         self._batch_size += len(frame)
@@ -377,29 +425,37 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; wait ``close_timeout`` for the peer's, then cut."""
-        if self.closing:
+        frame = self.protocol.close(code, reason)
+        if frame is None:
             return
-        self._send_close(code, reason)
-        self._server_first = True
-        if self._transport is not None:
-            self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        self._send_final(frame)
         # Messages are dropped from now on; the peer's close frame must be read.
         self.resume_reading()
-        # Not connected yet: connection_made decides (a refused connection is
-        # cut at once).
 
     def abort(self) -> None:
         """Cut the TCP connection now."""
-        if self._transport is not None and not self._gone:
-            if self._sent_close is None and self._got_close is None:
+        transport = self._transport
+        if transport is not None and self.protocol.state is not _CLOSED:
+            if self.protocol.close_sent is None and self.protocol.close_received is None:
                 self._aborted_by_server = True
-            self._transport.abort()
+            transport.abort()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         """Run ``callback`` after ``delay`` seconds on this connection's loop."""
         return self._loop.call_later(delay, callback)
 
     # -------------------------------------------------------------- internals
+
+    def _queue_frame(self, frame: bytes | None) -> None:
+        if frame is None:
+            return
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = []
+            if not self._reading and self._transport is not None:
+                self._flusher.add(self)
+        batch.append(frame)
+        self._batch_size += len(frame)
 
     def _flush_batch(self) -> None:
         batch = self._batch
@@ -408,55 +464,33 @@ class FrameConnection(asyncio.BufferedProtocol):
             return  # not connected yet: connection_made writes the batch
         self._batch = None
         self._batch_size = 0
-        if not self._gone:
+        if self.protocol.state is not _CLOSED:
             transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
-    def _send_close(self, code: int, reason: str) -> None:
-        self.closing = True
-        self._sent_close = (code, reason)
-        # 1005 is never sent (RFC 6455 section 7.4.1): an empty close answers it.
-        frame = framing.close_frame(None if code == 1005 else code, reason)
-        transport = self._transport
-        if transport is None:
-            # Refused in open(): the close frame follows whatever open() sent.
-            if self._batch is None:
-                self._batch = []
-            self._batch.append(frame)
-            self._batch_size += len(frame)
+    def _send_final(self, frame: bytes | None) -> None:
+        """Write ``frame`` (a close frame, or None) behind everything batched,
+        then end TCP as the protocol's :attr:`~ServerConnection.ending` says."""
+        if self._transport is None:
+            # Not connected yet (refused in open()): connection_made decides.
+            self._queue_frame(frame)
             return
-        self._flush_batch()
-        if not transport.is_closing():
-            transport.write(frame)
+        self._queue_frame(frame)
+        if not self._reading:
+            self._flush_batch()
+        ending = self.protocol.ending
+        if ending is Ending.AWAIT_CLOSE:
+            if self._close_timer is None:
+                self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
+        elif ending is not None:
+            self._flush_batch()
+            self._end(ending)
 
-    def _peer_closed(self, close: Close) -> None:
-        """RFC 6455 section 5.5.1: answer a close with a close, then close TCP."""
-        self._got_close = (close.code, close.reason)
-        if self._sent_close is None:
-            self._send_close(close.code, "")
-        # After its close frame the peer sends nothing more (section 5.5.1), so
-        # no unread input can turn our close into a reset: close TCP now.
-        self._cut_after_flush(linger=False)
-
-    def _fail(self, code: int, reason: str) -> None:
-        """Section 7.1.7: send the close frame, then drop the connection."""
-        # DEBUG: the Session logs the close (one line per connection, throttled).
-        log.debug("failing the connection with %d: %s", code, reason)
-        if self._sent_close is None:
-            self._send_close(code, reason)
-            self._server_first = True
-        self._cut_after_flush()
-
-    def _cut_after_flush(self, *, linger: bool = True) -> None:
-        """End our side once the close frame is out, without losing it.
-
-        Closing a socket that still has unread input makes the kernel answer
-        with a reset, which can destroy the close frame before the peer reads
-        it (and with it the 4001 reason that tells a client to get a new
-        token). So this is a lingering close: a FIN after what is buffered,
-        input read and discarded until the peer's own FIN, and a hard cut
-        after ``close_timeout`` for a peer that never ends.
-        """
+    def _end(self, ending: Ending) -> None:
+        """End our side once the close frame is out, without losing it
+        (:class:`~wsserver.connection.Ending`): at once after the client's
+        close, else a lingering close; a hard cut after ``close_timeout``."""
         transport = self._transport
+        linger = ending is Ending.LINGER
         if transport is None or transport.is_closing() or (linger and self._discarding):
             return
         if self._close_timer is not None:
@@ -464,15 +498,15 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._close_timer = self._loop.call_later(self.limits.close_timeout, self.abort)
         if not linger:
             transport.pause_reading()
-            transport.close()  # asyncio writes what is buffered first
+            transport.close()  # the transport writes what is buffered first
         elif transport.can_write_eof():
             self._discarding = True
-            transport.write_eof()  # after the buffered bytes, as asyncio does
+            transport.write_eof()  # after the buffered bytes
         else:
             transport.close()
 
     def _arm_fragment_timer(self) -> None:
-        started = self._parser.fragment_started
+        started = self.protocol.parser.fragment_started
         if started is None or self._fragment_timer is not None or self.closing:
             return
         timeout = self.limits.fragment_timeout
@@ -485,26 +519,23 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._fragment_timer = None
         if self.closing:
             return
-        if self._parser.fragment_expired(self._loop.time()):
-            self._fail(CloseCode.POLICY, "fragmented message not finished in time")
+        frame = self.protocol.fragment_expired(self._loop.time())
+        if frame is not None:
+            self._send_final(frame)
         else:
             self._arm_fragment_timer()
 
     def _transport_gone(self) -> None:
-        if self._gone:
+        if self.protocol.state is _CLOSED:
             return
-        self._gone = True
-        self.closing = True
+        code, reason, by_server = self.protocol.connection_lost(self._aborted_by_server)
         for timer in (self._close_timer, self._fragment_timer):
             if timer is not None:
                 timer.cancel()
         self._close_timer = self._fragment_timer = None
-        if self._server_first and self._sent_close is not None:
-            code, reason, by_server = self._sent_close[0], self._sent_close[1], True
-        elif self._got_close is not None:
-            code, reason, by_server = self._got_close[0], self._got_close[1], False
-        else:
-            code, reason, by_server = 1006, "", self._aborted_by_server
+        self._batch = None
+        self._batch_size = 0
+        self._held = []
         receiver = self.receiver
         self.receiver = None
         if receiver is not None:
@@ -512,7 +543,7 @@ class FrameConnection(asyncio.BufferedProtocol):
                 receiver.on_closed(code, reason, by_server)
             except Exception:
                 log.exception("receiver.on_closed failed")
-        on_gone, self._on_gone = self._on_gone, None
+        on_gone, self.on_gone = self.on_gone, None
         if on_gone is not None:
             try:
                 on_gone(code, reason)
@@ -525,126 +556,123 @@ def accept_value(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + _ACCEPT_GUID).digest()).decode()
 
 
-class FastProtocol(tornado.websocket.WebSocketProtocol):
-    """What ``get_websocket_protocol()`` returns to put a connection on the fast path.
+class UpgradeHandler(tornado.web.RequestHandler):
+    """``GET`` with ``Upgrade: websocket``: the 101 (RFC 6455 section 4.2), then the frame layer.
 
-    ``transport`` (a :class:`FrameConnection`) exists when ``open()`` runs.
-    Tornado-style ``write_message``/``close`` keep working for code that uses
-    them.
+    Tornado parses the request (over TCP or TLS); this handler checks the
+    upgrade, answers it itself, negotiating permessage-deflate when
+    ``limits.compression`` allows (:mod:`wsserver.deflate`), and hands the
+    socket to a :class:`FrameConnection`. Subclasses set :attr:`limits` and
+    implement :meth:`open`, which accepts a connection by setting its
+    ``receiver``; :meth:`check_origin` and :meth:`select_subprotocol` are the
+    other hooks. Nothing of Tornado's WebSocket implementation is used.
     """
 
-    def __init__(self, handler: tornado.websocket.WebSocketHandler, limits: FrameLimits) -> None:
-        super().__init__(handler)
-        self.limits = limits
-        self.transport: FrameConnection | None = None
-        self._subprotocol: str | None = None
+    #: The frame limits and compression settings of the connections it opens.
+    limits: FrameLimits = FrameLimits()
 
-    async def accept_connection(self, handler: tornado.websocket.WebSocketHandler) -> None:
-        headers = handler.request.headers
-        key = headers.get("Sec-Websocket-Key")
-        if not (headers.get("Host") and key and headers.get("Sec-Websocket-Version")):
-            handler.set_status(400)
-            handler.finish("Missing/Invalid WebSocket headers")
+    async def get(self, *args: str, **kwargs: str) -> None:
+        problem = self.upgrade_problem()
+        if problem is not None:
+            status, message = problem
+            self.set_status(status)
+            if status == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self.finish(message)
             return
+        await self._upgrade()
+
+    def upgrade_problem(self) -> tuple[int, str] | None:
+        """Why this request cannot be upgraded, as an HTTP status and a message, or None."""
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            return 400, 'Can "Upgrade" only to "WebSocket".'
+        if "upgrade" not in (s.strip().lower() for s in headers.get("Connection", "").split(",")):
+            return 400, '"Connection" must be "Upgrade".'
+        origin = headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            return 403, "Cross origin websockets not allowed"
+        if headers.get("Sec-WebSocket-Version") != "13":
+            return 426, "Upgrade Required"  # section 4.4: the versions we speak follow
+        if not (headers.get("Host") and headers.get("Sec-WebSocket-Key")):
+            return 400, "Missing/Invalid WebSocket headers"
+        return None
+
+    def check_origin(self, origin: str) -> bool:
+        """Whether a browser page from ``origin`` may connect: by default only
+        the same host (as Tornado's default). Browsers apply no same-origin
+        policy to WebSockets, so this check is what keeps other sites' pages
+        from connecting with a visitor's credentials."""
+        netloc = urllib.parse.urlsplit(origin).netloc.lower()
+        return netloc == self.request.headers.get("Host", "").lower()
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        """The subprotocol to answer, one of ``subprotocols``, or None."""
+        return None
+
+    def open(self, connection: FrameConnection) -> Awaitable[None] | None:
+        """After the 101: accept by setting ``connection.receiver``, or refuse
+        with ``connection.close(code, reason)`` and no receiver (what the
+        client pipelined is then never read). Runs before the socket is read;
+        what it sends goes out with the 101."""
+        return None
+
+    async def _upgrade(self) -> None:
+        headers = self.request.headers
         offered = [s.strip() for s in headers.get("Sec-WebSocket-Protocol", "").split(",")]
         offered = [s for s in offered if s]
-        self._subprotocol = handler.select_subprotocol(offered)
+        subprotocol = self.select_subprotocol(offered)
         response = [
             "HTTP/1.1 101 Switching Protocols",
             "Upgrade: websocket",
             "Connection: Upgrade",
-            "Sec-WebSocket-Accept: " + accept_value(key),
+            "Sec-WebSocket-Accept: " + accept_value(headers["Sec-WebSocket-Key"]),
         ]
-        if self._subprotocol:
-            assert self._subprotocol in offered
-            response.append("Sec-WebSocket-Protocol: " + self._subprotocol)
-        # No extension is negotiated: permessage-deflate stays off (RSV1 fails 1002).
+        if subprotocol:
+            assert subprotocol in offered
+            response.append("Sec-WebSocket-Protocol: " + subprotocol)
+        negotiated = None
+        if self.limits.compression:
+            accepted = deflate.negotiate(headers.get("Sec-WebSocket-Extensions"))
+            if accepted is not None:
+                negotiated, extension = accepted
+                response.append("Sec-WebSocket-Extensions: " + extension)
         # The 101 goes out with open()'s first frames, in one write (see
-        # connection_made); Tornado's finish() would send it alone.
-        handler.set_status(101)
-        stream = handler._detach_stream()
-        finish_unwritten(handler)
-        sock, pipelined, unsent = take_socket(stream)
-        unsent += ("\r\n".join(response) + "\r\n\r\n").encode("latin-1")
-
-        def on_gone(code: int, reason: str) -> None:
-            self.client_terminated = self.server_terminated = True
-            handler.on_ws_connection_close(code, reason)
-
+        # connection_made); finish() would send it alone. detach() ends the
+        # request as finish() would, so the access line and on_finish() are ours.
+        self.set_status(101)
+        stream = self.detach()
+        self.application.log_request(self)
+        self.on_finish()
+        self.ui = ObjectDict()  # drops the reference cycle, as finish() does
+        try:
+            sock, pipelined = await take_socket(stream)
+        except StreamClosedError:
+            return  # the client left during the 101
+        connection = FrameConnection(
+            self.limits, ("\r\n".join(response) + "\r\n\r\n").encode("latin-1"),
+            deflate=negotiated,
+        )
         # open() runs before the socket is connected: what it sends (the
         # welcome, or a refusal's close frame) is written by connection_made,
         # and the socket is registered for reading once, already accepted or
         # refused, with no pause and resume around open().
-        connection = FrameConnection(self.limits, unsent, on_gone)
-        self.transport = connection
         try:
-            result = handler.open(*handler.open_args, **handler.open_kwargs)
+            result = self.open(connection)
             if result is not None:
                 await result
         except Exception:
-            handler.log_exception(*sys.exc_info())
+            self.log_exception(*sys.exc_info())
             # The 101 is not out yet: it goes, then a 1011 close, and the
             # client learns the server failed rather than seeing a cut.
             connection.close(CloseCode.INTERNAL, "")
         connection.start(pipelined)
+        loop = asyncio.get_running_loop()
+        if isinstance(sock, ssl.SSLSocket):
+            TLSSocketTransport(loop, sock, connection)
+            return
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock)
+            await loop.connect_accepted_socket(lambda: connection, sock)
         except OSError:
             sock.close()
             connection.abandon()
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if self.transport is not None:
-            self.transport.close(code or 1000, reason or "")
-
-    def is_closing(self) -> bool:
-        return self.transport is None or self.transport.closing
-
-    def write_message(
-        self, message: str | bytes | dict[str, Any], binary: bool = False
-    ) -> Future[None]:
-        if isinstance(message, dict):
-            message = tornado.escape.json_encode(message)
-        payload = message.encode("utf-8") if isinstance(message, str) else message
-        frame = framing.build_frame(framing.OP_BINARY if binary else framing.OP_TEXT, payload)
-        future: Future[None] = Future()
-        if self.transport is None or not self.transport.send_frame(frame):
-            future.set_exception(tornado.websocket.WebSocketClosedError())
-        else:
-            future.set_result(None)
-        return future
-
-    @property
-    def selected_subprotocol(self) -> str | None:
-        return self._subprotocol
-
-    def write_ping(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.send_frame(framing.ping_frame(data))
-
-    def _process_server_headers(self, key: str | bytes, headers: HTTPHeaders) -> None:
-        raise NotImplementedError("server side only")
-
-    def start_pinging(self) -> None:
-        """Keepalive belongs to the Session (its sweep), not to the frame layer."""
-
-    async def _receive_frame_loop(self) -> None:
-        raise NotImplementedError("frames are read by FrameConnection.data_received")
-
-    def set_nodelay(self, x: bool) -> None:
-        """asyncio sets TCP_NODELAY on every TCP transport already."""
-
-
-def protocol_for(
-    handler: tornado.websocket.WebSocketHandler, limits: FrameLimits
-) -> tornado.websocket.WebSocketProtocol | None:
-    """What ``handler.get_websocket_protocol()`` should return.
-
-    The fast path on plain TCP; Tornado's own (``ServerProtocol13``) on TLS;
-    None (Tornado answers 426) for a WebSocket version other than 13.
-    """
-    if handler.request.headers.get("Sec-WebSocket-Version") != "13":
-        return None
-    if is_tls(handler):
-        return ServerProtocol13(handler, False, websocket_params(handler))
-    return FastProtocol(handler, limits)

@@ -4,39 +4,29 @@ With :mod:`wsserver.edge.api`, the only module where HTTP requests meet the core
 The handshake runs the contract's checks in the contract's order and
 :meth:`WebSocketHandler._refuse` turns a :class:`~wsserver.errors.Rejection`
 into its HTTP status; after the 101 a :class:`~wsserver.session.Session` holds
-the connection's logic, talking to Tornado through :class:`TornadoTransport`.
+the connection's logic, on the frame layer (:mod:`wsserver.edge.fastpath`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import http.client
 import json
 import logging
 import math
-import socket
 import time
 import unicodedata
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import tornado.web
-import tornado.websocket
 from prometheus_client import Counter
 from tornado.httputil import HTTPHeaders
-from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import app_log, gen_log
 
-from wsserver import framing
 from wsserver.admission import Arrival, admit, check_arrival
 from wsserver.auth import Credentials, Identity, extract_token
-from wsserver.edge.fastpath import FastProtocol, FrameLimits, protocol_for
+from wsserver.edge.fastpath import FrameConnection, FrameLimits, UpgradeHandler
 from wsserver.edge.refusal import refuse
-from wsserver.edge.tornado_internals import (
-    ServerProtocol13,
-    pending_bytes,
-)
 from wsserver.errors import (
     BadHandshake,
     CloseError,
@@ -46,11 +36,9 @@ from wsserver.errors import (
 from wsserver.logsafe import escape, redact
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
-from wsserver.ratelimit import TokenBucket
 from wsserver.registry import Reservation
 from wsserver.services import Services
 from wsserver.session import Session
-from wsserver.transport import Prepared, TimerHandle, Transport
 
 log = logging.getLogger("wsserver.connection")
 
@@ -137,7 +125,10 @@ class BaseHandler(RedactedLogging):
         self.finish(json.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.write_json({"error": self._reason}, status_code)
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        reason = error.reason if isinstance(error, tornado.web.HTTPError) else None
+        self.write_json({"error": reason or http.client.responses.get(status_code, "Unknown")},
+                        status_code)
 
 
 class NotFoundHandler(BaseHandler):
@@ -308,118 +299,12 @@ class IndexHandler(StaticHandler):
 
 
 
-class TornadoTransport:
-    """:class:`~wsserver.transport.Transport` over Tornado's WebSocket protocol.
-
-    Used for TLS connections (the fast path serves plain TCP only). Messages
-    become frames here, written straight to the stream; on plain TCP straight
-    to the socket when nothing is queued (see :meth:`send_frame`).
-    """
-
-    __slots__ = ("_handler", "_protocol", "_socket", "paused")
-
-    kind = "websocket"
-
-    def __init__(self, handler: WebSocketHandler, protocol: ServerProtocol13) -> None:
-        self._handler = handler
-        self._protocol = protocol
-        stream = protocol.stream
-        # Exactly IOStream: an SSLIOStream must encrypt.
-        self._socket: socket.socket | None = stream.socket if type(stream) is IOStream else None
-        #: Resolved by resume_reading(); returned by ``on_message`` meanwhile,
-        #: which makes Tornado wait before it reads the next frame.
-        self.paused: asyncio.Future[None] | None = None
-
-    def send(self, message: Prepared) -> bool:
-        return self.send_frame(message.encoded(framing.text_message))
-
-    def ping(self) -> None:
-        self.send_frame(framing.PING)
-
-    def pause_reading(self) -> None:
-        if self.paused is None:
-            self.paused = asyncio.get_running_loop().create_future()
-
-    def resume_reading(self) -> None:
-        paused, self.paused = self.paused, None
-        if paused is not None and not paused.done():
-            paused.set_result(None)
-
-    def send_frame(self, frame: bytes) -> bool:
-        """Write a pre-built frame, skipping ``write_message``'s JSON encoding and
-        per-call Task (see TORNADO-NOTES.md). When nothing is queued, hand it to
-        the kernel ourselves, as IOStream would, minus its Future and buffer
-        bookkeeping (about 10 us per write); what the kernel does not take, and
-        any error, goes through ``IOStream.write``, which queues it or closes."""
-        protocol = self._protocol
-        if protocol.server_terminated or protocol.client_terminated:
-            return False
-        stream = protocol.stream
-        if stream is None or stream.closed():
-            return False
-        sock = self._socket
-        if sock is not None and not pending_bytes(stream):
-            try:
-                sent = sock.send(frame)
-            except OSError:
-                sent = 0
-            if sent == len(frame):
-                return True
-            frame = frame[sent:]
-        try:
-            stream.write(frame)
-        except StreamClosedError:
-            return False
-        return True
-
-    def buffered(self) -> int:
-        stream = self._protocol.stream
-        return 0 if stream is None else pending_bytes(stream)
-
-    def close(self, code: int, reason: str) -> None:
-        self.resume_reading()  # the peer's close frame must be read
-        self._handler.close(code, reason)
-
-    def abort(self) -> None:
-        self.resume_reading()
-        stream = self._protocol.stream
-        if stream is not None:
-            stream.close()
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        return asyncio.get_running_loop().call_later(delay, callback)
-
-
-def _close_when_flushed(protocol: ServerProtocol13) -> None:
-    """Send our FIN once the close frame is written (a lingering close).
-
-    Tornado goes on reading until the peer's close or EOF, and then closes;
-    closing at once instead would reset a connection with unread input, which
-    can destroy the close frame before the peer reads it.
-    """
-    stream = protocol.stream
-    if stream is None or stream.closed():
-        return
-    try:
-        flushed = stream.write(b"")  # resolves once everything queued is written
-    except StreamClosedError:
-        return
-
-    def half_close(_: object) -> None:
-        sock = stream.socket
-        if sock is not None and not stream.closed():
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
-
-    flushed.add_done_callback(half_close)
-
-
 #: The 403's message when a handshake carries no token.
 NO_TOKEN = ("no token: send 'Authorization: Bearer <jwt>', the subprotocols 'bearer, <jwt>', "
             "or ?token=<jwt>")
 
 
-class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
+class WebSocketHandler(RedactedLogging, UpgradeHandler):
     """``GET /ws``: the handshake, then a :class:`~wsserver.session.Session`.
 
     :meth:`get` runs the pre-upgrade checks in CONTRACT.md's order; after the
@@ -432,13 +317,11 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
 
     def initialize(self, services: Services, frame_limits: FrameLimits) -> None:
         self.services = services
-        self.frame_limits = frame_limits
+        self.limits = frame_limits
         self.client_address = _client_address(services, self.request)
         self.limit_key = limit_key(self.client_address)
         self.session: Session | None = None
         self._credentials: Credentials | None = None
-        self._protocol: ServerProtocol13 | None = None
-        self._fast: FastProtocol | None = None
         #: The token's verification, done before the upgrade.
         self._verdict: Identity | CloseError | None = None
         #: The registry slot held from the checks until the Session takes it.
@@ -450,7 +333,7 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
-            await super().get(*args, **kwargs)  # Tornado answers 400 / 426
+            await super().get(*args, **kwargs)  # answered 400
             return
         try:
             if self.request.version == "HTTP/1.0":
@@ -514,7 +397,7 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
         Browsers send ``Origin`` on every WebSocket handshake and apply no
         same-origin policy to WebSockets, so this list is what keeps other
         sites' pages from connecting with a visitor's credentials. It has
-        already run in :meth:`_admit`; Tornado asks again in ``get()``.
+        already run in :meth:`_admit`; :class:`UpgradeHandler` asks again.
         """
         return self.services.origins.allows(origin)
 
@@ -524,49 +407,24 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
             return "bearer"
         return None
 
-    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
-        """The fast frame path on plain TCP; Tornado's protocol on TLS."""
-        protocol = protocol_for(self, self.frame_limits)
-        if isinstance(protocol, ServerProtocol13):
-            settings = self.services.settings
-            protocol.frame_budget = TokenBucket(*settings.frame_budget)
-            protocol.fragment_timeout = settings.fragment_timeout
-            self._protocol = protocol
-        elif isinstance(protocol, FastProtocol):
-            self._fast = protocol
-        return protocol
-
-    def get_compression_options(self) -> dict[str, Any] | None:
-        # Frames are built once per broadcast; compression would make them per-peer.
-        return None
-
-    async def open(self, *args: str, **kwargs: str) -> None:
+    async def open(self, connection: FrameConnection) -> None:
         credentials, self._credentials = self._credentials, None
         verdict, self._verdict = self._verdict, None
         reservation, self._reservation = self._reservation, None
         assert credentials is not None
-        transport: Transport
-        fast = self._fast.transport if self._fast is not None else None
-        if fast is not None:
-            transport = fast
-        else:
-            assert self._protocol is not None
-            self.set_nodelay(True)
-            transport = TornadoTransport(self, self._protocol)
-        session = Session(self.services, transport, self.client_address, self.limit_key)
+        session = Session(self.services, connection, self.client_address, self.limit_key)
         self.session = session
         if reservation is not None:
             self.services.registry.transfer(reservation, session)
         self._release_handshake()
         if await session.open(credentials, verdict):
-            if fast is not None:
-                # Frames are parsed only once a receiver is set: those pipelined
-                # behind a refused token are dropped unread.
-                fast.receiver = session
-        elif fast is None and self._protocol is not None:
-            # Refused (4001/4008): cut the TCP connection once the close frame
-            # is out instead of holding the slot for Tornado's 5 s close wait.
-            _close_when_flushed(self._protocol)
+            # Frames are parsed only once a receiver is set: those pipelined
+            # behind a refused token are dropped unread.
+            connection.receiver = session
+        else:
+            # Refused (4001, 4008): no receiver, so the session hears of the
+            # end here (a receiver is told by the connection itself).
+            connection.on_gone = lambda code, reason: session.on_closed(code, reason, False)
 
     def _release_handshake(self) -> None:
         """Drop what only the handshake needed, instead of keeping it for the
@@ -576,33 +434,3 @@ class WebSocketHandler(RedactedLogging, tornado.websocket.WebSocketHandler):
         self.request.uri = redact(self.request.uri or "")
         self.request.arguments = {}
         self.request.query_arguments = {}
-        self._headers = _NO_HEADERS
-
-    # --- frames in ---------------------------------------------------------
-
-    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
-        session = self.session
-        if session is None:
-            return None
-        if isinstance(message, bytes):
-            session.on_binary(message)
-        else:
-            session.on_text(message)
-        # Paused (the session's queue is full): Tornado reads the next frame
-        # only once this resolves, so TCP slows the sender down.
-        transport = session.transport
-        return transport.paused if isinstance(transport, TornadoTransport) else None
-
-    def on_pong(self, data: bytes) -> None:
-        if self.session is not None:
-            self.session.on_pong(data)
-
-    def on_close(self) -> None:
-        session = self.session
-        if session is None:
-            return  # never upgraded: nothing was registered
-        sent = self._protocol.sent_close if self._protocol is not None else None
-        if sent is not None:
-            session.on_closed(sent[0], sent[1], True)
-        else:
-            session.on_closed(self.close_code or 1006, self.close_reason or "", False)

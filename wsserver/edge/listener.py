@@ -15,12 +15,15 @@ import logging
 import math
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, SSLIOStream
+from tornado.netutil import ssl_wrap_socket
 
 log = logging.getLogger("wsserver.listener")
 
@@ -98,11 +101,48 @@ class Acceptor:
 
 
 class Listener(HTTPServer):
-    """Tornado's HTTPServer, accepting through :class:`Acceptor`."""
+    """Tornado's HTTPServer, accepting through :class:`Acceptor`.
+
+    Everything Tornado's accept path does, with its public parts only: the
+    socket is wrapped for TLS (``ssl_wrap_socket``; the handshake runs in
+    the stream), put in an ``IOStream`` and handed to ``handle_stream``.
+    """
+
+    _acceptors: list[tuple[socket.socket, Acceptor]]
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
-        # As TCPServer.add_sockets does, with our acceptor; stop() calls the
-        # removal callables kept in _handlers.
+        if not hasattr(self, "_acceptors"):
+            self._acceptors = []
         for sock in sockets:
-            self._sockets[sock.fileno()] = sock
-            self._handlers[sock.fileno()] = Acceptor(sock, self._handle_connection).remove
+            self._acceptors.append((sock, Acceptor(sock, self._accepted)))
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening sockets (as TCPServer.stop)."""
+        acceptors, self._acceptors = getattr(self, "_acceptors", []), []
+        for sock, acceptor in acceptors:
+            acceptor.remove()
+            sock.close()
+
+    def _accepted(self, connection: socket.socket, address: Any) -> None:
+        if self.ssl_options is not None:
+            try:
+                connection = ssl_wrap_socket(
+                    connection, self.ssl_options, server_side=True,
+                    do_handshake_on_connect=False,
+                )
+            except (ssl.SSLError, OSError) as exc:
+                # Closed as soon as it was made (a port scan): nothing to serve.
+                log.debug("TLS wrap failed: %r", exc)
+                connection.close()
+                return
+        try:
+            stream: IOStream
+            if self.ssl_options is not None:
+                stream = SSLIOStream(connection, max_buffer_size=self.max_buffer_size,
+                                     read_chunk_size=self.read_chunk_size)
+            else:
+                stream = IOStream(connection, max_buffer_size=self.max_buffer_size,
+                                  read_chunk_size=self.read_chunk_size)
+            self.handle_stream(stream, address)
+        except Exception:
+            log.exception("error in connection callback")

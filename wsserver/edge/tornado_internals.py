@@ -1,147 +1,60 @@
-"""Every reach into Tornado's private attributes, in one place.
+"""Every reach into a private attribute of Tornado, in one place.
 
 Tornado has no public accessor for these; each use is pinned by ``tornado<7``
-in ``setup.cfg`` and covered by tests that fail if an upgrade moves them.
-``wsserver.edge.listener`` keeps its own two (``TCPServer._sockets``/``_handlers``),
-next to the accept loop they replace.
+in ``setup.cfg`` and checked by ``tests/unit/test_tornado_internals.py``,
+which fails loudly, naming the attribute, when an upgrade moves one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import socket
-import time
-from typing import Any
+import ssl
 
-import tornado.web
-import tornado.websocket
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPInputError, HTTPServerRequest
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import IOStream
 
-from wsserver.closecodes import CloseCode
-from wsserver.framing import Failure, parse_close
-from wsserver.ratelimit import TokenBucket
+#: The private attributes used below, by class: what the test checks.
+USED: dict[str, tuple[str, ...]] = {
+    "tornado.http1connection.HTTP1Connection": (
+        "_disconnect_on_finish", "_read_message_inner", "_request_start_line",
+        "_chunking_output",
+    ),
+    "tornado.iostream.IOStream": ("_write_buffer",),
+}
 
 
-class ServerProtocol13(tornado.websocket.WebSocketProtocol13):
-    """Tornado's protocol, remembering the close code the server itself sent.
+async def take_socket(stream: IOStream) -> tuple[socket.socket, bytes]:
+    """Take ``stream``'s socket away from Tornado, after the request was detached.
 
-    Tornado closes on its own for oversized messages (1009), and the handler
-    only learns the peer's code, so the logs and the ``closes_total`` metric
-    would otherwise show 1006 for those.
+    Returns the socket, now the caller's, and the bytes Tornado had read but
+    nobody consumed (frames a client pipelined behind its handshake). A TLS
+    stream's socket is its ``ssl.SSLSocket``, TLS state and all. Public API
+    only: what Tornado still has to write (the tail of an earlier response on
+    a congested socket) is flushed first; a read of everything buffered
+    completes at once when Tornado holds bytes, and otherwise reads the socket
+    once and is dropped with the stream.
     """
-
-    sent_close: tuple[int, str] | None = None
-    #: Hardening item 6 on Tornado's path (set after construction): every frame
-    #: takes a token, control and continuation frames included (1008 when
-    #: empty), and a fragmented message must finish within ``fragment_timeout``
-    #: seconds (checked as frames arrive; a silent peer fails keepalive).
-    frame_budget: TokenBucket | None = None
-    fragment_timeout: float | None = None
-    _fragment_started: float | None = None
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        # An echo of the client's close frame is not the server's decision.
-        if self.sent_close is None and not self.server_terminated and not self.client_terminated:
-            self.sent_close = (code or 1000, reason or "")
-        super().close(code, reason)
-
-    async def _receive_frame(self) -> None:
-        budget = self.frame_budget
-        if budget is not None and budget.take():
-            await self._fail(CloseCode.POLICY, "too many frames")
-            return
-        await super()._receive_frame()
-        if self.fragment_timeout is None:
-            return
-        if self._fragmented_message_buffer is None:
-            self._fragment_started = None
-        elif self._fragment_started is None:
-            self._fragment_started = time.monotonic()
-        elif time.monotonic() - self._fragment_started >= self.fragment_timeout:
-            await self._fail(CloseCode.POLICY, "fragmented message not finished in time")
-
-    async def _fail(self, code: int, reason: str) -> None:
-        """Send the close frame, read nothing more, drop the socket once it is out."""
-        self.close(code, reason)
-        self.client_terminated = True  # ends Tornado's receive loop
-        with contextlib.suppress(StreamClosedError):
-            await self.stream.write(b"")  # resolves once the buffer is flushed
-        self._abort()
-
-    def _handle_message(self, opcode: int, data: bytes) -> Any:
-        # Tornado echoes any close code, even those RFC 6455 section 7.4 forbids
-        # on the wire (Autobahn 7.9.x), and raises on a non-UTF-8 reason.
-        if opcode == 0x8 and not self.client_terminated:
-            verdict = parse_close(data)
-            if isinstance(verdict, Failure):
-                self.sent_close = (verdict.code, verdict.reason)
-                self.client_terminated = True
-                self.close(verdict.code, verdict.reason)
-                return None
-        return super()._handle_message(opcode, data)
-
-
-def websocket_params(handler: tornado.websocket.WebSocketHandler) -> Any:
-    """The ``_WebSocketParams`` Tornado builds in ``get_websocket_protocol``."""
-    return tornado.websocket._WebSocketParams(
-        ping_interval=handler.ping_interval,
-        ping_timeout=handler.ping_timeout,
-        max_message_size=handler.max_message_size,
-        compression_options=handler.get_compression_options(),
-    )
+    if stream.writing():
+        await stream.write(b"")  # resolves once everything queued is written
+    pending = asyncio.ensure_future(stream.read_bytes(stream.max_buffer_size, partial=True))
+    pipelined = pending.result() if pending.done() else b""
+    stream.io_loop.remove_handler(stream.fileno())
+    old = stream.socket
+    if isinstance(old, ssl.SSLSocket):
+        # The stream is dropped, never closed: the SSLSocket is ours now.
+        return old, pipelined
+    # A plain socket leaves the stream detached, so that closing the stream
+    # (at shutdown, Tornado closes what it still tracks) closes nothing.
+    fd = old.detach()
+    return socket.socket(old.family, old.type, old.proto, fileno=fd), pipelined
 
 
 def pending_bytes(stream: IOStream) -> int:
-    """Bytes written to ``stream`` that the kernel has not taken yet."""
+    """Bytes written to ``stream`` that the kernel has not taken yet (HTTP
+    streaming's write bound; IOStream keeps no public count)."""
     return len(stream._write_buffer)
-
-
-def is_tls(handler: tornado.web.RequestHandler) -> bool:
-    """True when ``handler``'s request came over TLS on this very socket.
-
-    ``request.protocol`` is not enough: behind a trusted proxy it says "https"
-    for a plain TCP connection from the proxy.
-    """
-    connection = handler.request.connection
-    return isinstance(getattr(connection, "stream", None), SSLIOStream)
-
-
-def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
-    """Take ``stream``'s socket away from Tornado, after the 101 was written.
-
-    Returns the socket (now owned by the caller), the bytes Tornado had read
-    but nobody consumed (frames a client pipelined behind its handshake), and
-    the bytes Tornado had accepted for writing but the kernel had not taken
-    (the tail of the 101, on a congested socket). ``stream`` is left holding
-    a detached socket object, so its eventual ``close()`` closes nothing.
-    """
-    read = bytes(stream._read_buffer[: stream._read_buffer_size])
-    buffer = stream._write_buffer
-    unsent = b"".join(bytes(chunk) for _, chunk in buffer._buffers)[buffer._first_pos :]
-    if stream._state is not None:
-        stream.io_loop.remove_handler(stream.fileno())
-        stream._state = None
-    old = stream.socket
-    fd = old.detach()
-    return socket.socket(old.family, old.type, old.proto, fileno=fd), read, unsent
-
-
-def finish_unwritten(handler: tornado.web.RequestHandler) -> None:
-    """End ``handler``'s request as ``finish()`` would, without writing a response.
-
-    For a 101 that the caller writes itself, after taking the socket, in one
-    write with the connection's first frames: ``finish()`` would format the
-    headers and send them alone (a system call of their own). What finish()
-    does besides is kept: the close callback cleared, the access log line,
-    ``on_finish()``; and it marks the handler finished, so Tornado's
-    ``_execute`` does not finish it again once ``get()`` returns. Call it after
-    ``handler._detach_stream()`` (which ends the HTTP connection's request).
-    """
-    handler._finished = True
-    handler.application.log_request(handler)
-    handler.on_finish()
 
 
 def disconnect_after_response(request: HTTPServerRequest) -> None:
