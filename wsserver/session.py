@@ -645,9 +645,8 @@ class Session:
             # Not before: a client gone while the broker counted it was never added.
             services.metrics.connections.dec()
             services.metrics.connections_by_transport.labels(self.transport.kind).dec()
-        if identity is not None:
-            if self._counted_in_broker:
-                services.spawn(services.quietly(services.broker.user_disconnect(identity.user)))
+        if identity is not None and self._counted_in_broker:
+            services.spawn(services.quietly(services.broker.user_disconnect(identity.user)))
         if self.ended_with is not None:
             code, reason, by = self.ended_with.code, self.ended_with.reason, "server"
         else:
