@@ -281,7 +281,7 @@ class RedisBroker(Broker):
             self._keys.room_channel(room), message, history, origin, idempotency_key is not None
         )
         started = time.perf_counter()
-        answer: bytes = await self._commands.submit_publish(keys, args)
+        answer: bytes = await self._commands.script("PUBLISH", keys, args)
         if self._metrics is not None:
             self._metrics.broker_publish.observe(time.perf_counter() - started)
         return publish_result(answer)
@@ -339,9 +339,7 @@ class RedisBroker(Broker):
 
     async def disconnect_user(self, user: str, code: int, reason: str) -> None:
         message = disconnect_message(self.node_name, user, code, reason)
-        await self._commands.call(
-            "disconnect", lambda: self._commands.redis.publish(self._keys.control, message)
-        )
+        await self._commands.command("PUBLISH", self._keys.control, message)
         # This node's own copy is skipped by the reader: close locally now,
         # as MemoryBroker does, so the caller's answer follows the close.
         if self._sink is not None:
@@ -353,26 +351,18 @@ class RedisBroker(Broker):
     # --- HTTP streaming -------------------------------------------------------
 
     async def ticket_put(self, ticket: str, token: str, ttl: float) -> None:
-        key = self._keys.ticket(ticket)
-        await self._commands.call(
-            "ticket_put", lambda: self._commands.redis.set(key, token, px=ms(ttl))
-        )
+        await self._commands.command("SET", self._keys.ticket(ticket), token, "PX", ms(ttl))
 
     async def ticket_take(self, ticket: str) -> str | None:
-        key = self._keys.ticket(ticket)
         # GETDEL (Redis 6.2+): read and remove in one step, so a ticket
         # presented twice at once is taken once.
-        token: bytes | None = await self._commands.call(
-            "ticket_take", lambda: self._commands.redis.getdel(key)  # type: ignore[arg-type,return-value]
-        )
+        token: bytes | None = await self._commands.command("GETDEL", self._keys.ticket(ticket))
         return None if token is None else token.decode()
 
     async def forward(self, node_tag: str, session: str, text: str) -> bool:
-        channel = self._keys.forward(node_tag)
         data = session.encode() + b"\n" + text.encode()
-        receivers = await self._commands.call(
-            "forward", lambda: self._commands.redis.publish(channel, data)
-        )
+        # Batched like every command, so forwarded messages go in the order of the calls.
+        receivers = await self._commands.command("PUBLISH", self._keys.forward(node_tag), data)
         return int(receivers) > 0
 
     # --- this node's registration ------------------------------------------------

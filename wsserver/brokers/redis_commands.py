@@ -1,19 +1,20 @@
 """The Redis broker's command side: a bounded pool, the scripts, errors as BrokerUnavailable.
 
 Every read-modify-write is one Lua script (:mod:`wsserver.brokers.redis_scripts`),
-run with EVALSHA. Publishes are auto-pipelined: those made while a batch is in
-flight go out together as the next batch, one round trip, in the order made.
-Every command is bounded by the command timeout and raises
-:class:`BrokerUnavailable` when Redis cannot be reached.
+run with EVALSHA. Every command is auto-pipelined: the commands made while a
+batch is in flight go out together as the next batch, in one pipeline and one
+round trip, in the order made, and each caller gets its own answer or its own
+error. A batch is bounded by the command timeout; when Redis cannot be
+reached every command of the batch raises :class:`BrokerUnavailable`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
@@ -29,8 +30,6 @@ from wsserver.brokers.base import BrokerUnavailable
 from wsserver.brokers.redis_pool import connection_pool
 
 log = logging.getLogger("wsserver.broker")
-
-T = TypeVar("T")
 
 #: Errors that mean "Redis cannot be reached or cannot take writes right now".
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -54,11 +53,18 @@ SCRIPTS = (
     "USER_DISCONNECT", "HEARTBEAT", "LEAVE", "NODES", "RESYNC", "RESET_EPOCH",
 )
 
-_Queued = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+
+
+@dataclass(slots=True)
+class _Queued:
+    """One command waiting for its batch: its arguments and its caller's future."""
+
+    command: tuple[Any, ...]
+    future: asyncio.Future[Any]
 
 
 class RedisCommands:
-    """The command connections of one node, and how a command fails.
+    """The command connections of one node, the auto-pipelining, and how a command fails.
 
     Args:
         url: the broker URL (:func:`~wsserver.brokers.redis_pool.connection_pool`).
@@ -84,8 +90,9 @@ class RedisCommands:
         self._count_error = count_error
         # No retries inside redis-py: a retried EVALSHA could publish twice,
         # and retries would stretch a failure well beyond command_timeout.
-        # Blocking: a burst of publishes waits (bounded) for a free connection
-        # instead of failing with "too many connections" while Redis is fine.
+        # Blocking: a command that needs a connection while all are busy (the
+        # probe beside a batch) waits for one, bounded, instead of failing
+        # with "too many connections" while Redis is fine.
         self._pool = connection_pool(
             url,
             timeout=timeout,
@@ -103,17 +110,19 @@ class RedisCommands:
         # Commands in flight now, and the most at once since the last shed_idle().
         self._active = 0
         self._peak = 0
-        # Publishes waiting for the batch in flight (see submit_publish).
-        self._publishes: list[_Queued] = []
-        self._publishing = False
+        # Commands waiting for the batch in flight, and that batch (see submit).
+        self._queue: list[_Queued] = []
+        self._sending: list[_Queued] = []
         self._sender: asyncio.Task[None] | None = None
+        self._closed = False
 
     def make_connection(self) -> AbstractConnection:
         """A new connection outside the pool (for the subscription), not yet connected."""
         return self._pool.make_connection()  # type: ignore[no-untyped-call,no-any-return]
 
     async def close(self) -> None:
-        """Fail the publishes still queued and close every connection."""
+        """Fail the commands still queued or in flight and close every connection."""
+        self._closed = True
         if self._sender is not None:
             self._sender.cancel()
             await asyncio.wait([self._sender])
@@ -125,49 +134,145 @@ class RedisCommands:
         self._count_error()
         return BrokerUnavailable(f"broker unavailable ({reason})", self._retry_after)
 
-    async def call(
-        self, what: str, command: Callable[[], Awaitable[T]], *, gated: bool = True
-    ) -> T:
-        """Run one Redis command; :class:`BrokerUnavailable` when Redis is unreachable.
+    # --- auto-pipelined commands --------------------------------------------------
+
+    def script(
+        self, name: str, keys: list[str], args: list[Any], *, gated: bool = True
+    ) -> asyncio.Future[Any]:
+        """Run the script ``name`` (:data:`SCRIPTS`) in the next batch; its answer."""
+        sha = self._scripts[name].sha
+        return self._submit(("EVALSHA", sha, len(keys), *keys, *args), gated)
+
+    def command(self, *command: Any, gated: bool = True) -> asyncio.Future[Any]:
+        """Run a plain command (``HGETALL``, ``PUBLISH``...) in the next batch; its
+        answer, parsed as redis-py parses it."""
+        return self._submit(command, gated)
+
+    def _submit(self, command: tuple[Any, ...], gated: bool) -> asyncio.Future[Any]:
+        """Queue ``command``; its answer once its batch is answered.
+
+        Auto-pipelining: the commands made while a batch is in flight go out
+        together as the next one (one round trip, in the order made), so a
+        burst of connects, or many publishers, or one session's run of
+        publishes, shares round trips and one connection, and the
+        publications fanned out arrive, and are written to members, together.
+        Queued synchronously, so the order of calls is the order Redis runs
+        them in (what a room's offsets and a user's counts rely on).
 
         ``gated`` commands fail at once while the broker is known to be down,
-        rather than each waiting out a timeout on a frozen Redis (the probe,
-        heartbeats and resyncs are not gated: they find out when it is back).
+        rather than each waiting out a timeout on a frozen Redis (heartbeats
+        and resyncs are not gated: they find out when it is back).
         """
         if gated and not self._is_up():
             raise self.unavailable("Redis down")
+        if self._closed:
+            raise BrokerUnavailable("broker closing", self._retry_after)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(command, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_batches(), name="broker-batches")
+        return future
+
+    async def _send_batches(self) -> None:
+        """Send the queued commands, a batch per round trip, until none are left.
+
+        One batch in flight at a time: a second pipeline on another connection
+        could reach Redis before the first, and the order of calls would no
+        longer be the order Redis runs them in.
+        """
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                self._sending = batch
+                try:
+                    results = await self._round_trip(batch)
+                except BrokerUnavailable as exc:
+                    _fail(batch, exc, self._count_error)
+                except Exception as exc:  # a bug, not Redis: every caller sees it
+                    _fail(batch, exc)
+                else:
+                    self._answer(batch, results)
+                self._sending = []
+        finally:
+            self._sender = None
+            # Cancelled (close()): nothing in flight or queued is left waiting.
+            left = [*self._sending, *self._queue]
+            self._sending, self._queue = [], []
+            _fail(left, BrokerUnavailable("broker closing", self._retry_after))
+
+    def _answer(self, batch: list[_Queued], results: list[Any]) -> None:
+        """Give each caller of ``batch`` its own answer or its own error."""
+        for queued, result in zip(batch, results, strict=True):
+            if queued.future.done():
+                continue  # its caller was cancelled
+            if isinstance(result, UNAVAILABLE_ERRORS):
+                # In place, for this command only: READONLY (a replica).
+                self._count_error()
+                queued.future.set_exception(_unavailable(result, self._retry_after))
+            elif isinstance(result, Exception):
+                queued.future.set_exception(result)
+            else:
+                queued.future.set_result(result)
+
+    async def _round_trip(self, batch: list[_Queued]) -> list[Any]:
+        """The answers of ``batch``, in order: per-command errors in place,
+        :class:`BrokerUnavailable` for all when Redis cannot be reached."""
         self._active += 1
         self._peak = max(self._peak, self._active)
         try:
-            return await command()
+            return await self._pipelined(batch)
         except UNAVAILABLE_ERRORS as exc:
-            self._count_error()
-            log.debug("broker: %s failed on %s: %s", what, self.safe_url, exc)
-            raise BrokerUnavailable(
-                f"broker unavailable ({type(exc).__name__})", retry_after=self._retry_after
-            ) from exc
+            log.debug("broker: a batch of %d commands failed on %s: %s",
+                      len(batch), self.safe_url, exc)
+            raise _unavailable(exc, self._retry_after) from exc
         finally:
             self._active -= 1
 
-    async def script(
-        self, name: str, keys: list[str], args: list[Any], *, gated: bool = True
-    ) -> Any:
-        """Run the script ``name`` (:data:`SCRIPTS`) through :meth:`call`."""
-        script = self._scripts[name]
-        return await self.call(name.lower(), lambda: script(keys=keys, args=args), gated=gated)
+    async def _pipelined(self, batch: list[_Queued]) -> list[Any]:
+        """Every command of ``batch`` in one pipeline; after a NOSCRIPT, every script
+        loaded and the commands that failed sent again, in one more round trip.
 
-    async def script_unchecked(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run the script ``name`` with redis-py's own errors and no error count
-        (leaving at shutdown, when nobody is left to tell)."""
-        return await self._scripts[name](keys=keys, args=args)
+        Not through redis-py's Script in a pipeline: that asks SCRIPT EXISTS
+        first, a second round trip per batch. A NOSCRIPT (Redis restarted, or
+        SCRIPT FLUSH) means that command did not run, so it is safe to send
+        again. All the scripts are loaded at once, in MULTI/EXEC, so no client
+        ever finds some of them loaded and others not: the commands that fail
+        are then every script call of the batch, or those after a flush that
+        came in its middle, and sent again in order they still run in the
+        order made. Only a plain command of such a batch (a presence read, a
+        disconnect notice) runs before the script calls made before it.
+        """
+        results = await self._execute([], batch)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            loads = [("MULTI",), *(("SCRIPT LOAD", script.script)
+                                   for script in self._scripts.values()), ("EXEC",)]
+            answers = await self._execute(loads, [batch[i] for i in missing])
+            loaded = answers[len(loads) - 1]
+            if isinstance(loaded, Exception):
+                raise loaded
+            for i, result in zip(missing, answers[len(loads):], strict=True):
+                results[i] = result
+        return results
+
+    async def _execute(self, before: list[tuple[Any, ...]], batch: list[_Queued]) -> list[Any]:
+        """One round trip: ``before`` (their answers first), then ``batch``."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for command in before:
+                pipe.execute_command(*command)
+            for queued in batch:
+                pipe.execute_command(*queued.command)
+            # Per-command errors come back in place; a lost connection raises.
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     async def shed_idle(self) -> None:
         """After a burst of concurrent commands, close the pool's idle connections.
 
-        redis-py's pool keeps every connection it ever opened; without this a
-        thousand members leaving at once would leave MAX_CONNECTIONS sockets
-        open on Redis for good. Called by the heartbeat loop; the next command
-        reconnects one connection.
+        redis-py's pool keeps every connection it ever opened. Batches take
+        one connection at a time, and the probe another, so this is a guard:
+        should anything hold more than STEADY_CONNECTIONS at once, what it
+        opened is closed at the next heartbeat; the next command reconnects.
         """
         peak, self._peak = self._peak, self._active
         if peak <= STEADY_CONNECTIONS or self._active:
@@ -175,80 +280,31 @@ class RedisCommands:
         await self._pool.disconnect(inuse_connections=False)
         log.debug("broker: closed idle Redis connections after %d commands at once", peak)
 
-    # --- auto-pipelined publishes -----------------------------------------------
 
-    def submit_publish(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Queue one PUBLISH script call; its reply, once its batch is answered.
-
-        Auto-pipelining: the publishes made while a batch is in flight go out
-        together as the next one (one round trip, in the order made), so many
-        publishers, or one session's run of publishes, share round trips, and
-        the publications they fan out arrive, and are written to members,
-        together. Queued synchronously, so the order of calls is the order
-        Redis runs them in.
-        """
-        if not self._is_up():
-            raise self.unavailable("Redis down")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._publishes.append((keys, args, future))
-        if not self._publishing:
-            self._publishing = True
-            self._sender = asyncio.create_task(self._publish_batches(), name="broker-publish")
-        return future
-
-    async def _publish_batches(self) -> None:
-        """Send the queued publishes, a batch per round trip, until none are left."""
-        try:
-            while self._publishes:
-                batch, self._publishes = self._publishes, []
-                try:
-                    results = await self.call(
-                        "publish", functools.partial(self._pipelined, batch), gated=False
-                    )
-                except Exception as exc:
-                    _fail(batch, exc)
-                    continue
-                for (_, _, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue  # its publish() was cancelled
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            self._publishing = False
-            # Cancelled (close()): nothing queued is left waiting.
-            batch, self._publishes = self._publishes, []
-            _fail(batch, BrokerUnavailable("broker closing", self._retry_after))
-
-    async def _pipelined(self, batch: list[_Queued]) -> list[Any]:
-        """EVALSHA for each publish, in one round trip; the script loaded if Redis lost it.
-
-        Not through redis-py's Script in a pipeline: that asks SCRIPT EXISTS
-        first, a second round trip per batch. A NOSCRIPT (Redis restarted)
-        means the command did not run, so it is safe to load and send again.
-        """
-        script = self._scripts["PUBLISH"]
-        results = await self._evalsha_all(script, batch)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            await self.redis.script_load(script.script)
-            again = await self._evalsha_all(script, [batch[i] for i in missing])
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
-        return results
-
-    async def _evalsha_all(self, script: AsyncScript, batch: list[_Queued]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            # Per-command errors come back in place; a lost connection raises.
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+def _unavailable(exc: BaseException, retry_after: float) -> BrokerUnavailable:
+    unavailable = BrokerUnavailable(
+        f"broker unavailable ({type(exc).__name__})", retry_after=retry_after
+    )
+    unavailable.__cause__ = exc
+    return unavailable
 
 
-def _fail(batch: list[_Queued], exc: Exception) -> None:
-    for _, _, future in batch:
-        if not future.done():
-            future.set_exception(exc)
+def _fail(
+    batch: list[_Queued], exc: Exception, count: Callable[[], None] | None = None
+) -> None:
+    """Fail every caller of ``batch`` still waiting (counting each with ``count``).
 
+    Each gets its own copy of a :class:`BrokerUnavailable`: one exception
+    raised in many tasks would collect all their tracebacks.
+    """
+    for queued in batch:
+        if queued.future.done():
+            continue
+        if count is not None:
+            count()
+        if isinstance(exc, BrokerUnavailable):
+            own = BrokerUnavailable(exc.message, exc.retry_after)
+            own.__cause__ = exc.__cause__
+            queued.future.set_exception(own)
+        else:
+            queued.future.set_exception(exc)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from wsserver.brokers.base import BrokerUnavailable, NodeInfo, NodeStats, Presence, RoomCount
 from wsserver.brokers.redis_codec import heartbeat_body, ms, node_infos, room_counts
-from wsserver.brokers.redis_commands import UNAVAILABLE_ERRORS, RedisCommands
+from wsserver.brokers.redis_commands import RedisCommands
 from wsserver.brokers.redis_keys import KeySpace
 
 log = logging.getLogger("wsserver.broker")
@@ -89,9 +89,7 @@ class RedisPresence:
     async def presence(self, room: str) -> Presence:
         """Who is in ``room`` on every node."""
         key = self._keys.room_users(room)
-        counts: dict[bytes, bytes] = await self._commands.call(
-            "presence", lambda: self._commands.redis.hgetall(key)  # type: ignore[arg-type,return-value]
-        )
+        counts: dict[bytes, bytes] = await self._commands.command("HGETALL", key)
         users = sorted(user.decode() for user in counts)
         return Presence(users, sum(int(n) for n in counts.values()))
 
@@ -131,9 +129,7 @@ class RedisPresence:
             return {}
         key = self._keys.user_totals
         names = list(users)
-        counts: list[bytes | None] = await self._commands.call(
-            "user_connections", lambda: self._commands.redis.hmget(key, names)  # type: ignore[arg-type,return-value]
-        )
+        counts: list[bytes | None] = await self._commands.command("HMGET", key, *names)
         return {user: int(n or 0) for user, n in zip(names, counts, strict=True)}
 
     # --- nodes ------------------------------------------------------------------
@@ -190,8 +186,10 @@ class RedisPresence:
         go; nothing if Redis cannot be reached (it is shutting down)."""
         if not self.registered:
             return
-        with contextlib.suppress(*UNAVAILABLE_ERRORS):
-            await self._commands.script_unchecked("LEAVE", [], [self._keys.prefix, self._node])
+        with contextlib.suppress(BrokerUnavailable):
+            await self._commands.script(
+                "LEAVE", [], [self._keys.prefix, self._node], gated=False
+            )
 
     # --- this node's entries --------------------------------------------------
 
