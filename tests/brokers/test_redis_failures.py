@@ -217,3 +217,27 @@ def test_a_burst_of_commands_shares_one_connection_and_leaves_none_behind(
             assert (await broker.presence("room")).connections == 0  # and it still works
 
     run(scenario())
+
+
+def test_a_master_short_of_replicas_answers_writes_unavailable(
+    harness: Harness, own_redis: RedisServer
+) -> None:
+    """With ``min-replicas-to-write`` and too few replicas, Redis refuses every write
+    (NOREPLICAS, an error redis-py has no class for): callers get BrokerUnavailable
+    (clients: ``unavailable``), as docs/deploy.md promises, and reads still work."""
+    async def scenario() -> None:
+        async with harness.started(probe_interval=60, heartbeat_interval=30,
+                                   node_ttl=90) as (broker, _sink):
+            await broker.presence_add("r", "u")
+            own_redis.command("CONFIG", "SET", "min-replicas-to-write", 1)
+            try:
+                with pytest.raises(BrokerUnavailable):
+                    await broker.publish("r", b"{}", history=KEEP)
+                with pytest.raises(BrokerUnavailable):
+                    await broker.user_connect("u", 5)
+                assert await broker.presence("r") == Presence(["u"], 1)
+            finally:
+                own_redis.command("CONFIG", "SET", "min-replicas-to-write", 0)
+            assert (await broker.publish("r", b"{}", history=KEEP)).offset == 1
+
+    run(scenario())

@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError
+from redis.exceptions import MasterDownError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wsserver.brokers import redis_scripts as lua
@@ -36,9 +36,13 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError,  # includes BusyLoadingError (Redis loading its dataset)
     RedisTimeoutError,
     ReadOnlyError,  # a replica after a failover, before it is promoted
+    MasterDownError,  # a replica cut off from its master (replica-serve-stale-data no)
     OSError,
     asyncio.TimeoutError,
 )
+#: Error replies redis-py has no class for that mean the same: a master with
+#: min-replicas-to-write refusing writes while too few replicas are connected.
+UNAVAILABLE_REPLIES = ("NOREPLICAS",)
 
 #: Command connections per node at most: a burst (a thousand members leaving at
 #: once) waits its turn for one (bounded by command_timeout), never piles up more.
@@ -205,8 +209,8 @@ class RedisCommands:
         for queued, result in zip(batch, results, strict=True):
             if queued.future.done():
                 continue  # its caller was cancelled
-            if isinstance(result, UNAVAILABLE_ERRORS):
-                # In place, for this command only: READONLY (a replica).
+            if _unavailable_reply(result):
+                # In place, for this command only: READONLY (a replica), NOREPLICAS.
                 self._count_error()
                 queued.future.set_exception(_unavailable(result, self._retry_after))
             elif isinstance(result, Exception):
@@ -279,6 +283,13 @@ class RedisCommands:
             return
         await self._pool.disconnect(inuse_connections=False)
         log.debug("broker: closed idle Redis connections after %d commands at once", peak)
+
+
+def _unavailable_reply(result: Any) -> bool:
+    """Whether a command's answer is an error that means Redis cannot take it now."""
+    return isinstance(result, UNAVAILABLE_ERRORS) or (
+        isinstance(result, ResponseError) and str(result).startswith(UNAVAILABLE_REPLIES)
+    )
 
 
 def _unavailable(exc: BaseException, retry_after: float) -> BrokerUnavailable:
