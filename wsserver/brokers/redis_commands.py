@@ -44,11 +44,12 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 #: min-replicas-to-write refusing writes while too few replicas are connected.
 UNAVAILABLE_REPLIES = ("NOREPLICAS",)
 
-#: Command connections per node at most: a burst (a thousand members leaving at
-#: once) waits its turn for one (bounded by command_timeout), never piles up more.
+#: Command connections per node at most. Batches take one at a time and the
+#: probe another, so this is a guard: whatever else would take one waits its
+#: turn (bounded by command_timeout) rather than pile up more.
 MAX_CONNECTIONS = 16
-#: Concurrent commands a node needs in steady state; past that, the burst's
-#: idle connections are closed at the next heartbeat.
+#: Connections a node uses at once in steady state (the batch in flight and the
+#: probe); past that, idle connections are closed at the next heartbeat.
 STEADY_CONNECTIONS = 2
 
 #: The scripts a node runs, by their name in :mod:`wsserver.brokers.redis_scripts`.
@@ -242,7 +243,7 @@ class RedisCommands:
         again. All the scripts are loaded at once, in MULTI/EXEC, so no client
         ever finds some of them loaded and others not: the commands that fail
         are then every script call of the batch, or those after a flush that
-        came in its middle, and sent again in order they still run in the
+        came in its middle, and, sent again in order, they still run in the
         order made. Only a plain command of such a batch (a presence read, a
         disconnect notice) runs before the script calls made before it.
         """
@@ -273,10 +274,11 @@ class RedisCommands:
     async def shed_idle(self) -> None:
         """After a burst of concurrent commands, close the pool's idle connections.
 
-        redis-py's pool keeps every connection it ever opened. Batches take
-        one connection at a time, and the probe another, so this is a guard:
-        should anything hold more than STEADY_CONNECTIONS at once, what it
-        opened is closed at the next heartbeat; the next command reconnects.
+        redis-py's pool keeps every connection it ever opened. Only batches
+        are counted, one at a time (the probe takes one more, uncounted), so
+        since every command is batched nothing reaches STEADY_CONNECTIONS: a
+        guard, should a command outside the batches come back. Called by the
+        heartbeat loop; the next command reconnects.
         """
         peak, self._peak = self._peak, self._active
         if peak <= STEADY_CONNECTIONS or self._active:

@@ -144,7 +144,7 @@ class RedisPresence:
         return [found[name] for name in sorted(found)]
 
     async def heartbeats(self) -> None:
-        """Every ``heartbeat_interval``: a heartbeat, then let a burst's connections go."""
+        """Every ``heartbeat_interval``: a heartbeat, then close idle extra connections."""
         while not self.closing:
             await asyncio.sleep(self.heartbeat_interval)
             try:
