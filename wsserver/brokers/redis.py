@@ -51,7 +51,6 @@ from wsserver.brokers.redis_codec import (
 )
 from wsserver.brokers.redis_commands import (
     MAX_CONNECTIONS,
-    STEADY_CONNECTIONS,
     UNAVAILABLE_ERRORS,
     RedisCommands,
 )
@@ -62,7 +61,7 @@ from wsserver.brokers.redis_urls import redact_url
 from wsserver.metrics import Metrics
 
 __all__ = [
-    "BACKOFF_FIRST", "BACKOFF_MAX", "MAX_CONNECTIONS", "STEADY_CONNECTIONS",
+    "BACKOFF_FIRST", "BACKOFF_MAX", "MAX_CONNECTIONS",
     "UNAVAILABLE_ERRORS", "RedisBroker", "decode_envelope", "encode_origin", "redact_url",
 ]
 
@@ -375,6 +374,3 @@ class RedisBroker(Broker):
         """Replace this node's presence and user entries in Redis with its own account."""
         await self._presence.resync(fresh=fresh)
 
-    async def shed_idle(self) -> None:
-        """After a burst of concurrent commands, close the pool's idle connections."""
-        await self._commands.shed_idle()

@@ -45,12 +45,11 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 UNAVAILABLE_REPLIES = ("NOREPLICAS",)
 
 #: Command connections per node at most. Batches take one at a time and the
-#: probe another, so this is a guard: whatever else would take one waits its
-#: turn (bounded by command_timeout) rather than pile up more.
+#: probe another, so a node uses two (a thousand members leaving at once are
+#: one batch, not a thousand connections); this is a guard: whatever else
+#: would take one waits its turn (bounded by command_timeout) rather than pile
+#: up more.
 MAX_CONNECTIONS = 16
-#: Connections a node uses at once in steady state (the batch in flight and the
-#: probe); past that, idle connections are closed at the next heartbeat.
-STEADY_CONNECTIONS = 2
 
 #: The scripts a node runs, by their name in :mod:`wsserver.brokers.redis_scripts`.
 SCRIPTS = (
@@ -112,9 +111,6 @@ class RedisCommands:
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(getattr(lua, name)) for name in SCRIPTS
         }
-        # Commands in flight now, and the most at once since the last shed_idle().
-        self._active = 0
-        self._peak = 0
         # Commands waiting for the batch in flight, and that batch (see submit).
         self._queue: list[_Queued] = []
         self._sending: list[_Queued] = []
@@ -222,16 +218,12 @@ class RedisCommands:
     async def _round_trip(self, batch: list[_Queued]) -> list[Any]:
         """The answers of ``batch``, in order: per-command errors in place,
         :class:`BrokerUnavailable` for all when Redis cannot be reached."""
-        self._active += 1
-        self._peak = max(self._peak, self._active)
         try:
             return await self._pipelined(batch)
         except UNAVAILABLE_ERRORS as exc:
             log.debug("broker: a batch of %d commands failed on %s: %s",
                       len(batch), self.safe_url, exc)
             raise _unavailable(exc, self._retry_after) from exc
-        finally:
-            self._active -= 1
 
     async def _pipelined(self, batch: list[_Queued]) -> list[Any]:
         """Every command of ``batch`` in one pipeline; after a NOSCRIPT, every script
@@ -270,21 +262,6 @@ class RedisCommands:
             # Per-command errors come back in place; a lost connection raises.
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
-
-    async def shed_idle(self) -> None:
-        """After a burst of concurrent commands, close the pool's idle connections.
-
-        redis-py's pool keeps every connection it ever opened. Only batches
-        are counted, one at a time (the probe takes one more, uncounted), so
-        since every command is batched nothing reaches STEADY_CONNECTIONS: a
-        guard, should a command outside the batches come back. Called by the
-        heartbeat loop; the next command reconnects.
-        """
-        peak, self._peak = self._peak, self._active
-        if peak <= STEADY_CONNECTIONS or self._active:
-            return
-        await self._pool.disconnect(inuse_connections=False)
-        log.debug("broker: closed idle Redis connections after %d commands at once", peak)
 
 
 def _unavailable_reply(result: Any) -> bool:

@@ -144,12 +144,11 @@ class RedisPresence:
         return [found[name] for name in sorted(found)]
 
     async def heartbeats(self) -> None:
-        """Every ``heartbeat_interval``: a heartbeat, then close idle extra connections."""
+        """A heartbeat every ``heartbeat_interval``."""
         while not self.closing:
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self.heartbeat()
-                await self._commands.shed_idle()
             except BrokerUnavailable:
                 pass  # the probe reports Redis down; heartbeats resume with it
             except Exception:
