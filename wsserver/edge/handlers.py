@@ -307,7 +307,7 @@ NO_TOKEN = ("no token: send 'Authorization: Bearer <jwt>', the subprotocols 'bea
 class WebSocketHandler(RedactedLogging, UpgradeHandler):
     """``GET /ws``: the handshake, then a :class:`~wsserver.session.Session`.
 
-    :meth:`get` runs the pre-upgrade checks in CONTRACT.md's order; after the
+    :meth:`get` runs the pre-upgrade checks in docs/protocol.md's order; after the
     101, :meth:`open` hands the connection to a Session, which verifies the
     token (close 4001) and the per-user cap (close 4008) before anything the
     client sent is read.
@@ -329,7 +329,7 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
         #: Set for a refused handshake, whose own log line replaces the access line.
         self.quiet_access_log = False
 
-    # --- the handshake, in CONTRACT.md's order ---------------------------
+    # --- the handshake, in docs/protocol.md's order ----------------------
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":

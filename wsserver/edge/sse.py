@@ -1,6 +1,6 @@
 """HTTP streaming (Server-Sent Events) for clients that cannot open a WebSocket.
 
-Three routes (CONTRACT.md, "HTTP streaming"):
+Three routes (docs/protocol.md, "HTTP streaming"):
 
 * ``POST /auth/ticket`` (:class:`TicketHandler`) trades the JWT of an
   ``Authorization: Bearer`` header for a single-use ticket that lives
