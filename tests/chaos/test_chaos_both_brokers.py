@@ -16,12 +16,14 @@ from collections.abc import Callable
 import pytest
 
 from tests.support.aio import run
-from tests.support.chaos import Chaos, Nodes
+from tests.support.chaos import PATIENCE, Chaos, Nodes
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
-SCENARIO_TIMEOUT = 120.0
+#: A scenario takes 10-20 s; a loaded machine can make each of its steps take
+#: seconds (every wait in it is bounded by tests.support.chaos.PATIENCE).
+SCENARIO_TIMEOUT = 240.0
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -132,7 +134,8 @@ def test_a_pipelining_publisher_is_not_cut_off(
             chaos.churn(hoppers=2, passers=1)
             relays = chaos.clients[:3]
             for burst in range(3):
-                await chaos.progress.until(lambda: all(r.joined() for r in relays), 10)
+                assert await chaos.progress.until(lambda: all(r.joined() for r in relays),
+                                                  PATIENCE), [r.where() for r in relays]
                 chaos.mark(f"burst {burst}: 3 clients x 200 publishes")
                 await asyncio.gather(*(
                     relay.publish(sorted(relay.wanted)[0], 200) for relay in relays

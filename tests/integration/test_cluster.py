@@ -10,9 +10,12 @@ whole server.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,14 +23,17 @@ from typing import Any
 
 import pytest
 
+from tests.support.aio import run
 from tests.support.clients import (
     ROOM_TRAFFIC,
+    AsyncClient,
     ClosedBeforeWelcome,
     SyncClient,
     connect_sync,
+    welcomed,
     welcomed_sync,
 )
-from tests.support.cluster import api, http, node_args, write_files
+from tests.support.cluster import ROOMS, api, http, node_args, write_files
 from tests.support.metrics import value as metric
 from tests.support.redis_server import RedisServer
 from tests.support.servers import RunningServer, run_cli
@@ -652,54 +658,147 @@ def test_a_freeze_longer_than_the_node_ttl_reaps_no_live_node(
 # --- round 3: nothing lost silently ---------------------------------------------------
 
 
-def test_members_miss_nothing_while_others_join_and_leave(start_node: StartNode) -> None:
+#: The join race's rooms keep more history than the test publishes. A node whose
+#: readiness probe misses its deadline on a loaded machine counts Redis as down
+#: for a moment: it answers joins and publishes ``unavailable`` (retried below,
+#: as a careful client and backend do) and drops its subscription, then repairs
+#: what its members missed from the history. With all of it kept, a flap costs
+#: a member nothing (see :func:`silent_hole` for the one exception).
+RACE_ROOMS = ROOMS + """
+[rooms.namespaces.race]
+join = "anyone"
+publish = "members"
+history_size = 1000
+presence = true
+join_leave = true
+"""
+
+
+async def join_when_available(client: AsyncClient, room: str, within: float = 30) -> None:
+    """Join ``room``; a join answered ``unavailable`` is retried after its
+    ``retry_after`` (docs/protocol.md: the broker cannot be reached right now)."""
+    deadline = time.monotonic() + within
+    while True:
+        reply = await client.ask({"type": "join", "room": room}, skip=ROOM_TRAFFIC)
+        if reply["type"] == "joined":
+            return
+        assert reply.get("code") == "unavailable", reply
+        assert time.monotonic() < deadline, f"still {reply} after {within} s"
+        await asyncio.sleep(float(reply.get("retry_after", 0.5)))
+
+
+def publish_when_available(nodes: list[RunningServer], body: dict[str, Any],
+                           within: float = 30) -> Any:
+    """``POST /api/publish`` as a careful backend does: with an idempotency key
+    (``body`` has one), retried on the next node after a 503 or no answer; the
+    first 200's answer."""
+    deadline = time.monotonic() + within
+    for turn in itertools.count():
+        try:
+            status, _, answer = http(nodes[turn % len(nodes)].url + "/api/publish", body)
+        except OSError as error:  # a timeout: stored or not, the key makes it once
+            status, answer = 599, repr(error)
+        if status == 200:
+            return answer
+        assert status in (503, 599), (status, answer)
+        assert time.monotonic() < deadline, f"still {status} {answer} after {within} s"
+        time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+async def close_reading(client: AsyncClient) -> None:
+    """Close ``client`` while reading what its rooms still send. Unread, the
+    ``user_left`` of the members closed before it make ``websockets`` stop
+    reading the socket (past its queue's high-water mark), and the server's
+    close frame waits behind them until the close timeout (10 s) ends in 1006."""
+    closing = asyncio.ensure_future(client.close())
+    await client.until_closed()
+    await closing
+
+
+def silent_hole(got: list[dict[str, Any]], total: int, unreadable: bool) -> str | None:
+    """What is wrong with one member's ``message`` s and ``gap`` s, or None: offsets
+    1 to ``total`` each once and in order, except those a ``gap`` said were gone
+    before anything after them arrived. A gap is accepted only when the member's
+    node logged that it could not read the history back (``unreadable``: Redis
+    out of its reach for several seconds, not a join); the join race's holes
+    are silent."""
+    due = 1
+    for message in got:
+        if message["type"] == "gap":
+            if not unreadable or "offset" not in message:
+                return f"{message} from a node that read its history back"
+            due = max(due, message["offset"] + 1)
+        elif message["offset"] != due:
+            return f"offset {message['offset']} where {due} was due"
+        else:
+            due += 1
+    return None if due == total + 1 else f"the last offset is {due - 1} of {total}"
+
+
+def flaps(nodes: dict[str, RunningServer]) -> str:
+    """Each node's broker up/down lines and history warnings (a failure's context:
+    did a node flap?)."""
+    return "\n".join(f"{name}: {line.strip()}" for name, node in nodes.items()
+                     for line in node.logs().splitlines()
+                     if "broker: Redis at" in line or "the history" in line
+                     or "read back" in line)
+
+
+def test_members_miss_nothing_while_others_join_and_leave(
+    run_server: Callable[..., RunningServer], redis: RedisServer, tmp_path: Path
+) -> None:
     """The join race (issue 19): a join's history read sees messages whose pub/sub
     delivery has not reached this node yet. It must not make the node skip them
     for the members already in the room. Two nodes on one Redis; members on
     both; a loop that connects, joins and closes beside a steady API publisher."""
-    import asyncio
-    import threading
-
-    from tests.support.aio import run
-    from tests.support.clients import welcomed
-
+    config, key = write_files(tmp_path / "files", RACE_ROOMS)
     unlimited = ("--handshake-rate", "1000", "--handshake-burst", "1000")
-    a, b = start_node("a", *unlimited), start_node("b", *unlimited)
-    room, total = "chat:race", 300
+    a, b = (run_server(*node_args(redis.url, name, config, key, *unlimited))
+            for name in ("a", "b"))
+    for node in (a, b):
+        node.wait_for_log(r"broker: Redis at \S+ is up")
+    room, total = "race:1", 300
 
     async def scenario() -> None:
         members = [await welcomed(node, mint(f"member-{i}")) for i, node in
                    enumerate([a, b] * 4)]
         for member in members:
-            await member.join(room)
-        stop = threading.Event()
+            await join_when_available(member, room)
+        stop, given_up = threading.Event(), threading.Event()
 
         def publish_steadily() -> None:
-            for n in range(1, total + 1):
-                api(a if n % 2 else b, "/api/publish", {"room": room, "data": n})
-            stop.set()
+            try:
+                for n in range(1, total + 1):
+                    if given_up.is_set():
+                        return
+                    publish_when_available([a, b] if n % 2 else [b, a],
+                                           {"room": room, "data": n, "idempotency_key": f"m{n}"})
+            finally:
+                stop.set()
 
         async def join_loop(node: RunningServer, who: str) -> int:
             loops = 0
             while not stop.is_set():
                 churner = await welcomed(node, mint(f"{who}-{loops}"))
-                await churner.join(room)
+                await join_when_available(churner, room)
                 await churner.close()
                 loops += 1
             return loops
 
         publisher = asyncio.ensure_future(asyncio.to_thread(publish_steadily))
-        loops = await asyncio.gather(join_loop(a, "churn-a"), join_loop(b, "churn-b"))
-        await publisher
+        try:
+            loops = await asyncio.gather(join_loop(a, "churn-a"), join_loop(b, "churn-b"))
+        finally:
+            given_up.set()  # (after a failed join loop, the publisher stops too)
+            await publisher
         assert min(loops) > 5, loops  # the joins really ran beside the publishes
-        api(a, "/api/publish", {"room": room, "data": "end"})
-        for member in members:
-            got = await member.messages_until("end", timeout=20)
-            offsets = [m["offset"] for m in got if m["type"] == "message"]
-            gaps = [m for m in got if m["type"] == "gap"]
-            assert gaps == [], gaps
-            assert offsets == list(range(1, total + 1)), sorted(
-                set(range(1, total + 1)) - set(offsets))
-            await member.close()
+        publish_when_available([a, b], {"room": room, "data": "end", "idempotency_key": "end"})
+        for member, node in zip(members, [a, b] * 4, strict=True):
+            got = await member.messages_until("end", timeout=60)
+            unreadable = "cannot be read back" in node.logs()
+            wrong = silent_hole(got, total, unreadable)
+            assert wrong is None, (member.user, wrong, flaps({"a": a, "b": b}))
+        await asyncio.gather(*(close_reading(member) for member in members))
 
-    run(scenario, timeout=120)
+    run(scenario, timeout=180)

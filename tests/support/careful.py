@@ -38,13 +38,22 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.protocol import State
 
 from tests.support.ledger import Ack, Epochs, Position, RoomLedger, Violation
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 1.0
 #: A handshake (TCP, upgrade, welcome) that takes longer is given up and retried.
-OPEN_TIMEOUT = 5.0
+#: Generous: on a loaded machine a node may take seconds to answer, and giving
+#: up only to try again costs both sides more; :meth:`CarefulClient.stop`
+#: never waits for it.
+OPEN_TIMEOUT = 15.0
+#: How long the closing handshake may take before the connection is cut.
+CLOSE_TIMEOUT = 5.0
+#: How long :meth:`CarefulClient.stop` waits for the connection loop to end once
+#: its connection is closed (it ends at once; this bounds a harness bug).
+STOP_TIMEOUT = 30.0
 #: Close codes after which a careful client reconnects (with backoff), as
 #: docs/protocol.md says; a dropped connection reads as 1006. Anything else
 #: ends it, as a violation.
@@ -186,24 +195,36 @@ class CarefulClient:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        """Close with 1000 and stop reconnecting."""
+        """Close with 1000 and stop reconnecting; returns once the connection loop
+        has ended, and at once when called again.
+
+        The loop ending cancelled is a normal end (a previous :meth:`stop` cut
+        it short, or the test cancelled it); a cancellation of the caller still
+        propagates, and takes the loop with it. An exception the loop ended
+        with (a bug of the harness) is raised here.
+        """
         self._stopping.set()
         self._reading.set()
-        ws = self._ws
-        if ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 3)
+        task = self._task
+        try:
+            ws = self._ws
+            if ws is not None:
+                await _close(ws)
+            if task is not None:
+                await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+        finally:
+            if task is not None and not task.done():
+                task.cancel()  # _serve cuts its connection on the way out
+                await asyncio.wait({task})
+        # After the loop: it can start chores until its connection is gone.
         chores = list(self._chores)
         for chore in chores:
             chore.cancel()
         await asyncio.gather(*chores, return_exceptions=True)
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, 5)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._task
+        if task is not None and not task.cancelled():
+            error = task.exception()
+            if error is not None:
+                raise error
 
     def drop(self, reset: bool = True) -> bool:
         """Cut the TCP connection without a close frame (``reset``: with an RST,
@@ -281,6 +302,10 @@ class CarefulClient:
     def connected(self) -> bool:
         return self._ws is not None
 
+    def running(self) -> bool:
+        """Its connection loop has started and not ended (:meth:`stop` ends it)."""
+        return self._task is not None and not self._task.done()
+
     def joined(self) -> bool:
         """A member of every room it wants, on the current connection."""
         return self._ws is not None and self.wanted <= self._members
@@ -300,12 +325,14 @@ class CarefulClient:
         while not self._stopping.is_set():
             url = self.nodes[(self.home + self.connections + self.refusals) % len(self.nodes)]
             try:
-                ws = await self._open(url)
+                ws = await self._open_unless_stopped(url)
             except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed):
                 self.refusals += 1
                 await self._pause(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
+            if ws is None:
+                return  # stopped while opening
             delay = BACKOFF_FIRST
             self.connections += 1
             code = await self._serve(ws, url, self.connections)
@@ -322,32 +349,61 @@ class CarefulClient:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds * self._rng.uniform(0.5, 1.0))
 
+    async def _open_unless_stopped(self, url: str) -> ClientConnection | None:
+        """:meth:`_open`, given up as soon as :meth:`stop` is called: None then.
+
+        :meth:`stop` closes the connection being served; one still being opened
+        is this method's to close, or a handshake that ends after :meth:`stop`
+        would be served (and read) until the loop is cancelled.
+        """
+        opening = asyncio.ensure_future(self._open(url))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: what it opened goes with it
+            await _abandon(opening)
+            raise
+        finally:
+            stopping.cancel()
+        if self._stopping.is_set():
+            await _abandon(opening)
+            return None
+        return opening.result()
+
     async def _open(self, url: str) -> ClientConnection:
+        """A connection past its welcome; on any failure (a refusal, a timeout, a
+        cancellation, a bad first message) whatever was opened is closed."""
         sock = None
-        if self.rcvbuf is not None:
-            parts = urlsplit(url)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-            sock.setblocking(False)
-            try:
+        try:
+            if self.rcvbuf is not None:
+                parts = urlsplit(url)
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+                sock.setblocking(False)
                 await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
                     sock, (parts.hostname or "127.0.0.1", parts.port or 80)), OPEN_TIMEOUT)
-            except BaseException:
-                sock.close()
-                raise
-        ws = await connect(
-            url, sock=sock, additional_headers={"Authorization": f"Bearer {self.token}"},
-            open_timeout=OPEN_TIMEOUT, close_timeout=2, ping_interval=None, max_size=None,
-            max_queue=self.max_queue,
-        )
-        try:
-            welcome = json.loads(await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT))
+            # websockets cuts the connection itself when its handshake fails, times
+            # out or is cancelled; a socket it never took over is closed below.
+            ws = await connect(
+                url, sock=sock, additional_headers={"Authorization": f"Bearer {self.token}"},
+                open_timeout=OPEN_TIMEOUT, close_timeout=CLOSE_TIMEOUT, ping_interval=None,
+                max_size=None, max_queue=self.max_queue,
+            )
         except BaseException:
-            ws.transport.abort()
+            if sock is not None:
+                sock.close()
             raise
-        if welcome.get("type") != "welcome":
+        text: str | bytes = ""
+        try:
+            text = await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT)
+            welcome = json.loads(text)
+            if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+                raise InvalidHandshake(f"first message {text!r:.200}")
+        except BaseException as error:
             ws.transport.abort()
-            raise InvalidHandshake(f"first message {welcome!r}")
+            if isinstance(error, ValueError):
+                raise InvalidHandshake(f"first message {text!r:.200}") from error
+            raise
         self._pace.configure(welcome.get("limits", {}))
         return ws
 
@@ -370,6 +426,10 @@ class CarefulClient:
         finally:
             self._ws = None
             self._members = set()
+            if ws.state is not State.CLOSED:
+                # Left by a cancellation or an error, not by the connection's end:
+                # cut it, so no socket outlives its client.
+                ws.transport.abort()
         code = ws.close_code if ws.close_code is not None else 1006
         reason = ws.close_reason or ""
         by_us = self._dropped or self._stopping.is_set()
@@ -484,3 +544,21 @@ class CarefulClient:
 
     def _violate(self, kind: str, detail: str) -> None:
         self.violations.append(Violation(kind, self.name, "-", detail))
+
+
+async def _close(ws: ClientConnection) -> None:
+    """The closing handshake (1000), bounded; the connection is cut if it does not end."""
+    try:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), CLOSE_TIMEOUT * 2)
+    finally:
+        if ws.state is not State.CLOSED:
+            ws.transport.abort()
+
+
+async def _abandon(opening: asyncio.Future[ClientConnection]) -> None:
+    """Cancel a connection being opened and cut it if it was opened all the same."""
+    opening.cancel()
+    await asyncio.wait({opening})
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().transport.abort()

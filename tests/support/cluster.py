@@ -33,11 +33,12 @@ join_leave = true
 """
 
 
-def write_files(directory: Path) -> tuple[Path, Path]:
-    """The rooms config file and the API key file every node of a test shares."""
+def write_files(directory: Path, rooms: str = ROOMS) -> tuple[Path, Path]:
+    """The rooms config file (``rooms``, TOML) and the API key file every node of a
+    test shares."""
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "cluster.toml"
-    config.write_text(ROOMS)
+    config.write_text(rooms)
     key = directory / "api-key"
     key.write_text(KEY + "\n")
     return config, key

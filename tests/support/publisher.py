@@ -34,6 +34,9 @@ class Http:
 
     def __init__(self) -> None:
         self.client = AsyncHTTPClient(force_instance=True)
+        #: Requests under way, also those whose caller was cancelled: Tornado
+        #: closes a request's connection only when it ends (answered or timed out).
+        self._requests: set[asyncio.Future[HTTPResponse]] = set()
 
     async def call(self, url: str, body: Any = None, timeout: float = REQUEST_TIMEOUT,
                    ) -> tuple[int, Any]:
@@ -44,8 +47,13 @@ class Http:
             headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
             connect_timeout=timeout, request_timeout=timeout,
         )
+        fetching = self.client.fetch(request, raise_error=False)
+        self._requests.add(fetching)
+        fetching.add_done_callback(self._requests.discard)
         try:
-            response: HTTPResponse = await self.client.fetch(request, raise_error=False)
+            # Shielded: a cancelled caller leaves the request to end (and close
+            # its connection) by itself; aclose() waits for that.
+            response: HTTPResponse = await asyncio.shield(fetching)
         except (OSError, HTTPClientError):
             # raise_error=False keeps only non-2xx answers: a connection refused,
             # reset (a killed node) or timed out still raises.
@@ -55,7 +63,10 @@ class Http:
         except ValueError:
             return response.code, None
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Close the client once every request under way has ended (each is bounded
+        by its timeout), so that none leaves its connection open."""
+        await asyncio.gather(*self._requests, return_exceptions=True)
         self.client.close()
 
 
@@ -165,10 +176,10 @@ class ReadyWatch:
                 await asyncio.wait_for(self._stop.wait(), self.every)
 
     async def state(self, url: str) -> str:
-        status, _ = await self.http.call(url + "/readyz", timeout=1.0)
+        status, _ = await self.http.call(url + "/readyz")
         return "down" if status == 599 else str(status)
 
-    async def until(self, index: int, state: str, timeout: float = 15) -> None:
+    async def until(self, index: int, state: str, timeout: float = 60) -> None:
         """Until node ``index`` answers ``state`` (``200``, ``503``, ``down``)."""
         url = self.urls[index]
         deadline = time.monotonic() + timeout
