@@ -245,15 +245,22 @@ class FrameConnection(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        if self._unsent:
-            transport.write(self._unsent)
-            self._unsent = b""
         if not self._started:
             # Only UpgradeHandler connects, after start(); a connection made
             # any other way has had no open() and cannot be served.
             log.error("connection made before start(); closing with 1011")
             self.start(b"")
-        self._flush_batch()  # what open() sent: the welcome, or a refusal's close
+        # The 101 and what open() sent (the welcome, or a refusal's close) in
+        # one write: one segment, where two sends would make two.
+        unsent, self._unsent = self._unsent, b""
+        batch = self._batch
+        if unsent:
+            if batch is None:
+                transport.write(unsent)
+            else:
+                batch.insert(0, unsent)
+                self._batch_size += len(unsent)
+        self._flush_batch()
         ending = self.protocol.ending
         if ending is Ending.LINGER:
             # Refused: nothing it sent is read, and it is cut as soon as the
