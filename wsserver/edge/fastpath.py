@@ -294,6 +294,23 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._queue_frame(self.protocol.accepted(accepted))
         self._pipelined = pipelined
 
+    def write_before_connected(self, sock: socket.socket) -> None:
+        """Write the 101 and what ``open()`` sent straight to ``sock`` (plain
+        TCP, not yet connected to the loop), in one ``send``: they leave in
+        this step of the loop rather than when the transport is made, a step
+        or two later. What the kernel does not take, ``connection_made`` writes."""
+        batch = self._batch
+        data = self._unsent + b"".join(batch) if batch else self._unsent
+        try:
+            sent = sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            return  # the transport finds the connection gone
+        self._unsent = data[sent:]
+        self._batch = None
+        self._batch_size = 0
+
     def abandon(self) -> None:
         """The socket never got connected: the connection is over (1006)."""
         self._aborted_by_server = self.protocol.close_sent is None
@@ -602,6 +619,7 @@ async def serve(
     if isinstance(sock, ssl.SSLSocket):
         TLSSocketTransport(loop, sock, connection)
         return
+    connection.write_before_connected(sock)
     try:
         await loop.connect_accepted_socket(lambda: connection, sock)
     except OSError:
