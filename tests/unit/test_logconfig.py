@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,10 @@ def test_the_text_line_is_the_standard_formatters_across_seconds() -> None:
         record.created = created
         record.msecs = int((created - int(created)) * 1000) + 0.0
         assert ours.format(record) == standard.format(record)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("wsserver", logging.ERROR, __file__, 1, "failed: %d", (7,),
+                                   sys.exc_info())
+    assert ours.format(failed) == standard.format(failed)
+    assert "ValueError: boom" in ours.format(failed)
