@@ -10,7 +10,7 @@ pytest.importorskip("picows")
 
 from bench import c100k
 from bench.cli import with_overrides
-from bench.loadgen import recovery_problem, split
+from bench.loadgen import Dialer, recovery_problem, split
 from bench.report import checks
 from bench.runner import FULL, SMOKE
 
@@ -35,6 +35,19 @@ def test_a_short_unordered_or_refused_recovery_is_reported() -> None:
     assert recovery_problem(swapped, "r", 0, 3)["at"] == 1
     assert recovery_problem(joined(3, recovered=False, messages=[]), "r", 0, 3) is not None
     assert recovery_problem(joined(3), "other", 0, 3) is not None
+
+
+def test_tokens_signed_ahead_are_used_first_then_signed_as_needed() -> None:
+    import jwt
+
+    dialer = Dialer("ws://127.0.0.1:1/ws", "bench", [], _secret="s" * 40)
+    dialer.mint_ahead(2)
+    users = [jwt.decode(dialer.headers()["Authorization"].removeprefix("Bearer "), "s" * 40,
+                        algorithms=["HS256"])["sub"] for _ in range(3)]
+    assert users == ["bench-0", "bench-1", "bench-2"]
+    anonymous = Dialer("ws://127.0.0.1:1/ws", None, [])
+    anonymous.mint_ahead(5)
+    assert anonymous.headers() == {}
 
 
 def test_split_spreads_members_evenly() -> None:
