@@ -205,8 +205,8 @@ class Listener(HTTPServer):
     def _head_late(self, stream: IOStream) -> None:
         # The head did not arrive in time: closed without an answer, as
         # Tornado closes a connection at its own header timeout.
-        if self._deadlines.pop(stream, None) is not None or not stream.closed():
-            stream.close()
+        self._deadlines.pop(stream, None)
+        stream.close()
 
 
 class _HeadDeadline(HTTPMessageDelegate):

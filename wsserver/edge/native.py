@@ -94,6 +94,7 @@ class NativeUpgrades:
         self.header_timeout = header_timeout
         self.max_header_size = max_header_size
         self._peeked = bytearray(max_header_size)
+        self._peeked_view = memoryview(self._peeked)
         #: Sockets waiting for their first bytes, by descriptor, in the order
         #: they came (which is their deadlines' order).
         self._waiting: dict[int, _Waiting] = {}
@@ -134,7 +135,8 @@ class NativeUpgrades:
         fd = waiting.sock.fileno()
         del self._waiting[fd]
         self._remove_reader(fd)
-        spent = self._loop.time() - waiting.since  # type: ignore[union-attr]
+        assert self._loop is not None
+        spent = self._loop.time() - waiting.since
         if not self._settle(waiting.sock, waiting.address, waiting.to_tornado, spent):
             # Readable, yet nothing to peek (a spurious wake-up): Tornado waits
             # the rest of the header timeout.
@@ -178,7 +180,7 @@ class NativeUpgrades:
             sock.close()  # closed before it sent anything
             return True
         end = peeked.find(END, 0, size)
-        head = parse_head(bytes(peeked[: end + 4])) if end >= 0 else None
+        head = parse_head(bytes(self._peeked_view[: end + 4])) if end >= 0 else None
         try:
             if head is None:
                 raise NotNative("no complete head in the first read, or not a plain one")
