@@ -186,6 +186,8 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     ``receiver`` gets the messages; ``on_gone`` (optional) is called once after
     ``receiver.on_closed``, for whoever must forget the connection too.
+    ``loop``: the running loop, when the caller has it (asking asyncio for it
+    costs a ``getpid`` system call).
     """
 
     kind = "websocket"
@@ -201,6 +203,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         unsent: bytes = b"",
         on_gone: Callable[[int, str], None] | None = None,
         deflate: Deflate | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.receiver: Receiver | None = None
         self.limits = limits
@@ -212,7 +215,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         #: receiver: a refused connection), for whoever must forget it too.
         self.on_gone = on_gone
         self._transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()
         #: True once open() returned (see start()).
         self._started = False
         self._pipelined = b""
@@ -601,7 +604,8 @@ async def serve(
     client sent behind its handshake that were read already. ``on_error``
     logs an exception of ``open_connection`` (called while it is handled).
     """
-    connection = FrameConnection(limits, response, deflate=negotiated)
+    loop = asyncio.get_running_loop()
+    connection = FrameConnection(limits, response, deflate=negotiated, loop=loop)
     try:
         result = open_connection(connection)
         if result is not None:
@@ -615,7 +619,6 @@ async def serve(
         # client learns the server failed rather than seeing a cut.
         connection.close(CloseCode.INTERNAL, "")
     connection.start(pipelined)
-    loop = asyncio.get_running_loop()
     if isinstance(sock, ssl.SSLSocket):
         TLSSocketTransport(loop, sock, connection)
         return

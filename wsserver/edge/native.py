@@ -106,12 +106,13 @@ class NativeUpgrades:
 
     def accepted(self, sock: socket.socket, address: Any, to_tornado: ToTornado) -> None:
         """Take a connection just accepted: answer it here, or give it to Tornado."""
+        loop = self._loop
+        if loop is None:
+            # Kept: each get_running_loop() asks the kernel for the pid.
+            loop = self._loop = asyncio.get_running_loop()
         if self._settle(sock, address, to_tornado, 0.0):
             return
         # Nothing to read yet: wait for it, at most --header-timeout.
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
         waiting = _Waiting(sock, address, to_tornado, loop.time())
         fd = sock.fileno()
         self._waiting[fd] = waiting
@@ -195,7 +196,8 @@ class NativeUpgrades:
         except OSError:
             sock.close()
             return True
-        task = asyncio.get_running_loop().create_task(
+        assert self._loop is not None
+        task = self._loop.create_task(
             self._handshake(sock, address, head, token)
         )
         self._running.add(task)
