@@ -24,6 +24,7 @@ import pytest
 from tests.support.clients import ORIGIN, welcomed
 from tests.support.raw import RawConnection, raw_connect, text_frame, upgrade_request
 from tests.support.tokens import bearer, mint
+from tests.support.waiting import until
 from wsserver.edge.listener import Listener
 from wsserver.handshake import NO_TOKEN
 from wsserver.services import Services
@@ -205,8 +206,7 @@ async def test_a_head_in_two_parts_goes_to_tornado_and_is_upgraded(
 ) -> None:
     request = upgrade_request(bearer(mint("slow")))
     conn = await RawConnection.open(port, request[:40])
-    while not handed_to_tornado:  # the server peeked the first part
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(handed_to_tornado))  # the server peeked the first part
     await conn.send(request[40:])
     assert (await conn.read_head())[0] == 101
     assert (await conn.read_json())["user"] == "slow"
