@@ -214,6 +214,19 @@ async def test_a_head_in_two_parts_goes_to_tornado_and_is_upgraded(
 
 
 @pytest.mark.gen_test
+async def test_a_head_that_comes_after_a_while_whole_is_answered_natively(
+    port: int, http_server: Listener, handed_to_tornado: list[Any]
+) -> None:
+    conn = await RawConnection.open(port)
+    await until(lambda: http_server.native is not None and http_server.native.waiting == 1)  # accepted, nothing read yet
+    await conn.send(upgrade_request(bearer(mint("late"))))
+    assert (await conn.read_head())[0] == 101
+    assert (await conn.read_json())["user"] == "late"
+    assert not handed_to_tornado
+    await conn.close_cleanly()
+
+
+@pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"max_header_size": "2048"}])
 async def test_a_head_past_max_header_size_is_refused_by_tornado(
     port: int, handed_to_tornado: list[Any]

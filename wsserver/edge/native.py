@@ -104,6 +104,11 @@ class NativeUpgrades:
         #: Handshakes running (awaiting their checks or the session's open).
         self._running: set[asyncio.Task[None]] = set()
 
+    @property
+    def waiting(self) -> int:
+        """Connections accepted that have sent nothing yet."""
+        return len(self._waiting)
+
     def accepted(self, sock: socket.socket, address: Any, to_tornado: ToTornado) -> None:
         """Take a connection just accepted: answer it here, or give it to Tornado."""
         loop = self._loop
