@@ -51,7 +51,6 @@ from wsserver.httphead import END, RequestHead, parse_head
 from wsserver.netaddr import limit_key
 from wsserver.services import Services
 
-log = logging.getLogger("wsserver.native")
 access_log = logging.getLogger("wsserver.access")
 
 #: ``(socket, address, seconds already spent waiting for the head)``: give a
