@@ -1,4 +1,4 @@
-"""The handshake's checks, in CONTRACT.md's order, for every way in.
+"""The handshake's checks, in docs/protocol.md's order ("Connecting"), for every way in.
 
 A WebSocket (``GET /ws``) and an HTTP stream (``GET /sse``) are admitted by
 the same checks in the same order; only where the token comes from differs.

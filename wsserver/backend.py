@@ -1,7 +1,7 @@
 """The application's backend decides: the connect, subscribe, publish and rpc proxies.
 
 The server POSTs JSON to the URLs the operator configured and reads the
-answers (CONTRACT.md, "Your backend decides"); the request and answer shapes
+answers (docs/backend.md); the request and answer shapes
 are in docs/backend.md. What this module guarantees, whatever the backend
 does:
 

@@ -754,6 +754,7 @@ def _read_config_file(
 def _build(
     values: dict[str, Any], problems: list[str], sources: dict[str, str], *, check_files: bool
 ) -> Settings:
+    """The Settings from the merged values, each step appending what it finds wrong."""
     defaults = {option.name: option.default for option in OPTIONS}
     rooms: RoomPolicy | None = values.pop("rooms", None)
     merged = {**defaults, **values}
@@ -762,12 +763,45 @@ def _build(
         """The flag, variable or file key that set ``name`` (its flag when defaulted)."""
         return sources.get(name) or OPTIONS_BY_NAME[name].flag
 
-    # With --workers N, each server process gets its share of the CPUs for
-    # tasks, so N processes do not start N x CPUs task workers by default.
+    _size_task_pool(merged)
+    verify_key, demo_mode, known = _keys_and_demo_mode(merged, problems, where, sources,
+                                                       check_files=check_files)
+    _check_demo_endpoint(merged, problems, where, demo_mode, known)
+    _check_origins_and_proxies(merged, problems, where, demo_mode)
+    _check_files_and_logging(merged, problems, where, check_files=check_files)
+    merged["api_key"] = _load_api_key(merged, problems, check_files=check_files)
+    proxy_key = _load_proxy_key(merged, problems, check_files=check_files)
+    _check_cluster(merged, problems, where)
+    # A [rooms] table wins even in demo mode: trying a real policy locally,
+    # without a key, must show that policy, not the demo's open rooms.
+    merged["rooms_from_file"] = rooms is not None
+    if rooms is None:
+        rooms = RoomPolicy.demo() if demo_mode else RoomPolicy()
+    merged["rooms"] = rooms
+    problems.extend(_proxy_policy_problems(rooms, merged))
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**merged, demo_mode=demo_mode, verify_key=verify_key, proxy_key=proxy_key)
+
+
+Where = Callable[[str], str]
+
+
+def _size_task_pool(merged: dict[str, Any]) -> None:
+    """Task workers and queue: with --workers N, each server process gets its share
+    of the CPUs, so N processes do not start N x CPUs task workers by default."""
     workers = merged["task_workers"] or max(1, (os.cpu_count() or 1) // merged["workers"])
     merged["task_workers"] = workers
     merged["task_queue"] = merged["task_queue"] or 4 * workers
 
+
+def _keys_and_demo_mode(
+    merged: dict[str, Any], problems: list[str], where: Where, sources: Mapping[str, str],
+    *, check_files: bool,
+) -> tuple[Secret | None, bool, tuple[str, ...]]:
+    """The key that verifies tokens, whether the server runs in demo mode, and the
+    configured algorithms that exist (a typo is reported here, once)."""
     algorithms = tuple(merged["jwt_algorithms"])
     merged["jwt_algorithms"] = algorithms
     _check_algorithms(algorithms, where("jwt_algorithms"), problems)
@@ -799,6 +833,14 @@ def _build(
         merged["jwt_algorithms"] = ("HS256",)
         if merged["demo"] is None:
             merged["demo"] = True
+    return verify_key, demo_mode, known
+
+
+def _check_demo_endpoint(
+    merged: dict[str, Any], problems: list[str], where: Where, demo_mode: bool,
+    known: tuple[str, ...],
+) -> None:
+    """``--demo`` beside a real key, the demo token TTL, ``--jwt-typ``."""
     merged["demo"] = bool(merged["demo"])
     if merged["demo"] and not demo_mode and not all(a in HMAC_ALGORITHMS for a in known):
         problems.append(f"{where('demo')}: demo tokens need an HMAC secret (--jwt-secret-file)")
@@ -814,6 +856,11 @@ def _build(
     if merged["jwt_typ"] is not None and not merged["jwt_typ"].strip():
         problems.append("--jwt-typ: give a media type such as 'at+jwt', or leave it unset")
 
+
+def _check_origins_and_proxies(
+    merged: dict[str, Any], problems: list[str], where: Where, demo_mode: bool
+) -> None:
+    """Every allowed origin and trusted proxy, parsed once here (a typo fails at start)."""
     origins = merged["allowed_origins"]
     # Demo mode allows the server's own loopback origins; the server fills
     # them in once it knows its port (which --port 0 only tells after binding).
@@ -824,13 +871,17 @@ def _build(
         problem = origin_problem(origin)
         if problem:
             problems.append(f"{where('allowed_origins')} {origin!r}: {problem}")
-
     for proxy in merged["trusted_proxies"]:
         try:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             problems.append(f"{where('trusted_proxies')} {proxy!r}: not an address or CIDR")
 
+
+def _check_files_and_logging(
+    merged: dict[str, Any], problems: list[str], where: Where, *, check_files: bool
+) -> None:
+    """TLS files, the log config file, the task queue, the log level and the loop."""
     if bool(merged["certfile"]) != bool(merged["keyfile"]):
         problems.append("--certfile and --keyfile go together: give both or neither")
     if check_files:
@@ -849,8 +900,10 @@ def _build(
         problems.append(f"{where('loop')} {merged['loop']!r}: use auto, asyncio or uvloop")
     elif merged["loop"] == "uvloop" and importlib.util.find_spec("uvloop") is None:
         problems.append(f"{where('loop')} uvloop: uvloop is not installed (pip install uvloop)")
-    merged["api_key"] = _load_api_key(merged, problems, check_files=check_files)
-    proxy_key = _load_proxy_key(merged, problems, check_files=check_files)
+
+
+def _check_cluster(merged: dict[str, Any], problems: list[str], where: Where) -> None:
+    """--workers, the broker's heartbeat and node TTL, the node name, the ports."""
     if merged["workers"] > 1 and merged["broker"] == "memory":
         problems.append(
             f"--workers {merged['workers']}: more than one worker needs a Redis broker "
@@ -870,18 +923,6 @@ def _build(
     merged["node_name"] = merged["node_name"] or f"{socket.gethostname()}-{os.getpid()}"
     if merged["internal_port"] is not None and merged["internal_port"] == merged["port"] != 0:
         problems.append("--internal-port: must differ from --port")
-
-    # A [rooms] table wins even in demo mode: trying a real policy locally,
-    # without a key, must show that policy, not the demo's open rooms.
-    merged["rooms_from_file"] = rooms is not None
-    if rooms is None:
-        rooms = RoomPolicy.demo() if demo_mode else RoomPolicy()
-    merged["rooms"] = rooms
-    problems.extend(_proxy_policy_problems(rooms, merged))
-
-    if problems:
-        raise ConfigError(problems)
-    return Settings(**merged, demo_mode=demo_mode, verify_key=verify_key, proxy_key=proxy_key)
 
 
 def _proxy_policy_problems(rooms: RoomPolicy, merged: Mapping[str, Any]) -> list[str]:

@@ -165,11 +165,6 @@ class KeepaliveTimeout(CloseError):
     default_reason = "keepalive ping timeout"
 
 
-class TokenForbidden(CloseError):
-    code = 4003
-    default_reason = "token not permitted"
-
-
 class DisconnectedByServer(CloseError):
     """``/api/disconnect``: the application asked for this user to go (4003 by default)."""
 

@@ -1,6 +1,6 @@
 """Room names and who may join or publish: deny by default.
 
-Pure policy, no I/O. Two sources decide (CONTRACT.md, "Room names and
+Pure policy, no I/O. Two sources decide (docs/protocol.md, "Rooms and
 permissions"):
 
 * :class:`Grants`, compiled once per token from its ``rooms`` (join, and read

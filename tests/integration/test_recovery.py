@@ -1,5 +1,5 @@
 """History and recovery over real sockets: reconnect, ``join`` with ``since``, no loss,
-no duplicate (CONTRACT.md, "History and recovery")."""
+no duplicate (docs/protocol.md, "History and recovery")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Slow readers lag, they are not thrown out; fast publishers are slowed, not cut off
-(CONTRACT.md, round 3, "What nothing lost silently means", points 3 and 4).
+(docs/protocol.md, "What a client can count on: nothing lost silently").
 
 A reader that stops reading keeps its connection: the room's broadcast goes on
 for everyone else without waiting for it, the server's memory stays bounded,

@@ -1,6 +1,6 @@
 """The ``task`` message through real sockets against a real ``python -m wsserver``.
 
-Every answer CONTRACT.md gives to ``task`` is produced here: ``result`` (checked
+Every answer docs/protocol.md gives to ``task`` is produced here: ``result`` (checked
 against an independent computation), ``bad_request``, ``unknown_task``,
 ``busy``, ``timeout`` and ``task_failed``; plus the loop staying responsive
 while the pool is saturated, and no worker process outliving the server.

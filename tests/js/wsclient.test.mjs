@@ -49,7 +49,7 @@ test('"soon" reconnects (after 1001) wait under a second, whatever the attempt',
   assert.equal(reconnectDelay('backoff', 2, () => 0.5), 1000);
 });
 
-// CONTRACT.md, "Close codes".
+// docs/protocol.md, "Close codes".
 const closeTable = [
   [1000, { action: 'stop' }],
   [1001, { action: 'reconnect', delay: 'soon', newToken: false }],
@@ -137,7 +137,7 @@ test('the client refuses to send before connect() and needs url and getToken', (
   assert.throws(() => client.send({ type: 'ping' }), (err) => err.code === 'stopped');
 });
 
-// --- resuming rooms with history (CONTRACT.md "History and recovery") ------------------
+// --- resuming rooms with history (docs/protocol.md "History and recovery") ------------------
 
 import {
   joinMessage, acceptMessage, joinedOutcome, gapOutcome, CLOSE_CODES,

@@ -204,6 +204,7 @@ def make_services(
 
     services.spawn = recording_spawn  # type: ignore[method-assign]
     services.hub._spawn = recording_spawn
+    services.hub.delivery._spawn = recording_spawn
     SPAWNED[id(services)] = spawned
     return services, scheduler
 

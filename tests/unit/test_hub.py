@@ -134,7 +134,7 @@ def make(
     services, scheduler = make_services(
         rooms_table or rooms(), lambda s: ControlledBroker(s.monotonic), **flags)
     assert isinstance(services.broker, ControlledBroker)
-    services.hub.repair_retry = services.hub.catch_up_retry = 0
+    services.hub.delivery.repair_retry = services.hub.delivery.catch_up_retry = 0
     return services, scheduler, services.broker
 
 
@@ -191,7 +191,7 @@ def test_only_the_publisher_gets_the_copy_with_its_id() -> None:
         replies = await alice.send({"type": "publish", "room": "lobby", "data": 3,
                                     "id": 'q"\\é'})
         assert replies == [{**base, "data": 3, "id": 'q"\\é'}]
-        assert services.hub._origins == {}
+        assert services.hub.delivery._origins == {}
 
     run(scenario)
 

@@ -1,9 +1,9 @@
-"""ConnectionRegistry caps and RoomTable membership."""
+"""ConnectionRegistry caps."""
 
 import pytest
 
 from wsserver.errors import ServerFull, TooManyForUser, TooManyFromAddress, TooManyUnverified
-from wsserver.registry import ConnectionRegistry, RoomTable
+from wsserver.registry import ConnectionRegistry
 
 
 def test_server_cap_then_address_cap() -> None:
@@ -54,25 +54,6 @@ def test_unauthenticated_connection_counts_for_server_and_address() -> None:
         registry.check_admission("2.2.2.2")
     registry.remove("a")
     registry.check_admission("2.2.2.2")
-
-
-def test_rooms_both_ways() -> None:
-    rooms: RoomTable[str] = RoomTable(max_rooms_per_member=2)
-    assert rooms.join("a", "r1")
-    assert not rooms.join("a", "r1")
-    rooms.join("b", "r1")
-    rooms.join("a", "r2")
-    assert rooms.members("r1") == ["a", "b"]
-    with pytest.raises(ValueError):
-        rooms.join("a", "r3")
-    rooms.leave_all("a")
-    assert rooms.members("r1") == ["b"]
-    assert rooms.members("r2") == []
-    assert len(rooms) == 1
-    assert not rooms.leave("a", "r1")
-
-
-# --- unverified connections in a pool of their own (issue 13, item 1) ---------
 
 
 def test_unverified_connections_do_not_crowd_out_verified_ones() -> None:

@@ -306,7 +306,7 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
 
     TLS connections and any head the native path (:mod:`wsserver.edge.native`)
     leaves to Tornado come here. :func:`wsserver.handshake.decide` runs the
-    checks in CONTRACT.md's order, as it does for the native path; after the
+    checks in docs/protocol.md's order, as it does for the native path; after the
     101, :meth:`open` hands the connection to a Session
     (:func:`wsserver.handshake.open_session`), which answers the token's
     verdict (close 4001) and the per-user cap (close 4008) before anything the

@@ -1,6 +1,6 @@
 """HTTP streaming (Server-Sent Events) for clients that cannot open a WebSocket.
 
-Three routes (CONTRACT.md, "HTTP streaming"):
+Three routes (docs/protocol.md, "HTTP streaming"):
 
 * ``POST /auth/ticket`` (:class:`TicketHandler`) trades the JWT of an
   ``Authorization: Bearer`` header for a single-use ticket that lives
@@ -58,7 +58,6 @@ from wsserver.auth import Credentials, extract_token
 from wsserver.brokers.base import Broker, BrokerUnavailable
 from wsserver.edge.handlers import BaseHandler
 from wsserver.edge.refusal import refuse
-from wsserver.edge.tornado_internals import chunked_output, pending_bytes
 from wsserver.errors import (
     CloseError,
     DependencyUnavailable,
@@ -207,8 +206,12 @@ class SseTransport:
         self._socket: socket.socket | None = (
             self._stream.socket if type(self._stream) is IOStream else None
         )
-        # Decided by Tornado with the headers (HTTP/1.1: chunked; 1.0: until close).
-        self._chunked = chunked_output(connection)
+        # As Tornado decides when it writes the headers of a GET's answer with
+        # no Content-Length: chunked for HTTP/1.1, until the close for 1.0.
+        self._chunked = handler.request.version == "HTTP/1.1"
+        #: Bytes handed to the stream whose write has not completed yet (each
+        #: IOStream.write future resolves once its own bytes are written).
+        self._in_stream = 0
         self._encoding = event_chunk if self._chunked else event
         self._loop = asyncio.get_running_loop()
         self._batch: list[bytes] = []
@@ -244,8 +247,7 @@ class SseTransport:
         self._ping_in_batch = True
 
     def buffered(self) -> int:
-        stream = self._stream
-        return self._batch_size + (0 if stream.closed() else pending_bytes(stream))
+        return self._batch_size + (0 if self._stream.closed() else self._in_stream)
 
     def _queue(self, data: bytes) -> None:
         if not self._batch:
@@ -266,7 +268,7 @@ class SseTransport:
         if self._gone or stream.closed():
             return
         sock = self._socket
-        if sock is not None and not pending_bytes(stream):
+        if sock is not None and not self._in_stream:
             # Nothing queued: hand it to the kernel ourselves, as IOStream would,
             # minus its Future and buffer bookkeeping (as TornadoTransport does);
             # what the kernel does not take, and any error, go through
@@ -284,8 +286,14 @@ class SseTransport:
             written = stream.write(data)
         except StreamClosedError:
             return
+        size = len(data)
+        self._in_stream += size
+        written.add_done_callback(lambda _: self._written(size))
         if ping:
             written.add_done_callback(self._pinged)
+
+    def _written(self, size: int) -> None:
+        self._in_stream -= size
 
     def _pinged(self, written: asyncio.Future[None]) -> None:
         # Tornado marks a failed write's exception as retrieved itself.

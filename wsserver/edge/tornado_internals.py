@@ -1,7 +1,7 @@
 """Every reach into a private attribute of Tornado, in one place.
 
 Tornado has no public accessor for these; each use is pinned by ``tornado<7``
-in ``setup.cfg`` and checked by ``tests/unit/test_tornado_internals.py``,
+in ``setup.cfg`` and checked by ``tests/unit/test_internals.py``,
 which fails loudly, naming the attribute, when an upgrade moves one.
 """
 
@@ -19,9 +19,7 @@ from tornado.iostream import IOStream
 USED: dict[str, tuple[str, ...]] = {
     "tornado.http1connection.HTTP1Connection": (
         "_disconnect_on_finish", "_read_message_inner", "_request_start_line",
-        "_chunking_output",
     ),
-    "tornado.iostream.IOStream": ("_write_buffer",),
 }
 
 
@@ -49,12 +47,6 @@ async def take_socket(stream: IOStream) -> tuple[socket.socket, bytes]:
     # (at shutdown, Tornado closes what it still tracks) closes nothing.
     fd = old.detach()
     return socket.socket(old.family, old.type, old.proto, fileno=fd), pipelined
-
-
-def pending_bytes(stream: IOStream) -> int:
-    """Bytes written to ``stream`` that the kernel has not taken yet (HTTP
-    streaming's write bound; IOStream keeps no public count)."""
-    return len(stream._write_buffer)
 
 
 def disconnect_after_response(request: HTTPServerRequest) -> None:
@@ -103,14 +95,3 @@ def malformed_request_line(error: HTTPInputError) -> str | None:
     data = data.lstrip(b"\r\n")
     end = data.find(b"\n")
     return (data if end < 0 else data[:end]).decode("latin-1").rstrip("\r")
-
-
-def chunked_output(connection: object) -> bool:
-    """Whether the response being written on ``connection`` uses chunked
-    transfer encoding (decided by Tornado when it wrote the headers).
-
-    HTTP streaming writes its events to the stream itself, in chunks framed
-    as Tornado would (``HTTP1Connection._format_chunk``), so that each write
-    has a Future of its own (``HTTP1Connection.write`` keeps only the last).
-    """
-    return isinstance(connection, HTTP1Connection) and bool(connection._chunking_output)
