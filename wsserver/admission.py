@@ -27,8 +27,7 @@ connect proxy and a key set's refetch are awaited through the services).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from wsserver.auth import Credentials, Identity, looks_like_jwt
 from wsserver.errors import CloseError, Draining, HandshakeRateLimited, NoToken
@@ -41,8 +40,7 @@ if TYPE_CHECKING:
 DRAINING_RETRY_AFTER = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(NamedTuple):
     """A handshake past every check: its credentials, their verdict, its registry slot.
 
     ``verdict`` is the verified identity (or the connect proxy's answer), or
@@ -57,8 +55,7 @@ class Admitted:
     reservation: Reservation
 
 
-@dataclass(frozen=True, slots=True)
-class Arrival:
+class Arrival(NamedTuple):
     """What the checks need to know of the request, whatever the way in."""
 
     #: The registry's and the buckets' key for the client address.

@@ -26,6 +26,7 @@ import logging
 import logging.config
 import re
 import sys
+import time
 import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -110,6 +111,39 @@ def _json_value(value: object, conversion: str) -> Any:
     return repr(value) if conversion == "r" else str(value)
 
 
+class TextFormatter(logging.Formatter):
+    """The standard formatter, with ``asctime``'s date and time worked out once
+    a second instead of once a line (``localtime`` and ``strftime`` were a
+    third of a connection's "open" line), and :data:`TEXT_FORMAT` filled in
+    without a ``%`` operation over the record's dictionary. The text is the same."""
+
+    def __init__(self, fmt: str | None = TEXT_FORMAT, datefmt: str | None = None) -> None:
+        super().__init__(fmt, datefmt)
+        self._second = -1
+        self._stamp = ""
+        self._uses_time = super().usesTime()
+        self._text_format = fmt == TEXT_FORMAT
+
+    def usesTime(self) -> bool:
+        return self._uses_time
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if self._text_format:
+            return f"{record.asctime} {record.levelname} {record.name}: {record.message}"
+        return super().formatMessage(record)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None or self.default_msec_format is None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            # Time zones are whole minutes away from UTC: a second starts at
+            # the same instant in local time.
+            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._stamp, record.msecs)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``ts`` (UTC, ISO 8601), ``level``, ``logger``,
     ``msg``, the line's fields, and ``exc`` with a traceback.
@@ -150,7 +184,7 @@ def configure(log_format: str, level: str, config_file: str | None = None) -> No
         apply_config_file(config_file)
         return
     handler = logging.StreamHandler(sys.stderr)
-    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = JsonFormatter() if log_format == "json" else TextFormatter()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -240,6 +240,30 @@ class Metrics:
             "wsserver_jwks_keys", "Signing keys held from the JSON Web Key Set", registry=r
         )
 
+        #: The per-transport children, looked up once (``labels()`` is a few
+        #: microseconds a call, and every connect and close made two).
+        self._transports: dict[str, tuple[Gauge, Counter]] = {}
+
+    def connection_opened(self, transport: str) -> None:
+        """An authenticated connection over ``transport`` opened: count it in
+        ``wsserver_connections`` and ``wsserver_connections_accepted``, in total
+        and by transport."""
+        children = self._transports.get(transport)
+        if children is None:
+            children = self._transports[transport] = (
+                self.connections_by_transport.labels(transport),
+                self.connections_accepted_by_transport.labels(transport),
+            )
+        self.connections.inc()
+        self.connections_accepted.inc()
+        children[0].inc()
+        children[1].inc()
+
+    def connection_closed(self, transport: str) -> None:
+        """An authenticated connection counted by :meth:`connection_opened` closed."""
+        self.connections.dec()
+        self._transports[transport][0].dec()
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (every worker's, under
         ``--workers``)."""

@@ -65,6 +65,8 @@ def limit_key(address: str) -> str:
     addresses would give each client billions of fresh handshake buckets and
     connection slots.
     """
+    if ":" not in address:
+        return address  # not IPv6 (the usual case: no parsing)
     ip = _parse_ip(address)
     if isinstance(ip, ipaddress.IPv6Address):
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))

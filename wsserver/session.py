@@ -170,10 +170,7 @@ class Session:
         if self.ended_with is not None or self.closed:
             return False  # the client went while the broker answered
         self._in_gauge = True
-        services.metrics.connections.inc()
-        services.metrics.connections_accepted.inc()
-        services.metrics.connections_by_transport.labels(self.transport.kind).inc()
-        services.metrics.connections_accepted_by_transport.labels(self.transport.kind).inc()
+        services.metrics.connection_opened(self.transport.kind)
         log.info("open user=%s addr=%s via=%s", escape(identity.user), escape(self.address),
                  credentials.source)
         settings = services.settings
@@ -643,8 +640,7 @@ class Session:
         services.hub.forget(self)
         if self._in_gauge:
             # Not before: a client gone while the broker counted it was never added.
-            services.metrics.connections.dec()
-            services.metrics.connections_by_transport.labels(self.transport.kind).dec()
+            services.metrics.connection_closed(self.transport.kind)
         if identity is not None and self._counted_in_broker:
             services.spawn(services.quietly(services.broker.user_disconnect(identity.user)))
         if self.ended_with is not None:

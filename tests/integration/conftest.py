@@ -1,13 +1,17 @@
 """In-process servers for integration tests (pytest-tornado).
 
-Tests get a real server on a free port through pytest-tornado's
-``http_server`` fixture (which must be requested for the app to be served),
-with ``server_flags`` overridable per test by parametrizing it. The clients
-the tests use are :mod:`tests.support.clients` (and :mod:`tests.support.raw`).
+Tests get a real server on a free port through the ``http_server`` fixture
+(which must be requested for the app to be served): the server's own public
+listener, as ``wsserver.edge.server`` builds it, in place of pytest-tornado's
+plain ``HTTPServer``. ``server_flags`` is overridable per test by parametrizing
+it, and ``handshake_path`` chooses how a plain-TCP upgrade is answered
+(``native``, as the server does, or ``tornado``). The clients the tests use
+are :mod:`tests.support.clients` (and :mod:`tests.support.raw`).
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +23,8 @@ from tests.support.tokens import SECRET
 from wsserver.config import load_settings
 from wsserver.edge.app import make_app
 from wsserver.edge.httpclient import AiohttpClient
+from wsserver.edge.listener import Listener
+from wsserver.edge.server import public_listener
 from wsserver.rooms import RoomPolicy
 from wsserver.services import Services
 
@@ -61,6 +67,27 @@ def state(
 @pytest.fixture
 def app(state: Services) -> tornado.web.Application:
     return make_app(state)
+
+
+@pytest.fixture
+def handshake_path() -> str:
+    """``native``: upgrades answered at accept time (the server's way);
+    ``tornado``: every request through Tornado's HTTP server. Parametrize to change."""
+    return "native"
+
+
+@pytest.fixture
+def http_server(
+    request: pytest.FixtureRequest, io_loop: Any, _unused_port: tuple[socket.socket, int],
+    state: Services, handshake_path: str,
+) -> Iterator[Listener]:
+    """The public listener of a server built from ``server_flags``, on a free port."""
+    server = public_listener(state, None, native=handshake_path == "native")
+    server.add_sockets([_unused_port[0]])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections,
+                     timeout=request.config.option.async_test_timeout)
 
 
 @pytest.fixture

@@ -26,6 +26,10 @@ from wsserver.services import Services
 PROXY_KEY = "k" * 40
 
 
+#: Both ways a plain-TCP upgrade is answered (see tests/integration/conftest.py).
+pytestmark = pytest.mark.parametrize("handshake_path", ["native", "tornado"])
+
+
 @pytest.fixture
 def extra_flags() -> dict[str, str]:
     """More server flags; parametrize this name."""

@@ -65,6 +65,14 @@ class RecordingHandler(EchoHandler):
         connection.receiver = RecordingReceiver(connection, self.closed)
 
 
+class GreetingHandler(EchoHandler):
+    """Greets every connection in open(), as the server sends its welcome."""
+
+    def open(self, connection: FrameConnection) -> None:
+        super().open(connection)
+        connection.send_data(b"hello")
+
+
 class RefusingHandler(EchoHandler):
     """Refuses every connection in open(), as a bad token is refused."""
 
@@ -171,6 +179,18 @@ def test_frames_pipelined_behind_the_handshake_are_read(scheme: Scheme) -> None:
             async with await raw(address, pipelined=frames, scheme=scheme) as conn:
                 got = [await conn.read_frame() for _ in range(3)]
                 assert got == [(framing.OP_TEXT, f"m{i}".encode()) for i in range(3)]
+
+    run(scenario)
+
+
+def test_the_101_and_what_open_sends_leave_in_one_segment() -> None:
+    async def scenario() -> None:
+        async with serving(GreetingHandler) as address, await raw(address) as conn:
+            assert await conn.read_frame() == (framing.OP_TEXT, b"hello")
+            segments = conn.data_segments_received()
+            if segments is None:
+                pytest.skip("TCP_INFO has no tcpi_data_segs_in here")
+            assert segments == 1  # one send: two would be two segments
 
     run(scenario)
 

@@ -1,4 +1,9 @@
-"""Every row of the contract's handshake table, in order, over real sockets."""
+"""Every row of the contract's handshake table, in order, over real sockets.
+
+Every test runs twice: with the upgrade answered at accept time (the native
+path, as the server runs) and through Tornado's HTTP server (as TLS
+connections and odd heads are): both must answer alike.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ from tests.support.clients import ORIGIN, connect, refused, welcomed
 from tests.support.metrics import labelled
 from tests.support.tokens import SECRET, mint
 from wsserver.services import Services
+
+#: Both ways a plain-TCP upgrade is answered (see tests/integration/conftest.py).
+pytestmark = pytest.mark.parametrize("handshake_path", ["native", "tornado"])
 
 
 @pytest.mark.gen_test

@@ -26,15 +26,20 @@ from wsserver.auth import DEMO_AUDIENCE, TokenVerifier
 from wsserver.cli import main as cli_main
 from wsserver.services import Services
 
+#: The unverified pool, the refusal log and the answers themselves, over both
+#: ways a plain-TCP upgrade is answered (see tests/integration/conftest.py).
+BOTH_PATHS = pytest.mark.parametrize("handshake_path", ["native", "tornado"])
+
 # --- 1: unverified connections cannot crowd out verified users --------------------------
 
 
+@BOTH_PATHS
 @pytest.mark.gen_test
 @pytest.mark.parametrize(
     "server_flags", [{"max_connections": "2", "max_unverified_connections": "2"}]
 )
 async def test_garbage_tokens_do_not_crowd_out_verified_users(
-    port: int, state: Services
+    port: int, state: Services, handshake_path: str
 ) -> None:
     # Two upgrades with garbage tokens that never answer the 4001 close frame:
     # the server keeps them until its close handshake gives up.
@@ -179,8 +184,11 @@ async def test_a_sub_with_control_characters_closes_4001(
 # --- 8: refusal floods ---------------------------------------------------------------------
 
 
+@BOTH_PATHS
 @pytest.mark.gen_test
-async def test_pipelined_refused_handshakes_get_one_answer(port: int) -> None:
+async def test_pipelined_refused_handshakes_get_one_answer(
+    port: int, handshake_path: str
+) -> None:
     raw = await RawConnection.open(port, upgrade_request() * 200)  # no token: 403 each
     answer = await raw.wait_eof()  # the server closes after the first refusal
     assert answer.count(b"HTTP/1.1 403") == 1
@@ -266,16 +274,18 @@ async def test_no_server_header(http_server: Any, http_client: Any, base_url: st
     assert "Server" not in response.headers
 
 
+@BOTH_PATHS
 @pytest.mark.gen_test
-async def test_no_server_header_on_the_upgrade(port: int) -> None:
+async def test_no_server_header_on_the_upgrade(port: int, handshake_path: str) -> None:
     raw = await raw_connect(port, bearer(mint()))
     assert raw.status == 101 and "server" not in raw.headers
 
 
+@BOTH_PATHS
 @pytest.mark.gen_test
 @pytest.mark.parametrize("server_flags", [{"handshake_rate": "1000", "handshake_burst": "1000"}])
 async def test_closes_of_bad_tokens_are_logged_through_the_same_throttle(
-    port: int, state: Services, caplog: pytest.LogCaptureFixture
+    port: int, state: Services, caplog: pytest.LogCaptureFixture, handshake_path: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for _ in range(30):

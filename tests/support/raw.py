@@ -251,6 +251,18 @@ class RawConnection:
             pass
         self.drop()
 
+    def data_segments_received(self) -> int | None:
+        """TCP segments with data received so far (Linux 4.6+'s
+        ``tcpi_data_segs_in``), or None where ``TCP_INFO`` does not say: what
+        a server wrote in one ``send`` arrives in one segment on loopback."""
+        tcp_info = getattr(socket, "TCP_INFO", None)
+        if tcp_info is None:
+            return None
+        info = self.writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, tcp_info, 256)
+        if len(info) < 160:
+            return None
+        return int(struct.unpack_from("I", info, 152)[0])
+
     def drop(self) -> None:
         """Close the socket without a close frame (a FIN)."""
         self.writer.close()

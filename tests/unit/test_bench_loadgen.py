@@ -10,7 +10,7 @@ pytest.importorskip("picows")
 
 from bench import c100k
 from bench.cli import with_overrides
-from bench.loadgen import recovery_problem, split
+from bench.loadgen import Dialer, recovery_problem, split
 from bench.report import checks
 from bench.runner import FULL, SMOKE
 
@@ -35,6 +35,19 @@ def test_a_short_unordered_or_refused_recovery_is_reported() -> None:
     assert recovery_problem(swapped, "r", 0, 3)["at"] == 1
     assert recovery_problem(joined(3, recovered=False, messages=[]), "r", 0, 3) is not None
     assert recovery_problem(joined(3), "other", 0, 3) is not None
+
+
+def test_tokens_signed_ahead_are_used_first_then_signed_as_needed() -> None:
+    import jwt
+
+    dialer = Dialer("ws://127.0.0.1:1/ws", "bench", [], _secret="s" * 40)
+    dialer.mint_ahead(2)
+    users = [jwt.decode(dialer.headers()["Authorization"].removeprefix("Bearer "), "s" * 40,
+                        algorithms=["HS256"])["sub"] for _ in range(3)]
+    assert users == ["bench-0", "bench-1", "bench-2"]
+    anonymous = Dialer("ws://127.0.0.1:1/ws", None, [])
+    anonymous.mint_ahead(5)
+    assert anonymous.headers() == {}
 
 
 def test_split_spreads_members_evenly() -> None:
@@ -120,6 +133,8 @@ def test_connect_samples_are_put_in_their_phase_by_priority() -> None:
         f"{tornado};parse_request_start_line (tornado/httputil.py:900) 4",
         f"{loop};Session.open (wsserver/session.py:130);RedisBroker.user_connect (wsserver/brokers/redis.py:590) 5",
         f"{loop};Session.open (wsserver/session.py:130);Logger.info (logging/__init__.py:1489) 1",
+        f"{loop};NativeUpgrades._settle (wsserver/edge/native.py:150);parse_head (wsserver/httphead.py:60) 7",
+        f"{loop};NativeUpgrades._handshake (wsserver/edge/native.py:190);decide (wsserver/handshake.py:120) 8",
         f"{loop};WebSocketHandler.on_close (wsserver/edge/handlers.py:597) 9",
         f"{loop} 1",
         "_run_code (<frozen runpy>:88) 2",
@@ -128,16 +143,17 @@ def test_connect_samples_are_put_in_their_phase_by_priority() -> None:
     counts = phases(raw)
     assert counts["PyJWT (jwt.decode and its key and claim checks)"] == 6
     assert counts["token checks around PyJWT (wsserver.auth)"] == 2
-    assert counts["handler checks (wsserver's and Tornado's WebSocketHandler.get: origin, admission, limits)"] == 3
-    assert counts["Tornado: accept, HTTP parsing, request and handler setup"] == 4
+    assert counts["handler checks (handshake.decide, WebSocketHandler.get: origin, admission, limits)"] == 3 + 8
+    assert counts["the native path: the head peeked, read and parsed (edge/native.py, httphead.py)"] == 7
+    assert counts["accept (edge/listener.py); Tornado: HTTP parsing, request and handler setup"] == 4
     assert counts["the broker's user_connect"] == 5
     assert counts["logging"] == 1
     assert counts["event loop and the rest (asyncio, uvloop, keepalive, monitor)"] == 1
     assert counts[OTHER] == 2
     text = render_phases(counts, 100.0)
-    # 24 connect samples; closing's 9 are left out of the shares.
-    assert "24 samples; 9 more while closing" in text
-    assert "25.0%     25.0 µs  PyJWT" in text
+    # 39 connect samples; closing's 9 are left out of the shares.
+    assert "39 samples; 9 more while closing" in text
+    assert "15.4%     15.4 µs  PyJWT" in text
 
 
 BURNER = """

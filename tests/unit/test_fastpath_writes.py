@@ -1,12 +1,14 @@
 """How the frame layer hands frames to its asyncio transport: one write per step.
 
 A recording transport stands in for the socket's (the write policy is what is
-tested; the sockets are in tests/integration/test_fastpath.py).
+tested; the sockets are in tests/integration/test_fastpath.py); a socket pair
+takes what is written before the transport exists.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from wsserver import framing
 from wsserver.edge.fastpath import FrameConnection, FrameLimits
@@ -159,6 +161,50 @@ def test_what_open_sends_is_written_once_the_socket_is_connected() -> None:
         transport = RecordingTransport()
         connection.connection_made(transport)
         assert transport.writes == [text(b"welcome"), text(b"re:pipelined")]
+
+    asyncio.run(main())
+
+
+def test_the_101_and_what_open_sent_go_to_the_socket_before_it_is_connected() -> None:
+    async def main() -> None:
+        here, peer = socket.socketpair()
+        with here, peer:
+            connection = FrameConnection(FrameLimits(), b"HTTP/1.1 101 ...\r\n\r\n")
+            connection.receiver = Replier(connection)
+            connection.send_frame(text(b"welcome"))  # open(), before connecting
+            connection.start(b"")
+            connection.write_before_connected(here)
+            assert peer.recv(1000) == b"HTTP/1.1 101 ...\r\n\r\n" + text(b"welcome")
+            transport = RecordingTransport()
+            connection.connection_made(transport)
+            assert transport.writes == []  # nothing left to write
+
+    asyncio.run(main())
+
+
+def test_what_the_socket_did_not_take_before_it_was_connected_is_written_first() -> None:
+    async def main() -> None:
+        here, peer = socket.socketpair()
+        with here, peer:
+            here.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            big = text(b"w" * 60000)
+            connection = FrameConnection(FrameLimits(), b"101\r\n\r\n")
+            connection.receiver = Replier(connection)
+            connection.send_frame(big)
+            connection.start(b"")
+            connection.write_before_connected(here)
+            taken = b""
+            while True:
+                try:
+                    taken += peer.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+            assert 0 < len(taken) < len(big)  # the kernel took a part
+            transport = RecordingTransport()
+            connection.connection_made(transport)
+            connection.send_frame(text(b"next"))
+            await next_step()
+            assert taken + b"".join(transport.writes) == b"101\r\n\r\n" + big + text(b"next")
 
     asyncio.run(main())
 

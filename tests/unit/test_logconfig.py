@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from wsserver.errors import ConfigError
-from wsserver.logconfig import JsonFormatter, apply_config_file, message_fields
+from wsserver.logconfig import (
+    TEXT_FORMAT,
+    JsonFormatter,
+    TextFormatter,
+    apply_config_file,
+    message_fields,
+)
 
 
 @pytest.mark.parametrize(
@@ -149,3 +156,23 @@ def test_a_bad_log_config_is_one_config_error_naming_the_flag(
         apply_config_file(str(path))
     (problem,) = caught.value.problems
     assert problem.startswith(f"--log-config {path}") and words in problem
+
+
+def test_the_text_line_is_the_standard_formatters_across_seconds() -> None:
+    ours, standard = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    # Within one second, at its last millisecond and across the next ones
+    # (the date part is worked out once a second).
+    for created in (1_000_000_000.0, 1_000_000_000.5, 1_000_000_000.9995, 1_000_000_001.0,
+                    1_000_000_001.25, 1_000_086_400.0, 999_999_999.999):
+        record = logging.LogRecord("wsserver.connection", logging.INFO, __file__, 1,
+                                   "open user=%s", ("alice",), None)
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        assert ours.format(record) == standard.format(record)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("wsserver", logging.ERROR, __file__, 1, "failed: %d", (7,),
+                                   sys.exc_info())
+    assert ours.format(failed) == standard.format(failed)
+    assert "ValueError: boom" in ours.format(failed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,14 +54,21 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     else:
         log_method = access_log.error
     request = handler.request
-    client = escape(getattr(handler, "client_address", None) or request.remote_ip)
-    uri = escape(redact(request.uri or ""))
-    duration = 1000.0 * request.request_time()
+    access_line(log_method, status, request.method or "-", request.uri or "",
+                getattr(handler, "client_address", None) or request.remote_ip or "",
+                1000.0 * request.request_time())
+
+
+def access_line(log_method: Callable[..., None], status: int, method: str, uri: str,
+                client: str, duration_ms: float) -> None:
+    """Write one access line (also the native upgrade path's, for its 101s)."""
+    client = escape(client)
+    uri = escape(redact(uri))
     log_method(
-        "%d %s %s (%s) %.2fms", status, request.method, uri, client, duration,
+        "%d %s %s (%s) %.2fms", status, method, uri, client, duration_ms,
         # The line's fields for --log-format json (the text line has no key=value pairs).
-        extra={"status": status, "method": request.method, "uri": uri, "addr": client,
-               "duration_ms": round(duration, 2)},
+        extra={"status": status, "method": method, "uri": uri, "addr": client,
+               "duration_ms": round(duration_ms, 2)},
     )
 
 

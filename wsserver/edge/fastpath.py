@@ -1,34 +1,35 @@
-"""The frame path: after the 101, the socket leaves Tornado for the frame layer.
+"""The frame path: after the 101, the socket runs on the frame layer.
 
-Tornado parses the HTTP request, over TCP or TLS (its ``SSLIOStream`` does
-the TLS handshake). :class:`UpgradeHandler` checks the upgrade and answers
-the 101 itself, negotiating permessage-deflate (:mod:`wsserver.deflate`),
-then takes the socket away from the ``IOStream`` and hands it to a
-:class:`FrameConnection`:
-a plain socket through the loop's ``connect_accepted_socket``, a TLS one
-(an ``ssl.SSLSocket``, its TLS state inside it) through
-:class:`~wsserver.edge.tlstransport.TLSSocketTransport`. Both schemes then run
-on the same frame layer, with the same limits and close codes:
-``data_received`` feeds the sans-I/O :class:`~wsserver.connection.ServerConnection`,
-which parses and decides, and what one step of the loop sends a connection
-goes to the transport in one write: the replies to a read at its end, other
+An upgraded socket comes either from the native path
+(:mod:`wsserver.edge.native`: plain TCP, answered at accept time) or from
+Tornado's HTTP server (TLS, whose ``SSLIOStream`` did the TLS handshake, and
+the heads the native path leaves), where :class:`UpgradeHandler` answers the
+101 itself, negotiating permessage-deflate (:mod:`wsserver.deflate`), and
+takes the socket away from the ``IOStream``. Either way :func:`serve` hands
+it to a :class:`FrameConnection`: a plain socket through the loop's
+``connect_accepted_socket``, a TLS one (an ``ssl.SSLSocket``, its TLS state
+inside it) through :class:`~wsserver.edge.tlstransport.TLSSocketTransport`.
+Both schemes then run on the same frame layer, with the same limits and
+close codes: ``data_received`` feeds the sans-I/O
+:class:`~wsserver.connection.ServerConnection`, which parses and decides, and
+what one step of the loop sends a connection goes to the transport in one
+write: the 101 with the welcome, the replies to a read at its end, other
 frames (fan-out, pings) right after the step. Works on any asyncio loop
 (uvloop's is faster).
 
-The handler's ``open(connection)`` runs after the 101; it sets
-``connection.receiver`` to accept the connection. Frames are read only after
-``open()`` returned and only when a receiver is set: a refused connection
-(``open()`` called ``connection.close(4001, ...)`` and set no receiver) has its
-pipelined frames dropped unread and its TCP connection closed as soon as the
-close frame is flushed.
+``open(connection)`` runs after the 101 is decided and before the socket is
+read; it sets ``connection.receiver`` to accept the connection. Frames are
+read only after ``open()`` returned and only when a receiver is set: a
+refused connection (``open()`` called ``connection.close(4001, ...)`` and set
+no receiver) has its pipelined frames dropped unread and its TCP connection
+closed as soon as the close frame is flushed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -49,6 +50,12 @@ from wsserver.deflate import Deflate, Inflater
 from wsserver.edge.tlstransport import TLSSocketTransport
 from wsserver.edge.tornado_internals import take_socket
 from wsserver.framing import Close, Failure, FrameParser, Ping, Pong
+from wsserver.handshake import (
+    Answer,
+    offered_subprotocols,
+    switching_protocols,
+    upgrade_problem,
+)
 from wsserver.ratelimit import TokenBucket
 from wsserver.transport import Prepared, Receiver, TimerHandle
 
@@ -60,9 +67,6 @@ _OPEN = State.OPEN
 _CLOSING = State.CLOSING
 _CLOSED = State.CLOSED
 _text_message = framing.text_message
-
-#: RFC 6455 section 4.2.2: the GUID appended to the client's key.
-_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,8 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     ``receiver`` gets the messages; ``on_gone`` (optional) is called once after
     ``receiver.on_closed``, for whoever must forget the connection too.
+    ``loop``: the running loop, when the caller has it (asking asyncio for it
+    costs a ``getpid`` system call).
     """
 
     kind = "websocket"
@@ -197,6 +203,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         unsent: bytes = b"",
         on_gone: Callable[[int, str], None] | None = None,
         deflate: Deflate | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.receiver: Receiver | None = None
         self.limits = limits
@@ -208,7 +215,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         #: receiver: a refused connection), for whoever must forget it too.
         self.on_gone = on_gone
         self._transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()
         #: True once open() returned (see start()).
         self._started = False
         self._pipelined = b""
@@ -245,15 +252,22 @@ class FrameConnection(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        if self._unsent:
-            transport.write(self._unsent)
-            self._unsent = b""
         if not self._started:
-            # Only UpgradeHandler connects, after start(); a connection made
-            # any other way has had no open() and cannot be served.
+            # Only serve() connects, after start(); a connection made any
+            # other way has had no open() and cannot be served.
             log.error("connection made before start(); closing with 1011")
             self.start(b"")
-        self._flush_batch()  # what open() sent: the welcome, or a refusal's close
+        # The 101 and what open() sent (the welcome, or a refusal's close) in
+        # one write: one segment, where two sends would make two.
+        unsent, self._unsent = self._unsent, b""
+        batch = self._batch
+        if unsent:
+            if batch is None:
+                transport.write(unsent)
+            else:
+                batch.insert(0, unsent)
+                self._batch_size += len(unsent)
+        self._flush_batch()
         ending = self.protocol.ending
         if ending is Ending.LINGER:
             # Refused: nothing it sent is read, and it is cut as soon as the
@@ -282,6 +296,23 @@ class FrameConnection(asyncio.BufferedProtocol):
             log.error("open() set no receiver and did not close; closing with 1011")
         self._queue_frame(self.protocol.accepted(accepted))
         self._pipelined = pipelined
+
+    def write_before_connected(self, sock: socket.socket) -> None:
+        """Write the 101 and what ``open()`` sent straight to ``sock`` (plain
+        TCP, not yet connected to the loop), in one ``send``: they leave in
+        this step of the loop rather than when the transport is made, a step
+        or two later. What the kernel does not take, ``connection_made`` writes."""
+        batch = self._batch
+        data = self._unsent + b"".join(batch) if batch else self._unsent
+        try:
+            sent = sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            return  # the transport finds the connection gone
+        self._unsent = data[sent:]
+        self._batch = None
+        self._batch_size = 0
 
     def abandon(self) -> None:
         """The socket never got connected: the connection is over (1006)."""
@@ -551,9 +582,52 @@ class FrameConnection(asyncio.BufferedProtocol):
                 log.exception("on_gone failed")
 
 
-def accept_value(key: str) -> str:
-    """``Sec-WebSocket-Accept`` for ``key`` (RFC 6455 section 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.encode() + _ACCEPT_GUID).digest()).decode()
+Opener = Callable[["FrameConnection"], Awaitable[None] | None]
+
+
+async def serve(
+    sock: socket.socket,
+    limits: FrameLimits,
+    response: bytes,
+    negotiated: Deflate | None,
+    open_connection: Opener,
+    pipelined: bytes = b"",
+    on_error: Callable[[], None] | None = None,
+) -> None:
+    """Run an upgraded socket on the frame layer (both ways in: Tornado's and the native path).
+
+    ``response`` is the 101, which goes out with what ``open_connection``
+    sends. ``open_connection(connection)`` runs *before* the socket is
+    connected to the loop, so the socket is registered for reading once,
+    already accepted or refused, with no pause and resume around it; it
+    accepts by setting ``connection.receiver``. ``pipelined``: bytes the
+    client sent behind its handshake that were read already. ``on_error``
+    logs an exception of ``open_connection`` (called while it is handled).
+    """
+    loop = asyncio.get_running_loop()
+    connection = FrameConnection(limits, response, deflate=negotiated, loop=loop)
+    try:
+        result = open_connection(connection)
+        if result is not None:
+            await result
+    except Exception:
+        if on_error is None:
+            log.exception("open() failed; closing with 1011")
+        else:
+            on_error()
+        # The 101 is not out yet: it goes, then a 1011 close, and the
+        # client learns the server failed rather than seeing a cut.
+        connection.close(CloseCode.INTERNAL, "")
+    connection.start(pipelined)
+    if isinstance(sock, ssl.SSLSocket):
+        TLSSocketTransport(loop, sock, connection)
+        return
+    connection.write_before_connected(sock)
+    try:
+        await loop.connect_accepted_socket(lambda: connection, sock)
+    except OSError:
+        sock.close()
+        connection.abandon()
 
 
 class UpgradeHandler(tornado.web.RequestHandler):
@@ -572,31 +646,30 @@ class UpgradeHandler(tornado.web.RequestHandler):
     limits: FrameLimits = FrameLimits()
 
     async def get(self, *args: str, **kwargs: str) -> None:
-        problem = self.upgrade_problem()
-        if problem is not None:
-            status, message = problem
-            self.set_status(status)
-            if status == 426:
-                self.set_header("Sec-WebSocket-Version", "13")
-            self.finish(message)
-            return
-        await self._upgrade()
-
-    def upgrade_problem(self) -> tuple[int, str] | None:
-        """Why this request cannot be upgraded, as an HTTP status and a message, or None."""
         headers = self.request.headers
-        if headers.get("Upgrade", "").lower() != "websocket":
-            return 400, 'Can "Upgrade" only to "WebSocket".'
-        if "upgrade" not in (s.strip().lower() for s in headers.get("Connection", "").split(",")):
-            return 400, '"Connection" must be "Upgrade".'
-        origin = headers.get("Origin")
-        if origin is not None and not self.check_origin(origin):
-            return 403, "Cross origin websockets not allowed"
-        if headers.get("Sec-WebSocket-Version") != "13":
-            return 426, "Upgrade Required"  # section 4.4: the versions we speak follow
-        if not (headers.get("Host") and headers.get("Sec-WebSocket-Key")):
-            return 400, "Missing/Invalid WebSocket headers"
-        return None
+        problem = upgrade_problem(headers.get, self.check_origin)
+        if problem is not None:
+            self.answer(problem)
+            return
+        offered = offered_subprotocols(headers.get("Sec-WebSocket-Protocol"))
+        subprotocol = self.select_subprotocol(offered)
+        if subprotocol is not None:
+            assert subprotocol in offered
+        negotiated = extension = None
+        if self.limits.compression:
+            accepted = deflate.negotiate(headers.get("Sec-WebSocket-Extensions"))
+            if accepted is not None:
+                negotiated, extension = accepted
+        await self.upgrade(
+            switching_protocols(headers["Sec-WebSocket-Key"], subprotocol, extension), negotiated
+        )
+
+    def answer(self, answer: Answer) -> None:
+        """Answer a request that is no upgrade (400, 403, 426)."""
+        self.set_status(answer.status)
+        for name, value in answer.headers:
+            self.set_header(name, value)
+        self.finish(answer.message)
 
     def check_origin(self, origin: str) -> bool:
         """Whether a browser page from ``origin`` may connect: by default only
@@ -617,26 +690,9 @@ class UpgradeHandler(tornado.web.RequestHandler):
         what it sends goes out with the 101."""
         return None
 
-    async def _upgrade(self) -> None:
-        headers = self.request.headers
-        offered = [s.strip() for s in headers.get("Sec-WebSocket-Protocol", "").split(",")]
-        offered = [s for s in offered if s]
-        subprotocol = self.select_subprotocol(offered)
-        response = [
-            "HTTP/1.1 101 Switching Protocols",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            "Sec-WebSocket-Accept: " + accept_value(headers["Sec-WebSocket-Key"]),
-        ]
-        if subprotocol:
-            assert subprotocol in offered
-            response.append("Sec-WebSocket-Protocol: " + subprotocol)
-        negotiated = None
-        if self.limits.compression:
-            accepted = deflate.negotiate(headers.get("Sec-WebSocket-Extensions"))
-            if accepted is not None:
-                negotiated, extension = accepted
-                response.append("Sec-WebSocket-Extensions: " + extension)
+    async def upgrade(self, response: bytes, negotiated: Deflate | None) -> bool:
+        """Send the 101 ``response`` and run the connection (:func:`serve`,
+        with :meth:`open`); False when the client left before it could be."""
         # The 101 goes out with open()'s first frames, in one write (see
         # connection_made); finish() would send it alone. detach() ends the
         # request as finish() would, so the access line and on_finish() are ours.
@@ -648,31 +704,7 @@ class UpgradeHandler(tornado.web.RequestHandler):
         try:
             sock, pipelined = await take_socket(stream)
         except StreamClosedError:
-            return  # the client left during the 101
-        connection = FrameConnection(
-            self.limits, ("\r\n".join(response) + "\r\n\r\n").encode("latin-1"),
-            deflate=negotiated,
-        )
-        # open() runs before the socket is connected: what it sends (the
-        # welcome, or a refusal's close frame) is written by connection_made,
-        # and the socket is registered for reading once, already accepted or
-        # refused, with no pause and resume around open().
-        try:
-            result = self.open(connection)
-            if result is not None:
-                await result
-        except Exception:
-            self.log_exception(*sys.exc_info())
-            # The 101 is not out yet: it goes, then a 1011 close, and the
-            # client learns the server failed rather than seeing a cut.
-            connection.close(CloseCode.INTERNAL, "")
-        connection.start(pipelined)
-        loop = asyncio.get_running_loop()
-        if isinstance(sock, ssl.SSLSocket):
-            TLSSocketTransport(loop, sock, connection)
-            return
-        try:
-            await loop.connect_accepted_socket(lambda: connection, sock)
-        except OSError:
-            sock.close()
-            connection.abandon()
+            return False  # the client left during the 101
+        await serve(sock, self.limits, response, negotiated, self.open, pipelined,
+                    on_error=lambda: self.log_exception(*sys.exc_info()))
+        return True

@@ -23,22 +23,14 @@ from prometheus_client import Counter
 from tornado.httputil import HTTPHeaders
 from tornado.log import app_log, gen_log
 
-from wsserver.admission import Arrival, admit, check_arrival
-from wsserver.auth import Credentials, Identity, extract_token
 from wsserver.edge.fastpath import FrameConnection, FrameLimits, UpgradeHandler
 from wsserver.edge.refusal import refuse
-from wsserver.errors import (
-    BadHandshake,
-    CloseError,
-    HandshakeRateLimited,
-    Rejection,
-)
+from wsserver.errors import HandshakeRateLimited, Rejection
+from wsserver.handshake import Answer, Refused, Upgraded, UpgradeRequest, decide, open_session
 from wsserver.logsafe import escape, redact
 from wsserver.metrics import CONTENT_TYPE_LATEST
 from wsserver.netaddr import limit_key
-from wsserver.registry import Reservation
 from wsserver.services import Services
-from wsserver.session import Session
 
 log = logging.getLogger("wsserver.connection")
 
@@ -78,16 +70,25 @@ def log_exception(
     ``?token=`` would be written to the error log.
     """
     request = handler.request
-    summary = "{} {} ({})".format(
-        escape(request.method or "-"), escape(redact(request.uri or "")),
-        escape(getattr(handler, "client_address", None) or request.remote_ip),
-    )
+    method, uri = request.method or "-", request.uri or ""
+    client = getattr(handler, "client_address", None) or request.remote_ip or ""
     if isinstance(value, tornado.web.HTTPError):
         message = value.get_message()
         if message:
-            gen_log.warning("%d %s: %s", value.status_code, summary, escape(message))
+            gen_log.warning("%d %s: %s", value.status_code, _summary(method, uri, client),
+                            escape(message))
     else:
-        app_log.error("Uncaught exception %s", summary, exc_info=value)
+        log_uncaught(method, uri, client, value)
+
+
+def log_uncaught(method: str, uri: str, client: str, error: BaseException | None) -> None:
+    """The error line of an exception no handler caught, as Tornado's, with
+    the URI redacted (also the native upgrade path's)."""
+    app_log.error("Uncaught exception %s", _summary(method, uri, client), exc_info=error)
+
+
+def _summary(method: str, uri: str, client: str) -> str:
+    return f"{escape(method)} {escape(redact(uri))} ({escape(client)})"
 
 
 class RedactedLogging(tornado.web.RequestHandler):
@@ -299,17 +300,16 @@ class IndexHandler(StaticHandler):
 
 
 
-#: The 403's message when a handshake carries no token.
-NO_TOKEN = ("no token: send 'Authorization: Bearer <jwt>', the subprotocols 'bearer, <jwt>', "
-            "or ?token=<jwt>")
-
-
 class WebSocketHandler(RedactedLogging, UpgradeHandler):
-    """``GET /ws``: the handshake, then a :class:`~wsserver.session.Session`.
+    """``GET /ws`` through Tornado's HTTP server: the handshake, then a
+    :class:`~wsserver.session.Session`.
 
-    :meth:`get` runs the pre-upgrade checks in docs/protocol.md's order; after the
-    101, :meth:`open` hands the connection to a Session, which verifies the
-    token (close 4001) and the per-user cap (close 4008) before anything the
+    TLS connections and any head the native path (:mod:`wsserver.edge.native`)
+    leaves to Tornado come here. :func:`wsserver.handshake.decide` runs the
+    checks in docs/protocol.md's order, as it does for the native path; after the
+    101, :meth:`open` hands the connection to a Session
+    (:func:`wsserver.handshake.open_session`), which answers the token's
+    verdict (close 4001) and the per-user cap (close 4008) before anything the
     client sent is read.
     """
 
@@ -320,111 +320,60 @@ class WebSocketHandler(RedactedLogging, UpgradeHandler):
         self.limits = frame_limits
         self.client_address = _client_address(services, self.request)
         self.limit_key = limit_key(self.client_address)
-        self.session: Session | None = None
-        self._credentials: Credentials | None = None
-        #: The token's verification, done before the upgrade.
-        self._verdict: Identity | CloseError | None = None
-        #: The registry slot held from the checks until the Session takes it.
-        self._reservation: Reservation | None = None
+        #: Past the checks, until open() takes it (its registry slot with it).
+        self._upgraded: Upgraded | None = None
         #: Set for a refused handshake, whose own log line replaces the access line.
         self.quiet_access_log = False
 
-    # --- the handshake, in docs/protocol.md's order ----------------------
-
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        if self.request.headers.get("Upgrade", "").lower() != "websocket":
-            await super().get(*args, **kwargs)  # answered 400
-            return
-        try:
-            if self.request.version == "HTTP/1.0":
-                # RFC 6455 section 4.2.1: "an HTTP/1.1 or higher GET request".
-                raise BadHandshake("a WebSocket upgrade needs HTTP/1.1 or higher")
-            self._credentials = await self._admit()
-        except Rejection as rejection:
-            self._release_reservation()
-            self._refuse(rejection)
-            return
-        if self.request.connection is None or _gone(self.request.connection):
-            # Left while the backend or the key set answered: nothing to upgrade.
-            self._release_reservation()
-            return
-        try:
-            await super().get(*args, **kwargs)
-        finally:
-            # Never upgraded (Tornado answered 400, the peer left): free the slot.
-            if self._reservation is not None:
-                self.services.registry.release(self._reservation)
-                self._reservation = None
-
-    def _release_reservation(self) -> None:
-        if self._reservation is not None:
-            self.services.registry.release(self._reservation)
-            self._reservation = None
-
-    async def _admit(self) -> Credentials:
-        """The checks before the upgrade (:mod:`wsserver.admission`); each raises
-        its :class:`Rejection`. The token is verified here and answered after
-        the upgrade (4001), so that a bad one counts in the unverified pool; a
-        connection without a JWT goes to the connect proxy, when there is one."""
-        arrival = Arrival(self.limit_key, self.client_address,
-                          self.request.headers.get("Origin"), self.request.headers.get,
-                          "websocket")
-        check_arrival(self.services, arrival)
-        credentials = extract_token(
-            self.request.headers.get("Authorization"),
-            self._offered_subprotocols(),
-            self.get_query_argument("token", None),
+        request = self.request
+        decision = await decide(
+            self.services,
+            UpgradeRequest(
+                request.version, request.headers.get,
+                lambda: self.get_query_argument("token", None),
+                self.client_address, self.limit_key,
+                lambda: request.connection is None or _gone(request.connection),
+            ),
+            compression=self.limits.compression,
         )
-        admitted = await admit(self.services, arrival, credentials, no_token=NO_TOKEN)
-        self._verdict, self._reservation = admitted.verdict, admitted.reservation
-        return admitted.credentials
-
-    def _refuse(self, rejection: Rejection) -> None:
-        """Answer a refused handshake with its HTTP status (:func:`refusal.refuse`)."""
-        refuse(self, self.services, rejection, limit_key=self.limit_key,
-               client_address=self.client_address)
+        if decision is None:
+            return
+        if isinstance(decision, Refused):
+            refuse(self, self.services, decision.rejection, limit_key=self.limit_key,
+                   client_address=self.client_address)
+            return
+        if isinstance(decision, Answer):
+            self.answer(decision)
+            return
+        self._upgraded = decision
+        try:
+            await self.upgrade(decision.response, decision.deflate)
+        finally:
+            # Never opened (the client left during the 101): free the slot.
+            if self._upgraded is not None:
+                self.services.registry.release(self._upgraded.admitted.reservation)
+                self._upgraded = None
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")  # no version banner (see BaseHandler)
-
-    def _offered_subprotocols(self) -> list[str]:
-        header = self.request.headers.get("Sec-WebSocket-Protocol", "")
-        return [name.strip() for name in header.split(",") if name.strip()]
 
     def check_origin(self, origin: str) -> bool:
         """Only the configured origins (exact match, see :mod:`wsserver.origin`).
 
         Browsers send ``Origin`` on every WebSocket handshake and apply no
         same-origin policy to WebSockets, so this list is what keeps other
-        sites' pages from connecting with a visitor's credentials. It has
-        already run in :meth:`_admit`; :class:`UpgradeHandler` asks again.
+        sites' pages from connecting with a visitor's credentials. The
+        handshake (:func:`wsserver.handshake.decide`) checks it with the
+        contract's other checks, answering 403 with a JSON body.
         """
         return self.services.origins.allows(origin)
 
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        """Select ``bearer`` when the token came that way; never echo the token."""
-        if self._credentials is not None and self._credentials.source == "subprotocol":
-            return "bearer"
-        return None
-
     async def open(self, connection: FrameConnection) -> None:
-        credentials, self._credentials = self._credentials, None
-        verdict, self._verdict = self._verdict, None
-        reservation, self._reservation = self._reservation, None
-        assert credentials is not None
-        session = Session(self.services, connection, self.client_address, self.limit_key)
-        self.session = session
-        if reservation is not None:
-            self.services.registry.transfer(reservation, session)
+        upgraded, self._upgraded = self._upgraded, None
+        assert upgraded is not None
         self._release_handshake()
-        if await session.open(credentials, verdict):
-            # Frames are parsed only once a receiver is set: those pipelined
-            # behind a refused token are dropped unread.
-            connection.receiver = session
-        else:
-            # Refused (4001, 4008): no receiver, so the session hears of the
-            # end here (a receiver is told by the connection itself).
-            connection.on_gone = lambda code, reason: session.on_closed(code, reason, False)
+        await open_session(self.services, connection, upgraded)
 
     def _release_handshake(self) -> None:
         """Drop what only the handshake needed, instead of keeping it for the

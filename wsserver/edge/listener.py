@@ -10,6 +10,7 @@ an operator can act on.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import math
@@ -17,13 +18,23 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from tornado.httpserver import HTTPServer
+from tornado.httputil import (
+    HTTPConnection,
+    HTTPHeaders,
+    HTTPMessageDelegate,
+    RequestStartLine,
+    ResponseStartLine,
+)
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream
 from tornado.netutil import ssl_wrap_socket
+
+if TYPE_CHECKING:
+    from wsserver.edge.native import NativeUpgrades
 
 log = logging.getLogger("wsserver.listener")
 
@@ -106,9 +117,20 @@ class Listener(HTTPServer):
     Everything Tornado's accept path does, with its public parts only: the
     socket is wrapped for TLS (``ssl_wrap_socket``; the handshake runs in
     the stream), put in an ``IOStream`` and handed to ``handle_stream``.
+    With ``native`` (:class:`~wsserver.edge.native.NativeUpgrades`), a plain
+    TCP connection goes there first: a WebSocket upgrade is answered without
+    Tornado, anything else comes back to :meth:`to_tornado` untouched.
     """
 
     _acceptors: list[tuple[socket.socket, Acceptor]]
+
+    def initialize(self, *args: Any, native: NativeUpgrades | None = None,
+                   **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        self.native = native
+        #: Streams handed over with part of --header-timeout spent: the
+        #: deadline of their first request's head (see start_request).
+        self._deadlines: dict[IOStream, asyncio.TimerHandle] = {}
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         if not hasattr(self, "_acceptors"):
@@ -117,11 +139,14 @@ class Listener(HTTPServer):
             self._acceptors.append((sock, Acceptor(sock, self._accepted)))
 
     def stop(self) -> None:
-        """Stop accepting and close the listening sockets (as TCPServer.stop)."""
+        """Stop accepting and close the listening sockets (as TCPServer.stop),
+        and the connections still waiting to send their head."""
         acceptors, self._acceptors = getattr(self, "_acceptors", []), []
         for sock, acceptor in acceptors:
             acceptor.remove()
             sock.close()
+        if self.native is not None:
+            self.native.close()
 
     def _accepted(self, connection: socket.socket, address: Any) -> None:
         if self.ssl_options is not None:
@@ -135,6 +160,18 @@ class Listener(HTTPServer):
                 log.debug("TLS wrap failed: %r", exc)
                 connection.close()
                 return
+        elif self.native is not None:
+            try:
+                self.native.accepted(connection, address, self.to_tornado)
+            except Exception:
+                log.exception("error in the native upgrade path")
+                connection.close()
+            return
+        self.to_tornado(connection, address, 0.0)
+
+    def to_tornado(self, connection: socket.socket, address: Any, spent: float) -> None:
+        """Serve ``connection`` with Tornado's HTTP server; ``spent``: seconds of
+        ``--header-timeout`` already used waiting for its first bytes."""
         try:
             stream: IOStream
             if self.ssl_options is not None:
@@ -143,6 +180,54 @@ class Listener(HTTPServer):
             else:
                 stream = IOStream(connection, max_buffer_size=self.max_buffer_size,
                                   read_chunk_size=self.read_chunk_size)
+            timeout = self.conn_params.header_timeout
+            if spent > 0 and timeout is not None:
+                # Tornado's own timeout starts now: the head must still be
+                # complete within --header-timeout of the accept.
+                self._deadlines[stream] = asyncio.get_running_loop().call_later(
+                    max(0.0, timeout - spent), self._head_late, stream
+                )
             self.handle_stream(stream, address)
         except Exception:
             log.exception("error in connection callback")
+
+    def start_request(
+        self, server_conn: object, request_conn: HTTPConnection
+    ) -> HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        if self._deadlines:
+            stream = getattr(server_conn, "stream", None)
+            timer = self._deadlines.pop(stream, None)  # type: ignore[arg-type]
+            if timer is not None:
+                return _HeadDeadline(delegate, timer)
+        return delegate
+
+    def _head_late(self, stream: IOStream) -> None:
+        # The head did not arrive in time: closed without an answer, as
+        # Tornado closes a connection at its own header timeout.
+        self._deadlines.pop(stream, None)
+        stream.close()
+
+
+class _HeadDeadline(HTTPMessageDelegate):
+    """A first request's delegate, cancelling the head's deadline once the head came."""
+
+    def __init__(self, delegate: HTTPMessageDelegate, timer: asyncio.TimerHandle) -> None:
+        self.delegate = delegate
+        self.timer = timer
+
+    def headers_received(
+        self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
+    ) -> Awaitable[None] | None:
+        self.timer.cancel()
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.timer.cancel()
+        self.delegate.on_connection_close()

@@ -29,8 +29,10 @@ from wsserver import loops
 from wsserver.auth import DEMO_AUDIENCE
 from wsserver.config import Settings
 from wsserver.edge.app import make_app
+from wsserver.edge.fastpath import FrameLimits
 from wsserver.edge.listener import Listener
 from wsserver.edge.malformed import MalformedRequestLog
+from wsserver.edge.native import NativeUpgrades
 from wsserver.errors import ConfigError, ServiceRestart
 from wsserver.metrics import Metrics
 from wsserver.monitor import ConnectionMonitor
@@ -71,6 +73,32 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError([f"--certfile/--keyfile: cannot load the pair: {exc}"]) from None
     return context
+
+
+def public_listener(
+    services: Services, ssl_context: ssl.SSLContext | None, *, native: bool = True
+) -> Listener:
+    """The public listener: every route, ``--header-timeout`` and
+    ``--max-header-size`` on every request head; plain-TCP WebSocket upgrades
+    answered at accept time (:mod:`wsserver.edge.native`) unless ``native``
+    is False (TLS ones go through Tornado)."""
+    settings = services.settings
+    upgrades = None
+    if native and ssl_context is None:
+        upgrades = NativeUpgrades(services, FrameLimits.from_settings(settings),
+                                  header_timeout=settings.header_timeout,
+                                  max_header_size=settings.max_header_size)
+    return Listener(
+        make_app(services),
+        native=upgrades,
+        ssl_options=ssl_context,
+        # Both bound how long a client may take to send its request, which
+        # cuts off slowloris connections that trickle headers.
+        idle_connection_timeout=settings.header_timeout,
+        body_timeout=settings.header_timeout,
+        max_header_size=settings.max_header_size,
+        max_body_size=MAX_BODY_SIZE,
+    )
 
 
 @dataclass
@@ -174,16 +202,7 @@ class Server:
         await services.start()
         self._malformed_log = MalformedRequestLog(services)
         self._malformed_log.install()
-        self.http_server = Listener(
-            make_app(services),
-            ssl_options=ssl_context,
-            # Both bound how long a client may take to send its request, which
-            # cuts off slowloris connections that trickle headers.
-            idle_connection_timeout=settings.header_timeout,
-            body_timeout=settings.header_timeout,
-            max_header_size=settings.max_header_size,
-            max_body_size=MAX_BODY_SIZE,
-        )
+        self.http_server = public_listener(services, ssl_context)
         self.http_server.add_sockets(sockets)
         if internal_sockets:
             self.internal_server = Listener(
