@@ -422,7 +422,7 @@ class FrameParser:
         except InflateError:
             return Failure(CloseCode.INVALID_DATA, "invalid compressed data")
         if inflated is None:
-            return Failure(CloseCode.TOO_BIG, "message too big once inflated")
+            return Failure(CloseCode.TOO_BIG, "message too big")
         return inflated
 
     def _text_header(self, b0: int, header: int) -> int:
