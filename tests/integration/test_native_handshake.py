@@ -272,13 +272,31 @@ async def test_a_head_begun_late_must_still_end_within_the_header_timeout(
     assert 0.9 < time.monotonic() - started < 1.45
 
 
+@BOTH
 @pytest.mark.gen_test
-async def test_stopping_the_listener_closes_the_connections_waiting_for_a_head(
+async def test_a_head_that_comes_once_the_drain_began_is_answered_503(
+    port: int, state: Services, http_server: Listener, handshake_path: str
+) -> None:
+    # Accepted just before the shutdown stopped the listener (as Server.shutdown
+    # does: draining, then stop()), its head still gets the contract's answer.
+    conn = await RawConnection.open(port)
+    if http_server.native is not None:
+        await until(lambda: http_server.native is not None and http_server.native.waiting == 1)
+    state.draining = True
+    http_server.stop()
+    await conn.send(upgrade_request(bearer(mint())))
+    assert await conn.read_head() == (503, {**conn.headers, "retry-after": "5"})
+    assert json.loads(await conn.wait_eof())["error"] == "draining"
+
+
+@pytest.mark.gen_test
+async def test_closing_the_listeners_connections_closes_those_waiting_for_a_head(
     port: int, http_server: Listener
 ) -> None:
     conn = await RawConnection.open(port)
-    await asyncio.sleep(0.05)  # accepted, waiting for its first bytes
+    await until(lambda: http_server.native is not None and http_server.native.waiting == 1)
     http_server.stop()
+    await http_server.close_all_connections()
     assert await conn.wait_eof(timeout=2) == b""
 
 

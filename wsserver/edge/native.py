@@ -125,7 +125,8 @@ class NativeUpgrades:
             self._expiry = loop.call_at(waiting.since + self.header_timeout, self._expire)
 
     def close(self) -> None:
-        """Close every connection still waiting for its head (the listener stops)."""
+        """Close every connection still waiting for its head (the listener closes its
+        connections: the end of a shutdown)."""
         waiting, self._waiting = self._waiting, {}
         if self._expiry is not None:
             self._expiry.cancel()
