@@ -156,6 +156,33 @@ async def test_refusals_are_counted_and_their_log_lines_throttled_on_both_paths(
     assert not [r for r in caplog.records if r.name == "wsserver.access"]
 
 
+class _Failing:
+    """Stands in for the origin check so that the handshake fails uncaught."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("crafted failure")
+
+
+@BOTH
+@pytest.mark.gen_test
+async def test_an_uncaught_error_is_a_500_with_its_error_and_access_lines_on_both_paths(
+    port: int, state: Services, handshake_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    state.origins = _Failing()  # type: ignore[assignment]
+    tok = mint()
+    conn = await RawConnection.open(port, upgrade_request({"Origin": ORIGIN}, path=f"/ws?token={tok}"))
+    assert (await conn.read_head())[0] == 500
+    conn.discard()
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records
+             if r.name in ("tornado.application", "wsserver.access")]
+    assert [line[:2] for line in lines] == [("tornado.application", "ERROR"),
+                                            ("wsserver.access", "ERROR")]
+    assert lines[0][2] == "Uncaught exception GET /ws?token=[redacted] (127.0.0.1)"
+    assert lines[1][2].startswith("500 GET /ws?token=[redacted] (127.0.0.1) ")
+    assert tok not in caplog.text
+
+
 # --- what the native path leaves to Tornado -------------------------------------------
 
 

@@ -233,6 +233,9 @@ class NativeUpgrades:
             )
         except Exception as error:
             log_uncaught("GET", head.target, client, error)
+            # And Tornado's access line for its 500 (ERROR, even with --no-access-log).
+            access_line(access_log.error, 500, "GET", head.target, client,
+                        1000 * (time.monotonic() - started))
             await _answer_and_close(sock, response(_INTERNAL_ERROR), self.header_timeout)
             return
         if decision is None:
