@@ -246,7 +246,9 @@ def query_token(query: str) -> str | None:
     ``get_query_argument("token")`` reads it (percent-decoded as UTF-8,
     control characters as spaces, stripped); :class:`NotNative` when it is
     not UTF-8 (Tornado answers 400)."""
-    if "token" not in query:
+    if "token" not in query and "%" not in query:
+        # No argument can be named token (a percent-encoded name, such as
+        # %74oken, is decoded before it is compared): skip the parsing.
         return None
     values = urllib.parse.parse_qs(query, keep_blank_values=True, encoding="latin1",
                                    errors="strict").get("token")

@@ -156,6 +156,33 @@ async def test_refusals_are_counted_and_their_log_lines_throttled_on_both_paths(
     assert not [r for r in caplog.records if r.name == "wsserver.access"]
 
 
+class _Failing:
+    """Stands in for the origin check so that the handshake fails uncaught."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("crafted failure")
+
+
+@BOTH
+@pytest.mark.gen_test
+async def test_an_uncaught_error_is_a_500_with_its_error_and_access_lines_on_both_paths(
+    port: int, state: Services, handshake_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    state.origins = _Failing()  # type: ignore[assignment]
+    tok = mint()
+    conn = await RawConnection.open(port, upgrade_request({"Origin": ORIGIN}, path=f"/ws?token={tok}"))
+    assert (await conn.read_head())[0] == 500
+    conn.discard()
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records
+             if r.name in ("tornado.application", "wsserver.access")]
+    assert [line[:2] for line in lines] == [("tornado.application", "ERROR"),
+                                            ("wsserver.access", "ERROR")]
+    assert lines[0][2] == "Uncaught exception GET /ws?token=[redacted] (127.0.0.1)"
+    assert lines[1][2].startswith("500 GET /ws?token=[redacted] (127.0.0.1) ")
+    assert tok not in caplog.text
+
+
 # --- what the native path leaves to Tornado -------------------------------------------
 
 
@@ -272,13 +299,31 @@ async def test_a_head_begun_late_must_still_end_within_the_header_timeout(
     assert 0.9 < time.monotonic() - started < 1.45
 
 
+@BOTH
 @pytest.mark.gen_test
-async def test_stopping_the_listener_closes_the_connections_waiting_for_a_head(
+async def test_a_head_that_comes_once_the_drain_began_is_answered_503(
+    port: int, state: Services, http_server: Listener, handshake_path: str
+) -> None:
+    # Accepted just before the shutdown stopped the listener (as Server.shutdown
+    # does: draining, then stop()), its head still gets the contract's answer.
+    conn = await RawConnection.open(port)
+    if http_server.native is not None:
+        await until(lambda: http_server.native is not None and http_server.native.waiting == 1)
+    state.draining = True
+    http_server.stop()
+    await conn.send(upgrade_request(bearer(mint())))
+    assert await conn.read_head() == (503, {**conn.headers, "retry-after": "5"})
+    assert json.loads(await conn.wait_eof())["error"] == "draining"
+
+
+@pytest.mark.gen_test
+async def test_closing_the_listeners_connections_closes_those_waiting_for_a_head(
     port: int, http_server: Listener
 ) -> None:
     conn = await RawConnection.open(port)
-    await asyncio.sleep(0.05)  # accepted, waiting for its first bytes
+    await until(lambda: http_server.native is not None and http_server.native.waiting == 1)
     http_server.stop()
+    await http_server.close_all_connections()
     assert await conn.wait_eof(timeout=2) == b""
 
 

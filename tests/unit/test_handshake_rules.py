@@ -95,7 +95,9 @@ def tornados_token(query: str) -> str | None:
     "query",
     ["", "token=abc.def.ghi", "a=1&token=x&token=y", "token=%41%42", "token=+a+b+",
      "token=%00x%1fy%7f", "token=%C3%A9t%C3%A9", "token=", "tokens=1", "x=token",
-     "token", "token=a;b", "token=%FF", "&&token=1&", "token=%zz"],
+     "token", "token=a;b", "token=%FF", "&&token=1&", "token=%zz",
+     # A percent-encoded name is decoded before it is compared.
+     "%74oken=abc", "t%6Fken=%FF", "%74%6F%6B%65%6E=x&token=y", "tok%65n=z"],
 )
 def test_the_query_token_is_read_as_tornado_reads_it(query: str) -> None:
     try:

@@ -139,14 +139,22 @@ class Listener(HTTPServer):
             self._acceptors.append((sock, Acceptor(sock, self._accepted)))
 
     def stop(self) -> None:
-        """Stop accepting and close the listening sockets (as TCPServer.stop),
-        and the connections still waiting to send their head."""
+        """Stop accepting and close the listening sockets (as TCPServer.stop).
+
+        Connections already accepted stay, as Tornado's do: one whose head
+        comes during a drain is answered 503 ``draining`` on either path;
+        :meth:`close_all_connections` ends them."""
         acceptors, self._acceptors = getattr(self, "_acceptors", []), []
         for sock, acceptor in acceptors:
             acceptor.remove()
             sock.close()
+
+    async def close_all_connections(self) -> None:
+        """Close every connection: those still waiting to send their head, then
+        Tornado's (as HTTPServer.close_all_connections)."""
         if self.native is not None:
             self.native.close()
+        await super().close_all_connections()
 
     def _accepted(self, connection: socket.socket, address: Any) -> None:
         if self.ssl_options is not None:

@@ -125,7 +125,8 @@ class NativeUpgrades:
             self._expiry = loop.call_at(waiting.since + self.header_timeout, self._expire)
 
     def close(self) -> None:
-        """Close every connection still waiting for its head (the listener stops)."""
+        """Close every connection still waiting for its head (the listener closes its
+        connections: the end of a shutdown)."""
         waiting, self._waiting = self._waiting, {}
         if self._expiry is not None:
             self._expiry.cancel()
@@ -232,6 +233,9 @@ class NativeUpgrades:
             )
         except Exception as error:
             log_uncaught("GET", head.target, client, error)
+            # And Tornado's access line for its 500 (ERROR, even with --no-access-log).
+            access_line(access_log.error, 500, "GET", head.target, client,
+                        1000 * (time.monotonic() - started))
             await _answer_and_close(sock, response(_INTERNAL_ERROR), self.header_timeout)
             return
         if decision is None:
