@@ -24,6 +24,7 @@ from wsserver import protocol
 from wsserver.access import RoomAccess
 from wsserver.brokers.base import (
     Broker,
+    BrokerUnavailable,
     HistoryPage,
     HistorySpec,
     NodeStats,
@@ -290,6 +291,12 @@ class Hub:
         spec = history_spec(self.policy.policy_for(room))
         try:
             await self.broker.publish(room, message, history=spec, origin=origin)
+        except BrokerUnavailable:
+            # The outcome may be unknown (a batch that timed out may still be
+            # applied once Redis answers): the tag stays until swept, so that
+            # if the publication comes after all, the sender's copy carries its
+            # id and the client can tell (docs/protocol.md, "unavailable").
+            raise
         except BaseException:
             if origin is not None:
                 self.delivery.drop_origin(origin)

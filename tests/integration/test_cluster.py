@@ -802,3 +802,30 @@ def test_members_miss_nothing_while_others_join_and_leave(
         await asyncio.gather(*(close_reading(member) for member in members))
 
     run(scenario, timeout=180)
+
+
+def test_a_publish_answered_unavailable_that_redis_applies_later_is_recognisable(
+    start_node: StartNode, redis: RedisServer
+) -> None:
+    """A publish sent just as Redis freezes outlives the command timeout and is
+    answered ``unavailable``, yet Redis applies it once it runs again: the
+    sender's copy then carries the publish's ``id``, so the client knows it went
+    through after all (and does not publish it twice). No heartbeat or probe
+    runs meanwhile, so the publish is the command on the wire when Redis stops."""
+    a = start_node("a", "--broker-probe-interval", "20", "--broker-heartbeat", "20",
+                   "--broker-node-ttl", "40")
+    sender = welcomed_sync(a, mint("gus"))
+    sender.join("chat:late")
+    # The join's own commands (presence, the join event) done: a publish whose
+    # copy came back was applied after them, in order.
+    sender.send({"type": "publish", "room": "chat:late", "data": "first", "id": 6})
+    assert sender.next(lambda m: m["type"] == "message").get("id") == 6
+    redis.freeze()
+    try:
+        reply = sender.ask({"type": "publish", "room": "chat:late", "data": "late", "id": 7},
+                           skip=ROOM_TRAFFIC)
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "unavailable", 7)
+    finally:
+        redis.thaw()
+    copy = sender.next(lambda m: m["type"] == "message", timeout=30)
+    assert (copy["data"], copy.get("id")) == ("late", 7), copy
