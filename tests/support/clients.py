@@ -159,17 +159,77 @@ def _check_welcome(first: Message | None, client: Any, tok: str) -> Message:
 # --- async: one base, two libraries -------------------------------------------------
 
 
-class AsyncClient:
-    """One connection; subclasses bind a library. ``raw`` is the library's own object."""
+class Conversation:
+    """What a test does with a connection, on any transport: ask, wait for a
+    message, join, read until a marker or the end. A subclass gives ``send``,
+    ``recv`` (None once the server ended it), ``close_code`` and ``close_reason``."""
 
-    raw: Any
     welcome: Message | None = None
+    close_code: int | None
+    close_reason: str | None
 
     @property
     def user(self) -> Any:
         """The user the welcome named."""
         assert self.welcome is not None, "not welcomed"
         return self.welcome["user"]
+
+    async def send(self, message: Outgoing) -> None:
+        raise NotImplementedError
+
+    async def recv(self, timeout: float = WAIT) -> Message | None:
+        raise NotImplementedError
+
+    async def ask(self, message: Outgoing, *, skip: Collection[str] = (),
+                  timeout: float = WAIT) -> Message:
+        """Send ``message``; the next message received, passing over types in ``skip``."""
+        await self.send(message)
+        return await self.next(lambda m: m["type"] not in skip, timeout)
+
+    async def next(self, wanted: Callable[[Message], bool], timeout: float = WAIT) -> Message:
+        """The next message ``wanted`` accepts; others are dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await self.recv(max(0.01, deadline - time.monotonic()))
+            assert message is not None, f"closed: {self.close_code} {self.close_reason}"
+            if wanted(message):
+                return message
+
+    async def join(self, room: str, **extra: Any) -> Message:
+        """Join ``room`` (``extra``: more fields of the join); its ``joined`` reply
+        (room traffic before it is passed over)."""
+        reply = await self.ask({"type": "join", "room": room, **extra}, skip=ROOM_TRAFFIC)
+        assert reply["type"] == "joined", reply
+        return reply
+
+    async def messages_until(self, marker: Any, types: Collection[str] | None = ("message", "gap"),
+                             timeout: float = WAIT) -> list[Message]:
+        """Messages of ``types`` (None: all) received before the room message whose
+        data is ``marker`` (excluded)."""
+        got: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await self.recv(max(0.01, deadline - time.monotonic()))
+            assert message is not None, f"closed: {self.close_code} {self.close_reason}"
+            if message["type"] == "message" and message["data"] == marker:
+                return got
+            if types is None or message["type"] in types:
+                got.append(message)
+
+    async def until_closed(self, timeout: float = WAIT) -> tuple[int | None, list[Message]]:
+        """Read until the server ends the connection, within ``timeout`` in all: its
+        close code (None when it ended without one), and every message before it."""
+        received: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while (message := await self.recv(max(0.01, deadline - time.monotonic()))) is not None:
+            received.append(message)
+        return self.close_code, received
+
+
+class AsyncClient(Conversation):
+    """One connection; subclasses bind a library. ``raw`` is the library's own object."""
+
+    raw: Any
 
     async def send(self, message: Outgoing) -> None:
         """Send a dict as JSON, a str as a text frame, bytes as a binary frame."""
@@ -179,11 +239,11 @@ class AsyncClient:
         raise NotImplementedError
 
     @property
-    def close_code(self) -> int | None:
+    def close_code(self) -> int | None:  # type: ignore[override]
         raise NotImplementedError
 
     @property
-    def close_reason(self) -> str | None:
+    def close_reason(self) -> str | None:  # type: ignore[override]
         raise NotImplementedError
 
     @property
@@ -207,50 +267,6 @@ class AsyncClient:
             return None
         message: Message = json.loads(text)
         return message
-
-    async def ask(self, message: Outgoing, *, skip: Collection[str] = (),
-                  timeout: float = WAIT) -> Message:
-        """Send ``message``; the next message received, passing over types in ``skip``."""
-        await self.send(message)
-        return await self.next(lambda m: m["type"] not in skip, timeout)
-
-    async def next(self, wanted: Callable[[Message], bool], timeout: float = WAIT) -> Message:
-        """The next message ``wanted`` accepts; others are dropped."""
-        deadline = time.monotonic() + timeout
-        while True:
-            message = await self.recv(max(0.01, deadline - time.monotonic()))
-            assert message is not None, f"closed: {self.close_code} {self.close_reason}"
-            if wanted(message):
-                return message
-
-    async def join(self, room: str) -> Message:
-        """Join ``room``; its ``joined`` reply (room traffic before it is passed over)."""
-        reply = await self.ask({"type": "join", "room": room}, skip=ROOM_TRAFFIC)
-        assert reply["type"] == "joined", reply
-        return reply
-
-    async def messages_until(self, marker: Any, types: Collection[str] | None = ("message", "gap"),
-                             timeout: float = WAIT) -> list[Message]:
-        """Messages of ``types`` (None: all) received before the room message whose
-        data is ``marker`` (excluded)."""
-        got: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            message = await self.recv(max(0.01, deadline - time.monotonic()))
-            assert message is not None, f"closed: {self.close_code} {self.close_reason}"
-            if message["type"] == "message" and message["data"] == marker:
-                return got
-            if types is None or message["type"] in types:
-                got.append(message)
-
-    async def until_closed(self, timeout: float = WAIT) -> tuple[int | None, list[Message]]:
-        """Read until the server closes, within ``timeout`` in all: its close code,
-        and every message before it."""
-        received: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while (message := await self.recv(max(0.01, deadline - time.monotonic()))) is not None:
-            received.append(message)
-        return self.close_code, received
 
 
 class TornadoClient(AsyncClient):

@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import httpx
 
-from tests.support.clients import ROOM_TRAFFIC, WAIT, Message, Outgoing, track_async
+from tests.support.clients import WAIT, Conversation, Message, Outgoing, track_async
 from tests.support.tokens import mint
 
 
@@ -49,7 +49,7 @@ def base_of(target: StreamTarget) -> str:
 _END = object()
 
 
-class StreamClient:
+class StreamClient(Conversation):
     """One ``GET /sse`` response, read event by event in the background."""
 
     def __init__(self, base: str, http: httpx.AsyncClient, response: httpx.Response) -> None:
@@ -77,11 +77,6 @@ class StreamClient:
         assert self.welcome is not None, "not welcomed"
         session: str = self.welcome["session"]
         return session
-
-    @property
-    def user(self) -> Any:
-        assert self.welcome is not None, "not welcomed"
-        return self.welcome["user"]
 
     def json(self) -> Any:
         """A refused stream's JSON body."""
@@ -145,45 +140,6 @@ class StreamClient:
         body = message if isinstance(message, str | bytes) else json.dumps(message)
         answer = await self.post(body)
         assert answer.status_code == 202, (answer.status_code, answer.text)
-
-    async def ask(self, message: Outgoing, *, skip: Collection[str] = (),
-                  timeout: float = WAIT) -> Message:
-        await self.send(message)
-        return await self.next(lambda m: m["type"] not in skip, timeout)
-
-    async def next(self, wanted: Callable[[Message], bool], timeout: float = WAIT) -> Message:
-        deadline = time.monotonic() + timeout
-        while True:
-            message = await self.recv(max(0.01, deadline - time.monotonic()))
-            assert message is not None, f"closed: {self.close_code} {self.close_reason}"
-            if wanted(message):
-                return message
-
-    async def join(self, room: str, **extra: Any) -> Message:
-        reply = await self.ask({"type": "join", "room": room, **extra}, skip=ROOM_TRAFFIC)
-        assert reply["type"] == "joined", reply
-        return reply
-
-    async def messages_until(self, marker: Any, types: Collection[str] | None = ("message", "gap"),
-                             timeout: float = WAIT) -> list[Message]:
-        got: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            message = await self.recv(max(0.01, deadline - time.monotonic()))
-            assert message is not None, f"closed: {self.close_code} {self.close_reason}"
-            if message["type"] == "message" and message["data"] == marker:
-                return got
-            if types is None or message["type"] in types:
-                got.append(message)
-
-    async def until_closed(self, timeout: float = WAIT) -> tuple[int | None, list[Message]]:
-        """Read until the stream ends, within ``timeout``: the close event's code
-        (None when the stream ended without one), and every message before it."""
-        received: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while (message := await self.recv(max(0.01, deadline - time.monotonic()))) is not None:
-            received.append(message)
-        return self.close_code, received
 
     async def aclose(self) -> None:
         """Cut the stream (the client goes) and free everything."""
