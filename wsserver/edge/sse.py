@@ -490,6 +490,13 @@ class StreamingHandler(BaseHandler):
             self.set_header("Access-Control-Expose-Headers", "Retry-After")
         self.add_header("Vary", "Origin")
 
+    def arrival(self) -> Arrival:
+        """What the handshake's arrival checks need of this request (a stream's
+        handshake, or the ticket that stands for its first step)."""
+        headers = self.request.headers
+        return Arrival(self.limit_key, self.client_address, headers.get("Origin"), headers.get,
+                       "sse")
+
     def options(self, *args: Any) -> None:
         """The CORS preflight of a cross-origin ``fetch``: allowed origins only."""
         origin = self.request.headers.get("Origin")
@@ -526,8 +533,7 @@ class TicketHandler(StreamingHandler):
     async def post(self) -> None:
         services = self.services
         self.allow_origin()
-        arrival = Arrival(self.limit_key, self.client_address,
-                          self.request.headers.get("Origin"), self.request.headers.get, "sse")
+        arrival = self.arrival()
         try:
             check_arrival(services, arrival)
         except Rejection as rejection:
@@ -575,8 +581,7 @@ class StreamHandler(StreamingHandler):
     async def get(self) -> None:
         services = self.services
         self.allow_origin()
-        arrival = Arrival(self.limit_key, self.client_address,
-                          self.request.headers.get("Origin"), self.request.headers.get, "sse")
+        arrival = self.arrival()
         try:
             check_arrival(services, arrival)
             credentials, verdict = await self._credentials()
