@@ -488,6 +488,25 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+async def publish_run(run: FanoutRun, publisher: Member, job: Job) -> tuple[float, Result, bool]:
+    """Start ``run``'s publishes (``window`` in flight; the publisher's own copies
+    send the rest) and wait for every delivery, at most ``job["timeout"]``: the
+    seconds from the first publish to the last delivery, the CPU figures over
+    that time (per delivery), and whether it timed out."""
+    meter = CpuMeter.for_job(job)
+    meter.start()
+    started = time.perf_counter_ns()
+    for _ in range(min(run.window, run.publishes)):
+        publisher.publish()
+    timed_out = False
+    try:
+        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
+    except TimeoutError:
+        timed_out = True
+    elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
+    return elapsed, meter.stop(run.delivered), timed_out
+
+
 async def fanout(job: Job, dialer: Dialer) -> Result:
     """``members`` in one room; one of them publishes ``publishes`` messages.
 
@@ -512,18 +531,7 @@ async def fanout(job: Job, dialer: Dialer) -> Result:
     churning = None
     if job.get("churn"):
         churning = asyncio.ensure_future(churn(dialer, run.room, job["churn"], stop_churn))
-    meter = CpuMeter.for_job(job)
-    meter.start()
-    started = time.perf_counter_ns()
-    for _ in range(min(run.window, run.publishes)):
-        publisher.publish()
-    timed_out = False
-    try:
-        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
-    except TimeoutError:
-        timed_out = True
-    elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
-    cpu = meter.stop(run.delivered)
+    elapsed, cpu, timed_out = await publish_run(run, publisher, job)
     stop_churn.set()
     churned = await churning if churning is not None else 0
     expected = run.members * run.publishes
@@ -1182,18 +1190,7 @@ async def stream_fanout(job: Job, dialer: Dialer) -> Result:
         await asyncio.gather(*(join(stream) for stream in streams))
     publisher.send({"type": "join", "room": run.room})
     await asyncio.gather(publisher.joined, *(conn.joined for conn in conns))
-    meter = CpuMeter.for_job(job)
-    meter.start()
-    started = time.perf_counter_ns()
-    for _ in range(min(run.window, run.publishes)):
-        publisher.publish()
-    timed_out = False
-    try:
-        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
-    except TimeoutError:
-        timed_out = True
-    elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
-    cpu = meter.stop(run.delivered)
+    elapsed, cpu, timed_out = await publish_run(run, publisher, job)
     expected = run.members * run.publishes
     codes = close_codes([publisher, *conns])
     for stream in streams:
