@@ -483,6 +483,8 @@ export class WsError extends Error {
  *              missed 0; dropped N when N messages without offsets were skipped);
  *              recovered false means messages are lost: reload the room
  *   "publish_error" {room, id, error}: a publish was refused (a WsError)
+ *   "published" {room, id, duplicate, offset?, epoch?}: a publish whose
+ *              idempotency key was used before was not published again
  *   "user_joined", "user_left", "presence": those server messages
  */
 export class WsClient extends EventTarget {
@@ -699,9 +701,15 @@ export class WsClient extends EventTarget {
   /**
    * Publish `data` to `room`; returns the message id. A refusal (forbidden,
    * unavailable, rate_limited...) arrives as a "publish_error" event with that id.
+   * With `options.idempotencyKey` (1 to 128 characters) a publish that failed
+   * can be made again with the same key: the server publishes it once within
+   * 5 minutes, and answers a repeat of one that went through with a
+   * "published" event {room, id, duplicate: true, offset?, epoch?}.
    */
   publish(room, data, options = {}) {
-    const id = this.send(withId({ type: 'publish', room, data }, options.id));
+    const msg = { type: 'publish', room, data };
+    if (options.idempotencyKey !== undefined) msg.idempotency_key = options.idempotencyKey;
+    const id = this.send(withId(msg, options.id));
     this.publishes.set(id, room);
     // Bounded: publishes whose echo never comes (not a member) are forgotten, oldest first.
     if (this.publishes.size > 1000) this.publishes.delete(this.publishes.keys().next().value);
@@ -823,6 +831,8 @@ export class WsClient extends EventTarget {
       if (!verdict.deliver) return; // already delivered (recovered, then repeated)
       if (verdict.position) this.positions.set(msg.room, verdict.position);
       if (msg.from === this.user) this.publishes.delete(msg.id); // our publish came back
+    } else if (msg.type === 'published') {
+      this.publishes.delete(msg.id); // a repeated idempotency key: no copy comes
     } else if (msg.type === 'gap') {
       const recovering = this.recoveringJoin(msg.room);
       if (recovering) {
@@ -843,7 +853,8 @@ export class WsClient extends EventTarget {
       if (m.type === 'gap') this.reportGap(m);
       this.dispatchEvent(new CustomEvent('message', { detail: m }));
     }
-    if (msg.type === 'user_joined' || msg.type === 'user_left' || msg.type === 'presence') {
+    if (msg.type === 'user_joined' || msg.type === 'user_left' || msg.type === 'presence'
+        || msg.type === 'published') {
       this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
     }
   }

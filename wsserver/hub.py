@@ -267,9 +267,15 @@ class Hub:
     # --- publishing ------------------------------------------------------------
 
     async def publish_from(
-        self, session: Member, room: str, data: Any, msg_id: MessageId | None
-    ) -> None:
-        """A client's publish: checked, then through the broker to every member."""
+        self, session: Member, room: str, data: Any, msg_id: MessageId | None,
+        idempotency_key: str | None = None,
+    ) -> PublishResult:
+        """A client's publish: checked, then through the broker to every member.
+
+        With ``idempotency_key``, the same key from the same user for the same
+        room within :data:`~wsserver.brokers.base.IDEMPOTENCY_TTL` publishes
+        once: a repeat answers ``duplicate`` and the first publish's position.
+        """
         validate_room(room)
         identity = session.identity
         assert identity is not None
@@ -289,8 +295,11 @@ class Hub:
             raise RateLimited(wait, f"publish rate of room {room!r} exceeded")
         origin = None if msg_id is None else self.delivery.remember_origin(session, msg_id)
         spec = history_spec(self.policy.policy_for(room))
+        key = None if idempotency_key is None else (
+            protocol.client_idempotency_key(identity.user, idempotency_key))
         try:
-            await self.broker.publish(room, message, history=spec, origin=origin)
+            result = await self.broker.publish(
+                room, message, history=spec, origin=origin, idempotency_key=key)
         except BrokerUnavailable:
             # The outcome may be unknown (a batch that timed out may still be
             # applied once Redis answers): the tag stays until swept, so that
@@ -301,6 +310,9 @@ class Hub:
             if origin is not None:
                 self.delivery.drop_origin(origin)
             raise
+        if result.duplicate and origin is not None:
+            self.delivery.drop_origin(origin)
+        return result
 
     async def publish(
         self, room: str, data: Any, *, idempotency_key: str | None = None

@@ -23,6 +23,8 @@ MAX_ID_LENGTH = 128
 #: broker (Redis stream IDs and counters), so a larger one was never given out.
 MAX_OFFSET = 2**63 - 1
 MAX_METHOD_LENGTH = 128
+#: The longest ``idempotency_key`` of a publish (client or server API).
+MAX_IDEMPOTENCY_KEY = 128
 
 MessageId = str | int | float
 
@@ -205,6 +207,16 @@ def _validate_join(body: dict[str, Any]) -> None:
 def _validate_publish(body: dict[str, Any]) -> None:
     _require_room(body)
     _require_data(body)
+    key = body.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY):
+        raise BadRequest(
+            f"'idempotency_key' must be a string of 1 to {MAX_IDEMPOTENCY_KEY} characters")
+
+
+def client_idempotency_key(user: str, key: str) -> str:
+    """The broker's key for a client's ``idempotency_key``: one user's keys never
+    meet another's, nor the server API's (a client key starts with a NUL)."""
+    return f"\0{len(user)}:{user}:{key}"
 
 
 def _validate_rpc(body: dict[str, Any]) -> None:

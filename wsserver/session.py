@@ -376,7 +376,13 @@ class Session:
         self.reply(msg, {"type": "left", "room": room})
 
     async def _on_publish(self, msg: ClientMessage) -> None:
-        await self.services.hub.publish_from(self, msg.field("room"), msg.field("data"), msg.id)
+        room = msg.field("room")
+        result = await self.services.hub.publish_from(
+            self, room, msg.field("data"), msg.id, msg.body.get("idempotency_key"))
+        if result.duplicate:
+            # Published before: no copy comes; this is the answer instead.
+            self.reply(msg, {"type": "published", "room": room, "duplicate": True,
+                             **result.as_dict()})
 
     async def _on_presence(self, msg: ClientMessage) -> None:
         room = msg.field("room")

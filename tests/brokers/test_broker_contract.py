@@ -207,12 +207,14 @@ def test_idempotency_key_publishes_once(harness: Harness) -> None:
             await broker.subscribe("s")
             first = await broker.publish("r", msg(1), history=KEEP5, idempotency_key="k1")
             again = await broker.publish("r", msg(9), history=KEEP5, idempotency_key="k1")
-            assert first == again == PublishResult(1, first.epoch)
+            assert first == PublishResult(1, first.epoch)
+            assert again == PublishResult(1, first.epoch, duplicate=True)
             other = await broker.publish("s", msg(2), history=KEEP5, idempotency_key="k1")
             assert other.offset == 1  # another room: another key
             plain = await broker.publish("r", msg(3), idempotency_key="k2")
             assert plain == PublishResult()
-            assert await broker.publish("r", msg(4), idempotency_key="k2") == PublishResult()
+            assert await broker.publish("r", msg(4), idempotency_key="k2") == PublishResult(
+                duplicate=True)
             await sink.barrier(broker, "r")
             assert [p for p in sink.payloads("r") if b"marker" not in p] == [
                 with_position(msg(1), 1, first.epoch), msg(3)

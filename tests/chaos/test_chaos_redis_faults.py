@@ -7,19 +7,28 @@ publisher on ``POST /api/publish`` runs and a few clients churn. After each,
 :meth:`tests.support.chaos.Chaos.finish` checks every client (every
 acknowledged message delivered once in order, or inside a range it was told
 about), the history (nothing stored twice) and ``/readyz`` (it went 503, or
-the killed node stopped answering, and came back to 200).
+the killed node stopped answering, and came back to 200). The last scenario
+is a client's: publishes retried with their ``idempotency_key`` through a
+freeze and a node kill land exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from tests.support.aio import run
-from tests.support.chaos import Chaos, Nodes
+from tests.support.chaos import PATIENCE, Chaos, Nodes
+from tests.support.publisher import API_KEY
 from tests.support.redis_server import RedisServer
+from tests.support.tokens import mint
+from tests.support.waiting import until
+from wsserver.client import Client, ConnectionLost, Message, RequestTimeout, Room, Unavailable
+from wsserver.client.api import ApiClient
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -145,5 +154,88 @@ def test_pubsub_connections_killed(
                 await nodes.logged("broker: re-subscribed", kill)
                 await chaos.published(60)
             (await chaos.finish()).assert_clean()
+
+    run(scenario, SCENARIO_TIMEOUT)
+
+
+#: Publishing lanes of the idempotency scenario: several publishes are on the
+#: wire at once, so a freeze or a kill catches some in flight.
+LANES = 4
+PER_LANE = 60
+
+
+def test_publishes_retried_with_their_idempotency_keys_land_once(
+    redis: RedisServer, nodes_factory: Callable[..., Nodes]
+) -> None:
+    """A client (the Python client, on both nodes' URLs) publishes in four lanes,
+    each publish with its own ``idempotency_key``, and sends it again with the
+    same key until it is acknowledged: answered ``unavailable`` through a 3 s
+    Redis freeze (some of those are applied once Redis runs again), and cut off
+    when its node is SIGKILLed (it moves to the other node). Every message is
+    then in the room's history exactly once, each lane in order, and a member
+    that stayed connected got each exactly once."""
+    nodes = nodes_factory(redis.url, "--message-rate", "500", "--message-burst", "200",
+                          "--room-publish-rate", "1000", "--room-publish-burst", "500")
+    room_name = "chaos:idem"
+
+    async def scenario() -> None:
+        await nodes.start(2)
+        first, second = nodes.running
+        retried: Counter[str] = Counter()
+        sent = {lane: 0 for lane in range(LANES)}
+
+        async def publish_once(room: Room, value: list[int]) -> None:
+            key = f"{value[0]}.{value[1]}"
+            while True:
+                try:
+                    await room.publish(value, idempotency_key=key, timeout=PATIENCE)
+                    return
+                except Unavailable as error:
+                    retried["unavailable"] += 1
+                    await asyncio.sleep(error.retry_after or 0.1)
+                except (ConnectionLost, RequestTimeout) as error:
+                    retried[type(error).__name__] += 1
+
+        async def lane(room: Room, index: int, until_sent: int) -> None:
+            while sent[index] < until_sent:
+                await publish_once(room, [index, sent[index]])
+                sent[index] += 1
+
+        async with Client([first.ws_url, second.ws_url], token=mint("pub")) as publisher, \
+                Client(second.ws_url, token=mint("member")) as member, \
+                ApiClient(second.url, API_KEY) as api:
+            watched = await member.join(room_name)
+            room = await publisher.join(room_name)
+            third = PER_LANE // 3
+            await asyncio.gather(*(lane(room, i, third) for i in range(LANES)))
+            # The freeze lands while every lane has a publish on the wire.
+            lanes = asyncio.gather(*(lane(room, i, 2 * third) for i in range(LANES)))
+            await until(lambda: sum(sent.values()) >= LANES * third + 4, PATIENCE)
+            redis.freeze()
+            try:
+                await asyncio.sleep(3.0)
+            finally:
+                redis.thaw()
+            await lanes
+            lanes = asyncio.gather(*(lane(room, i, PER_LANE) for i in range(LANES)))
+            await until(lambda: sum(sent.values()) >= 2 * LANES * third + 4, PATIENCE)
+            first.proc.kill()
+            await lanes
+            await api.publish(room_name, "end")
+            got: list[Any] = []
+            async with asyncio.timeout(PATIENCE):
+                async for item in watched:
+                    assert isinstance(item, Message), item
+                    if item.data == "end":
+                        break
+                    got.append(item.data)
+            history = await api.history(room_name, limit=10_000)
+        kept = [m.data for m in history.messages if m.data != "end"]
+        assert retried["unavailable"] > 0, retried  # the freeze was felt
+        for record in (kept, got):
+            assert sorted(map(tuple, record)) == [
+                (lane, n) for lane in range(LANES) for n in range(PER_LANE)], retried
+            for index in range(LANES):
+                assert [n for lane, n in record if lane == index] == list(range(PER_LANE))
 
     run(scenario, SCENARIO_TIMEOUT)

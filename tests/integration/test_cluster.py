@@ -811,7 +811,8 @@ def test_a_publish_answered_unavailable_that_redis_applies_later_is_recognisable
     answered ``unavailable``, yet Redis applies it once it runs again: the
     sender's copy then carries the publish's ``id``, so the client knows it went
     through after all (and does not publish it twice). No heartbeat or probe
-    runs meanwhile, so the publish is the command on the wire when Redis stops."""
+    runs meanwhile, so the publish is the command on the wire when Redis stops.
+    Sent again with its ``idempotency_key``, it is not published twice."""
     a = start_node("a", "--broker-probe-interval", "20", "--broker-heartbeat", "20",
                    "--broker-node-ttl", "40")
     sender = welcomed_sync(a, mint("gus"))
@@ -822,10 +823,54 @@ def test_a_publish_answered_unavailable_that_redis_applies_later_is_recognisable
     assert sender.next(lambda m: m["type"] == "message").get("id") == 6
     redis.freeze()
     try:
-        reply = sender.ask({"type": "publish", "room": "chat:late", "data": "late", "id": 7},
-                           skip=ROOM_TRAFFIC)
+        reply = sender.ask({"type": "publish", "room": "chat:late", "data": "late", "id": 7,
+                            "idempotency_key": "late-1"}, skip=ROOM_TRAFFIC)
         assert (reply["type"], reply["code"], reply["id"]) == ("error", "unavailable", 7)
     finally:
         redis.thaw()
     copy = sender.next(lambda m: m["type"] == "message", timeout=30)
     assert (copy["data"], copy.get("id")) == ("late", 7), copy
+    again = sender.ask({"type": "publish", "room": "chat:late", "data": "late", "id": 8,
+                        "idempotency_key": "late-1"}, skip=ROOM_TRAFFIC)
+    assert again == {"type": "published", "room": "chat:late", "duplicate": True,
+                     "offset": copy["offset"], "epoch": copy["epoch"], "id": 8}
+    assert api(a, "/api/publish", {"room": "chat:late", "data": "end"})["offset"] == (
+        copy["offset"] + 1)
+    assert [m["data"] for m in sender.messages_until("end")] == []
+
+
+def test_a_client_idempotency_key_publishes_once_per_user_and_room(
+    start_node: StartNode
+) -> None:
+    """The same key from the same user and room publishes once, whichever node or
+    connection repeats it; another user's key, another room's or the API's is
+    another key."""
+    a, b = start_node("a"), start_node("b")
+    ann_a, ann_b, bob, watcher = (welcomed_sync(a, mint("ann")), welcomed_sync(b, mint("ann")),
+                                  welcomed_sync(b, mint("bob")), welcomed_sync(a, mint("cy")))
+    for member in (ann_a, ann_b, bob, watcher):
+        member.join("chat:k")
+        member.join("news")
+
+    def publish(member: Any, room: str, data: str, msg_id: int) -> Any:
+        member.send({"type": "publish", "room": room, "data": data, "id": msg_id,
+                     "idempotency_key": "k1"})
+        return member.next(lambda m: m.get("id") == msg_id)
+
+    first = publish(ann_a, "chat:k", "one", 1)
+    assert (first["type"], first["data"], first["offset"]) == ("message", "one", 1)
+    assert publish(ann_b, "chat:k", "one again", 2) == {
+        "type": "published", "room": "chat:k", "duplicate": True, "offset": 1,
+        "epoch": first["epoch"], "id": 2}
+    assert publish(bob, "chat:k", "bob's", 3)["offset"] == 2
+    assert api(a, "/api/publish", {"room": "chat:k", "data": "api's",
+                                   "idempotency_key": "k1"})["offset"] == 3
+    assert publish(ann_a, "news", "no history", 4)["data"] == "no history"
+    assert publish(ann_b, "news", "no history again", 5) == {
+        "type": "published", "room": "news", "duplicate": True, "id": 5}
+    # Everything was answered in turn: the watcher saw each publication once, in order.
+    api(a, "/api/publish", {"room": "chat:k", "data": "end"})
+    api(a, "/api/publish", {"room": "news", "data": "end"})
+    got = watcher.messages_until("end") + watcher.messages_until("end")
+    assert [(m["room"], m["data"]) for m in got] == [
+        ("chat:k", "one"), ("chat:k", "bob's"), ("chat:k", "api's"), ("news", "no history")]

@@ -134,10 +134,17 @@ def test_requests_answer_and_refusals_raise_typed_errors(start: StartServer) -> 
             with pytest.raises(Forbidden) as refused:
                 await client.join("locked:1")
             assert refused.value.code == "forbidden"
-            ack = await room.publish({"text": "hi"})
-            assert (ack.sender, ack.data, ack.offset) == ("alice", {"text": "hi"}, 1)
+            ack = await room.publish({"text": "hi"}, idempotency_key="k1")
+            assert (ack.sender, ack.data, ack.offset, ack.duplicate) == (
+                "alice", {"text": "hi"}, 1, False)
             [item] = await take(room, 1)
             assert isinstance(item, Message) and item.offset == 1
+            again = await room.publish({"text": "hi"}, idempotency_key="k1")
+            assert (again.sender, again.data, again.offset, again.duplicate) == (
+                "alice", {"text": "hi"}, 1, True)
+            assert (await room.publish("next")).offset == 2  # nothing came between
+            [item] = await take(room, 1)
+            assert isinstance(item, Message) and (item.data, item.offset) == ("next", 2)
             # This server has no --proxy-rpc-url: rpc is unknown_type, typed.
             with pytest.raises(UnknownType) as unknown:
                 await client.rpc("add", {"a": 1})

@@ -380,6 +380,24 @@ test('a refused publish is reported with its room; unavailable is retryable', as
   client.close();
 });
 
+test('a publish with an idempotency key sends it; a repeat is answered "published"', async () => {
+  const client = newClient();
+  const answered = [];
+  client.addEventListener('published', (e) => answered.push(e.detail));
+  const ws = await connected(client);
+  const id = client.publish('chat:1', 'hi', { idempotencyKey: 'k1' });
+  assert.deepEqual(ws.sent.at(-1), { type: 'publish', room: 'chat:1', data: 'hi',
+                                     idempotency_key: 'k1', id });
+  assert.equal(client.publishes.get(id), 'chat:1');
+  ws.receive({ type: 'published', room: 'chat:1', duplicate: true, offset: 3, epoch: 'e', id });
+  assert.deepEqual(answered, [{ type: 'published', room: 'chat:1', duplicate: true, offset: 3,
+                                epoch: 'e', id }]);
+  assert.equal(client.publishes.has(id), false);
+  client.publish('chat:1', 'plain');
+  assert.equal('idempotency_key' in ws.sent.at(-1), false);
+  client.close();
+});
+
 test('user_joined, user_left and presence are events of their own', async () => {
   const client = newClient();
   const seen = [];

@@ -168,6 +168,19 @@ def test_a_publish_is_answered_by_the_senders_own_copy() -> None:
     assert delivered(events) == ["m5"]
 
 
+def test_a_repeated_idempotency_key_is_answered_published_and_delivers_nothing() -> None:
+    machine = joined_in(ClientMachine())
+    publish = machine.request({"type": "publish", "room": ROOM, "data": "hi",
+                               "idempotency_key": "k"}, "publish")
+    answer = {"type": "published", "room": ROOM, "duplicate": True, "offset": 5,
+              "epoch": "e1", "id": publish["id"]}
+    assert feed(machine, answer) == [Replied(publish["id"], answer)]
+    assert machine.in_flight == 0
+    # Not a reply to anything of ours: handed to the application as it came.
+    stray = {**answer, "id": "c99"}
+    assert feed(machine, stray) == [Unsolicited(stray)]
+
+
 def test_refreshed_sets_the_new_expiry_and_token_expiring_asks_for_one() -> None:
     machine = ClientMachine()
     feed(machine, WELCOME)

@@ -3,7 +3,7 @@
 import pytest
 
 from wsserver.errors import BadRequest, UnknownType
-from wsserver.protocol import encode, parse, salvage_id
+from wsserver.protocol import client_idempotency_key, encode, parse, salvage_id
 
 DEEP = "[" * 40 + "]" * 40
 VERY_DEEP = "[" * 100_000 + "]" * 100_000
@@ -21,6 +21,8 @@ VERY_DEEP = "[" * 100_000 + "]" * 100_000
         ('{"type": "join", "room": "lobby"}', "join", None),
         ('{"type": "leave", "room": "lobby"}', "leave", None),
         ('{"type": "publish", "room": "r", "data": "hi"}', "publish", None),
+        ('{"type": "publish", "room": "r", "data": 1, "idempotency_key": "' + "k" * 128 + '"}',
+         "publish", None),
         ('{"type": "task", "name": "primes", "args": {"limit": 10}}', "task", None),
         ('{"type": "task", "name": "primes"}', "task", None),
         ('{"type": "refresh", "token": "a.b.c"}', "refresh", None),
@@ -81,6 +83,9 @@ def test_valid_messages(text: str, expected_type: str, expected_id: object) -> N
         '{"type": "join", "room": "' + "r" * 129 + '"}',
         '{"type": "publish", "room": "r"}',
         '{"type": "publish", "data": 1}',
+        '{"type": "publish", "room": "r", "data": 1, "idempotency_key": ""}',
+        '{"type": "publish", "room": "r", "data": 1, "idempotency_key": 5}',
+        '{"type": "publish", "room": "r", "data": 1, "idempotency_key": "' + "k" * 129 + '"}',
         '{"type": "task"}',
         '{"type": "task", "name": 5}',
         '{"type": "task", "name": "primes", "args": [1]}',
@@ -153,3 +158,11 @@ def test_a_message_refused_for_a_lone_surrogate_keeps_its_id() -> None:
     with pytest.raises(BadRequest, match="valid Unicode"):
         parse(text)
     assert salvage_id(text) == 9
+
+
+def test_a_client_idempotency_key_is_its_users_own() -> None:
+    """Keys of different users (or of the server API) never name the same broker key,
+    however the user names and keys are chosen."""
+    keys = {client_idempotency_key("a", "b:c"), client_idempotency_key("a:b", "c"),
+            client_idempotency_key("ab", "c"), "b:c"}
+    assert len(keys) == 4

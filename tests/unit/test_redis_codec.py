@@ -46,12 +46,14 @@ def test_publish_args_with_and_without_history() -> None:
 
 
 @pytest.mark.parametrize(
-    ("answer", "offset", "epoch"),
-    [(b"", None, None), (b"7 abc", 7, "abc")],
+    ("answer", "offset", "epoch", "duplicate"),
+    [(b"", None, None, False), (b"7 abc", 7, "abc", False), (b"=", None, None, True),
+     (b"=7 abc", 7, "abc", True)],
 )
-def test_publish_result(answer: bytes, offset: int | None, epoch: str | None) -> None:
+def test_publish_result(answer: bytes, offset: int | None, epoch: str | None,
+                        duplicate: bool) -> None:
     result = publish_result(answer)
-    assert (result.offset, result.epoch) == (offset, epoch)
+    assert (result.offset, result.epoch, result.duplicate) == (offset, epoch, duplicate)
 
 
 @pytest.mark.parametrize(

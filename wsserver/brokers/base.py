@@ -62,10 +62,15 @@ class Publication:
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """What a publish answers: the position it got, when the room keeps history."""
+    """What a publish answers: the position it got, when the room keeps history.
+
+    ``duplicate`` is True when an idempotency key was seen before: nothing was
+    published, and the position is the first publish's.
+    """
 
     offset: int | None = None
     epoch: str | None = None
+    duplicate: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {} if self.offset is None else {"offset": self.offset, "epoch": self.epoch}
@@ -201,7 +206,7 @@ class Broker(abc.ABC):
             origin: passed through to :attr:`Publication.origin`.
             idempotency_key: the same key for the same room within
                 :data:`IDEMPOTENCY_TTL` seconds publishes once; later calls
-                answer the first call's result.
+                answer the first call's result, marked ``duplicate``.
         """
 
     @abc.abstractmethod

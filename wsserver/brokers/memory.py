@@ -14,7 +14,7 @@ import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from wsserver.brokers.base import (
     IDEMPOTENCY_TTL,
@@ -95,7 +95,7 @@ class MemoryBroker(Broker):
             self._forget_idempotency(now)
             seen = self._idempotent.get((room, idempotency_key))
             if seen is not None:
-                return seen[1]
+                return replace(seen[1], duplicate=True)
         if history is not None and history.size > 0:
             stream = self._stream(room, now, history.ttl, write=True)
             stream.top += 1

@@ -81,11 +81,15 @@ def publish_args(
 
 
 def publish_result(answer: bytes) -> PublishResult:
-    """PUBLISH's answer: ``""`` without history, else ``OFFSET EPOCH``."""
+    """PUBLISH's answer: ``""`` without history, else ``OFFSET EPOCH``; with a
+    leading ``=`` when the idempotency key was seen (a duplicate)."""
+    duplicate = answer.startswith(b"=")
+    if duplicate:
+        answer = answer[1:]
     if not answer:
-        return PublishResult()
+        return PublishResult(duplicate=duplicate)
     offset, epoch = answer.split(b" ", 1)
-    return PublishResult(int(offset), epoch.decode())
+    return PublishResult(int(offset), epoch.decode(), duplicate)
 
 
 def history_args(history: HistorySpec, since: int | None, limit: int | None) -> list[Any]:

@@ -32,12 +32,13 @@ from __future__ import annotations
 #: KEYS: meta, stream, idem. ARGV: channel, message, origin header, size,
 #: ttl ms, epoch candidate, idempotency ttl ms, "1" with history,
 #: "1" with an idempotency key, origin (kept in the stream; "" for none).
-#: Returns "" (no history) or "OFFSET EPOCH".
+#: Returns "" (no history) or "OFFSET EPOCH"; "=" and the first answer when
+#: the idempotency key was seen (nothing published).
 PUBLISH = r"""
 local with_idem = ARGV[9] == "1"
 if with_idem then
   local seen = redis.call("GET", KEYS[3])
-  if seen then return seen end
+  if seen then return "=" .. seen end
 end
 local msg = ARGV[2]
 local head = " "

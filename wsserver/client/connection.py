@@ -37,6 +37,7 @@ import random as _random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -816,17 +817,28 @@ class Room:
         """Items waiting for the consumer (at most ``max_queue``)."""
         return len(self._inbox)
 
-    async def publish(self, data: Any, *, timeout: float | None = None) -> Message:
+    async def publish(self, data: Any, *, idempotency_key: str | None = None,
+                      timeout: float | None = None) -> Message:
         """Publish ``data`` to the room; the server's copy of it (with its offset
         in a room with history). Waits while ``max_in_flight`` requests are unanswered.
+
+        With ``idempotency_key`` (1 to 128 characters), a publish that failed
+        with :class:`ConnectionLost`, ``unavailable`` or a timeout can be made
+        again with the same key: the server publishes it once in 5 minutes.
+        A repeat of one that went through answers a ``Message`` with
+        ``duplicate`` True (``data`` as given here, the first one's offset).
 
         Raises:
             Forbidden: the token does not grant publishing here.
             ConnectionLost: the connection dropped before the copy came back
                 (the message may have been published).
         """
-        reply = await self.client.request({"type": "publish", "room": self.name, "data": data},
-                                          timeout=timeout, kind="publish")
+        message: Json = {"type": "publish", "room": self.name, "data": data}
+        if idempotency_key is not None:
+            message["idempotency_key"] = idempotency_key
+        reply = await self.client.request(message, timeout=timeout, kind="publish")
+        if reply.get("type") == "published":
+            return replace(Message.from_json(reply), data=data, sender=self.client.user)
         return Message.from_json(reply)
 
     async def presence(self, *, timeout: float | None = None) -> Presence:

@@ -282,6 +282,10 @@ class ClientMachine:
                 del self._pending[msg_id]
                 yield Replied(msg_id, msg)
             yield from self._on_room_item(msg)
+        elif kind == "published" and pending is not None and pending.kind == "publish":
+            # A repeated idempotency key: no copy comes, this answers the publish.
+            del self._pending[msg_id]
+            yield Replied(msg_id, msg)
         elif kind == "gap":
             yield from self._on_room_item(msg)
         elif kind == "joined" and pending is not None and pending.kind == "join":

@@ -33,6 +33,9 @@ class Message:
         sender: the publisher's ``sub``, None for the server API.
         offset, epoch: its place in a room with history (None without history).
         raw: the server's message as received.
+        duplicate: only in the answer to a publish with an ``idempotency_key``
+            used before: it was not published again (``raw`` is the server's
+            ``published`` reply, ``offset``/``epoch`` the first publish's).
     """
 
     room: str
@@ -41,6 +44,7 @@ class Message:
     offset: int | None = None
     epoch: str | None = None
     raw: Json = field(default_factory=dict, repr=False)
+    duplicate: bool = False
 
     @classmethod
     def from_json(cls, msg: Json) -> Message:
@@ -54,6 +58,7 @@ class Message:
             offset=offset if _is_int(offset) else None,
             epoch=epoch if isinstance(epoch, str) else None,
             raw=msg,
+            duplicate=msg.get("duplicate") is True,
         )
 
 

@@ -35,7 +35,7 @@ from wsserver.services import Services
 log = logging.getLogger("wsserver.api")
 
 MAX_BROADCAST_ROOMS = 1000
-MAX_IDEMPOTENCY_KEY = 128
+MAX_IDEMPOTENCY_KEY = protocol.MAX_IDEMPOTENCY_KEY
 MAX_HISTORY_LIMIT = 10_000
 MAX_REASON_BYTES = 123  # a close frame's payload is at most 125 bytes (RFC 6455 5.5)
 #: A declared body length past 18 digits is over any limit anyway.
