@@ -215,7 +215,8 @@ def _validate_publish(body: dict[str, Any]) -> None:
 
 def client_idempotency_key(user: str, key: str) -> str:
     """The broker's key for a client's ``idempotency_key``: one user's keys never
-    meet another's, nor the server API's (a client key starts with a NUL)."""
+    meet another's (the user's length is in it), and the server API's only if
+    the backend sends a key that starts with a NUL on purpose."""
     return f"\0{len(user)}:{user}:{key}"
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.aio import run
 from tests.support.brokers import Harness
-from wsserver.brokers.base import HistorySpec, PublishResult, with_position
+from wsserver.brokers.base import IDEMPOTENCY_TTL, HistorySpec, PublishResult, with_position
 from wsserver.brokers.memory import MAX_TICKETS, MemoryBroker
 
 KEEP5 = HistorySpec(size=5, ttl=60)
@@ -399,5 +399,24 @@ def test_memory_tickets_are_bounded_oldest_first() -> None:
         assert await broker.ticket_take("t0") is None  # the oldest made room
         assert await broker.ticket_take("t1") == "jwt1"
         assert await broker.ticket_take(f"t{MAX_TICKETS}") == f"jwt{MAX_TICKETS}"
+
+    run(scenario())
+
+
+def test_memory_idempotency_keys_expire_oldest_first() -> None:
+    """Keys live IDEMPOTENCY_TTL: an expired one publishes again, a live one
+    does not, and what expired is gone (a client can add a key per publish)."""
+    now = [0.0]
+
+    async def scenario() -> None:
+        broker = MemoryBroker(clock=lambda: now[0])
+        for n in range(3000):
+            now[0] = n / 10  # 10 keyed publishes a second for 300 s
+            await broker.publish("r", msg(n), idempotency_key=f"k{n}")
+        now[0] = 299.95 + IDEMPOTENCY_TTL  # every key expired, k2999 last
+        assert (await broker.publish("r", msg(0), idempotency_key="k2999")).duplicate is False
+        now[0] = 300.0 + IDEMPOTENCY_TTL
+        assert (await broker.publish("r", msg(1), idempotency_key="k2999")).duplicate is True
+        assert len(broker._idempotent) == 1  # only the live key is kept
 
     run(scenario())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -61,7 +61,10 @@ class MemoryBroker(Broker):
         self._sink: BrokerSink | None = None
         self._subscribed: set[str] = set()
         self._streams: dict[str, _Stream] = {}
-        self._idempotent: dict[tuple[str, str], tuple[float, PublishResult]] = {}
+        #: (room, key) -> (deadline, result), oldest first: every key lives
+        #: IDEMPOTENCY_TTL, so insertion order is deadline order.
+        self._idempotent: OrderedDict[tuple[str, str], tuple[float, PublishResult]] = (
+            OrderedDict())
         self._presence: dict[str, Counter[str]] = {}
         self._users: Counter[str] = Counter()
         #: ticket -> (expiry, token), oldest first.
@@ -112,6 +115,7 @@ class MemoryBroker(Broker):
             result = PublishResult()
         if idempotency_key is not None:
             self._idempotent[(room, idempotency_key)] = (now + IDEMPOTENCY_TTL, result)
+            self._idempotent.move_to_end((room, idempotency_key))
         if self._sink is not None and room in self._subscribed:
             self._sink.on_publication(publication)
         return result
@@ -131,18 +135,21 @@ class MemoryBroker(Broker):
         return stream
 
     def _forget_idempotency(self, now: float) -> None:
-        if len(self._idempotent) < 1024:
-            return
-        for key in [k for k, (until, _) in self._idempotent.items() if until <= now]:
-            del self._idempotent[key]
+        """Drop the expired keys, oldest first: O(1) per key however many a
+        client's publishes left (a scan per publish would be quadratic)."""
+        idempotent = self._idempotent
+        while idempotent:
+            until, _ = next(iter(idempotent.values()))
+            if until > now:
+                return
+            idempotent.popitem(last=False)
 
     def sweep(self) -> None:
         """Drop expired room streams and idempotency keys (bounded memory)."""
         now = self._clock()
         for room in [r for r, s in self._streams.items() if s.expires_at <= now]:
             del self._streams[room]
-        for key in [k for k, (until, _) in self._idempotent.items() if until <= now]:
-            del self._idempotent[key]
+        self._forget_idempotency(now)
         for ticket in [t for t, (until, _) in self._tickets.items() if until <= now]:
             del self._tickets[ticket]
 
