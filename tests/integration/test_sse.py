@@ -99,6 +99,27 @@ async def test_the_senders_own_copy_carries_its_id(port: int) -> None:
 
 @pytest.mark.gen_test
 @with_rooms
+async def test_a_publish_repeated_with_its_idempotency_key_over_a_stream_is_not_published(
+    port: int
+) -> None:
+    """The key works on the stream's POSTs as on a WebSocket, and across them:
+    the user's WebSocket repeating the stream's key publishes nothing."""
+    streaming = await streamed(port, mint("alice"))
+    socket = await welcomed(port, mint("alice"))
+    await streaming.join("hist:k")
+    await socket.join("hist:k")
+    publish = {"type": "publish", "room": "hist:k", "data": "once", "idempotency_key": "k"}
+    own = await streaming.ask({**publish, "id": 1})
+    assert (own["type"], own["offset"], own["id"]) == ("message", 1, 1)
+    again = await streaming.ask({**publish, "id": 2})
+    assert again == {"type": "published", "room": "hist:k", "duplicate": True, "offset": 1,
+                     "epoch": own["epoch"], "id": 2}
+    await socket.next(lambda m: m.get("data") == "once")
+    assert await socket.ask({**publish, "id": 3}) == {**again, "id": 3}
+
+
+@pytest.mark.gen_test
+@with_rooms
 @pytest.mark.parametrize("server_flags", [WITH_KEY])
 async def test_a_server_api_publish_reaches_both_transports(port: int) -> None:
     streaming = await streamed(port, mint("alice"))
