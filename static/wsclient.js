@@ -29,6 +29,13 @@ export const DEFAULT_MAX_QUEUE = 20;
 /** Default time (ms) a request waits for its reply. */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 60000;
 
+/**
+ * How long (ms) after its first send a publish left unconfirmed by a dropped
+ * connection is sent again with its idempotency key: well inside the 5 minutes
+ * the server remembers a key, so a repeat is never published twice.
+ */
+export const RESEND_PUBLISH_MS = 120_000;
+
 /** Wait (ms) before sending again a message the server could not take yet (503). */
 export const SEND_RETRY_MS = 1000;
 
@@ -507,11 +514,15 @@ export class WsClient extends EventTarget {
    * @param {typeof WebSocket} [options.WebSocket]  constructor to use
    * @param {typeof EventSource} [options.EventSource]  constructor to use (streaming)
    * @param {typeof fetch} [options.fetch]  fetch to use (streaming)
+   * @param {boolean} [options.resendPublishes]  give every publish an idempotency
+   *   key and send again, after a reconnect, those the dropped connection left
+   *   unconfirmed (default true); false: they end in a "publish_error"
+   *   `disconnected` instead
    */
   constructor({ url, getToken, maxQueue = DEFAULT_MAX_QUEUE,
                 requestTimeoutMs = DEFAULT_REQUEST_TIMEOUT_MS, random = Math.random,
                 onRecoveryFailed = null, maxRefusals = MAX_REFUSALS, probe = healthProbe,
-                transport = 'auto',
+                transport = 'auto', resendPublishes = true,
                 WebSocket: Socket = globalThis.WebSocket,
                 EventSource: Source = globalThis.EventSource,
                 fetch: fetcher = globalThis.fetch }) {
@@ -558,8 +569,16 @@ export class WsClient extends EventTarget {
      * id; `held` keeps live messages that arrive before the reply of a recovering join.
      */
     this.joins = new Map();
-    /** Id of each publish not yet echoed or refused -> room (bounded). */
+    /**
+     * Id of each publish not yet echoed or refused -> {room, msg, at} (bounded):
+     * `msg` (with its idempotency key) is sent again after a reconnect if the
+     * connection dropped before it was confirmed, until RESEND_PUBLISH_MS after `at`.
+     */
     this.publishes = new Map();
+    this.resendPublishes = resendPublishes;
+    /** This client's idempotency keys: `${publishKeyPrefix}.${n}`, unique per page. */
+    this.publishKeyPrefix = randomKeyPrefix();
+    this.publishSerial = 0;
     /** Re-joins waiting for the broker to come back (`unavailable`): room -> timer. */
     this.retries = new Map();
     this.token = null;
@@ -701,16 +720,22 @@ export class WsClient extends EventTarget {
   /**
    * Publish `data` to `room`; returns the message id. A refusal (forbidden,
    * unavailable, rate_limited...) arrives as a "publish_error" event with that id.
-   * With `options.idempotencyKey` (1 to 128 characters) a publish that failed
-   * can be made again with the same key: the server publishes it once within
-   * 5 minutes, and answers a repeat of one that went through with a
-   * "published" event {room, id, duplicate: true, offset?, epoch?}.
+   * Each publish carries an idempotency key (its own, unless `resendPublishes`
+   * is false; `options.idempotencyKey`, 1 to 128 characters, chooses it): the
+   * server publishes a key once within 5 minutes and answers a repeat of one
+   * that went through with a "published" event {room, id, duplicate: true,
+   * offset?, epoch?}. A publish a dropped connection left unconfirmed is sent
+   * again after the reconnect (see requeuePublishes).
    */
   publish(room, data, options = {}) {
-    const msg = { type: 'publish', room, data };
-    if (options.idempotencyKey !== undefined) msg.idempotency_key = options.idempotencyKey;
-    const id = this.send(withId(msg, options.id));
-    this.publishes.set(id, room);
+    const msg = { type: 'publish', room, data, id: options.id ?? `c${this.nextId++}` };
+    let key = options.idempotencyKey;
+    if (key === undefined && this.resendPublishes) {
+      key = `${this.publishKeyPrefix}.${(this.publishSerial += 1)}`;
+    }
+    if (key !== undefined) msg.idempotency_key = key;
+    const id = this.send(msg);
+    this.publishes.set(id, { room, msg: key === undefined ? null : msg, at: Date.now() });
     // Bounded: publishes whose echo never comes (not a member) are forgotten, oldest first.
     if (this.publishes.size > 1000) this.publishes.delete(this.publishes.keys().next().value);
     return id;
@@ -928,12 +953,37 @@ export class WsClient extends EventTarget {
       return;
     }
     if (this.publishes.has(msg.id)) {
-      const room = this.publishes.get(msg.id);
-      this.publishes.delete(msg.id);
-      this.dispatchEvent(new CustomEvent('publish_error', {
-        detail: { room, id: msg.id, error: new WsError(msg.code, msg.message || msg.code, msg) },
-      }));
+      this.failPublish(msg.id, new WsError(msg.code, msg.message || msg.code, msg));
     }
+  }
+
+  /** Forget publish `id` and tell the app with a "publish_error". */
+  failPublish(id, error) {
+    const { room } = this.publishes.get(id);
+    this.publishes.delete(id);
+    this.dispatchEvent(new CustomEvent('publish_error', { detail: { room, id, error } }));
+  }
+
+  /**
+   * The connection dropped: publishes it carried and did not confirm go first in
+   * the queue again, with their keys (the server publishes each once), unless
+   * they have none or are too old for their key to be remembered: those end in
+   * a "publish_error" `disconnected` (they may or may not have been published).
+   */
+  requeuePublishes() {
+    const queued = new Set(this.queue.map((m) => m.id));
+    const again = [];
+    const now = Date.now();
+    for (const [id, entry] of this.publishes) {
+      if (queued.has(id)) continue; // never sent: it goes out anyway
+      if (entry.msg && now - entry.at < RESEND_PUBLISH_MS) {
+        again.push(entry.msg);
+        continue;
+      }
+      this.failPublish(id, new WsError('disconnected',
+        'the connection closed before the publish was confirmed: it may not have gone out'));
+    }
+    this.queue = [...again, ...this.queue];
   }
 
   /** We are out of `room` without having left it: forget it and tell the app. */
@@ -1056,11 +1106,15 @@ export class WsClient extends EventTarget {
     const queuedIds = new Set(this.queue.map((m) => m.id));
     for (const id of this.joins.keys()) if (!queuedIds.has(id)) this.joins.delete(id);
     for (const room of [...this.retries.keys()]) this.cancelRetry(room);
+    this.requeuePublishes();
     this.failAll('disconnected', `connection closed (${code}) before the reply`, false);
     const decision = closeDecision(code, { previousCode: this.failedCode });
     this.failedCode = openFor === null ? code : null;
     if (decision.action === 'stop') {
       this.failAll('stopped', `connection closed (${code})`, true);
+      for (const id of [...this.publishes.keys()]) {
+        this.failPublish(id, new WsError('stopped', `connection closed (${code})`));
+      }
       this.setState({ state: 'stopped', code, reason: reason || describeClose(code) });
       return;
     }
@@ -1130,6 +1184,17 @@ export class WsClient extends EventTarget {
 }
 
 /** `message` with `id` added when one is given. */
+/** A random prefix for this client's idempotency keys (16 hex digits). */
+function randomKeyPrefix() {
+  const bytes = new Uint8Array(8);
+  if (globalThis.crypto && typeof globalThis.crypto.getRandomValues === 'function') {
+    globalThis.crypto.getRandomValues(bytes);
+  } else {
+    for (let i = 0; i < bytes.length; i += 1) bytes[i] = Math.floor(Math.random() * 256);
+  }
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
 function withId(message, id) {
   return id === undefined ? message : { ...message, id };
 }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -320,6 +322,49 @@ def test_comes_back_after_a_server_restart(run_server: Any, pages: Any) -> None:
     # Publishing needs room membership: the message arriving proves the re-join.
     expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: sent while down")
     assert metric(second, "wsserver_closes_total", code="4001") == 1.0
+    assert pages.errors_except(*DOWNTIME_ERRORS) == []
+
+
+@pytest.mark.slow
+def test_a_message_sent_as_the_server_died_is_sent_again_with_its_key(
+    run_server: Any, pages: Any
+) -> None:
+    """The server is stopped (SIGSTOP), a message is sent (it waits unread in the
+    kernel), then the server is killed: the connection drops with nothing
+    confirmed. Back on a new server, the page sends the same publish again, key
+    included, and the message appears once, not marked "Not sent"."""
+    first = run_server("--port", "0")
+    page = pages.open(first.url + PAGE)
+    sent: list[dict[str, Any]] = []
+
+    def record(ws: Any) -> None:
+        ws.on("framesent", lambda payload: sent.append(json.loads(payload)))
+
+    page.on("websocket", record)
+    user = connected(page)
+    in_room(page, "lobby")
+    say(page, "before")
+    expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: before")
+
+    first.proc.send_signal(signal.SIGSTOP)
+    say(page, "in flight")
+    deadline = time.monotonic() + 10
+    while not any(m.get("data") == "in flight" for m in sent):
+        assert time.monotonic() < deadline, "the page never sent the message"
+        page.evaluate("0")  # turns for Playwright's dispatcher
+    first.proc.kill()
+    assert first.stop() == -signal.SIGKILL
+    expect(page.locator("#conn-state")).not_to_have_text("connected")
+
+    second = run_server("--port", str(first.port))
+    expect(page.locator("#conn-count")).to_have_text("2", timeout=30_000)
+    user = page.locator("#conn-user").inner_text()
+    expect(page.locator("#chat-log li").last).to_have_text(f"#lobby {user}: in flight")
+    first_try, again = [m for m in sent if m.get("data") == "in flight"]
+    assert again == first_try and again["idempotency_key"], sent
+    assert metric(second, "wsserver_messages_total", type="publish") == 1
+    assert chat_texts(page) == ["before", "in flight"]
+    expect(page.locator("#chat-log li.unsent")).to_have_count(0)
     assert pages.errors_except(*DOWNTIME_ERRORS) == []
 
 

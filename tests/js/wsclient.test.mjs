@@ -388,14 +388,82 @@ test('a publish with an idempotency key sends it; a repeat is answered "publishe
   const id = client.publish('chat:1', 'hi', { idempotencyKey: 'k1' });
   assert.deepEqual(ws.sent.at(-1), { type: 'publish', room: 'chat:1', data: 'hi',
                                      idempotency_key: 'k1', id });
-  assert.equal(client.publishes.get(id), 'chat:1');
+  assert.equal(client.publishes.get(id).room, 'chat:1');
   ws.receive({ type: 'published', room: 'chat:1', duplicate: true, offset: 3, epoch: 'e', id });
   assert.deepEqual(answered, [{ type: 'published', room: 'chat:1', duplicate: true, offset: 3,
                                 epoch: 'e', id }]);
   assert.equal(client.publishes.has(id), false);
-  client.publish('chat:1', 'plain');
-  assert.equal('idempotency_key' in ws.sent.at(-1), false);
   client.close();
+});
+
+test('every publish gets a key of its own, unique to the client', async () => {
+  const first = newClient();
+  const ws = await connected(first);
+  first.publish('chat:1', 'a');
+  first.publish('chat:1', 'b');
+  const [a, b] = ws.sent.slice(-2).map((m) => m.idempotency_key);
+  assert.match(a, /^[0-9a-f]{16}\.1$/);
+  assert.equal(b, `${a.split('.')[0]}.2`);
+  const second = newClient();
+  const ws2 = await connected(second);
+  second.publish('chat:1', 'a');
+  assert.notEqual(ws2.sent.at(-1).idempotency_key.split('.')[0], a.split('.')[0]);
+  const plain = newClient({ resendPublishes: false });
+  const ws3 = await connected(plain);
+  plain.publish('chat:1', 'a');
+  assert.equal('idempotency_key' in ws3.sent.at(-1), false);
+  for (const client of [first, second, plain]) client.close();
+});
+
+test('a publish the dropped connection left unconfirmed is sent again, with its key', async () => {
+  const client = newClient();
+  const refused = [];
+  client.addEventListener('publish_error', (e) => refused.push(e.detail));
+  let ws = await connected(client);
+  const joining = client.join('chat:1');
+  ws.receive({ type: 'joined', room: 'chat:1', id: ws.sent.at(-1).id });
+  await joining;
+  const confirmed = client.publish('chat:1', 'confirmed');
+  ws.receive({ type: 'message', room: 'chat:1', from: 'alice', data: 'confirmed', id: confirmed });
+  const lost = client.publish('chat:1', 'in flight');
+  const sent = ws.sent.at(-1);
+  ws.drop(1006);
+  const queuedMeanwhile = client.publish('chat:1', 'while away');
+  await new Promise((resolve) => setTimeout(resolve, 5)); // backoff with random() = 0
+  ws = await connected(client);
+  // The re-join first, then the unconfirmed publish as it was, then what was queued.
+  assert.deepEqual(ws.sent.map((m) => m.type), ['join', 'publish', 'publish']);
+  assert.deepEqual(ws.sent[1], sent);
+  assert.equal(ws.sent[1].id, lost);
+  assert.equal(ws.sent[2].id, queuedMeanwhile);
+  // It had gone through: the server answers the repeat "published".
+  ws.receive({ type: 'published', room: 'chat:1', duplicate: true, id: lost });
+  ws.receive({ type: 'message', room: 'chat:1', from: 'alice', data: 'while away',
+               id: queuedMeanwhile });
+  assert.equal(client.publishes.size, 0);
+  assert.deepEqual(refused, []);
+  client.close();
+});
+
+test('without keys, or when the client stops, an unconfirmed publish is a publish_error', async () => {
+  const plain = newClient({ resendPublishes: false });
+  const refused = [];
+  plain.addEventListener('publish_error', (e) => refused.push([e.detail.room, e.detail.error.code]));
+  let ws = await connected(plain);
+  plain.publish('chat:1', 'in flight');
+  ws.drop(1006);
+  assert.deepEqual(refused, [['chat:1', 'disconnected']]);
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  ws = await connected(plain);
+  assert.deepEqual(ws.sent.filter((m) => m.type === 'publish'), []);
+  plain.close();
+  const keyed = newClient();
+  keyed.addEventListener('publish_error', (e) => refused.push([e.detail.room, e.detail.error.code]));
+  ws = await connected(keyed);
+  keyed.publish('chat:2', 'in flight');
+  ws.drop(4003); // disconnected by the server: the client stops
+  assert.deepEqual(refused.at(-1), ['chat:2', 'stopped']);
+  assert.equal(keyed.publishes.size, 0);
 });
 
 test('user_joined, user_left and presence are events of their own', async () => {
