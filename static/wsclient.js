@@ -618,6 +618,7 @@ export class WsClient extends EventTarget {
       ws.close(1000, 'client closed');
     }
     this.failAll('stopped', 'the client was closed', true);
+    this.failPublishes('stopped', 'the client was closed');
     for (const room of [...this.retries.keys()]) this.cancelRetry(room);
     this.joins.clear();
     this.setState({ state: 'stopped', code: 1000, reason: 'closed by the user' });
@@ -957,6 +958,11 @@ export class WsClient extends EventTarget {
     }
   }
 
+  /** Every publish not confirmed yet ends in a "publish_error" (the client stops). */
+  failPublishes(code, text) {
+    for (const id of [...this.publishes.keys()]) this.failPublish(id, new WsError(code, text));
+  }
+
   /** Forget publish `id` and tell the app with a "publish_error". */
   failPublish(id, error) {
     const { room } = this.publishes.get(id);
@@ -1112,9 +1118,7 @@ export class WsClient extends EventTarget {
     this.failedCode = openFor === null ? code : null;
     if (decision.action === 'stop') {
       this.failAll('stopped', `connection closed (${code})`, true);
-      for (const id of [...this.publishes.keys()]) {
-        this.failPublish(id, new WsError('stopped', `connection closed (${code})`));
-      }
+      this.failPublishes('stopped', `connection closed (${code})`);
       this.setState({ state: 'stopped', code, reason: reason || describeClose(code) });
       return;
     }

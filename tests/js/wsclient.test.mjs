@@ -464,6 +464,11 @@ test('without keys, or when the client stops, an unconfirmed publish is a publis
   ws.drop(4003); // disconnected by the server: the client stops
   assert.deepEqual(refused.at(-1), ['chat:2', 'stopped']);
   assert.equal(keyed.publishes.size, 0);
+  ws = await connected(keyed);
+  keyed.publish('chat:3', 'unconfirmed');
+  keyed.close(); // by the app
+  assert.deepEqual(refused.at(-1), ['chat:3', 'stopped']);
+  assert.equal(keyed.publishes.size, 0);
 });
 
 test('user_joined, user_left and presence are events of their own', async () => {
