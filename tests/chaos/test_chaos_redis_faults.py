@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -161,7 +161,6 @@ def test_pubsub_connections_killed(
 #: Publishing lanes of the idempotency scenario: several publishes are on the
 #: wire at once, so a freeze or a kill catches some in flight.
 LANES = 4
-PER_LANE = 60
 
 
 def test_publishes_retried_with_their_idempotency_keys_land_once(
@@ -171,9 +170,10 @@ def test_publishes_retried_with_their_idempotency_keys_land_once(
     each publish with its own ``idempotency_key``, and sends it again with the
     same key until it is acknowledged: answered ``unavailable`` through a 3 s
     Redis freeze (some of those are applied once Redis runs again), and cut off
-    when its node is SIGKILLed (it moves to the other node). Every message is
-    then in the room's history exactly once, each lane in order, and a member
-    that stayed connected got each exactly once."""
+    when its node is SIGKILLed (it moves to the other node). The lanes publish
+    before, through and after each fault. Every message is then in the room's
+    history exactly once, each lane in order, and a member that stayed
+    connected got each exactly once."""
     nodes = nodes_factory(redis.url, "--message-rate", "500", "--message-burst", "200",
                           "--room-publish-rate", "1000", "--room-publish-burst", "500")
     room_name = "chaos:idem"
@@ -182,7 +182,7 @@ def test_publishes_retried_with_their_idempotency_keys_land_once(
         await nodes.start(2)
         first, second = nodes.running
         retried: Counter[str] = Counter()
-        sent = {lane: 0 for lane in range(LANES)}
+        sent = [0] * LANES
 
         async def publish_once(room: Room, value: list[int]) -> None:
             key = f"{value[0]}.{value[1]}"
@@ -196,31 +196,41 @@ def test_publishes_retried_with_their_idempotency_keys_land_once(
                 except (ConnectionLost, RequestTimeout) as error:
                     retried[type(error).__name__] += 1
 
-        async def lane(room: Room, index: int, until_sent: int) -> None:
-            while sent[index] < until_sent:
+        async def lane(room: Room, index: int, stop: asyncio.Event) -> None:
+            while not stop.is_set():
                 await publish_once(room, [index, sent[index]])
                 sent[index] += 1
+
+        async def through(room: Room, fault: Callable[[], Awaitable[None]]) -> None:
+            """The lanes publish before ``fault`` (so each has a publish on the
+            wire when it strikes) and go on until each got more through after it."""
+            stop = asyncio.Event()
+            lanes = asyncio.gather(*(lane(room, i, stop) for i in range(LANES)))
+            before = list(sent)
+            await until(lambda: all(n >= b + 3 for n, b in zip(sent, before, strict=True)), PATIENCE)
+            await fault()
+            after = list(sent)
+            await until(lambda: all(n >= a + 3 for n, a in zip(sent, after, strict=True)), PATIENCE)
+            stop.set()
+            await lanes
+
+        async def freeze() -> None:
+            redis.freeze()
+            try:
+                await asyncio.sleep(3.0)
+            finally:
+                redis.thaw()
+
+        async def kill() -> None:
+            first.proc.kill()
 
         async with Client([first.ws_url, second.ws_url], token=mint("pub")) as publisher, \
                 Client(second.ws_url, token=mint("member")) as member, \
                 ApiClient(second.url, API_KEY) as api:
             watched = await member.join(room_name)
             room = await publisher.join(room_name)
-            third = PER_LANE // 3
-            await asyncio.gather(*(lane(room, i, third) for i in range(LANES)))
-            # The freeze lands while every lane has a publish on the wire.
-            lanes = asyncio.gather(*(lane(room, i, 2 * third) for i in range(LANES)))
-            await until(lambda: sum(sent.values()) >= LANES * third + 4, PATIENCE)
-            redis.freeze()
-            try:
-                await asyncio.sleep(3.0)
-            finally:
-                redis.thaw()
-            await lanes
-            lanes = asyncio.gather(*(lane(room, i, PER_LANE) for i in range(LANES)))
-            await until(lambda: sum(sent.values()) >= 2 * LANES * third + 4, PATIENCE)
-            first.proc.kill()
-            await lanes
+            await through(room, freeze)
+            await through(room, kill)
             await api.publish(room_name, "end")
             got: list[Any] = []
             async with asyncio.timeout(PATIENCE):
@@ -232,10 +242,11 @@ def test_publishes_retried_with_their_idempotency_keys_land_once(
             history = await api.history(room_name, limit=10_000)
         kept = [m.data for m in history.messages if m.data != "end"]
         assert retried["unavailable"] > 0, retried  # the freeze was felt
+        assert retried["ConnectionLost"] > 0, retried  # and the kill
         for record in (kept, got):
             assert sorted(map(tuple, record)) == [
-                (lane, n) for lane in range(LANES) for n in range(PER_LANE)], retried
+                (lane, n) for lane in range(LANES) for n in range(sent[lane])], (retried, sent)
             for index in range(LANES):
-                assert [n for lane, n in record if lane == index] == list(range(PER_LANE))
+                assert [n for lane, n in record if lane == index] == list(range(sent[index]))
 
     run(scenario, SCENARIO_TIMEOUT)
