@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bench import payloads, wire
-from bench.meters import CpuMeter
+from bench.meters import CpuMeter, publish_run
 
 if TYPE_CHECKING:
     from bench.loadgen import Dialer
@@ -208,7 +208,7 @@ class FanRun:
     sent: int = 0
     errors: int = 0
     first_error: Any = None
-    last_delivery: float = 0.0
+    last_delivery_ns: int = 0
     seen: dict[bytes, int] = field(default_factory=dict)
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -249,7 +249,7 @@ class FanMember(Member):
         run.delivered += 1
         run.compressed += message.compressed
         run.wire_bytes += message.wire_bytes
-        run.last_delivery = time.perf_counter()
+        run.last_delivery_ns = time.perf_counter_ns()
         if self.publisher is self and run.sent < run.publishes:
             self.publish()
         if run.delivered == run.members * run.publishes and not run.done.done():
@@ -275,18 +275,7 @@ async def deflate_fanout(job: Job, dialer: Dialer) -> Result:
         m.joined = True
     publisher = members[0]
     publisher.publisher = publisher
-    meter = CpuMeter.for_job(job)
-    meter.start()
-    started = time.perf_counter()
-    for _ in range(min(run.window, run.publishes)):
-        publisher.publish()
-    timed_out = False
-    try:
-        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
-    except TimeoutError:
-        timed_out = True
-    elapsed = run.last_delivery - started if run.delivered else float("nan")
-    cpu = meter.stop(run.delivered)
+    elapsed, cpu, timed_out = await publish_run(run, publisher, job)
     expected = run.members * run.publishes
     await asyncio.gather(*(m.close() for m in members))
     codes: dict[str, int] = {}

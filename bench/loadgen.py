@@ -43,7 +43,7 @@ import jwt
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench import compression
-from bench.meters import CpuMeter, read_rss_kib
+from bench.meters import CpuMeter, publish_run, read_rss_kib
 
 Job = dict[str, Any]
 C = TypeVar("C", bound="Connection")
@@ -486,25 +486,6 @@ async def churn(dialer: Dialer, room: str, rate: float, stop: asyncio.Event) -> 
 def split(total: int, parts: int) -> list[int]:
     """``total`` as ``parts`` counts that differ by at most one, the larger ones first."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
-async def publish_run(run: FanoutRun, publisher: Member, job: Job) -> tuple[float, Result, bool]:
-    """Start ``run``'s publishes (``window`` in flight; the publisher's own copies
-    send the rest) and wait for every delivery, at most ``job["timeout"]``: the
-    seconds from the first publish to the last delivery, the CPU figures over
-    that time (per delivery), and whether it timed out."""
-    meter = CpuMeter.for_job(job)
-    meter.start()
-    started = time.perf_counter_ns()
-    for _ in range(min(run.window, run.publishes)):
-        publisher.publish()
-    timed_out = False
-    try:
-        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
-    except TimeoutError:
-        timed_out = True
-    elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
-    return elapsed, meter.stop(run.delivered), timed_out
 
 
 async def fanout(job: Job, dialer: Dialer) -> Result:

@@ -6,11 +6,12 @@ Shared by the load generator's jobs (:mod:`bench.loadgen`,
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 Job = dict[str, Any]
 Result = dict[str, Any]
@@ -100,3 +101,38 @@ class CpuMeter:
             out["redis_cpu_share"] = redis / wall if wall else None
             out["redis_cpu_us_per_unit"] = 1e6 * redis / units if units else None
         return out
+
+
+class PublishingRun(Protocol):
+    """The state of a fan-out run :func:`publish_run` meters (the members update it)."""
+
+    window: int
+    publishes: int
+    delivered: int
+    #: perf_counter_ns() of the latest delivery.
+    last_delivery_ns: int
+    done: asyncio.Future[None]
+
+
+class Publisher(Protocol):
+    def publish(self) -> None: ...
+
+
+async def publish_run(run: PublishingRun, publisher: Publisher,
+                      job: Job) -> tuple[float, Result, bool]:
+    """Start ``run``'s publishes (``window`` in flight; the publisher's own copies
+    send the rest) and wait for every delivery, at most ``job["timeout"]``: the
+    seconds from the first publish to the last delivery, the CPU figures over
+    that time (per delivery), and whether it timed out."""
+    meter = CpuMeter.for_job(job)
+    meter.start()
+    started = time.perf_counter_ns()
+    for _ in range(min(run.window, run.publishes)):
+        publisher.publish()
+    timed_out = False
+    try:
+        await asyncio.wait_for(asyncio.shield(run.done), job["timeout"])
+    except TimeoutError:
+        timed_out = True
+    elapsed = (run.last_delivery_ns - started) / 1e9 if run.delivered else float("nan")
+    return elapsed, meter.stop(run.delivered), timed_out
