@@ -868,6 +868,14 @@ def test_a_client_idempotency_key_publishes_once_per_user_and_room(
     assert publish(ann_a, "news", "no history", 4)["data"] == "no history"
     assert publish(ann_b, "news", "no history again", 5) == {
         "type": "published", "room": "news", "duplicate": True, "id": 5}
+    # A key that is not a string of 1 to 128 characters: refused, nothing published,
+    # and the connection goes on.
+    for bad in ("", 7, "k" * 129):
+        refused = bob.ask({"type": "publish", "room": "chat:k", "data": "bad", "id": 6,
+                           "idempotency_key": bad}, skip=ROOM_TRAFFIC)
+        assert refused == {"type": "error", "code": "bad_request", "id": 6, "message":
+                           "'idempotency_key' must be a string of 1 to 128 characters"}
+    assert bob.ask({"type": "ping", "id": 7}, skip=ROOM_TRAFFIC) == {"type": "pong", "id": 7}
     # Everything was answered in turn: the watcher saw each publication once, in order.
     api(a, "/api/publish", {"room": "chat:k", "data": "end"})
     api(a, "/api/publish", {"room": "news", "data": "end"})
